@@ -1,0 +1,350 @@
+"""Typed, validated training configuration shared by jobs/train.py, the trainer and the tune module.
+
+:meth:`TrainConfig.validate` checks everything that can be checked without a cluster: option values, the data
+directory and its manifest, the model name, and that the model accepts the dataset's image size, channels and
+classes (it builds the model and runs one forward pass on a zero batch). It runs before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
+SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+NORMALIZE_MODES: tuple[str, ...] = ("none", "per_image_minmax", "per_image_standard")
+REQUIRED_SPLITS: tuple[str, ...] = ("train", "val", "test")
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know about a dataset (read from its manifest)."""
+
+    data_dir: str
+    image_shape: tuple[int, int, int]  # [C, H, W]
+    class_names: tuple[str, ...]
+    pixel_scale: float | None  # arcsec / pixel (the preset's delta_pix)
+    split_rows: dict[str, int]
+    manifest_hash: str
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.image_shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def describe_dataset(data_dir: str | os.PathLike[str]) -> DatasetInfo:
+    """Read ``data_dir/manifest.json``; FileNotFoundError / ValueError naming the directory or file."""
+    from deeplense_ray.data.manifest import load_manifest, manifest_hash
+
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data directory {str(root)!r} does not exist (build one with jobs/simulate.py)"
+        )
+    if not root.is_dir():
+        raise NotADirectoryError(f"data directory {str(root)!r} is not a directory")
+    root = root.resolve()
+    manifest = load_manifest(root)
+    shape = tuple(int(v) for v in manifest["image_shape"])
+    if len(shape) != 3:
+        raise ValueError(f"dataset {root}: image_shape {list(shape)} is not [C, H, W]")
+    splits = {name: int(info["rows"]) for name, info in manifest["splits"].items()}
+    resolved = manifest.get("config", {}).get("preset_resolved") or manifest.get("config", {}).get("preset")
+    pixel_scale = None
+    if isinstance(resolved, Mapping) and resolved.get("delta_pix") is not None:
+        pixel_scale = float(resolved["delta_pix"])
+    return DatasetInfo(
+        data_dir=str(root),
+        image_shape=shape,  # type: ignore[arg-type]
+        class_names=tuple(str(c) for c in manifest["class_names"]),
+        pixel_scale=pixel_scale,
+        split_rows=splits,
+        manifest_hash=manifest_hash(root),
+    )
+
+
+def check_model_fits(
+    model: str,
+    info: DatasetInfo,
+    *,
+    size: str = "default",
+    overrides: Mapping[str, Any] | None = None,
+) -> None:
+    """Build ``model`` for the dataset and run one forward pass on a zero batch [2, C, H, W] (CPU, eval).
+
+    Raises ValueError naming the model, the dataset directory, its image shape and classes when the model
+    cannot be built for them or does not return logits [2, num_classes].
+    """
+    import torch
+
+    from deeplense_ray.models import build_model, list_models
+
+    names = {m.lower(): m for m in list_models()}
+    if not isinstance(model, str) or model.lower() not in names:
+        raise ValueError(f"unknown model {model!r}; valid models: {', '.join(list_models())}")
+    c, h, w = info.image_shape
+    what = (
+        f"dataset {info.data_dir} (image shape [{c}, {h}, {w}], {info.num_classes} classes "
+        f"{list(info.class_names)})"
+    )
+    if h != w:
+        raise ValueError(f"model {model!r} needs square images; {what} is not square")
+    try:
+        net = build_model(
+            model, h, c, info.num_classes, pixel_scale=info.pixel_scale, size=size, **dict(overrides or {})
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"model {model!r} cannot take {what}: {exc}") from exc
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, c, h, w))
+    except Exception as exc:  # any failure of a forward pass means the model cannot take this data
+        raise ValueError(f"model {model!r} cannot take {what}: forward pass failed: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model {model!r} cannot take {what}: it returns {shape} for a batch of 2, "
+            f"expected logits (2, {info.num_classes})"
+        )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        model: model name (``deeplense_ray.models.list_models()``, case-insensitive).
+        data_dir: dataset directory holding ``manifest.json`` with splits train, val and test.
+        epochs: total epochs (a resumed run continues up to this number).
+        batch_size: GLOBAL batch size; each of the ``num_workers`` workers takes ``batch_size // num_workers``
+            (must divide), so the optimisation is the same on any number of workers.
+        lr: peak learning rate; weight_decay: decoupled (adamw) or L2 (adam, sgd) weight decay.
+        optimizer: 'adamw' | 'adam' | 'sgd' (momentum ``momentum``, Nesterov).
+        scheduler: 'cosine' (to 0 at the last epoch) | 'step' (x ``step_gamma`` every ``step_size`` epochs,
+            default epochs // 3) | 'none'; after ``warmup_epochs`` of linear warm-up. Stepped once per epoch.
+        num_workers: Ray Train workers (DDP ranks); gpus_per_worker: GPUs each (0 = CPU training with gloo;
+            fractions share a GPU); cpus_per_worker: CPUs each.
+        precision: 'bf16' | 'fp16' (autocast; fp16 with a gradient scaler) | 'fp32'. On CPU always fp32.
+        seed: seeds model init, data order, augmentation and dropout (per epoch and rank).
+        experiment: MLflow experiment name; tracking_uri: MLflow URI (None: $MLFLOW_TRACKING_URI, else
+            ``sqlite:///<abs cwd>/mlflow.db``); made absolute.
+        storage_path: Ray Train storage root (checkpoints); None = ``<abs cwd>/ray_results``. Must be shared
+            storage on a multi-node cluster.
+        resume: continue the run ``run_name`` (default: the newest run of this model and seed under
+            storage_path) from its latest checkpoint.
+        run_name: Ray Train run name (a directory under storage_path); None = ``<model>-s<seed>-<time>``.
+        model_size: 'default' | 'comparable' (see deeplense_ray.models.build_model); model_overrides: model
+            hyperparameters (keys of ``model_hparams(model)`` and e.g. patch_size).
+        augment: random dihedral augmentation of training images on the worker device (rot90 + flips,
+            optionally ``augment_free_rotation``); normalize: per-image normalisation applied inside the model
+            (so the logged model takes raw images).
+        label_smoothing: cross-entropy label smoothing of the training loss (validation loss is plain CE).
+        max_failures: worker-group restarts Ray Train makes after a worker failure (FailureConfig).
+        num_to_keep: checkpoints kept by val_auc_macro (the latest is always kept as well, for resume).
+        shuffle_buffer: rows of the per-worker local shuffle buffer of the training stream (0 = off).
+    """
+
+    model: str
+    data_dir: str
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    precision: str = "bf16"
+    seed: int = 0
+    experiment: str = "deeplense"
+    tracking_uri: str | None = None
+    storage_path: str | None = None
+    resume: bool = False
+    run_name: str | None = None
+    model_size: str = "default"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
+    augment_free_rotation: bool = False
+    normalize: str = "per_image_standard"
+    momentum: float = 0.9
+    step_size: int | None = None
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    max_failures: int = 0
+    num_to_keep: int = 2
+    shuffle_buffer: int = 2048
+
+    # ------------------------------------------------------------------ validation
+    def validate_options(self) -> TrainConfig:
+        """Check every option value (no file access); ValueError naming the field and value. Returns self."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a model name, got {self.model!r}")
+        if not isinstance(self.data_dir, (str, os.PathLike)) or not str(self.data_dir):
+            raise ValueError(f"data_dir must be a directory path, got {self.data_dir!r}")
+        for name, lo in (("epochs", 1), ("batch_size", 1), ("num_workers", 1), ("num_to_keep", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("warmup_epochs", "max_failures", "shuffle_buffer"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size={self.batch_size} (global) must be divisible by num_workers={self.num_workers}"
+            )
+        if not _is_num(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("weight_decay", "gpus_per_worker", "label_smoothing"):
+            v = getattr(self, name)
+            if not _is_num(v) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.gpus_per_worker > 1 and float(self.gpus_per_worker) != int(self.gpus_per_worker):
+            raise ValueError(f"gpus_per_worker above 1 must be a whole number, got {self.gpus_per_worker!r}")
+        if not _is_num(self.cpus_per_worker) or self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be a positive number, got {self.cpus_per_worker!r}")
+        if not _is_num(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not _is_num(self.step_gamma) or not 0 < self.step_gamma <= 1:
+            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
+        if self.step_size is not None and (not _is_int(self.step_size) or self.step_size < 1):
+            raise ValueError(f"step_size must be an integer >= 1 or None, got {self.step_size!r}")
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("precision", PRECISIONS),
+            ("normalize", NORMALIZE_MODES),
+        ):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63-1], got {self.seed!r}")
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ValueError(f"experiment must be a non-empty name, got {self.experiment!r}")
+        if self.run_name is not None and (
+            not isinstance(self.run_name, str)
+            or not self.run_name
+            or "/" in self.run_name
+            or self.run_name in (".", "..")
+        ):
+            raise ValueError(f"run_name must be a plain directory name, got {self.run_name!r}")
+        if not isinstance(self.model_overrides, Mapping):
+            raise ValueError(f"model_overrides must be a mapping, got {type(self.model_overrides).__name__}")
+        for name in ("resume", "augment", "augment_free_rotation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return self
+
+    def validate(self) -> DatasetInfo:
+        """Check options, the dataset (dir, manifest, splits train/val/test non-empty) and that the model
+        takes the dataset's images and classes. All before any Ray work. Returns the dataset description."""
+        self.validate_options()
+        info = describe_dataset(self.data_dir)
+        for split in REQUIRED_SPLITS:
+            if info.split_rows.get(split, 0) < 1:
+                raise ValueError(
+                    f"dataset {info.data_dir} has no {split!r} split rows (splits: {info.split_rows}); "
+                    f"training needs {list(REQUIRED_SPLITS)}"
+                )
+        if info.num_classes < 2:
+            raise ValueError(f"dataset {info.data_dir} has {info.num_classes} class(es); need >= 2")
+        if info.split_rows["train"] < self.num_workers:
+            raise ValueError(
+                f"train split of {info.data_dir} has {info.split_rows['train']} rows, fewer than "
+                f"num_workers={self.num_workers}"
+            )
+        check_model_fits(self.model, info, size=self.model_size, overrides=self.model_overrides)
+        return info
+
+    # ------------------------------------------------------------------ conversion
+    def resolved(self, base_dir: str | os.PathLike[str] | None = None) -> TrainConfig:
+        """A copy with absolute data_dir, storage_path and tracking_uri and the canonical model name."""
+        from deeplense_ray.models import list_models
+        from deeplense_ray.tracking import resolve_tracking_uri
+
+        base = Path(base_dir if base_dir is not None else os.getcwd()).resolve()
+        names = {m.lower(): m for m in list_models()}
+        data = Path(self.data_dir).expanduser()
+        storage = Path(self.storage_path).expanduser() if self.storage_path else Path("ray_results")
+        return dataclasses.replace(
+            self,
+            model=names.get(str(self.model).lower(), self.model),
+            data_dir=str(data if data.is_absolute() else (base / data).resolve()),
+            storage_path=str(storage if storage.is_absolute() else (base / storage).resolve()),
+            tracking_uri=resolve_tracking_uri(self.tracking_uri, base_dir=base),
+            model_overrides=dict(self.model_overrides),
+        )
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // self.num_workers
+
+    @property
+    def use_gpu(self) -> bool:
+        return float(self.gpus_per_worker) > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-safe dict of all fields."""
+        d = dataclasses.asdict(self)
+        d["model_overrides"] = dict(self.model_overrides)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a ValueError listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**dict(data))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value) with value parsed as YAML (ints, floats, bools, lists; else a string).
+
+    ValueError naming the text when it has no '='.
+    """
+    import yaml
+
+    key, sep, raw = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"bad override {text!r}: expected KEY=VALUE, e.g. depth=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    return key, value

@@ -1,0 +1,201 @@
+"""MLflow plumbing: absolute tracking URIs, one experiment created once by the driver, run parameters.
+
+Nothing here touches MLflow's process-global state (``mlflow.set_tracking_uri``): every call goes through an
+``MlflowClient`` bound to an explicit, absolute URI, so that Ray workers and Tune trials (which change their
+working directory) write to the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+#: Tracking-store schemes that name a server or a remote database: passed through unchanged.
+REMOTE_SCHEMES: tuple[str, ...] = (
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "postgresql",
+    "mysql",
+    "mssql",
+)
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+
+
+def _abs(path: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir if base_dir is not None else os.getcwd()).expanduser().resolve() / p
+    return p.resolve()
+
+
+def resolve_tracking_uri(uri: str | None = None, base_dir: str | os.PathLike[str] | None = None) -> str:
+    """An absolute MLflow tracking URI.
+
+    Order: ``uri`` if given, else the ``MLFLOW_TRACKING_URI`` environment variable, else
+    ``sqlite:///<abs base_dir or cwd>/mlflow.db``. Relative SQLite paths (``sqlite:///runs/mlflow.db``), bare
+    paths (``runs/mlflow.db`` -> SQLite; a directory ``runs`` -> ``runs/mlflow.db``) and relative ``file:``
+    stores are made absolute against ``base_dir`` (default: the current directory); server and database URIs
+    (http, https, postgresql, ...) are returned unchanged. The SQLite file's directory is created.
+    """
+    if uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        uri = str(_abs(DEFAULT_DB_NAME, base_dir))
+    uri = str(uri).strip()
+    if not uri:
+        raise ValueError("tracking URI is empty")
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///"):
+            raise ValueError(f"SQLite tracking URI must look like sqlite:///path/mlflow.db, got {uri!r}")
+        rest = uri[len("sqlite:///") :]
+        if rest == ":memory:":
+            return uri
+        db = _abs(rest, base_dir) if not rest.startswith("/") else Path(rest).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}"
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in REMOTE_SCHEMES:
+        return uri
+    if scheme == "file":
+        parsed = urlparse(uri)
+        path = parsed.path if parsed.netloc in ("", "localhost") else parsed.netloc + parsed.path
+        return _abs(path, base_dir).as_uri()
+    if scheme and len(scheme) > 1:
+        raise ValueError(
+            f"unsupported tracking URI scheme {scheme!r} in {uri!r}; use sqlite:///<path>, file:///<dir>, "
+            f"one of {list(REMOTE_SCHEMES)}, or a plain path"
+        )
+    path = _abs(uri, base_dir)
+    db = path if path.suffix == ".db" else path / DEFAULT_DB_NAME
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifact root for a new experiment: ``<dir of the SQLite file>/mlartifacts`` as a ``file://`` URI for a
+    local SQLite store ("artifacts beside it"); None (the store's own default) otherwise."""
+    if tracking_uri.startswith("sqlite:///") and tracking_uri != "sqlite:///:memory:":
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / DEFAULT_ARTIFACT_DIR).as_uri()
+    return None
+
+
+def get_or_create_experiment(name: str, tracking_uri: str, *, artifact_location: str | None = None) -> str:
+    """Experiment id of ``name`` in the store at ``tracking_uri``, creating it if missing.
+
+    Call this ONCE in the driver (concurrent creation from trials races on the store's unique constraint); a
+    lost race is still handled by reading the experiment back. A deleted experiment of that name is a
+    ValueError (restore or purge it, or choose another name).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not name or not isinstance(name, str):
+        raise ValueError(f"experiment name must be a non-empty string, got {name!r}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = artifact_location or default_artifact_location(tracking_uri)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment {name!r} in {tracking_uri} is deleted; restore it or pick another name"
+        )
+    return exp.experiment_id
+
+
+def git_commit(path: str | os.PathLike[str] | None = None) -> str:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (default: this package), with ``-dirty`` if
+    tracked files are modified; 'unknown' outside a git checkout or without git."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b": "value"} with str values (MLflow param values are strings, <= 6000 chars)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            text = str(value)
+            limit = MAX_PARAM_VAL_LENGTH
+            out[name] = text if len(text) <= limit else text[: limit - 3] + "..."
+    return out
+
+
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: Mapping[str, float], *, step: int | None = None
+) -> None:
+    """Log scalar metrics to an existing run in one batch (used by rank 0 of the training loop)."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key=k, value=float(v), timestamp=now, step=int(step or 0))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Log a nested mapping as flat params (in batches of 100); returns what was logged."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    flat = flatten_params(params)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    return flat
+
+
+def run_params(run_id: str, tracking_uri: str) -> dict[str, str]:
+    """Params already on a run (used on resume: MLflow refuses to change a logged param)."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.params)
+
+
+def metric_history(tracking_uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} sorted by step, for the curve plots."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}

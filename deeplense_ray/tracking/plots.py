@@ -1,0 +1,156 @@
+"""Evaluation plots as PNG files (matplotlib, Agg canvas, no pyplot global state), written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_atomic(fig, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """JSON dump to a temporary name in the same directory, then ``os.replace`` (never half-written).
+
+    Non-finite floats are written as null-free JSON strings ("NaN") are avoided: nan -> null.
+    """
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        if isinstance(x, np.ndarray):
+            return clean(x.tolist())
+        return x
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def plot_roc_curves(
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "ROC (one-vs-rest)",
+) -> Path:
+    """One-vs-rest ROC curve of every class (from softmax probabilities) with its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, name in enumerate(class_names):
+        target = (y == k).astype(int)
+        if target.min() == target.max():
+            continue
+        fpr, tpr, _ = roc_curve(target, p[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(target, p[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return _save_atomic(fig, path)
+
+
+def plot_confusion_matrix(
+    confusion: Any,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "confusion matrix",
+) -> Path:
+    """Confusion matrix (rows = true class, columns = predicted) with counts and row fractions."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    c = len(class_names)
+    fig = _new_figure(1.6 * c + 2.5, 1.4 * c + 1.8)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    for i in range(c):
+        for j in range(c):
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{frac[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(c), labels=list(class_names))
+    ax.set_yticks(range(c), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save_atomic(fig, path)
+
+
+def plot_curves(
+    history: Sequence[Mapping[str, float]],
+    path: str | os.PathLike[str],
+    *,
+    loss_keys: Sequence[str] = ("train_loss", "val_loss"),
+    metric_keys: Sequence[str] = ("train_acc", "val_acc", "val_auc_macro", "val_auc_micro"),
+    x_key: str = "epoch",
+) -> Path:
+    """Loss curves (left) and metric curves (right) against epoch from per-epoch report dicts."""
+    fig = _new_figure(11.0, 4.2)
+    for col, (keys, ylabel) in enumerate(((loss_keys, "loss"), (metric_keys, "metric"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for key in keys:
+            pts = [(h[x_key], h[key]) for h in history if key in h and h.get(key) is not None]
+            pts = [(x, y) for x, y in pts if math.isfinite(float(y))]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, marker="o", label=key)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save_atomic(fig, path)

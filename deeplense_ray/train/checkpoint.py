@@ -1,0 +1,122 @@
+"""Checkpoint layout (one directory, written by rank 0 and persisted by Ray Train).
+
+``model.pt``: state_dict of the :class:`NormalizedClassifier`; ``train_state.pt``: epoch, optimizer,
+scheduler, grad-scaler state and the per-epoch history; ``meta.json``: the architecture (so the model can be
+rebuilt without the run's config), the epoch and its reported metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deeplense_ray.train.modules import ARCH_KEYS, NormalizedClassifier, build_classifier
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+CHECKPOINT_FORMAT = 1
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    epoch: int,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    confusion: Any = None,
+) -> Path:
+    """Write the three checkpoint files into ``directory`` (each to a temporary name, then os.replace)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_torch_save(state_dict, directory / MODEL_FILE)
+    _atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": int(epoch),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": [dict(h) for h in history],
+            "seed": int(config["seed"]),
+        },
+        directory / STATE_FILE,
+    )
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": int(epoch),
+        "arch": {k: config.get(k) for k in ARCH_KEYS},
+        "metrics": dict(metrics),
+        "val_confusion_matrix": confusion,
+    }
+    tmp = directory / f".{META_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / META_FILE)
+    return directory
+
+
+def _as_dir(checkpoint: Any):
+    """A context manager yielding a local directory for a path or a ``ray.train.Checkpoint``."""
+    from contextlib import nullcontext
+
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+        if not (path / MODEL_FILE).is_file() or not (path / META_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a training checkpoint (needs {MODEL_FILE} and {META_FILE})"
+            )
+        return nullcontext(str(path))
+    return checkpoint.as_directory()
+
+
+def read_meta(checkpoint: Any) -> dict[str, Any]:
+    """meta.json of a checkpoint (path or ray.train.Checkpoint)."""
+    with _as_dir(checkpoint) as d:
+        return json.loads((Path(d) / META_FILE).read_text())
+
+
+def load_training_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """{"model": state_dict, "epoch", "optimizer", "scheduler", "scaler", "history"} (tensors on CPU)."""
+    d = Path(checkpoint_dir)
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+    state["model"] = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_model_from_checkpoint(checkpoint_dir: Any) -> NormalizedClassifier:
+    """Rebuild the trained module (eval mode, CPU) from a checkpoint directory or ``ray.train.Checkpoint``."""
+    with _as_dir(checkpoint_dir) as d:
+        meta = json.loads((Path(d) / META_FILE).read_text())
+        model = build_classifier(meta["arch"])
+        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
+    return model.eval()

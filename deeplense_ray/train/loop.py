@@ -1,0 +1,400 @@
+"""The ONE per-worker training loop (Ray Train V2 ``TorchTrainer``), reused by the tune module.
+
+Per epoch every rank: trains on its share of the ``train`` stream (``get_dataset_shard("train")``, split by
+Ray Data, augmented on the worker device), evaluates the *whole* ``val`` split (every rank streams the full
+split and runs the forward pass on batches ``i % world_size == rank``; predictions are gathered with
+``all_gather_object``, so every rank holds identical whole-split metrics, whatever the number of workers),
+then calls ``ray.train.report`` (a barrier; only rank 0 attaches a checkpoint).
+
+Randomness: model initialisation is seeded with ``seed``; at the start of every epoch the dropout RNG and the
+augmentation generator are re-seeded from ``(seed, epoch, rank)`` and the shuffle buffer from
+``(seed, epoch, rank)``, so the RNG state at an epoch boundary is a pure function of the epoch: restoring the
+epoch counter from a checkpoint restores the random streams exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
+from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+from deeplense_ray.train.modules import build_classifier, unwrap
+
+#: Keys every per-epoch report carries (the tune module and the checkpoint config rely on them).
+REPORT_KEYS: tuple[str, ...] = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc_macro",
+    "val_auc_micro",
+    "images_per_s",
+    "lr",
+)
+EVAL_BATCH_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (``numpy.random.SeedSequence``; independent streams per tuple)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(
+    epoch: int,
+    *,
+    epochs: int,
+    warmup_epochs: int = 0,
+    scheduler: str = "cosine",
+    step_size: int | None = None,
+    step_gamma: float = 0.1,
+) -> float:
+    """Learning-rate multiplier for 0-based ``epoch``.
+
+    Linear warm-up ``(epoch + 1) / (warmup_epochs + 1)`` for the first ``warmup_epochs`` epochs, then
+    'cosine': ``0.5 (1 + cos(pi t / T))`` with t the epochs since warm-up and T the epochs after it;
+    'step': ``step_gamma ** (t // step_size)`` (step_size default max(1, T // 3)); 'none': 1.
+    """
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    t = epoch - warmup_epochs
+    total = max(1, epochs - warmup_epochs)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    if scheduler == "step":
+        size = step_size or max(1, total // 3)
+        return float(step_gamma ** (t // size))
+    if scheduler == "none":
+        return 1.0
+    raise ValueError(f"scheduler must be one of ['cosine', 'step', 'none'], got {scheduler!r}")
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """adamw | adam | sgd (Nesterov momentum) from the loop config."""
+    name, lr, wd = config["optimizer"], float(config["lr"]), float(config["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, weight_decay=wd, momentum=float(config["momentum"]), nesterov=True
+        )
+    raise ValueError(f"optimizer must be one of ['adamw', 'adam', 'sgd'], got {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]):
+    """Per-epoch ``LambdaLR`` over :func:`lr_factor`."""
+
+    def factor(epoch: int) -> float:
+        return lr_factor(
+            epoch,
+            epochs=int(config["epochs"]),
+            warmup_epochs=int(config["warmup_epochs"]),
+            scheduler=str(config["scheduler"]),
+            step_size=config.get("step_size"),
+            step_gamma=float(config.get("step_gamma", 0.1)),
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 / fp16 on CUDA; None (fp32) for 'fp32' or any non-CUDA device."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- one epoch
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    augment: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    """One pass over ``batches`` ({"image": [B,1,H,W], "label": [B]}); returns this rank's sums.
+
+    Shared by the Ray Train loop and the bare-PyTorch benchmark loop, so both time the same step.
+    Returns {"loss_sum", "correct", "images", "seconds"} (sums over this rank's batches; seconds is the wall
+    time of the pass including waiting for data, synchronised with the device at the end).
+    """
+    from deeplense_ray.data.augment import augment_batch
+
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    images = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True).long()
+        if augment is not None:
+            x = augment_batch(x, generator, **augment)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = int(y.shape[0])
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        images += n
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {
+        "loss_sum": float(loss_sum.item()),
+        "correct": float(correct.item()),
+        "images": float(images),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32 [N, C]) and labels (int64 [N]) of the batches ``i % world_size == rank``."""
+    model.eval()
+    logits_out: list[np.ndarray] = []
+    labels_out: list[np.ndarray] = []
+    for i, batch in enumerate(batches):
+        if i % world_size != rank:
+            continue
+        x = batch["image"].to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        logits_out.append(logits.float().cpu().numpy())
+        labels_out.append(np.asarray(batch["label"].cpu().numpy(), dtype=np.int64))
+    if not logits_out:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(logits_out), np.concatenate(labels_out)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax in float64 (rows sum to 1 to ~1e-16)."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _dist() -> tuple[Any, bool]:
+    import torch.distributed as dist
+
+    return dist, dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    dist, on = _dist()
+    if not on:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_reduce_max(value: float, device: torch.device) -> float:
+    dist, on = _dist()
+    if not on:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    dist, on = _dist()
+    if not on or world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
+    ``pixel_scale`` (from the dataset manifest), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
+    per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
+    raises after training that epoch, unless the run was restored from a checkpoint)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed = int(config["seed"])
+    class_names = list(config["class_names"])
+    epochs = int(config["epochs"])
+    per_worker_bs = int(config["batch_size"]) // world
+    amp_dtype = autocast_dtype(str(config["precision"]), device)
+
+    seed_everything(seed)
+    model = build_classifier(config)
+
+    start_epoch, history, state = 1, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_training_state(ckpt_dir)
+        model.load_state_dict(state["model"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model.parameters(), config)
+    scheduler = build_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    augment = None
+    if config.get("augment", True):
+        augment = {
+            "rot90": True,
+            "flip": True,
+            "free_rotation": bool(config.get("augment_free_rotation", False)),
+        }
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    train_rows_per_rank = int(config.get("train_rows", 0)) // world
+    drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
+    shuffle = int(config.get("shuffle_buffer", 0))
+    mlflow_target = config.get("mlflow") or None
+
+    for epoch in range(start_epoch, epochs + 1):
+        epoch_seed = derive_seed(seed, epoch, rank)
+        torch.manual_seed(epoch_seed)
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
+        lr_now = optimizer.param_groups[0]["lr"]
+
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_bs,
+            dtypes={"image": torch.float32, "label": torch.int64},
+            device=device,
+            drop_last=drop_last,
+            local_shuffle_buffer_size=shuffle if shuffle > 0 else None,
+            local_shuffle_seed=derive_seed(seed, epoch, rank, 2) % 2**32 if shuffle > 0 else None,
+        )
+        sums = train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            device=device,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            augment=augment,
+            generator=gen,
+            label_smoothing=float(config.get("label_smoothing", 0.0)),
+        )
+        loss_sum, correct, n_img = _all_reduce_sums(
+            [sums["loss_sum"], sums["correct"], sums["images"]], device
+        )
+        train_seconds = _all_reduce_max(sums["seconds"], device)
+        scheduler.step()
+
+        t_val = time.perf_counter()
+        val_batches = val_shard.iter_torch_batches(
+            batch_size=int(config.get("eval_batch_size") or EVAL_BATCH_SIZE),
+            dtypes={"image": torch.float32, "label": torch.int64},
+            device="cpu",
+        )
+        logits, labels = predict_batches(
+            unwrap(model), val_batches, device=device, amp_dtype=amp_dtype, rank=rank, world_size=world
+        )
+        parts = [p for p in _gather((logits, labels), world) if len(p[1])]
+        all_logits = np.concatenate([p[0] for p in parts])
+        all_labels = np.concatenate([p[1] for p in parts])
+        val = classification_metrics(all_labels, probabilities(all_logits), class_names)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n_img, 1.0),
+            "train_acc": correct / max(n_img, 1.0),
+            **flatten_metrics(val, "val"),
+            "val_n": val["n"],
+            "images_per_s": n_img / max(train_seconds, 1e-9),
+            "train_images": n_img,
+            "train_seconds": train_seconds,
+            "val_seconds": time.perf_counter() - t_val,
+            "lr": lr_now,
+        }
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+        if config.get("_fail_at_epoch") == epoch and checkpoint is None:
+            raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
+
+        if rank == 0 and mlflow_target:
+            from deeplense_ray.tracking import log_metrics
+
+            log_metrics(mlflow_target["tracking_uri"], mlflow_target["run_id"], metrics, step=epoch)
+
+        with tempfile.TemporaryDirectory(prefix="dlr-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(
+                    Path(tmp),
+                    model=unwrap(model),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    epoch=epoch,
+                    config=config,
+                    metrics=metrics,
+                    history=history,
+                    confusion=val["confusion_matrix"],
+                )
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    if os.environ.get("DEEPLENSE_DEBUG_LOOP"):
+        print(f"[rank {rank}] done: epochs {start_epoch}..{epochs}")
