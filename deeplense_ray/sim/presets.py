@@ -1,0 +1,378 @@
+"""Simulation presets as data: the one place that defines model_i, model_ii, model_iii, real_galaxy_tiny.
+
+A ``Preset`` is a frozen dataclass of plain values (JSON/YAML-safe through ``to_dict``). Ranges are
+``(low, high)`` pairs sampled uniformly (``low == high`` fixes the value). Angles in arcsec, masses in
+Msun, magnitudes AB, times in seconds. The macro lens and the source are drawn from ONE class-independent
+distribution; the class only decides the substructure:
+
+- ``no_sub``: none;
+- ``cdm``: ``subhalo_count`` point-mass (or tNFW) subhalos, masses dN/dm ~ m^-subhalo_mass_slope in
+  ``subhalo_mass``, radius uniform in ``subhalo_radius`` around the lens centre, angle uniform;
+- ``axion``: a uniform line segment (vortex) through the lens centre at a random angle, total mass
+  ``vortex_mass``, half length ``vortex_half_length_ref * (1e-22 eV / m_axion)``,
+  log10 m_axion uniform in ``axion_log10_mass``.
+
+Noise (``noise``):
+- ``"none"``: noise-free images;
+- ``"snr"``: counts/s images with Poisson noise at exposure time 10^U(log10_exposure_time) and a Gaussian
+  background of rms ``sigma_bkg`` [counts/s]; the source brightness is set so that a pixel at the source's
+  peak surface brightness has signal-to-noise ``target_snr`` (class independent: lensing conserves surface
+  brightness);
+- ``"instrument"``: electrons/s images from magnitudes: zero point ``zero_point`` (1 e-/s), sky
+  ``sky_brightness`` [mag/arcsec^2], ``num_exposures`` x ``exposure_time_single`` seconds, read noise
+  ``read_noise`` [e-] per exposure; ``count_unit="ADU"`` divides by ``gain``. Source magnitude ``source_mag``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Range = tuple[float, float]
+
+KNOWN_CLASSES = ("no_sub", "axion", "cdm")
+SOURCE_KINDS = ("sersic", "real_galaxy")
+NOISE_KINDS = ("none", "snr", "instrument")
+SUBHALO_PROFILES = ("point_mass", "tnfw")
+COUNT_UNITS = ("e-", "ADU")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Everything that defines a simulated data set (see module docstring for the conventions)."""
+
+    name: str
+    # image
+    num_pix: int
+    delta_pix: float  # arcsec / pixel
+    psf_fwhm: float | None  # arcsec; None = no PSF
+    supersampling: int = 2
+    psf_truncation: float = 5.0  # in sigma
+    class_names: tuple[str, ...] = KNOWN_CLASSES
+    paired: bool = False
+    # cosmology (flat LCDM)
+    z_lens: float = 0.5
+    z_source: float = 1.0
+    H0: float = 70.0
+    Om0: float = 0.3
+    # macro lens (SIE + external shear), class independent
+    theta_E: Range = (1.2, 1.8)  # arcsec
+    lens_q: Range = (0.6, 1.0)  # axis ratio; orientation uniform in [0, pi)
+    lens_center: Range = (-0.1, 0.1)  # arcsec, x and y each
+    shear_gamma: Range = (0.0, 0.05)  # |gamma|; angle uniform
+    # lens light (optional Sersic at the lens centre, same ellipticity as the mass)
+    lens_light: bool = False
+    lens_light_R_sersic: Range = (0.6, 1.2)
+    lens_light_n_sersic: Range = (3.0, 4.0)
+    lens_light_mag: Range = (19.0, 21.0)  # instrument noise only
+    lens_light_amp: Range = (0.5, 1.0)  # relative to the source peak, 'snr'/'none' noise
+    # source
+    source_kind: str = "sersic"
+    source_library: str | None = None  # None: packaged HDF stamps; else a Galaxy10-layout HDF5 path
+    source_offset: Range = (-0.35, 0.35)  # arcsec, x and y each, from the lens centre
+    source_R_sersic: Range = (0.2, 0.3)
+    source_n_sersic: Range = (0.8, 1.5)
+    source_q: Range = (0.5, 1.0)
+    source_size: Range = (0.8, 1.4)  # real galaxies: full width of the stamp [arcsec]
+    source_amp: Range = (1.0, 1.0)  # 'none' noise: Sersic amp [flux/arcsec^2]
+    source_mag: Range = (21.0, 23.0)  # 'instrument' noise
+    # noise
+    noise: str = "snr"
+    log10_exposure_time: Range = (3.0, 3.5)  # 'snr'
+    sigma_bkg: float = 0.01  # 'snr' [counts/s]
+    target_snr: Range = (20.0, 30.0)  # 'snr'
+    exposure_time_single: float = 565.0  # 'instrument' [s]
+    num_exposures: int = 4
+    sky_brightness: float = 22.35  # mag/arcsec^2
+    zero_point: float = 24.0  # mag giving 1 e-/s
+    read_noise: float = 4.2  # e- per exposure
+    gain: float = 3.1  # e- / ADU
+    count_unit: str = "e-"
+    # substructure
+    subhalo_profile: str = "point_mass"
+    subhalo_count: tuple[int, int] = (25, 25)
+    subhalo_mass: Range = (1e6, 1e10)  # Msun
+    subhalo_mass_slope: float = 1.9  # dN/dm ~ m^-slope
+    subhalo_radius: Range = (0.25, 2.0)  # arcsec from the lens centre
+    subhalo_concentration: float = 15.0  # tNFW only: c = r200/Rs
+    subhalo_truncation: float = 5.0  # tNFW only: r_trunc = this * Rs
+    axion_log10_mass: Range = (-24.0, -22.0)  # log10 eV
+    vortex_mass: float = 3e10  # Msun
+    vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
+
+    # --------------------------------------------------------------------------- derived
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def max_subhalos(self) -> int:
+        return int(self.subhalo_count[1]) if "cdm" in self.class_names else 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, self.num_pix, self.num_pix)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict (tuples become lists); ``resolve_preset(d)`` gives this preset back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    def replace(self, **changes: Any) -> Preset:
+        """A validated copy with some fields changed."""
+        return resolve_preset(self, changes)
+
+
+_EUCLID = dict(
+    num_pix=64,
+    delta_pix=0.101,
+    psf_fwhm=0.16,
+    noise="instrument",
+    exposure_time_single=565.0,
+    num_exposures=4,
+    sky_brightness=22.35,
+    zero_point=24.0,
+    read_noise=4.2,
+    gain=3.1,
+    theta_E=(1.0, 1.6),
+    source_mag=(21.0, 23.0),
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="model_i",
+            num_pix=150,
+            delta_pix=0.05,
+            psf_fwhm=0.087,
+            noise="snr",
+            theta_E=(1.2, 1.8),
+        ),
+        Preset(name="model_ii", **_EUCLID),
+        Preset(
+            name="model_iii",
+            num_pix=64,
+            delta_pix=0.08,
+            psf_fwhm=0.08,
+            noise="instrument",
+            exposure_time_single=5400.0,
+            num_exposures=1,
+            sky_brightness=22.3,
+            zero_point=25.96,
+            read_noise=4.0,
+            gain=2.5,
+            theta_E=(0.9, 1.5),
+            subhalo_radius=(0.25, 1.8),
+            source_mag=(22.0, 24.0),
+        ),
+        Preset(
+            name="real_galaxy_tiny",
+            class_names=("no_sub", "cdm"),
+            source_kind="real_galaxy",
+            **_EUCLID,
+        ),
+    )
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The built-in preset ``name``; KeyError listing the valid names otherwise."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}") from None
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Preset)}
+_RANGE_FIELDS = {n for n, f in _FIELDS.items() if f.type in ("Range", "tuple[int, int]")}
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"preset field {name!r} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Lists -> tuples, ints stay ints; type errors name the field."""
+    if name in _RANGE_FIELDS:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            _fail(name, value, "a [low, high] pair of finite numbers")
+        if not all(_finite(v) for v in value):
+            _fail(name, value, "a [low, high] pair of finite numbers (no NaN/inf)")
+        lo, hi = value
+        if lo > hi:
+            _fail(name, value, "low <= high")
+        if name == "subhalo_count":
+            if int(lo) != lo or int(hi) != hi:
+                _fail(name, value, "integers")
+            return (int(lo), int(hi))
+        return (float(lo), float(hi))
+    if name == "class_names":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            _fail(name, value, f"a list of distinct names from {KNOWN_CLASSES}")
+        return tuple(value)
+    return value
+
+
+def _in_range(name: str, value: Range, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    a, b = value
+    ok_lo = a > lo if lo_open else a >= lo
+    ok_hi = b < hi if hi_open else b <= hi
+    if not (ok_lo and ok_hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        _fail(name, list(value), f"values in {lb}{lo}, {hi}{rb}")
+
+
+def validate_preset(p: Preset) -> Preset:
+    """Check every field; ValueError naming the field, the value and what is allowed."""
+    if not isinstance(p.name, str) or not p.name:
+        _fail("name", p.name, "a non-empty string")
+    for name in ("num_pix", "supersampling", "num_exposures"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            _fail(name, v, "an integer")
+    if not 4 <= p.num_pix <= 2048:
+        _fail("num_pix", p.num_pix, "an integer in [4, 2048]")
+    if not 1 <= p.supersampling <= 16:
+        _fail("supersampling", p.supersampling, "an integer in [1, 16]")
+    if not p.num_exposures >= 1:
+        _fail("num_exposures", p.num_exposures, "an integer >= 1")
+    positive = (
+        "delta_pix",
+        "psf_truncation",
+        "H0",
+        "sigma_bkg",
+        "exposure_time_single",
+        "gain",
+        "subhalo_concentration",
+        "subhalo_truncation",
+        "vortex_mass",
+        "vortex_half_length_ref",
+    )
+    for name in positive:
+        v = getattr(p, name)
+        if not _finite(v) or v <= 0:
+            _fail(name, v, "a finite number > 0")
+    for name in ("read_noise", "sky_brightness", "zero_point", "subhalo_mass_slope"):
+        v = getattr(p, name)
+        if not _finite(v) or (name == "read_noise" and v < 0):
+            _fail(name, v, "a finite number" + (" >= 0" if name == "read_noise" else ""))
+    if p.psf_fwhm is not None and (not _finite(p.psf_fwhm) or p.psf_fwhm <= 0):
+        _fail("psf_fwhm", p.psf_fwhm, "None or a finite number > 0 [arcsec]")
+    if not _finite(p.Om0) or not 0 <= p.Om0 <= 1:
+        _fail("Om0", p.Om0, "a number in [0, 1]")
+    if not _finite(p.z_lens) or p.z_lens <= 0:
+        _fail("z_lens", p.z_lens, "a finite number > 0")
+    if not _finite(p.z_source) or p.z_source <= p.z_lens:
+        _fail("z_source", p.z_source, f"a finite number > z_lens = {p.z_lens}")
+    if (
+        len(p.class_names) == 0
+        or len(set(p.class_names)) != len(p.class_names)
+        or any(c not in KNOWN_CLASSES for c in p.class_names)
+    ):
+        _fail(
+            "class_names",
+            list(p.class_names),
+            f"a non-empty list of distinct names from {list(KNOWN_CLASSES)}",
+        )
+    for name, allowed in (
+        ("source_kind", SOURCE_KINDS),
+        ("noise", NOISE_KINDS),
+        ("subhalo_profile", SUBHALO_PROFILES),
+        ("count_unit", COUNT_UNITS),
+    ):
+        if getattr(p, name) not in allowed:
+            _fail(name, getattr(p, name), f"one of {list(allowed)}")
+    for name in ("paired", "lens_light"):
+        if not isinstance(getattr(p, name), bool):
+            _fail(name, getattr(p, name), "true or false")
+    if p.source_library is not None and (not isinstance(p.source_library, str) or not p.source_library):
+        _fail("source_library", p.source_library, "null or a path to a Galaxy10-layout HDF5 file")
+    inf = math.inf
+    _in_range("theta_E", p.theta_E, 0.0, inf, lo_open=True)
+    _in_range("lens_q", p.lens_q, 0.0, 1.0, lo_open=True)
+    _in_range("source_q", p.source_q, 0.0, 1.0, lo_open=True)
+    _in_range("shear_gamma", p.shear_gamma, 0.0, 0.5, hi_open=True)
+    for name in (
+        "lens_light_R_sersic",
+        "lens_light_n_sersic",
+        "source_R_sersic",
+        "source_n_sersic",
+        "source_size",
+        "source_amp",
+        "lens_light_amp",
+        "target_snr",
+        "subhalo_mass",
+        "subhalo_radius",
+    ):
+        _in_range(name, getattr(p, name), 0.0, inf, lo_open=True)
+    _in_range("subhalo_count", p.subhalo_count, 0, 10000)
+    for name in (
+        "lens_center",
+        "source_offset",
+        "log10_exposure_time",
+        "source_mag",
+        "lens_light_mag",
+        "axion_log10_mass",
+    ):
+        _in_range(name, getattr(p, name), -inf, inf)
+    if p.source_kind == "sersic" and p.source_library is not None:
+        _fail("source_library", p.source_library, "null unless source_kind is 'real_galaxy'")
+    return p
+
+
+def resolve_preset(
+    preset: str | Preset | Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> Preset:
+    """A validated ``Preset`` from a name, a ``Preset`` or a dict (e.g. ``Preset.to_dict()``), plus overrides.
+
+    A dict may omit fields (defaults apply) but must name ``name``; if its name is a built-in preset the
+    built-in values are the base. Unknown keys are a ValueError listing the valid fields.
+    """
+    if isinstance(preset, Preset):
+        base = dataclasses.asdict(preset)
+    elif isinstance(preset, str):
+        base = dataclasses.asdict(get_preset(preset))
+    elif isinstance(preset, Mapping):
+        _check_keys(preset)
+        name = preset.get("name")
+        base = dataclasses.asdict(PRESETS[name]) if isinstance(name, str) and name in PRESETS else {}
+        base.update(preset)
+        if "name" not in base:
+            raise ValueError("preset mapping needs a 'name' field")
+    else:
+        raise TypeError(f"preset must be a name, a Preset or a mapping, got {type(preset).__name__}")
+    if overrides:
+        _check_keys(overrides)
+        base.update(overrides)
+    kwargs = {k: _coerce(k, v) for k, v in base.items()}
+    for req in ("num_pix", "delta_pix", "psf_fwhm"):
+        if req not in kwargs:
+            raise ValueError(f"preset {kwargs.get('name')!r} lacks the required field {req!r}")
+    return validate_preset(Preset(**kwargs))
+
+
+def _check_keys(mapping: Mapping[str, Any]) -> None:
+    unknown = sorted(set(mapping) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown preset field(s) {unknown}; valid fields: {', '.join(_FIELDS)}")

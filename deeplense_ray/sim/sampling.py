@@ -1,0 +1,229 @@
+"""Draw every simulation parameter for n images, vectorised, on CPU from one torch.Generator.
+
+The random stream depends only on (preset, n, seed): every quantity is drawn for every image in a fixed
+order (substructure of all kinds too), then masked by class, so labels never shift the stream and the
+macro lens + source of image i are the same whatever its class. In paired mode images i with the same
+i // C (C = number of classes) share the macro lens, source and observation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import cosmology
+from .lens import phi_q_to_ellipticity
+from .light import sersic_amp_from_flux, sersic_b_n
+from .presets import Preset
+
+_F64 = torch.float64
+
+
+def _u(g: torch.Generator, n: int, rng: tuple[float, float], *shape: int) -> Tensor:
+    lo, hi = float(rng[0]), float(rng[1])
+    r = torch.rand((n, *shape), generator=g, dtype=_F64)
+    return lo + (hi - lo) * r
+
+
+def power_law_masses(u: Tensor, m_min: float, m_max: float, slope: float) -> Tensor:
+    """Inverse CDF of dN/dm ~ m^-slope on [m_min, m_max] applied to uniforms u [Msun]."""
+    if m_min == m_max:
+        return torch.full_like(u, m_min)
+    a = 1.0 - slope
+    if abs(a) < 1e-12:
+        return m_min * (m_max / m_min) ** u
+    lo, hi = m_min**a, m_max**a
+    return (lo + u * (hi - lo)) ** (1.0 / a)
+
+
+def snr_peak_flux(target_snr: Tensor, exposure_time: Tensor, sigma_bkg: float) -> Tensor:
+    """Per-pixel flux x [counts/s] with x / sqrt(x/t + sigma^2) = snr (Poisson + Gaussian background)."""
+    s2 = target_snr * target_snr
+    return 0.5 * (s2 / exposure_time + torch.sqrt(s2 * s2 / exposure_time**2 + 4.0 * s2 * sigma_bkg**2))
+
+
+def draw_parameters(
+    preset: Preset,
+    labels: Tensor,
+    generator: torch.Generator,
+    *,
+    paired: bool,
+    library_peak: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """All parameters (float64 / int64, CPU) for images with the given class labels.
+
+    ``library_peak``: for real-galaxy sources, max(stamp) * S^2 of each unit-sum S x S stamp [N_lib]
+    (the peak surface brightness of a unit-flux source of unit angular size; also gives N_lib).
+    """
+    n = int(labels.shape[0])
+    C = preset.num_classes
+    g = generator
+    m = -(-n // C) if paired else n  # number of independent macro draws
+    p: dict[str, Tensor] = {}
+
+    # ---- macro lens (SIE + shear), class independent
+    p["theta_E"] = _u(g, m, preset.theta_E)
+    q = _u(g, m, preset.lens_q)
+    phi = _u(g, m, (0.0, math.pi))
+    p["e1"], p["e2"] = phi_q_to_ellipticity(phi, q)
+    p["center_x"] = _u(g, m, preset.lens_center)
+    p["center_y"] = _u(g, m, preset.lens_center)
+    gam = _u(g, m, preset.shear_gamma)
+    gphi = _u(g, m, (0.0, math.pi))
+    p["gamma1"], p["gamma2"] = gam * torch.cos(2 * gphi), gam * torch.sin(2 * gphi)
+
+    # ---- source
+    p["source_center_x"] = p["center_x"] + _u(g, m, preset.source_offset)
+    p["source_center_y"] = p["center_y"] + _u(g, m, preset.source_offset)
+    if preset.source_kind == "sersic":
+        p["source_R_sersic"] = _u(g, m, preset.source_R_sersic)
+        p["source_n_sersic"] = _u(g, m, preset.source_n_sersic)
+        sq = _u(g, m, preset.source_q)
+        sphi = _u(g, m, (0.0, math.pi))
+        p["source_e1"], p["source_e2"] = phi_q_to_ellipticity(sphi, sq)
+        # peak surface brightness per unit amp (lenstronomy smoothing R = 1e-4)
+        rs, ns = p["source_R_sersic"], p["source_n_sersic"]
+        peak_per_amp = torch.exp(-sersic_b_n(ns) * ((1e-4 / rs) ** (1.0 / ns) - 1.0))
+    else:
+        if library_peak is None or library_peak.numel() == 0:
+            raise ValueError("real-galaxy sources need a non-empty source library")
+        p["source_index"] = torch.randint(0, library_peak.numel(), (m,), generator=g)
+        p["source_size"] = _u(g, m, preset.source_size)
+        p["source_angle"] = _u(g, m, (0.0, 2.0 * math.pi))
+
+    # ---- brightness and observation
+    d2 = preset.delta_pix**2
+    if preset.noise == "instrument":
+        mag = _u(g, m, preset.source_mag)
+        p["source_mag"] = mag
+        flux = 10.0 ** (-0.4 * (mag - preset.zero_point))  # e-/s
+        p["exposure_time"] = torch.full((m,), preset.exposure_time_single * preset.num_exposures, dtype=_F64)
+        sky = 10.0 ** (-0.4 * (preset.sky_brightness - preset.zero_point)) * d2
+        p["background_rate"] = torch.full((m,), sky, dtype=_F64)
+        p["read_noise_rms"] = torch.full(
+            (m,), math.sqrt(preset.num_exposures) * preset.read_noise, dtype=_F64
+        )
+    else:
+        if preset.noise == "snr":
+            t = 10.0 ** _u(g, m, preset.log10_exposure_time)
+            snr = _u(g, m, preset.target_snr)
+            p["exposure_time"], p["target_snr"] = t, snr
+            peak_sb = snr_peak_flux(snr, t, preset.sigma_bkg) / d2  # flux / arcsec^2 at the source peak
+            p["background_rate"] = torch.zeros(m, dtype=_F64)
+            p["read_noise_rms"] = preset.sigma_bkg * t  # counts; / t gives sigma_bkg
+        else:
+            peak_sb = _u(g, m, preset.source_amp)
+        if preset.source_kind == "sersic":
+            amp = peak_sb / peak_per_amp
+            flux = None
+        else:
+            # surface brightness peak = flux * max(stamp) / (size/S)^2 = flux * library_peak / size^2
+            flux = peak_sb * (p["source_size"] ** 2) / library_peak[p["source_index"]].to(_F64)
+    if preset.source_kind == "sersic":
+        if flux is not None:
+            amp = sersic_amp_from_flux(flux, p["source_R_sersic"], p["source_n_sersic"])
+        p["source_amp"] = amp
+    else:
+        p["source_flux"] = flux
+
+    # ---- lens light (Sersic, lens centre and ellipticity)
+    if preset.lens_light:
+        p["lens_light_R_sersic"] = _u(g, m, preset.lens_light_R_sersic)
+        p["lens_light_n_sersic"] = _u(g, m, preset.lens_light_n_sersic)
+        if preset.noise == "instrument":
+            lmag = _u(g, m, preset.lens_light_mag)
+            lflux = 10.0 ** (-0.4 * (lmag - preset.zero_point))
+            p["lens_light_amp"] = sersic_amp_from_flux(
+                lflux, p["lens_light_R_sersic"], p["lens_light_n_sersic"]
+            )
+        else:
+            rel = _u(g, m, preset.lens_light_amp)
+            ref = p["source_amp"] * peak_per_amp if preset.source_kind == "sersic" else peak_sb
+            ln = p["lens_light_n_sersic"]
+            lpeak = torch.exp(-sersic_b_n(ln) * ((1e-4 / p["lens_light_R_sersic"]) ** (1.0 / ln) - 1.0))
+            p["lens_light_amp"] = rel * ref / lpeak
+
+    if paired:
+        idx = torch.arange(n) // C
+        p = {k: v[idx] for k, v in p.items()}
+
+    # ---- substructure: drawn for every image, masked by class
+    name_of = preset.class_names
+    is_cdm = torch.zeros(n, dtype=torch.bool)
+    is_axion = torch.zeros(n, dtype=torch.bool)
+    if "cdm" in name_of:
+        is_cdm = labels == name_of.index("cdm")
+    if "axion" in name_of:
+        is_axion = labels == name_of.index("axion")
+    coef = cosmology.point_mass_theta_e_coefficient(
+        preset.z_lens, preset.z_source, h0=preset.H0, om0=preset.Om0
+    )
+
+    K = preset.max_subhalos
+    if K > 0:
+        lo, hi = preset.subhalo_count
+        count = torch.randint(int(lo), int(hi) + 1, (n,), generator=g)
+        mass = power_law_masses(
+            torch.rand((n, K), generator=g, dtype=_F64), *preset.subhalo_mass, preset.subhalo_mass_slope
+        )
+        r = _u(g, n, preset.subhalo_radius, K)
+        ang = _u(g, n, (0.0, 2.0 * math.pi), K)
+        count = torch.where(is_cdm, count, torch.zeros_like(count))
+        present = torch.arange(K)[None, :] < count[:, None]
+        mass = torch.where(present, mass, torch.zeros_like(mass))
+        p["subhalo_count"] = count
+        p["subhalo_mass"] = mass
+        p["subhalo_x"] = torch.where(
+            present, p["center_x"][:, None] + r * torch.cos(ang), torch.zeros_like(r)
+        )
+        p["subhalo_y"] = torch.where(
+            present, p["center_y"][:, None] + r * torch.sin(ang), torch.zeros_like(r)
+        )
+        p["subhalo_theta_E"] = coef * torch.sqrt(mass)
+        if preset.subhalo_profile == "tnfw":
+            p.update(tnfw_parameters(mass, preset))
+    else:
+        p["subhalo_count"] = torch.zeros(n, dtype=torch.int64)
+
+    if "axion" in name_of:
+        log_m = _u(g, n, preset.axion_log10_mass)
+        vang = _u(g, n, (0.0, math.pi))
+        m_ax = torch.where(is_axion, 10.0**log_m, torch.zeros_like(log_m))
+        p["axion_mass"] = m_ax
+        p["vortex_angle"] = torch.where(is_axion, vang, torch.zeros_like(vang))
+        p["vortex_half_length"] = torch.where(
+            is_axion, preset.vortex_half_length_ref * 10.0 ** (-22.0 - log_m), torch.zeros_like(log_m)
+        )
+        p["vortex_theta_E"] = torch.where(
+            is_axion, torch.full_like(log_m, coef * math.sqrt(preset.vortex_mass)), torch.zeros_like(log_m)
+        )
+    return p
+
+
+def tnfw_parameters(mass: Tensor, preset: Preset) -> dict[str, Tensor]:
+    """lenstronomy TNFW (Rs, alpha_Rs, r_trunc) [arcsec] of subhalos of M200 ``mass`` [Msun].
+
+    r200 from M200 = 200 rho_crit(z_lens) 4/3 pi r200^3; Rs = r200 / c; rho0 = M200 / (4 pi Rs^3 m(c)),
+    m(c) = ln(1+c) - c/(1+c); alpha_Rs = 4 rho0 Rs^3 (1 + ln 1/2) / (Sigma_crit Rs) in angular units;
+    r_trunc = ``subhalo_truncation`` * Rs. Zero masses give zero deflection (alpha_Rs = 0).
+    """
+    zl, zs = preset.z_lens, preset.z_source
+    rho_c = cosmology.critical_density_msun_per_mpc3(zl, h0=preset.H0, om0=preset.Om0)
+    d_l = cosmology.angular_diameter_distance(zl, h0=preset.H0, om0=preset.Om0)
+    sigma_crit = cosmology.sigma_crit_msun_per_arcsec2(zl, zs, h0=preset.H0, om0=preset.Om0)
+    c = preset.subhalo_concentration
+    m_safe = mass.clamp_min(1.0)
+    r200_mpc = (3.0 * m_safe / (4.0 * math.pi * 200.0 * rho_c)) ** (1.0 / 3.0)
+    rs_arcsec = r200_mpc / c / d_l / cosmology.ARCSEC
+    mc = math.log(1.0 + c) - c / (1.0 + c)
+    # lenstronomy: rho0 [Msun/arcsec^3 / Sigma_crit-units] with alpha_Rs = 4 rho0 Rs^2 (1 + ln 1/2)
+    rho0 = m_safe / (4.0 * math.pi * rs_arcsec**3 * mc) / sigma_crit
+    alpha_rs = 4.0 * rho0 * rs_arcsec**2 * (1.0 + math.log(0.5))
+    alpha_rs = torch.where(mass > 0, alpha_rs, torch.zeros_like(alpha_rs))
+    return {
+        "subhalo_Rs": rs_arcsec,
+        "subhalo_alpha_Rs": alpha_rs,
+        "subhalo_r_trunc": preset.subhalo_truncation * rs_arcsec,
+    }

@@ -1,0 +1,341 @@
+"""``simulate``: draw parameters (CPU, seeded) and render batches of lens images on any device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .lens import alpha_line_segment, alpha_point_masses_sum, alpha_shear, alpha_sie, alpha_tnfw
+from .light import pixelated_source, sersic_elliptical
+from .presets import Preset, resolve_preset
+from .render import (
+    add_poisson_gaussian_noise,
+    bin_supersampled,
+    convolve_gaussian,
+    gaussian_kernel_1d,
+    pixel_grid,
+)
+from .sampling import draw_parameters
+from .sources import load_source_library
+
+#: images per noise block: noise of block b comes from a generator seeded by (seed, b), so the bytes do not
+#: depend on the internal batch size (batches are whole blocks).
+NOISE_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class SimResult(Mapping):
+    """Images [n,1,H,W] float32, labels [n] int64, params {name: [n, ...]} and class names (all on CPU)."""
+
+    images: Tensor
+    labels: Tensor
+    params: dict[str, Tensor]
+    class_names: tuple[str, ...]
+    preset: Preset = field(repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("images", "labels", "params", "class_names", "preset"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("images", "labels", "params", "class_names", "preset"))
+
+    def __len__(self) -> int:
+        return 5
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(
+            f"{name} = {v} is out of range; allowed: {lo} <= {name}" + (f" <= {hi}" if hi else "")
+        )
+    return v
+
+
+def _noise_seed(seed: int, block: int) -> int:
+    return int(
+        np.random.SeedSequence([seed, block, 0x5EED]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1)
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_labels(
+    preset: Preset, n: int, classes: Sequence[str] | None, labels: Tensor | Sequence[int] | None
+) -> Tensor:
+    """Class index per image (indices into ``preset.class_names``): given, or balanced over ``classes``."""
+    C = preset.num_classes
+    if classes is not None:
+        if isinstance(classes, str) or len(classes) == 0:
+            raise ValueError(
+                f"classes must be a non-empty list of class names from {list(preset.class_names)}"
+            )
+        bad = [c for c in classes if c not in preset.class_names]
+        if bad:
+            raise ValueError(
+                f"classes {bad} are not in preset {preset.name!r}; allowed: {list(preset.class_names)}"
+            )
+        allowed = torch.tensor([preset.class_names.index(c) for c in classes], dtype=torch.int64)
+    else:
+        allowed = torch.arange(C, dtype=torch.int64)
+    if labels is None:
+        return allowed[torch.arange(n) % allowed.numel()]
+    lab = torch.as_tensor(labels)
+    if lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.dim() != 1 or lab.numel() != n:
+        raise ValueError(
+            f"labels must be an integer tensor of shape [{n}], got {lab.dtype} {tuple(lab.shape)}"
+        )
+    lab = lab.to(torch.int64).cpu()
+    ok = torch.isin(lab, allowed)
+    if not bool(ok.all()):
+        bad = lab[~ok][:5].tolist()
+        raise ValueError(
+            f"labels {bad} are not allowed; allowed class indices: {allowed.tolist()} "
+            f"of {list(preset.class_names)}"
+        )
+    return lab
+
+
+def auto_batch_size(preset: Preset, device: torch.device, dtype: torch.dtype) -> int:
+    """Images per internal batch: a multiple of NOISE_BLOCK that fits a working-memory budget."""
+    p_ss = (preset.num_pix * preset.supersampling) ** 2
+    per_image = (24 + min(preset.max_subhalos, 32)) * p_ss * torch.finfo(dtype).bits // 8
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(0.5 * free)
+    else:
+        budget = 256 * 2**20
+    blocks = max(1, budget // (per_image * NOISE_BLOCK))
+    return int(min(blocks, 1024) * NOISE_BLOCK)
+
+
+class Renderer:
+    """Noise-free batched renderer for one preset on one device (grid and PSF kernel built once)."""
+
+    def __init__(
+        self,
+        *,
+        preset: Preset,
+        device: torch.device,
+        dtype: torch.dtype,
+        stamps: Tensor | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.preset = preset
+        self.device = device
+        self.dtype = dtype
+        self.x, self.y = pixel_grid(
+            preset.num_pix, preset.delta_pix, preset.supersampling, device=device, dtype=dtype
+        )
+        self.kernel = (
+            gaussian_kernel_1d(
+                preset.psf_fwhm, preset.delta_pix, truncation=preset.psf_truncation, dtype=dtype
+            ).to(device)
+            if preset.psf_fwhm is not None
+            else None
+        )
+        self.stamps = (
+            stamps.to(device=device, dtype=torch.float32).unsqueeze(1) if stamps is not None else None
+        )
+        p_ss = self.x.numel()
+        self.sub_chunk = max(1, int(2**28 // max(1, p_ss * max(1, preset.max_subhalos))))
+        self._macro = torch.compile(_macro_alpha, dynamic=True) if compile else _macro_alpha
+        self._sersic = torch.compile(_sersic_source, dynamic=True) if compile else _sersic_source
+
+    def __call__(self, p: Mapping[str, Tensor]) -> Tensor:
+        """Flux per pixel [B, 1, N, N] from parameters already on the device (1-D [B] or [B, K])."""
+        pre = self.preset
+        x, y = self.x, self.y
+        col = {k: (v[:, None] if v.dim() == 1 else v) for k, v in p.items()}
+        ax, ay = self._macro(
+            x,
+            y,
+            col["theta_E"],
+            col["e1"],
+            col["e2"],
+            col["center_x"],
+            col["center_y"],
+            col["gamma1"],
+            col["gamma2"],
+        )
+        count = p.get("subhalo_count")
+        if count is not None and pre.max_subhalos > 0:
+            idx = torch.nonzero(count > 0).squeeze(1)
+            for s in range(0, idx.numel(), self.sub_chunk):
+                ii = idx[s : s + self.sub_chunk]
+                if pre.subhalo_profile == "point_mass":
+                    sx, sy = alpha_point_masses_sum(
+                        x, y, p["subhalo_theta_E"][ii], p["subhalo_x"][ii], p["subhalo_y"][ii]
+                    )
+                else:
+                    sx, sy = alpha_tnfw(
+                        x[None, None, :],
+                        y[None, None, :],
+                        p["subhalo_Rs"][ii][..., None],
+                        p["subhalo_alpha_Rs"][ii][..., None],
+                        p["subhalo_r_trunc"][ii][..., None],
+                        p["subhalo_x"][ii][..., None],
+                        p["subhalo_y"][ii][..., None],
+                    )
+                    sx, sy = sx.sum(1), sy.sum(1)
+                ax = ax.index_add(0, ii, sx)
+                ay = ay.index_add(0, ii, sy)
+        if "vortex_theta_E" in p:
+            ii = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
+            if ii.numel():
+                vx, vy = alpha_line_segment(
+                    x,
+                    y,
+                    col["vortex_theta_E"][ii],
+                    col["vortex_half_length"][ii],
+                    col["vortex_angle"][ii],
+                    col["center_x"][ii],
+                    col["center_y"][ii],
+                )
+                ax = ax.index_add(0, ii, vx)
+                ay = ay.index_add(0, ii, vy)
+        bx, by = x - ax, y - ay
+        if pre.source_kind == "sersic":
+            sb = self._sersic(
+                bx,
+                by,
+                col["source_amp"],
+                col["source_R_sersic"],
+                col["source_n_sersic"],
+                col["source_e1"],
+                col["source_e2"],
+                col["source_center_x"],
+                col["source_center_y"],
+            )
+        else:
+            st = self.stamps.index_select(0, p["source_index"])
+            sb = pixelated_source(
+                bx,
+                by,
+                st,
+                p["source_flux"],
+                p["source_size"],
+                p["source_angle"],
+                p["source_center_x"],
+                p["source_center_y"],
+            )
+        if pre.lens_light:
+            sb = sb + sersic_elliptical(
+                x,
+                y,
+                col["lens_light_amp"],
+                col["lens_light_R_sersic"],
+                col["lens_light_n_sersic"],
+                col["e1"],
+                col["e2"],
+                col["center_x"],
+                col["center_y"],
+            )
+        img = bin_supersampled(sb, pre.num_pix, pre.supersampling, pre.delta_pix)
+        if self.kernel is not None:
+            img = convolve_gaussian(img, self.kernel)
+        return img.unsqueeze(1)
+
+
+def _macro_alpha(x, y, theta_E, e1, e2, cx, cy, g1, g2):
+    ax, ay = alpha_sie(x, y, theta_E, e1, e2, cx, cy)
+    sx, sy = alpha_shear(x, y, g1, g2)
+    return ax + sx, ay + sy
+
+
+def _sersic_source(bx, by, amp, R, n, e1, e2, cx, cy):
+    return sersic_elliptical(bx, by, amp, R, n, e1, e2, cx, cy)
+
+
+def simulate(
+    preset: str | Preset | Mapping[str, Any],
+    n: int,
+    seed: int,
+    device: str | torch.device | None = None,
+    classes: Sequence[str] | None = None,
+    *,
+    labels: Tensor | Sequence[int] | None = None,
+    paired: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    overrides: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    compile: bool = False,
+) -> SimResult:
+    """Simulate ``n`` lens images of ``preset``.
+
+    Parameters are drawn on CPU from ``torch.Generator().manual_seed(seed)``; images are rendered on
+    ``device`` (default: CUDA if available, else CPU) in internal batches (``batch_size``, rounded to
+    whole noise blocks of ``NOISE_BLOCK`` images); noise of block b uses a generator on the device seeded
+    from (seed, b). The same (preset, n, seed, labels) gives the same bytes on the same device type for
+    any batch size. ``labels`` (int64 [n], indices into the preset's class_names) fix the classes;
+    otherwise they are balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the
+    preset's) gives consecutive groups of C images the same macro lens and source. ``compile`` wraps the
+    hot path (macro deflection, Sersic source) in torch.compile. Returns CPU tensors; images float32.
+    """
+    pre = resolve_preset(preset, overrides)
+    n = _check_int("n", n, 1)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r} requested but CUDA is not available")
+    paired = pre.paired if paired is None else bool(paired)
+    lab = resolve_labels(pre, n, classes, labels)
+
+    stamps = peak = None
+    if pre.source_kind == "real_galaxy":
+        stamps = load_source_library(pre.source_library)
+        S = stamps.shape[-1]
+        peak = stamps.amax(dim=(1, 2)).to(torch.float64) * S * S
+    gen = torch.Generator().manual_seed(seed)
+    params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak)
+
+    if batch_size is None:
+        bs = auto_batch_size(pre, dev, dtype)
+    else:
+        bs = _check_int("batch_size", batch_size, 1)
+        bs = max(NOISE_BLOCK, (bs // NOISE_BLOCK) * NOISE_BLOCK)
+    render = Renderer(preset=pre, device=dev, dtype=dtype, stamps=stamps, compile=compile)
+    images = torch.empty((n, 1, pre.num_pix, pre.num_pix), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            pb = {
+                k: (
+                    v[start:stop].to(device=dev, dtype=dtype)
+                    if v.dtype.is_floating_point
+                    else v[start:stop].to(device=dev)
+                )
+                for k, v in params.items()
+            }
+            img = render(pb)
+            if pre.noise != "none":
+                img = _add_noise_blocks(img, pb, seed, start)
+            if pre.count_unit == "ADU":
+                img = img / pre.gain
+            images[start:stop] = img.to("cpu", torch.float32)
+    out_params = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in params.items()}
+    return SimResult(images=images, labels=lab, params=out_params, class_names=pre.class_names, preset=pre)
+
+
+def _add_noise_blocks(img: Tensor, pb: Mapping[str, Tensor], seed: int, start: int) -> Tensor:
+    out = torch.empty_like(img)
+    for s in range(0, img.shape[0], NOISE_BLOCK):
+        e = min(img.shape[0], s + NOISE_BLOCK)
+        g = torch.Generator(device=img.device).manual_seed(_noise_seed(seed, (start + s) // NOISE_BLOCK))
+        out[s:e] = add_poisson_gaussian_noise(
+            img[s:e], pb["exposure_time"][s:e], pb["background_rate"][s:e], pb["read_noise_rms"][s:e], g
+        )
+    return out
