@@ -40,14 +40,15 @@ def patch_plan(image_size: int, patch_size: int | None, *, max_grid: int = 15) -
     """Return ``(padded_size, patch_size)`` for a patch-embedding model.
 
     An explicit ``patch_size`` must divide ``image_size`` (ValueError listing the valid ones). Without one, a
-    divisor is chosen by :func:`auto_patch_size`; if the size has none (e.g. a prime), the image is zero-padded
-    to the next multiple of 8 and the rule is applied again.
+    divisor is chosen by :func:`auto_patch_size`; if the size has none (e.g. a prime), the image is
+    zero-padded to the next multiple of 8 and the rule is applied again.
     """
     if patch_size is not None:
         if not isinstance(patch_size, int) or patch_size < 1 or image_size % patch_size:
             valid = divisors(image_size, lo=2, hi=image_size // 2)
             raise ValueError(
-                f"patch_size={patch_size!r} does not divide image_size={image_size}; valid patch sizes: {valid}"
+                f"patch_size={patch_size!r} does not divide image_size={image_size}; "
+                f"valid patch sizes: {valid}"
             )
         return image_size, patch_size
     p = auto_patch_size(image_size, max_grid=max_grid)

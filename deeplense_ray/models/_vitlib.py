@@ -1,9 +1,9 @@
 """Import vit-pytorch submodules even where ``torchvision`` is missing.
 
-``vit_pytorch/__init__.py`` imports ``vit_pytorch.dino``, which imports torchvision; the architectures used here
-(vit, vit_for_small_dataset, cvt, cait, cct, twins_svt, levit, cross_vit, pit, t2t, crossformer) need only torch
-and einops. When the package import fails for that reason, the package is registered as a bare namespace
-(its ``__init__`` not executed) so that its submodules import normally.
+``vit_pytorch/__init__.py`` imports ``vit_pytorch.dino``, which imports torchvision; the architectures used
+here (vit, vit_for_small_dataset, cvt, cait, cct, twins_svt, levit, cross_vit, pit, t2t, crossformer) need
+only torch and einops. When the package import fails for that reason, the package is registered as a bare
+namespace (its ``__init__`` not executed) so that its submodules import normally.
 """
 
 from __future__ import annotations

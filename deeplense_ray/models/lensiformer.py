@@ -1,14 +1,14 @@
 """Lensiformer (physics-informed vision transformer), differentiable version. Own code on vit-pytorch parts.
 
 Encoder: a ViTSD-style transformer (shifted patch tokenization SPT + locality self-attention LSA, from
-``vit_pytorch.vit_for_small_dataset``) reads the lensed image and predicts one raw value per pixel; a saturation
-layer turns it into ``k(x, y) = theta_E (1 + 0.2 tanh(raw))`` [arcsec], within +-20 % of an SIS Einstein-radius
-scale ``theta_E`` (a learned positive scalar initialised at ``theta_E``). The inverse lens layer
-(:class:`~deeplense_ray.models.lensing.InverseLensLayer`) un-lenses the image with ``beta = theta - k
+``vit_pytorch.vit_for_small_dataset``) reads the lensed image and predicts one raw value per pixel; a
+saturation layer turns it into ``k(x, y) = theta_E (1 + 0.2 tanh(raw))`` [arcsec], within +-20 % of an SIS
+Einstein-radius scale ``theta_E`` (a learned positive scalar initialised at ``theta_E``). The inverse lens
+layer (:class:`~deeplense_ray.models.lensing.InverseLensLayer`) un-lenses the image with ``beta = theta - k
 theta/|theta|`` on the data's pixel grid (``pixel_scale`` arcsec/pixel, lenstronomy convention) by bilinear
 splatting, so gradients reach the k-network. Decoder: ``depth`` LSA blocks whose queries and keys come from
-the lensed-image tokens (SPT) and whose values come from the reconstructed-source tokens (SPT); the class token
-goes to a linear head.
+the lensed-image tokens (SPT) and whose values come from the reconstructed-source tokens (SPT); the class
+token goes to a linear head.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ class Lensiformer(nn.Module):
         # k-network (ViTSD-style encoder -> one raw value per pixel)
         self.k_spt = SPT(dim=encoder_dim, patch_size=p, channels=in_channels)
         self.k_pos = nn.Parameter(torch.randn(1, n_tok, encoder_dim) * 0.02)
-        self.k_transformer = LSATransformer(encoder_dim, encoder_depth, encoder_heads, 32, encoder_mlp_dim, dropout)
+        self.k_transformer = LSATransformer(
+            encoder_dim, encoder_depth, encoder_heads, 32, encoder_mlp_dim, dropout
+        )
         self.k_head = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, p * p))
         nn.init.normal_(self.k_head[1].weight, std=1e-3)  # start near the SIS: k ~ theta_E everywhere
         nn.init.zeros_(self.k_head[1].bias)
@@ -116,8 +118,10 @@ class Lensiformer(nn.Module):
         self.blocks = nn.ModuleList(
             [
                 nn.ModuleList(
-                    [CrossLSA(dim=dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                     FeedForward(dim, mlp_dim, dropout=dropout)]
+                    [
+                        CrossLSA(dim=dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                        FeedForward(dim, mlp_dim, dropout=dropout),
+                    ]
                 )  # fmt: skip
                 for _ in range(depth)
             ]
@@ -133,7 +137,10 @@ class Lensiformer(nn.Module):
         """k(x, y) [arcsec], [B, 1, N, N], for a (padded) image x."""
         t = self.k_transformer(self.k_spt(x) + self.k_pos)
         raw = rearrange(
-            self.k_head(t), "b (h w) (p1 p2) -> b 1 (h p1) (w p2)", h=self.num_pix // self.patch_size, p1=self.patch_size
+            self.k_head(t),
+            "b (h w) (p1 p2) -> b 1 (h p1) (w p2)",
+            h=self.num_pix // self.patch_size,
+            p1=self.patch_size,
         )
         return saturate_k(raw.float(), self.log_theta_E.exp(), self.k_saturation)
 
@@ -150,7 +157,10 @@ class Lensiformer(nn.Module):
         source, _ = self.inverse_lens(x, k)
         b = x.shape[0]
         img = torch.cat((repeat(self.cls_token, "1 n d -> b n d", b=b), self.img_spt(x)), dim=1) + self.pos
-        src = torch.cat((repeat(self.src_cls_token, "1 n d -> b n d", b=b), self.src_spt(source)), dim=1) + self.pos
+        src = (
+            torch.cat((repeat(self.src_cls_token, "1 n d -> b n d", b=b), self.src_spt(source)), dim=1)
+            + self.pos
+        )
         h, src = self.emb_drop(img), self.emb_drop(src)
         for attn, ff in self.blocks:
             h = attn(h, src) + h

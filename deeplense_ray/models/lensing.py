@@ -1,15 +1,15 @@
 """Differentiable SIS inverse lensing used by the Lensiformer and the SIS autoencoder (PINN).
 
-Conventions follow lenstronomy (``data_configure_simple(N, d)``, ``inverse=False``): pixel (i, j) has its centre at
-``x = -(N-1)/2*d + j*d``, ``y = -(N-1)/2*d + i*d`` (rows are y), angles in arcsec.
+Conventions follow lenstronomy (``data_configure_simple(N, d)``, ``inverse=False``): pixel (i, j) has its
+centre at ``x = -(N-1)/2*d + j*d``, ``y = -(N-1)/2*d + i*d`` (rows are y), angles in arcsec.
 
 Physics: with the SIS ansatz ``psi(theta) = k(theta) |theta|`` and ``grad k`` neglected (as in the PINN and
 Lensiformer papers), the lens equation gives ``beta = theta - k(theta) theta/|theta|``: ``k`` is a local
-Einstein radius [arcsec]. Surface brightness is conserved by lensing, so the source brightness at ``beta(theta)``
-equals the image brightness at ``theta``. The source is rebuilt by *bilinear splatting*: every image pixel
-deposits its value on the 4 source-plane pixels around ``beta`` with bilinear weights (``scatter_add``), and the
-source pixel is the weight-normalised mean. The weights are smooth in ``beta`` so gradients flow to ``k``
-(unlike rounding to integer pixels, which the published Lensiformer did).
+Einstein radius [arcsec]. Surface brightness is conserved by lensing, so the source brightness at
+``beta(theta)`` equals the image brightness at ``theta``. The source is rebuilt by *bilinear splatting*:
+every image pixel deposits its value on the 4 source-plane pixels around ``beta`` with bilinear weights
+(``scatter_add``), and the source pixel is the weight-normalised mean. The weights are smooth in ``beta``
+so gradients flow to ``k`` (unlike rounding to integer pixels, which the published Lensiformer did).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 DEFAULT_PIXEL_SCALE = 0.101
-"""Default pixel scale [arcsec/pixel] when none is given (Euclid VIS, the Real-Galaxy-Tiny / Model II value)."""
+"""Default pixel scale [arcsec/pixel] when none is given (Euclid VIS, the Real-Galaxy-Tiny / Model II
+value)."""
 
 DEFAULT_THETA_E = 1.2
 """Default SIS Einstein-radius scale [arcsec] around which k(x, y) is saturated."""
@@ -110,7 +111,7 @@ class InverseLensLayer(nn.Module):
         num_pix: image side N [pixels]; the source grid has the same N and pixel size.
         pixel_scale: ``delta_pix`` [arcsec/pixel] of the data (from the dataset's preset).
         min_weight: source pixels whose summed splat weight is below this are undefined (set to 0).
-    forward(image [B,C,N,N], k [B,1,N,N] or broadcastable) -> (source [B,C,N,N], defined mask [B,1,N,N] float).
+    forward(image [B,C,N,N], k [B,1,N,N] or broadcastable) -> (source [B,C,N,N], defined mask [B,1,N,N]).
     """
 
     def __init__(self, *, num_pix: int, pixel_scale: float, min_weight: float = 1e-3) -> None:

@@ -47,14 +47,18 @@ class ModelSpec:
 
 
 def _lib(builder: Callable[[int, int, int, dict[str, Any]], nn.Module]) -> Builder:
-    def build(image_size: int, in_channels: int, num_classes: int, pixel_scale: float | None, hp: dict) -> nn.Module:
+    def build(
+        image_size: int, in_channels: int, num_classes: int, pixel_scale: float | None, hp: dict
+    ) -> nn.Module:
         return builder(image_size, in_channels, num_classes, hp)
 
     return build
 
 
 def _own(cls: type[nn.Module], *, uses_pixel_scale: bool = False, uses_image_size: bool = True) -> Builder:
-    def build(image_size: int, in_channels: int, num_classes: int, pixel_scale: float | None, hp: dict) -> nn.Module:
+    def build(
+        image_size: int, in_channels: int, num_classes: int, pixel_scale: float | None, hp: dict
+    ) -> nn.Module:
         extra: dict[str, Any] = {"pixel_scale": pixel_scale} if uses_pixel_scale else {}
         if uses_image_size:
             extra["image_size"] = image_size
@@ -64,7 +68,15 @@ def _own(cls: type[nn.Module], *, uses_pixel_scale: bool = False, uses_image_siz
     return build
 
 
-_VIT_HP = {"dim": 256, "depth": 6, "heads": 8, "dim_head": 32, "mlp_dim": 512, "dropout": 0.1, "emb_dropout": 0.1}
+_VIT_HP = {
+    "dim": 256,
+    "depth": 6,
+    "heads": 8,
+    "dim_head": 32,
+    "mlp_dim": 512,
+    "dropout": 0.1,
+    "emb_dropout": 0.1,
+}
 # ~13M parameters, 2 transformer blocks (Lensiformer study); counts in docs/models.md
 _VIT_COMPARABLE = {"dim": 768, "depth": 2, "heads": 12, "dim_head": 64, "mlp_dim": 2688}
 _PATCH_RULE = "patch size divides the image (auto: 64 -> 8, 150 -> 10); no padding"
@@ -92,13 +104,26 @@ _SPECS: tuple[ModelSpec, ...] = (
         name="CvT",
         build=_lib(vf.build_cvt),
         hparams={
-            "s1_emb_dim": 64, "s1_depth": 1, "s1_heads": 1,
-            "s2_emb_dim": 192, "s2_depth": 2, "s2_heads": 3,
-            "s3_emb_dim": 384, "s3_depth": 4, "s3_heads": 6,
+            "s1_emb_dim": 64,
+            "s1_depth": 1,
+            "s1_heads": 1,
+            "s2_emb_dim": 192,
+            "s2_depth": 2,
+            "s2_heads": 3,
+            "s3_emb_dim": 384,
+            "s3_depth": 4,
+            "s3_heads": 6,
             "dropout": 0.1,
         },  # fmt: skip
-        comparable={"s1_depth": 0, "s2_emb_dim": 384, "s2_depth": 1, "s2_heads": 6, "s3_emb_dim": 832,
-                    "s3_depth": 1, "s3_heads": 13},  # fmt: skip
+        comparable={
+            "s1_depth": 0,
+            "s2_emb_dim": 384,
+            "s2_depth": 1,
+            "s2_heads": 6,
+            "s3_emb_dim": 832,
+            "s3_depth": 1,
+            "s3_heads": 13,
+        },  # fmt: skip
         source="vit-pytorch cvt.CvT",
         size_rule="convolutional token embedding (strides 4, 2, 2): any size >= 16; no padding",
         notes="comparable: stage-1 transformer depth 0, one block in stages 2 and 3",
@@ -117,22 +142,49 @@ _SPECS: tuple[ModelSpec, ...] = (
         name="Lensiformer",
         build=_own(Lensiformer, uses_pixel_scale=True),
         hparams={
-            "dim": 256, "depth": 4, "heads": 8, "dim_head": 32, "mlp_dim": 512,
-            "encoder_dim": 128, "encoder_depth": 2, "encoder_heads": 4, "encoder_mlp_dim": 256,
-            "dropout": 0.1, "emb_dropout": 0.1, "theta_E": 1.2, "k_saturation": 0.2,
+            "dim": 256,
+            "depth": 4,
+            "heads": 8,
+            "dim_head": 32,
+            "mlp_dim": 512,
+            "encoder_dim": 128,
+            "encoder_depth": 2,
+            "encoder_heads": 4,
+            "encoder_mlp_dim": 256,
+            "dropout": 0.1,
+            "emb_dropout": 0.1,
+            "theta_E": 1.2,
+            "k_saturation": 0.2,
         },  # fmt: skip
-        comparable={"dim": 768, "depth": 2, "heads": 12, "dim_head": 64, "mlp_dim": 2368,
-                    "encoder_dim": 256, "encoder_depth": 1, "encoder_heads": 4, "encoder_mlp_dim": 512},  # fmt: skip
+        comparable={
+            "dim": 768,
+            "depth": 2,
+            "heads": 12,
+            "dim_head": 64,
+            "mlp_dim": 2368,
+            "encoder_dim": 256,
+            "encoder_depth": 1,
+            "encoder_heads": 4,
+            "encoder_mlp_dim": 512,
+        },  # fmt: skip
         extra_keys=("patch_size",),
         source="own code on vit-pytorch SPT / LSA parts",
         size_rule=_PATCH_RULE,
-        notes="uses pixel_scale [arcsec/pixel] (default 0.101); comparable: 2 decoder blocks + 1 k-encoder block",
+        notes="uses pixel_scale [arcsec/pixel] (default 0.101); comparable: 2 decoder blocks + 1 k-encoder "
+        "block",
     ),
     ModelSpec(
         name="CCT",
         build=_lib(vf.build_cct),
         hparams={
-            "embedding_dim": 256, "num_layers": 6, "num_heads": 4, "mlp_ratio": 2.0, "kernel_size": 3, "dropout": 0.0, "attention_dropout": 0.1, "stochastic_depth_rate": 0.1,
+            "embedding_dim": 256,
+            "num_layers": 6,
+            "num_heads": 4,
+            "mlp_ratio": 2.0,
+            "kernel_size": 3,
+            "dropout": 0.0,
+            "attention_dropout": 0.1,
+            "stochastic_depth_rate": 0.1,
         },  # fmt: skip
         extra_keys=("n_conv_layers",),
         source="vit-pytorch cct.CCT",
@@ -143,19 +195,32 @@ _SPECS: tuple[ModelSpec, ...] = (
         name="TwinsSVT",
         build=_lib(vf.build_twins_svt),
         hparams={
-            "s1_emb_dim": 64, "s1_depth": 1, "s2_emb_dim": 128, "s2_depth": 1,
-            "s3_emb_dim": 256, "s3_depth": 2, "s4_emb_dim": 256, "s4_depth": 1, "dropout": 0.1,
+            "s1_emb_dim": 64,
+            "s1_depth": 1,
+            "s2_emb_dim": 128,
+            "s2_depth": 1,
+            "s3_emb_dim": 256,
+            "s3_depth": 2,
+            "s4_emb_dim": 256,
+            "s4_depth": 1,
+            "dropout": 0.1,
         },  # fmt: skip
         source="vit-pytorch twins_svt.TwinsSVT",
-        size_rule="centre zero-pad to a multiple of 32 (150 -> 160); window = largest <= 7 dividing the stage-3 "
+        size_rule="centre zero-pad to a multiple of 32 (150 -> 160); window = largest <= 7 dividing the "
+        "stage-3 "
         "map (64 -> 4, 160 -> 5); 1 channel repeated to 3",
     ),
     ModelSpec(
         name="LeViT",
         build=_lib(vf.build_levit),
         hparams={
-            "dim": (128, 256, 384), "depth": 4, "heads": (4, 6, 8), "mlp_mult": 2,
-            "dim_key": 32, "dim_value": 64, "dropout": 0.1,
+            "dim": (128, 256, 384),
+            "depth": 4,
+            "heads": (4, 6, 8),
+            "mlp_mult": 2,
+            "dim_key": 32,
+            "dim_value": 64,
+            "dropout": 0.1,
         },  # fmt: skip
         source="vit-pytorch levit.LeViT",
         size_rule="centre zero-pad to a multiple of 16 (150 -> 160); 1 channel repeated to 3",
@@ -164,9 +229,19 @@ _SPECS: tuple[ModelSpec, ...] = (
         name="CrossViT",
         build=_lib(vf.build_cross_vit),
         hparams={
-            "sm_dim": 128, "lg_dim": 256, "sm_enc_depth": 1, "sm_enc_heads": 4, "sm_enc_mlp_dim": 256,
-            "lg_enc_depth": 2, "lg_enc_heads": 4, "lg_enc_mlp_dim": 512, "cross_attn_depth": 1,
-            "cross_attn_heads": 4, "depth": 2, "dropout": 0.1, "emb_dropout": 0.1,
+            "sm_dim": 128,
+            "lg_dim": 256,
+            "sm_enc_depth": 1,
+            "sm_enc_heads": 4,
+            "sm_enc_mlp_dim": 256,
+            "lg_enc_depth": 2,
+            "lg_enc_heads": 4,
+            "lg_enc_mlp_dim": 512,
+            "cross_attn_depth": 1,
+            "cross_attn_heads": 4,
+            "depth": 2,
+            "dropout": 0.1,
+            "emb_dropout": 0.1,
         },  # fmt: skip
         extra_keys=("sm_patch_size", "lg_patch_size"),
         source="vit-pytorch cross_vit.CrossViT",
@@ -175,8 +250,15 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="PiT",
         build=_lib(vf.build_pit),
-        hparams={"dim": 128, "depth": (2, 2, 2), "heads": 4, "mlp_dim": 256, "dim_head": 32, "dropout": 0.1,
-                 "emb_dropout": 0.1},  # fmt: skip
+        hparams={
+            "dim": 128,
+            "depth": (2, 2, 2),
+            "heads": 4,
+            "mlp_dim": 256,
+            "dim_head": 32,
+            "dropout": 0.1,
+            "emb_dropout": 0.1,
+        },  # fmt: skip
         extra_keys=("patch_size",),
         source="vit-pytorch pit.PiT",
         size_rule=_PATCH_RULE + " (overlapping, stride patch/2)",
@@ -191,8 +273,15 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="T2TViT",
         build=_lib(vf.build_t2t),
-        hparams={"dim": 256, "depth": 4, "heads": 4, "mlp_dim": 512, "dim_head": 64, "dropout": 0.1,
-                 "emb_dropout": 0.1},  # fmt: skip
+        hparams={
+            "dim": 256,
+            "depth": 4,
+            "heads": 4,
+            "mlp_dim": 512,
+            "dim_head": 64,
+            "dropout": 0.1,
+            "emb_dropout": 0.1,
+        },  # fmt: skip
         source="vit-pytorch t2t.T2TViT",
         size_rule="tokens-to-token unfolds (7/4, 3/2, 3/2): any size >= 16 (64 -> 4x4, 150 -> 10x10 tokens)",
     ),
@@ -201,7 +290,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         build=_lib(vf.build_crossformer),
         hparams={"dim": (64, 128, 256, 512), "depth": (1, 1, 4, 1), "attn_dropout": 0.1, "ff_dropout": 0.1},
         source="vit-pytorch crossformer.CrossFormer",
-        size_rule="centre zero-pad to a multiple of 32 (150 -> 160); local window = largest <= 7 dividing each "
+        size_rule="centre zero-pad to a multiple of 32 (150 -> 160); local window = largest <= 7 "
+        "dividing each "
         "stage map, global = map / local",
     ),
     ModelSpec(
@@ -221,8 +311,14 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="SISAutoencoder",
         build=_own(SISAutoencoder, uses_pixel_scale=True),
-        hparams={"ae_width": 16, "classifier": "resnet_simple", "classifier_width": 32, "dropout": 0.0,
-                 "theta_E": 1.2, "k_saturation": 0.2},  # fmt: skip
+        hparams={
+            "ae_width": 16,
+            "classifier": "resnet_simple",
+            "classifier_width": 32,
+            "dropout": 0.0,
+            "theta_E": 1.2,
+            "k_saturation": 0.2,
+        },  # fmt: skip
         source="own code (PINN study)",
         size_rule="centre zero-pad to a multiple of 8 (150 -> 152)",
         notes="uses pixel_scale [arcsec/pixel] (default 0.101)",
@@ -281,7 +377,8 @@ def check_image_size(image_size: object) -> int:
     """Validate a square image side [pixels]; ValueError naming the value and what is allowed."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(
-            f"image_size={image_size!r} is not supported; valid: an integer >= {MIN_IMAGE_SIZE} (square images, "
+            f"image_size={image_size!r} is not supported; valid: an integer >= {MIN_IMAGE_SIZE} "
+            "(square images, "
             "e.g. 64 or 150)"
         )
     return image_size
@@ -325,7 +422,8 @@ def build_model(
         return spec.build(image_size, in_channels, num_classes, pixel_scale, hp)
     except (AssertionError, RuntimeError) as err:  # library asserts -> a clear error naming the inputs
         raise ValueError(
-            f"model {spec.name!r} cannot be built for image_size={image_size}, in_channels={in_channels} with "
+            f"model {spec.name!r} cannot be built for image_size={image_size}, in_channels={in_channels} "
+            "with "
             f"hyperparameters {hp}: {err}"
         ) from err
 
@@ -341,6 +439,8 @@ def parameter_report(
                 continue
             row: dict[str, Any] = {"model": spec.name, "size": size, "source": spec.source}
             for n in image_sizes:
-                row[f"params_{n}"] = count_parameters(build_model(spec.name, n, in_channels, num_classes, size=size))
+                row[f"params_{n}"] = count_parameters(
+                    build_model(spec.name, n, in_channels, num_classes, size=size)
+                )
             rows.append(row)
     return rows

@@ -1,9 +1,9 @@
 """Swin Transformer (Liu et al. 2021), compact own implementation (timm is not available here).
 
 Patch embedding 4x4, 4 stages with patch merging, windowed multi-head self-attention with a learned relative
-position bias, shifted windows (with the attention mask) in every second block. The image is centre-zero-padded
-to a multiple of 32 (150 -> 160) and the window size is the largest <= 7 dividing the stage-3 map
-(64 -> 4, 160 -> 5); a stage whose map is not larger than the window uses one window and no shift.
+position bias, shifted windows (with the attention mask) in every second block. The image is
+centre-zero-padded to a multiple of 32 (150 -> 160) and the window size is the largest <= 7 dividing the
+stage-3 map (64 -> 4, 160 -> 5); a stage whose map is not larger than the window uses one window and no shift.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, *, dim: int, heads: int, window: int, shift: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(
+        self, *, dim: int, heads: int, window: int, shift: int, mlp_ratio: float, dropout: float
+    ) -> None:
         super().__init__()
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
@@ -59,7 +61,11 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
         )
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -152,4 +158,3 @@ class Swin(nn.Module):
         for blocks, merge in self.stages:
             x = merge(blocks(x))
         return self.head(self.norm(x).mean(dim=(1, 2)))
-

@@ -34,7 +34,9 @@ ViTSmallDataset = import_vit_module("vit_for_small_dataset").ViT
 
 
 def _adapter(image_size: int, padded: int, in_channels: int, out_channels: int) -> InputAdapter:
-    return InputAdapter(image_size=image_size, padded_size=padded, in_channels=in_channels, out_channels=out_channels)
+    return InputAdapter(
+        image_size=image_size, padded_size=padded, in_channels=in_channels, out_channels=out_channels
+    )
 
 
 def _vit_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +46,9 @@ def _vit_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
 
 def build_vit(image_size: int, in_channels: int, num_classes: int, hp: dict[str, Any]) -> nn.Module:
     padded, p = patch_plan(image_size, hp.get("patch_size"))
-    net = ViT(image_size=padded, patch_size=p, num_classes=num_classes, channels=in_channels, **_vit_kwargs(hp))
+    net = ViT(
+        image_size=padded, patch_size=p, num_classes=num_classes, channels=in_channels, **_vit_kwargs(hp)
+    )
     return Adapted(_adapter(image_size, padded, in_channels, in_channels), net)
 
 
@@ -58,7 +62,17 @@ def build_vitsd(image_size: int, in_channels: int, num_classes: int, hp: dict[st
 
 def build_cait(image_size: int, in_channels: int, num_classes: int, hp: dict[str, Any]) -> nn.Module:
     padded, p = patch_plan(image_size, hp.get("patch_size"))
-    keys = ("dim", "depth", "cls_depth", "heads", "mlp_dim", "dim_head", "dropout", "emb_dropout", "layer_dropout")
+    keys = (
+        "dim",
+        "depth",
+        "cls_depth",
+        "heads",
+        "mlp_dim",
+        "dim_head",
+        "dropout",
+        "emb_dropout",
+        "layer_dropout",
+    )
     net = CaiT(image_size=padded, patch_size=p, num_classes=num_classes, **{k: hp[k] for k in keys})
     return Adapted(_adapter(image_size, padded, in_channels, 3), net)  # CaiT hard-codes 3 channels
 
@@ -142,7 +156,8 @@ def build_cross_vit(image_size: int, in_channels: int, num_classes: int, hp: dic
         lg = min([d for d in divisors(padded, lo=2 * sm) if padded // d >= 2] or [sm])
     elif padded % lg:
         raise ValueError(
-            f"lg_patch_size={lg} does not divide image_size={padded}; valid: {divisors(padded, lo=2, hi=padded // 2)}"
+            f"lg_patch_size={lg} does not divide image_size={padded}; "
+            f"valid: {divisors(padded, lo=2, hi=padded // 2)}"
         )
     keys = (
         "sm_dim", "lg_dim", "sm_enc_depth", "sm_enc_heads", "sm_enc_mlp_dim", "lg_enc_depth", "lg_enc_heads",
