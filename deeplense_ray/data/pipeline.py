@@ -1,0 +1,566 @@
+"""``build_dataset``: render shards with Ray Data actors and write them with a custom Datasink.
+
+Data flow (one Ray Data row per shard):
+
+    from_items(shard specs) --map_batches(ShardRenderer, ActorPoolStrategy(size=workers), batch_size=1)-->
+        one row per shard: the shard's tensors as Arrow tensor cells (rendered on GPU or CPU)
+    --write_datasink(HDF5ShardDatasink)--> DIR/<split>/shard-00000.h5 (encode in memory, sha256,
+        temp file + fsync + os.replace); on_write_complete (driver) writes DIR/manifest.json atomically.
+
+A shard's content depends only on (config, split, shard index), so the bytes do not depend on how many
+workers or GPUs render it. Write tasks are retried by Ray (``WRITE_RETRIES``); a failed attempt leaves no
+file behind. Fault injection for tests: ``faults={"train/1": 1}`` (or the environment variable
+``DEEPLENSE_DATA_FAULTS="train/1:1"`` read by the driver) makes the first write attempt(s) of that shard
+fail half-way, counted across processes with marker files in ``DIR/.faults/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deeplense_ray.data.config import DatasetConfig
+from deeplense_ray.data.manifest import MANIFEST_NAME, build_manifest, load_manifest, write_manifest
+from deeplense_ray.data.plan import ShardSpec, plan_shards
+from deeplense_ray.data.shards import (
+    ShardReadError,
+    atomic_write_bytes,
+    atomic_write_text,
+    encode_shard,
+    read_shard,
+    remove_stale_tmp,
+    sha256_bytes,
+    sha256_file,
+    shard_attrs,
+)
+
+BUILDING_NAME = ".building.json"
+FAULTS_DIR = ".faults"
+FAULTS_ENV = "DEEPLENSE_DATA_FAULTS"
+WRITE_RETRIES = 2
+PREVIEW_NAME = "preview.png"
+_PARAM_PREFIX = "p__"
+_TIMING_KEYS = ("render_s", "to_arrow_s", "from_arrow_s", "encode_s", "hash_s", "write_s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure helpers (no Ray)
+
+
+def parse_faults(text: str | None) -> dict[str, int]:
+    """Parse ``"train/1:1,val/0:5"`` (shard key ``split/index``, failures) into a dict. Empty -> {}."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, times = item.rpartition(":")
+        if not key or "/" not in key or not times.isdigit():
+            raise ValueError(
+                f"bad fault spec {item!r} in {text!r}: expected SPLIT/INDEX:TIMES, e.g. train/1:1"
+            )
+        out[key] = int(times)
+    return out
+
+
+def resolved_config(cfg: DatasetConfig, preset_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's ``config``: the dataset config plus the fully resolved preset."""
+    d = cfg.to_dict()
+    d["preset_resolved"] = dict(preset_dict)
+    return d
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty output dir unless resume/overwrite; ValueError naming the dir."""
+    if resume and overwrite:
+        raise ValueError("choose one of resume and overwrite, not both")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise ValueError(
+            f"output directory {out} is not empty: pass --resume to finish it or --overwrite to replace it"
+        )
+
+
+def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+
+
+def _check_resume_config(out: Path, config: Mapping[str, Any]) -> None:
+    for name in (MANIFEST_NAME, BUILDING_NAME):
+        path = out / name
+        if not path.is_file():
+            continue
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        old_cfg = old.get("config", {})
+        diff = _config_diff(old_cfg, config)
+        if diff:
+            raise ValueError(
+                f"--resume: {path} was made with a different config (fields {diff} differ); "
+                "use --overwrite or another --out"
+            )
+
+
+def clear_dataset_dir(out: Path) -> None:
+    """Remove what a build writes (manifest, preview, shard files, build markers); leave other files."""
+    for name in (MANIFEST_NAME, PREVIEW_NAME, BUILDING_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
+    remove_stale_tmp(out)
+    for sub in out.iterdir():
+        if sub.is_dir():
+            for f in sub.glob("shard-*.h5"):
+                f.unlink()
+            if not any(sub.iterdir()):
+                sub.rmdir()
+
+
+def expected_attrs(
+    spec: ShardSpec, cfg: DatasetConfig, preset_dict: Mapping[str, Any], class_names: tuple[str, ...]
+) -> dict[str, Any]:
+    return shard_attrs(
+        preset=preset_dict,
+        class_names=class_names,
+        seed=spec.seed,
+        dataset_seed=cfg.seed,
+        split=spec.split,
+        shard_index=spec.index,
+        rows=spec.rows,
+        image_dtype=cfg.dtype,
+    )
+
+
+def existing_shard_ok(
+    path: Path, spec: ShardSpec, attrs: Mapping[str, Any], manifest_sha: str | None
+) -> str | None:
+    """sha256 of an existing shard if it is complete and belongs to this plan, else None.
+
+    With a manifest entry the file's sha256 must match it; without one (a build that crashed before its
+    manifest) every dataset is read back (Fletcher-32 checksums) and the attributes must match the plan.
+    """
+    if not path.is_file():
+        return None
+    digest = sha256_file(path)
+    if manifest_sha is not None:
+        return digest if digest == manifest_sha else None
+    try:
+        shard = read_shard(path, params=True, as_float32=False)
+    except ShardReadError:
+        return None
+    got = shard["attrs"]
+    for key, value in attrs.items():
+        want = value.item() if isinstance(value, np.generic) else value
+        if key != "package_version" and got.get(key) != want:
+            return None
+    if not np.array_equal(shard["labels"], spec.label_array()):
+        return None
+    return digest
+
+
+def shard_param_meta(path: Path) -> tuple[list[int], dict[str, dict[str, Any]]]:
+    """(image shape [C,H,W], {param: {shape: per-row shape, dtype}}) read from a shard file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        meta = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in f["params"].items()}
+        return list(f["images"].shape[1:]), meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray pieces
+
+
+class ShardRenderer:
+    """Ray Data callable class: one input row (a shard spec) -> one output row holding the whole shard.
+
+    The output row carries the shard's tensors as Arrow tensor cells ([rows,1,H,W] images etc.), so a shard
+    is never split across blocks or write tasks.
+    """
+
+    def __init__(self, *, preset: Mapping[str, Any], dtype: str, device: str):
+        import torch
+
+        from deeplense_ray.sim import resolve_preset
+
+        self.preset = resolve_preset(dict(preset))
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+        import torch
+        from ray.data.extensions import ArrowTensorArray
+
+        from deeplense_ray.sim import simulate
+
+        if len(batch["index"]) != 1:
+            raise ValueError(f"ShardRenderer expects one shard per batch, got {len(batch['index'])}")
+        labels = np.frombuffer(batch["labels"][0], dtype="<i8").astype(np.int64)
+        seed, rows = int(batch["seed"][0]), int(batch["stop"][0] - batch["start"][0])
+        t0 = time.perf_counter()
+        res = simulate(self.preset, n=rows, seed=seed, device=self.device, labels=torch.from_numpy(labels))
+        images = res["images"].detach().cpu()
+        if self.dtype == "float16":
+            images = images.to(torch.float16)
+        images = images.numpy()
+        out_labels = res["labels"].detach().cpu().numpy().astype(np.int64)
+        params = {k: v.detach().cpu().numpy() for k, v in res["params"].items()}
+        if not np.array_equal(out_labels, labels):
+            raise RuntimeError(f"simulate returned labels different from the requested ones (seed {seed})")
+        t1 = time.perf_counter()
+        columns = {
+            "split": pa.array([str(batch["split"][0])]),
+            "index": pa.array([int(batch["index"][0])], pa.int64()),
+            "seed": pa.array([seed], pa.uint64()),
+            "rows": pa.array([rows], pa.int64()),
+            "images": ArrowTensorArray.from_numpy(images[None]),
+            "labels": ArrowTensorArray.from_numpy(out_labels[None]),
+        }
+        for name, value in params.items():
+            columns[_PARAM_PREFIX + name] = ArrowTensorArray.from_numpy(np.ascontiguousarray(value)[None])
+        t2 = time.perf_counter()
+        columns["render_s"] = pa.array([t1 - t0], pa.float64())
+        columns["to_arrow_s"] = pa.array([t2 - t1], pa.float64())
+        return pa.table(columns)
+
+
+def _make_datasink_class():
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class HDF5ShardDatasink(Datasink):
+        """Writes each incoming row (one whole shard) to ``DIR/<split>/shard-NNNNN.h5`` atomically.
+
+        ``on_write_complete`` (driver) merges the results with shards kept from an earlier run and writes
+        ``DIR/manifest.json`` atomically.
+        """
+
+        def __init__(
+            self,
+            *,
+            out_dir: str,
+            preset: Mapping[str, Any],
+            class_names: tuple[str, ...],
+            dataset_seed: int,
+            dtype: str,
+            faults: Mapping[str, int],
+            on_complete,
+        ):
+            self.out_dir = out_dir
+            self.preset = dict(preset)
+            self.class_names = tuple(class_names)
+            self.dataset_seed = int(dataset_seed)
+            self.dtype = dtype
+            self.faults = dict(faults)
+            self._on_complete = on_complete  # driver-side only (not shipped to write tasks)
+
+        def __getstate__(self):
+            state = dict(self.__dict__)
+            state["_on_complete"] = None
+            return state
+
+        def get_name(self) -> str:
+            return "HDF5Shards"
+
+        def _injected_failure(self, key: str) -> bool:
+            times = self.faults.get(key, 0)
+            marker_dir = Path(self.out_dir) / FAULTS_DIR
+            marker_dir.mkdir(parents=True, exist_ok=True)
+            for k in range(times):
+                try:
+                    fd = os.open(
+                        marker_dir / f"{key.replace('/', '-')}.{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                    )
+                except FileExistsError:
+                    continue
+                os.close(fd)
+                return True
+            return False
+
+        def write(self, blocks, ctx) -> list[dict[str, Any]]:
+            results = []
+            for block in blocks:
+                t0 = time.perf_counter()
+                cols = BlockAccessor.for_block(block).to_numpy()
+                from_arrow = time.perf_counter() - t0
+                for r in range(len(cols["index"])):
+                    results.append(self._write_one(cols, r, from_arrow / len(cols["index"])))
+            return results
+
+        def _write_one(self, cols: Mapping[str, np.ndarray], r: int, from_arrow_s: float) -> dict[str, Any]:
+            split, index = str(cols["split"][r]), int(cols["index"][r])
+            seed, rows = int(cols["seed"][r]), int(cols["rows"][r])
+            rel = f"{split}/shard-{index:05d}.h5"
+            params = {k[len(_PARAM_PREFIX) :]: cols[k][r] for k in cols if k.startswith(_PARAM_PREFIX)}
+            images, labels = cols["images"][r], cols["labels"][r]
+            attrs = shard_attrs(
+                preset=self.preset,
+                class_names=self.class_names,
+                seed=seed,
+                dataset_seed=self.dataset_seed,
+                split=split,
+                shard_index=index,
+                rows=rows,
+                image_dtype=self.dtype,
+            )
+            t0 = time.perf_counter()
+            data = encode_shard(images, labels, params, attrs)
+            t1 = time.perf_counter()
+            digest = sha256_bytes(data)
+            t2 = time.perf_counter()
+            fail = len(data) // 2 if self._injected_failure(f"{split}/{index}") else None
+            atomic_write_bytes(Path(self.out_dir) / rel, data, fail_after_bytes=fail)
+            t3 = time.perf_counter()
+            return {
+                "split": split,
+                "index": index,
+                "path": rel,
+                "rows": rows,
+                "sha256": digest,
+                "seed": seed,
+                "bytes": len(data),
+                "image_shape": list(images.shape[1:]),
+                "params_meta": {
+                    k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in params.items()
+                },
+                "render_s": float(cols["render_s"][r]),
+                "to_arrow_s": float(cols["to_arrow_s"][r]),
+                "from_arrow_s": from_arrow_s,
+                "encode_s": t1 - t0,
+                "hash_s": t2 - t1,
+                "write_s": t3 - t2,
+            }
+
+        def on_write_complete(self, write_result) -> None:
+            """Driver side, after every write task succeeded: pass the shard entries on (manifest)."""
+            written = [entry for ret in write_result.write_returns for entry in ret]
+            self._on_complete(written)
+
+    return HDF5ShardDatasink
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Join the cluster named by RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+
+
+def _render_and_write(
+    todo: list[ShardSpec],
+    *,
+    out: Path,
+    preset_dict: Mapping[str, Any],
+    class_names: tuple[str, ...],
+    cfg: DatasetConfig,
+    workers: int,
+    gpus_per_worker: float,
+    progress: bool,
+    faults: Mapping[str, int],
+    on_complete,
+) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    _ensure_ray()
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    items = [
+        {
+            "split": s.split,
+            "index": s.index,
+            "start": s.start,
+            "stop": s.stop,
+            "seed": s.seed,
+            "labels": s.labels,
+        }
+        for s in todo
+    ]
+    sink = _make_datasink_class()(
+        out_dir=str(out),
+        preset=preset_dict,
+        class_names=class_names,
+        dataset_seed=cfg.seed,
+        dtype=cfg.dtype,
+        faults=faults,
+        on_complete=on_complete,
+    )
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        ShardRenderer,
+        fn_constructor_kwargs={
+            "preset": dict(preset_dict),
+            "dtype": cfg.dtype,
+            "device": "cuda" if gpus_per_worker > 0 else "cpu",
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=int(workers)),
+        num_gpus=float(gpus_per_worker),
+        num_cpus=1,
+    )
+    ds.write_datasink(
+        sink, ray_remote_args={"max_retries": WRITE_RETRIES, "retry_exceptions": True, "num_cpus": 1}
+    )
+
+
+def build_dataset(
+    cfg: DatasetConfig,
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    preview: bool = True,
+    faults: Mapping[str, int] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Simulate a sharded HDF5 dataset into ``out_dir`` and return its manifest.
+
+    Everything is validated before Ray starts (ValueError naming the value). Uses the current Ray runtime
+    if initialised, else joins RAY_ADDRESS or starts a local one. ``workers`` renderer actors, each with
+    ``gpus_per_worker`` GPUs (0 = CPU; fractions share a GPU). ``resume`` keeps shards already written
+    and valid (sha256 vs the manifest, or internal checksums + attributes vs the plan when the earlier run
+    died before its manifest) and renders the rest; ``overwrite`` clears an earlier dataset first.
+    ``stats`` (if given) is filled with timings: per-stage seconds summed over shards, wall time, bytes.
+    """
+    from deeplense_ray.sim import resolve_preset
+
+    cfg.validate()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
+        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker!r}")
+    faults = dict(faults) if faults is not None else parse_faults(os.environ.get(FAULTS_ENV))
+    preset = resolve_preset(cfg.preset, dict(cfg.preset_overrides) or None)
+    preset_dict = preset.to_dict()
+    class_names = tuple(preset.class_names)
+    out = Path(out_dir).resolve()
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    config = resolved_config(cfg, preset_dict)
+    if resume:
+        _check_resume_config(out, config)
+    specs = plan_shards(cfg, len(class_names), paired=bool(preset.paired))
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    old_manifest: dict[str, Any] | None = None
+    if resume and (out / MANIFEST_NAME).is_file():
+        old_manifest = load_manifest(out)
+    if overwrite:
+        clear_dataset_dir(out)
+    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
+    remove_stale_tmp(out)
+    atomic_write_text(out / BUILDING_NAME, json.dumps({"config": config}, indent=2) + "\n")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # a manifest exists only for a complete dataset
+
+    kept: list[dict[str, Any]] = []
+    todo: list[ShardSpec] = []
+    old_sha = {}
+    if old_manifest is not None:
+        old_sha = {s["path"]: s["sha256"] for info in old_manifest["splits"].values() for s in info["shards"]}
+    for spec in specs:
+        path = out / spec.path
+        digest = None
+        if resume:
+            attrs = expected_attrs(spec, cfg, preset_dict, class_names)
+            digest = existing_shard_ok(path, spec, attrs, old_sha.get(spec.path))
+        if digest is None:
+            path.unlink(missing_ok=True)
+            todo.append(spec)
+        else:
+            kept.append(
+                {
+                    "split": spec.split,
+                    "index": spec.index,
+                    "path": spec.path,
+                    "rows": spec.rows,
+                    "sha256": digest,
+                    "seed": spec.seed,
+                }
+            )
+
+    t_plan = time.perf_counter()
+    written: list[dict[str, Any]] = []
+    split_rows = {split: per_class * len(class_names) for split, per_class in cfg.rows_per_class().items()}
+    manifest: dict[str, Any] = {}
+
+    def finalize(new_entries: list[dict[str, Any]]) -> None:
+        """Write the manifest (from the Datasink's on_write_complete, or directly)."""
+        if sorted(w["path"] for w in new_entries) != sorted(s.path for s in todo):
+            raise RuntimeError(f"datasink reported {len(new_entries)} shards, expected {len(todo)}")
+        written.extend(new_entries)
+        if written:
+            image_shape, params_meta = written[0]["image_shape"], written[0]["params_meta"]
+        else:
+            image_shape, params_meta = shard_param_meta(out / specs[0].path)
+        manifest.update(
+            build_manifest(
+                config=config,
+                class_names=class_names,
+                image_shape=image_shape,
+                image_dtype=cfg.dtype,
+                params=params_meta,
+                split_rows=split_rows,
+                shards=kept + written,
+            )
+        )
+        write_manifest(out, manifest)
+
+    if todo:
+        _render_and_write(
+            todo,
+            out=out,
+            preset_dict=preset_dict,
+            class_names=class_names,
+            cfg=cfg,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            progress=progress,
+            faults=faults,
+            on_complete=finalize,
+        )
+    else:
+        finalize([])
+    if not manifest:
+        raise RuntimeError(f"the write to {out} finished without writing a manifest")
+    t_write = time.perf_counter()
+    if preview:
+        from deeplense_ray.data.preview import write_preview
+
+        write_preview(out, manifest)
+    (out / BUILDING_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
+    t_end = time.perf_counter()
+
+    if stats is not None:
+        stats.clear()
+        stats.update(
+            {
+                "shards_total": len(specs),
+                "shards_written": len(written),
+                "shards_kept": len(kept),
+                "images_written": int(sum(w["rows"] for w in written)),
+                "bytes_written": int(sum(w["bytes"] for w in written)),
+                "plan_s": t_plan - t_start,
+                "pipeline_wall_s": t_write - t_plan,
+                "finalize_s": t_end - t_write,
+                "total_s": t_end - t_start,
+                **{k: float(sum(w[k] for w in written)) for k in _TIMING_KEYS},
+            }
+        )
+    return manifest

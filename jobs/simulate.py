@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Simulate a sharded HDF5 lens dataset with Ray Data (thin CLI over deeplense_ray.data.build_dataset).
+
+Examples:
+    python jobs/simulate.py --preset model_ii --num-per-class 1000 --out data/model_ii
+    python jobs/simulate.py --config my_preset.yaml --num-per-class 200 --shard-size 512 --out data/x
+    python jobs/simulate.py --verify data/model_ii
+    RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/simulate.py --preset model_ii --num-per-class 100 --out /abs/path/data
+
+Every flag is checked before Ray starts; errors name the bad value and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+try:  # `ray job submit --working-dir .` runs this from a copy of the repo that may not be installed
+    import deeplense_ray  # noqa: F401
+except ImportError:
+    _ROOT = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, _ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+
+from deeplense_ray.data.config import STORAGE_DTYPES, DatasetConfig, load_preset_yaml, parse_splits  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="simulate.py", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--preset", default=None, help="simulator preset name (default model_ii, or the config's)"
+    )
+    ap.add_argument("--config", default=None, help="YAML file: 'preset: NAME' plus preset fields to override")
+    ap.add_argument(
+        "--num-per-class",
+        type=int,
+        default=None,
+        help="images of EACH class in all, partitioned by --splits (required unless --verify)",
+    )
+    ap.add_argument("--splits", default="train=0.8,val=0.1,test=0.1", help="NAME=FRACTION,... summing to 1")
+    ap.add_argument("--shard-size", type=int, default=4096, help="rows per HDF5 shard (default 4096)")
+    ap.add_argument("--out", default=None, help="output directory (required unless --verify)")
+    ap.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    ap.add_argument("--dtype", default="float32", help="image storage dtype: float32 (default) or float16")
+    ap.add_argument("--workers", type=int, default=1, help="renderer actors (default 1)")
+    ap.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per renderer actor, fractions allowed, 0 = CPU (default: 1 if the cluster has GPUs)",
+    )
+    ap.add_argument(
+        "--address",
+        default=None,
+        help="Ray address; 'local' starts a fresh local runtime (default: join a running cluster "
+        "if there is one, else start a local one)",
+    )
+    ap.add_argument(
+        "--resume", action="store_true", help="keep valid shards of an earlier run, render the rest"
+    )
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    ap.add_argument(
+        "--verify", metavar="DIR", default=None, help="check a dataset against its manifest and exit"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    ap.add_argument("--no-preview", action="store_true", help="do not write DIR/preview.png")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> DatasetConfig:
+    """A validated DatasetConfig from the parsed flags (no Ray). ValueError naming the bad value."""
+    overrides: dict = {}
+    base = args.preset
+    if args.config is not None:
+        yaml_base, overrides = load_preset_yaml(args.config)
+        if base is not None and yaml_base is not None and base != yaml_base:
+            raise ValueError(f"--preset {base!r} contradicts 'preset: {yaml_base}' in {args.config}")
+        base = base or yaml_base or overrides.get("name")
+    if args.num_per_class is None:
+        raise ValueError("--num-per-class is required")
+    if args.out is None:
+        raise ValueError("--out is required")
+    if args.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype must be one of {list(STORAGE_DTYPES)}, got {args.dtype!r}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.gpus_per_worker is not None and not args.gpus_per_worker >= 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    cfg = DatasetConfig(
+        preset=base or "model_ii",
+        preset_overrides=overrides,
+        num_per_class=args.num_per_class,
+        splits=parse_splits(args.splits),
+        shard_size=args.shard_size,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    try:
+        cfg.validate()
+    except KeyError as exc:  # unknown preset name: get_preset lists the valid ones
+        raise ValueError(exc.args[0] if exc.args else str(exc)) from None
+    return cfg
+
+
+def connect_ray(address: str | None) -> str:
+    """Join/start Ray per --address; returns a description of what happened."""
+    import ray
+
+    if address:
+        ray.init(address=address)
+        return f"joined {address}" if address != "local" else "started a local Ray runtime"
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return f"joined RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    try:
+        ray.init(address="auto")
+        return "joined the running local cluster"
+    except ConnectionError:
+        ray.init(address="local")
+        return "started a local Ray runtime"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verify is not None:
+        from deeplense_ray.data.manifest import load_manifest, verify_dataset
+
+        problems = verify_dataset(args.verify)
+        for p in problems:
+            print(f"BAD {p}", file=sys.stderr)
+        if problems:
+            print(f"verify {args.verify}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        manifest = load_manifest(args.verify)
+        n = sum(len(s["shards"]) for s in manifest["splits"].values())
+        print(f"verify {args.verify}: OK, {n} shards match the manifest")
+        return 0
+
+    from deeplense_ray.data.pipeline import check_out_dir
+
+    try:
+        cfg = config_from_args(args)
+        check_out_dir(Path(args.out).resolve(), resume=args.resume, overwrite=args.overwrite)
+        if args.resume:
+            from deeplense_ray.data.pipeline import _check_resume_config, resolved_config
+            from deeplense_ray.sim import resolve_preset
+
+            preset = resolve_preset(cfg.preset, cfg.preset_overrides or None)
+            _check_resume_config(Path(args.out).resolve(), resolved_config(cfg, preset.to_dict()))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    import ray
+
+    from deeplense_ray.data import build_dataset, manifest_hash
+
+    how = connect_ray(args.address)
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    print(
+        f"simulate: {how}; preset {cfg.preset}, {cfg.num_per_class} per class, workers {args.workers}, "
+        f"gpus/worker {gpus:g}, out {Path(args.out).resolve()}",
+        flush=True,
+    )
+    stats: dict = {}
+    t0 = time.perf_counter()
+    manifest = build_dataset(
+        cfg,
+        args.out,
+        workers=args.workers,
+        gpus_per_worker=gpus,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        preview=not args.no_preview,
+        stats=stats,
+    )
+    wall = time.perf_counter() - t0
+    rows = sum(s["rows"] for s in manifest["splits"].values())
+    print(
+        json.dumps(
+            {
+                "out": str(Path(args.out).resolve()),
+                "manifest_sha256": manifest_hash(args.out),
+                "images": rows,
+                "wall_s": round(wall, 3),
+                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
