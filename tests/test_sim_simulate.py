@@ -41,7 +41,7 @@ def test_determinism_independent_of_batch_size():
     assert not torch.equal(a.images, d.images)
     # a prefix of the labels gives the same macro lenses (the stream does not depend on the labels)
     e = simulate(
-        "model_ii", 150, seed=11, device="cpu", overrides=SMALL, labels=torch.zeros(100, dtype=torch.int64)
+        "model_ii", 100, seed=11, device="cpu", overrides=SMALL, labels=torch.zeros(100, dtype=torch.int64)
     )
     assert torch.equal(e.params["theta_E"], a.params["theta_E"])
 
