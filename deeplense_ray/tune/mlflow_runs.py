@@ -1,0 +1,194 @@
+"""MLflow structure of a search: one parent run, one nested child run per trial, written from the driver.
+
+The driver is the only MLflow writer of a search: the parent run is created before ``Tuner.fit`` and the
+:class:`TrialRunsCallback` (a driver-side Tune callback) creates each trial's child run (tag
+``mlflow.parentRunId``), logs its sampled hyperparameters as params, every per-epoch result as metrics
+(step = epoch) and how the trial ended (tag ``tune.outcome``: ``completed``, ``stopped by ASHA at epoch k`` or
+``failed``; run status FINISHED, KILLED or FAILED). One writer means no SQLite write contention between
+trial processes, and a trial killed by ASHA still has its outcome recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ray.tune import Callback
+
+#: Tag keys written on child runs.
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL_ID = "tune.trial_id"
+TAG_OUTCOME = "tune.outcome"
+TAG_EPOCHS = "tune.epochs_run"
+TAG_SEARCH = "tune.search_name"
+TAG_ROLE = "tune.role"
+
+#: Result keys Tune adds itself; never logged as metrics.
+_TUNE_KEYS = frozenset(
+    {
+        "training_iteration",
+        "time_this_iter_s",
+        "time_total_s",
+        "timestamp",
+        "time_since_restore",
+        "iterations_since_restore",
+        "timesteps_total",
+        "episodes_total",
+        "timesteps_since_restore",
+        "pid",
+        "done",
+        "checkpoint_dir_name",
+        "should_checkpoint",
+        "trial_id",
+        "node_ip",
+        "date",
+        "hostname",
+        "experiment_tag",
+        "warmup_time",
+    }
+)
+
+
+def outcome(epochs_run: int, max_epochs: int) -> tuple[str, str]:
+    """(tag text, MLflow run status) for a trial that ended without error after ``epochs_run`` epochs."""
+    if epochs_run >= max_epochs:
+        return "completed", "FINISHED"
+    return f"stopped by ASHA at epoch {epochs_run}", "KILLED"
+
+
+def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The finite-or-nan numeric entries of a trial result that are training metrics (not Tune's own keys)."""
+    out = {}
+    for k, v in result.items():
+        if k in _TUNE_KEYS or k.startswith("config") or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = float(v) if math.isfinite(float(v)) else float("nan")
+    return out
+
+
+def _mlflow_param(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)[:500]
+
+
+class TrialRunsCallback(Callback):
+    """Driver-side Tune callback: one nested MLflow child run per trial under ``parent_run_id``.
+
+    Args:
+        tracking_uri: absolute MLflow tracking URI.
+        experiment_id: the experiment the driver created (once) for the search.
+        parent_run_id: the search's parent run.
+        max_epochs: the epochs of an unstopped trial (to tell 'completed' from 'stopped by ASHA').
+        param_keys: the searched keys, logged as each child's params.
+        search_name: stored as a tag on every child run.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        max_epochs: int,
+        param_keys: Iterable[str],
+        search_name: str,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.max_epochs = int(max_epochs)
+        self.param_keys = tuple(param_keys)
+        self.search_name = search_name
+        self.run_ids: dict[str, str] = {}
+        self.epochs: dict[str, int] = {}
+        self._client = None
+
+    # -- pickling (Tune stores callbacks with the experiment; the client is rebuilt lazily) --
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_client"] = None
+        return d
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def get_state(self) -> dict:
+        return {"run_ids": dict(self.run_ids), "epochs": dict(self.epochs)}
+
+    def set_state(self, state: dict) -> None:
+        self.run_ids.update(state.get("run_ids", {}))
+        self.epochs.update(state.get("epochs", {}))
+
+    # -- child runs --
+    def _find_existing(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
+            ),
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def child_run_id(self, trial) -> str:
+        """The trial's child run, created on first use (found again by tag after a resume)."""
+        tid = trial.trial_id
+        if tid in self.run_ids:
+            return self.run_ids[tid]
+        run_id = self._find_existing(tid)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=str(trial),
+                tags={
+                    TAG_PARENT: self.parent_run_id,
+                    TAG_TRIAL_ID: tid,
+                    TAG_SEARCH: self.search_name,
+                    TAG_ROLE: "trial",
+                },
+            )
+            run_id = run.info.run_id
+            for k in self.param_keys:
+                if k in trial.config:
+                    self.client.log_param(run_id, k, _mlflow_param(trial.config[k]))
+        self.run_ids[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        run_id = self.child_run_id(trial)
+        self.client.update_run(run_id, status="RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self.child_run_id(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.epochs[trial.trial_id] = max(epoch, self.epochs.get(trial.trial_id, 0))
+        metrics = numeric_metrics(result)
+        metrics.pop("epoch", None)
+        if metrics:
+            from mlflow.entities import Metric
+
+            ts = int(1000 * float(result.get("timestamp", 0)))
+            self.client.log_batch(run_id, metrics=[Metric(k, v, ts, epoch) for k, v in metrics.items()])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = self.child_run_id(trial)
+        epochs_run = self.epochs.get(trial.trial_id, 0)
+        text, status = outcome(epochs_run, self.max_epochs)
+        self.client.set_tag(run_id, TAG_OUTCOME, text)
+        self.client.set_tag(run_id, TAG_EPOCHS, str(epochs_run))
+        self.client.set_terminated(run_id, status=status)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self.child_run_id(trial)
+        epochs_run = self.epochs.get(trial.trial_id, 0)
+        self.client.set_tag(run_id, TAG_OUTCOME, f"failed at epoch {epochs_run + 1}")
+        self.client.set_tag(run_id, TAG_EPOCHS, str(epochs_run))
+        self.client.set_terminated(run_id, status="FAILED")

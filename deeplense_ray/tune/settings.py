@@ -1,0 +1,246 @@
+"""Typed, validated settings of one hyperparameter search (what jobs/tune.py fills from argv).
+
+Validation is split in two so that every bad option fails before any trial starts:
+:meth:`TuneSettings.validate` checks what needs no cluster (names, ranges, data directory), and
+:func:`check_cluster_resources` checks the per-trial request against the resources of the Ray runtime
+right after ``ray.init`` and before ``Tuner.fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Metrics the training loop reports every epoch that a search may optimise, with their natural mode.
+METRIC_MODES: dict[str, str] = {
+    "val_auc_macro": "max",
+    "val_auc_micro": "max",
+    "val_acc": "max",
+    "val_loss": "min",
+}
+SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
+#: CPUs held by each trial's driver function (it only builds the TorchTrainer, calls fit and waits).
+DRIVER_CPUS: float = 0.1
+#: CPUs left free for Ray Data read tasks feeding the trials when the cluster has room to spare.
+DATA_RESERVE_CPUS: float = 1.0
+
+
+@dataclass
+class TuneSettings:
+    """Everything one search needs; plain data (YAML/JSON-safe except ``space``).
+
+    Attributes:
+        model: model name as in ``deeplense_ray.models.list_models()`` (case-insensitive).
+        num_samples: number of trials (>= 1).
+        data_dir: dataset directory (``manifest.json`` inside); None simulates a small ``preset`` dataset
+            into ``<storage_path>/datasets/`` first (or reuses one with the same config there).
+        preset, num_per_class, preset_overrides, data_seed: the auto-simulated dataset (unused with
+            data_dir).
+        max_epochs: epochs of a trial that ASHA never stops (ASHA ``max_t``).
+        grace_period: epochs every trial runs before ASHA may stop it.
+        reduction_factor: ASHA halving rate (keeps the top 1/reduction_factor at each rung).
+        gpus_per_trial: GPUs of each training worker of a trial (fractions pack trials on one GPU);
+            None = 0.25 when the cluster has GPUs, else 0.
+        cpus_per_trial: CPUs of each training worker of a trial.
+        workers_per_trial: Ray Train workers (DDP ranks) per trial.
+        max_concurrent: trials running at once; None = as many as the cluster holds.
+        metric, mode: the per-epoch validation metric ASHA and the searcher optimise; mode None = natural.
+        search: 'optuna' (seeded TPE) or 'random' (seeded random sampling).
+        seed: seeds the searcher and every trial's training.
+        experiment: MLflow experiment name; tracking_uri: MLflow URI (None = the train default).
+        storage_path: root of all outputs; the search lives in ``<storage_path>/<name>``.
+        name: search name; None = ``tune-<model>-<timestamp>`` (with resume: the newest of that model).
+        resume: continue an interrupted search instead of starting one.
+        train_overrides: extra TrainConfig fields for every trial (optimizer, scheduler, precision, ...).
+        space: entries replacing / adding to the model's search space (Tune domains or constants).
+        model_size: the ``size`` passed to ``build_model`` for every trial.
+    """
+
+    model: str
+    num_samples: int = 10
+    data_dir: str | None = None
+    preset: str = "model_ii"
+    num_per_class: int = 300
+    preset_overrides: dict[str, Any] = field(default_factory=dict)
+    data_seed: int = 0
+    max_epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: int = 2
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1
+    max_concurrent: int | None = None
+    metric: str = "val_auc_macro"
+    mode: str | None = None
+    search: str = "optuna"
+    seed: int = 0
+    experiment: str = "deeplense-tune"
+    tracking_uri: str | None = None
+    storage_path: str = "tune_results"
+    name: str | None = None
+    resume: bool = False
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+    model_size: str = "default"
+
+    @property
+    def resolved_mode(self) -> str:
+        """The optimisation mode ('max' or 'min'): explicit or the metric's natural one."""
+        return self.mode if self.mode is not None else METRIC_MODES.get(self.metric, "max")
+
+    def validate(self) -> TuneSettings:
+        """Check every option that needs no cluster; raise ValueError naming the option and the value.
+
+        Returns self, with ``model`` replaced by its canonical name.
+        """
+        from deeplense_ray.models import list_models
+
+        models = list_models()
+        canon = {m.lower(): m for m in models}
+        if not isinstance(self.model, str) or self.model.lower() not in canon:
+            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(models)}")
+        self.model = canon[self.model.lower()]
+        _check_int("num_samples", self.num_samples, 1)
+        _check_int("max_epochs", self.max_epochs, 1)
+        _check_int("grace_period", self.grace_period, 1)
+        if self.grace_period > self.max_epochs:
+            raise ValueError(
+                f"grace_period={self.grace_period} exceeds max_epochs={self.max_epochs}; "
+                "ASHA needs 1 <= grace_period <= max_epochs"
+            )
+        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 1:
+            raise ValueError(f"reduction_factor={self.reduction_factor!r} must be > 1")
+        _check_int("workers_per_trial", self.workers_per_trial, 1)
+        _check_int("num_per_class", self.num_per_class, 1)
+        if self.max_concurrent is not None:
+            _check_int("max_concurrent", self.max_concurrent, 1)
+        if not _finite(self.cpus_per_trial) or self.cpus_per_trial <= 0:
+            raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r} must be a number > 0")
+        if self.gpus_per_trial is not None:
+            g = self.gpus_per_trial
+            if not _finite(g) or g < 0:
+                raise ValueError(f"gpus_per_trial={g!r} must be a number >= 0")
+            if g > 1 and float(g) != int(g):
+                raise ValueError(f"gpus_per_trial={g!r}: above 1 GPU per worker it must be a whole number")
+        if self.metric not in METRIC_MODES:
+            raise ValueError(
+                f"unknown metric {self.metric!r}; valid metrics (reported every epoch): "
+                f"{', '.join(METRIC_MODES)}"
+            )
+        if self.mode is not None and self.mode not in ("max", "min"):
+            raise ValueError(f"mode={self.mode!r} must be 'max' or 'min'")
+        if self.mode is not None and self.mode != METRIC_MODES[self.metric]:
+            raise ValueError(
+                f"mode={self.mode!r} contradicts metric {self.metric!r}, which is optimised with "
+                f"mode={METRIC_MODES[self.metric]!r}"
+            )
+        if self.search not in SEARCH_ALGORITHMS:
+            raise ValueError(f"unknown search {self.search!r}; valid: {', '.join(SEARCH_ALGORITHMS)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**31)")
+        if not self.experiment or not isinstance(self.experiment, str):
+            raise ValueError(f"experiment={self.experiment!r} must be a non-empty string")
+        from deeplense_ray.models import SIZES
+
+        if self.model_size not in SIZES:
+            raise ValueError(f"model_size={self.model_size!r} must be one of {list(SIZES)}")
+        if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
+            raise ValueError(f"name={self.name!r} must be a plain directory name")
+        if self.data_dir is not None:
+            manifest = os.path.join(self.data_dir, "manifest.json")
+            if not os.path.isdir(self.data_dir):
+                raise ValueError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
+            if not os.path.isfile(manifest):
+                raise ValueError(f"data_dir {self.data_dir!r} has no manifest.json (not a dataset directory)")
+        else:
+            from deeplense_ray.sim.presets import list_presets
+
+            if self.preset not in list_presets():
+                raise ValueError(
+                    f"unknown preset {self.preset!r}; valid presets: {', '.join(list_presets())}"
+                )
+        if not isinstance(self.train_overrides, Mapping):
+            raise ValueError("train_overrides must be a mapping of TrainConfig fields")
+        reserved = {
+            "model",
+            "data_dir",
+            "epochs",
+            "lr",
+            "weight_decay",
+            "batch_size",
+            "seed",
+            "num_workers",
+            "gpus_per_worker",
+            "cpus_per_worker",
+            "experiment",
+            "tracking_uri",
+            "storage_path",
+            "resume",
+            "run_name",
+            "model_size",
+        }
+        clash = sorted(reserved & set(self.train_overrides))
+        if clash:
+            raise ValueError(f"train_overrides may not set {clash}: they are search settings or searched")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (``space`` rendered with ``repr`` since Tune domains are not YAML)."""
+        d = dataclasses.asdict(self)
+        d["space"] = {k: repr(v) for k, v in self.space.items()}
+        return d
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def resolve_gpus_per_trial(settings: TuneSettings, cluster: Mapping[str, float]) -> float:
+    """GPUs per training worker: the explicit value, else 0.25 when the cluster has GPUs, else 0."""
+    if settings.gpus_per_trial is not None:
+        return float(settings.gpus_per_trial)
+    return 0.25 if float(cluster.get("GPU", 0.0)) > 0 else 0.0
+
+
+def check_cluster_resources(settings: TuneSettings, cluster: Mapping[str, float]) -> int:
+    """Check one trial fits the cluster; return how many trials can run at once.
+
+    A trial holds its driver function (``DRIVER_CPUS``) plus ``workers_per_trial`` workers of
+    ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs each; ``DATA_RESERVE_CPUS`` stay free for the Ray Data
+    readers when more than one trial fits. Raises ValueError naming the request and what the cluster has when
+    a single trial cannot fit.
+
+    Args:
+        cluster: ``ray.cluster_resources()`` (keys 'CPU', 'GPU', ...).
+    """
+    cpus = float(cluster.get("CPU", 0.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    g = resolve_gpus_per_trial(settings, cluster)
+    k = settings.workers_per_trial
+    if g * k > gpus + 1e-9:
+        raise ValueError(
+            f"gpus_per_trial={g:g} x workers_per_trial={k} = {g * k:g} GPUs per trial, but the Ray "
+            f"cluster has {gpus:g} GPUs"
+        )
+    need_cpu = DRIVER_CPUS + settings.cpus_per_trial * k
+    if need_cpu > cpus + 1e-9:
+        raise ValueError(
+            f"a trial needs {need_cpu:g} CPUs ({DRIVER_CPUS:g} for its driver + cpus_per_trial="
+            f"{settings.cpus_per_trial:g} x workers_per_trial={k}), but the Ray cluster has {cpus:g} CPUs"
+        )
+    fit = max(1, math.floor((cpus - DATA_RESERVE_CPUS + 1e-9) / need_cpu))
+    if g > 0:
+        fit = min(fit, math.floor((gpus + 1e-9) / (g * k)))
+    fit = max(1, min(fit, settings.num_samples))
+    if settings.max_concurrent is not None:
+        fit = min(fit, settings.max_concurrent)
+    return fit

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Hyperparameter search with Ray Tune (ASHA + Optuna) over the training loop, tracked in MLflow.
+
+Thin CLI over deeplense_ray.tune.run_search. Examples:
+    python jobs/tune.py --model CvT --num_samples 10
+    python jobs/tune.py --model ViT --num-samples 16 --data data/m2 --max-epochs 20 --gpus-per-trial 0.25
+    python jobs/tune.py --model ViT --num-samples 16 --data data/m2 --resume  # continue the newest
+    python jobs/tune.py --model ResNetSimple --num-samples 4 --fix width=16 --choice lr=1e-3,3e-3
+
+Without --data a small dataset of --preset (default model_ii) is simulated first into
+<storage-path>/datasets/ (or reused from there when one with the same config exists).
+Bad options (unknown model or metric, num_samples < 1, more GPUs per trial than the cluster has, ...) fail
+before any trial starts, naming the value, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+try:  # `ray job submit --working-dir .` runs this from a copy of the repo that may not be installed
+    import deeplense_ray  # noqa: F401
+except ImportError:
+    _ROOT = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, _ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+
+from deeplense_ray.tune.settings import METRIC_MODES, SEARCH_ALGORITHMS, TuneSettings  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tune.py", description=__doc__.split("\n")[0])
+    a = ap.add_argument
+    a("--model", required=True, help="model name (see deeplense_ray.models.list_models())")
+    a("--num-samples", "--num_samples", dest="num_samples", type=int, default=10, help="trials (default 10)")
+    a("--data", default=None, help="dataset directory (default: simulate a small --preset dataset first)")
+    a("--preset", default="model_ii", help="preset of the simulated dataset when --data is not given")
+    a("--num-per-class", type=int, default=300, help="images per class of the simulated dataset")
+    a(
+        "--preset-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preset field of the simulated dataset, e.g. num_pix=32 (repeatable)",
+    )
+    a("--max-epochs", type=int, default=10, help="epochs of a trial ASHA does not stop (default 10)")
+    a("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default 1)")
+    a("--reduction-factor", type=float, default=2, help="ASHA reduction factor (default 2)")
+    a(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs per training worker, fractions pack trials on a GPU (default 0.25 with GPUs, else 0)",
+    )
+    a("--cpus-per-trial", type=float, default=1.0, help="CPUs per training worker (default 1)")
+    a("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
+    a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
+    a("--metric", default="val_auc_macro", help=f"metric to optimise: {', '.join(METRIC_MODES)}")
+    a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
+    a("--search", default="optuna", help=f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
+    a("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
+    a("--experiment", default="deeplense-tune", help="MLflow experiment (default deeplense-tune)")
+    a("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    a("--storage-path", default="tune_results", help="root of all outputs (default ./tune_results)")
+    a("--name", default=None, help="search name (default tune-<model>-<time>; with --resume the newest)")
+    a("--resume", action="store_true", help="continue an interrupted search without redoing finished trials")
+    a("--model-size", default="default", help="build_model size for every trial: default | comparable")
+    a(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pin a searched key (lr, weight_decay, batch_size or a model hyperparameter) (repeatable)",
+    )
+    a(
+        "--choice",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="search KEY over these values instead of its default range (repeatable)",
+    )
+    a(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig field for every trial, e.g. optimizer=sgd, precision=fp32 (repeatable)",
+    )
+    a("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a new local runtime)")
+    return ap
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar: 3 -> int, 1e-3 -> float, true -> bool, else the string."""
+    import yaml
+
+    v = yaml.safe_load(text)
+    if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string; accept it as a float
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> TuneSettings:
+    """TuneSettings from the parsed flags (no Ray). ValueError naming the bad value."""
+    from ray import tune
+
+    space: dict[str, Any] = {k: parse_value(v) for k, v in parse_pairs(args.fix, "--fix").items()}
+    for k, v in parse_pairs(args.choice, "--choice").items():
+        values = [parse_value(x) for x in v.split(",") if x.strip()]
+        if not values:
+            raise ValueError(f"--choice {k}=: no values")
+        if k in space:
+            raise ValueError(f"{k!r} is given with both --fix and --choice")
+        space[k] = tune.choice(values)
+    rf = args.reduction_factor
+    return TuneSettings(
+        model=args.model,
+        num_samples=args.num_samples,
+        data_dir=args.data,
+        preset=args.preset,
+        num_per_class=args.num_per_class,
+        preset_overrides={
+            k: parse_value(v) for k, v in parse_pairs(args.preset_override, "--preset-override").items()
+        },
+        max_epochs=args.max_epochs,
+        grace_period=args.grace_period,
+        reduction_factor=int(rf) if float(rf).is_integer() else rf,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
+        max_concurrent=args.max_concurrent,
+        metric=args.metric,
+        mode=args.mode,
+        search=args.search,
+        seed=args.seed,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        name=args.name,
+        resume=args.resume,
+        train_overrides={
+            k: parse_value(v) for k, v in parse_pairs(args.train_override, "--train-override").items()
+        },
+        space=space,
+        model_size=args.model_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args).validate()
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from deeplense_ray.tune import run_search
+    from deeplense_ray.tune.runner import SearchSetupError
+
+    try:
+        result = run_search(settings, address=args.address)
+    except SearchSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print()
+    print(f"search {result.name}: {len(result.trials)} trials, metric {result.metric} ({result.mode})")
+    print(result.summary_table)
+    print(
+        f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
+        f"at epoch {result.best_epoch}"
+    )
+    if result.test_metrics:
+        shown = {
+            k: v
+            for k, v in result.test_metrics.items()
+            if k in ("accuracy", "auc_macro", "auc_micro", "loss")
+        }
+        print("test metrics of its best checkpoint: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"best config:     {os.path.join(result.output_dir, 'best_config.yaml')}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    print(f"MLflow parent run {result.parent_run_id} (experiment {result.experiment_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
