@@ -544,6 +544,7 @@ def build_dataset(
 
         write_preview(out, manifest)
     (out / BUILDING_NAME).unlink(missing_ok=True)
+    faults_injected = len(list((out / FAULTS_DIR).glob("*"))) if (out / FAULTS_DIR).is_dir() else 0
     shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
     t_end = time.perf_counter()
 
@@ -554,6 +555,7 @@ def build_dataset(
                 "shards_total": len(specs),
                 "shards_written": len(written),
                 "shards_kept": len(kept),
+                "faults_injected": faults_injected,
                 "images_written": int(sum(w["rows"] for w in written)),
                 "bytes_written": int(sum(w["bytes"] for w in written)),
                 "plan_s": t_plan - t_start,
