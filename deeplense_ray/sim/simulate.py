@@ -121,7 +121,13 @@ def auto_batch_size(preset: Preset, device: torch.device, dtype: torch.dtype) ->
 
 
 class Renderer:
-    """Noise-free batched renderer for one preset on one device (grid and PSF kernel built once)."""
+    """Noise-free batched renderer for one preset on one device (grid and PSF kernel built once).
+
+    Eager mode evaluates subhalos / vortices only for the images that have them (index subsets);
+    ``dense=True`` runs one function over every image (macro lens + all substructure + Sersic source;
+    zero-padded components contribute nothing); ``compile=True`` (implies dense unless told otherwise)
+    passes that function through ``torch.compile`` so that it fuses into a few kernels.
+    """
 
     def __init__(
         self,
@@ -131,6 +137,7 @@ class Renderer:
         dtype: torch.dtype,
         stamps: Tensor | None = None,
         compile: bool = False,
+        dense: bool | None = None,
     ) -> None:
         self.preset = preset
         self.device = device
@@ -150,75 +157,29 @@ class Renderer:
         )
         p_ss = self.x.numel()
         self.sub_chunk = max(1, int(2**28 // max(1, p_ss * max(1, preset.max_subhalos))))
-        self._macro = torch.compile(_macro_alpha, dynamic=True) if compile else _macro_alpha
-        self._sersic = torch.compile(_sersic_source, dynamic=True) if compile else _sersic_source
+        self.dense = bool(compile) if dense is None else bool(dense)
+        self._dense = torch.compile(_dense_hot_path, dynamic=None) if compile else _dense_hot_path
 
-    def __call__(self, p: Mapping[str, Tensor]) -> Tensor:
-        """Flux per pixel [B, 1, N, N] from parameters already on the device (1-D [B] or [B, K])."""
+    def lensed_surface_brightness(self, p: Mapping[str, Tensor]) -> Tensor:
+        """Surface brightness [B, P] at the sub-pixel grid (source seen through the lens, plus lens light)."""
         pre = self.preset
         x, y = self.x, self.y
         col = {k: (v[:, None] if v.dim() == 1 else v) for k, v in p.items()}
-        ax, ay = self._macro(
-            x,
-            y,
-            col["theta_E"],
-            col["e1"],
-            col["e2"],
-            col["center_x"],
-            col["center_y"],
-            col["gamma1"],
-            col["gamma2"],
-        )
-        count = p.get("subhalo_count")
-        if count is not None and pre.max_subhalos > 0:
-            idx = torch.nonzero(count > 0).squeeze(1)
-            for s in range(0, idx.numel(), self.sub_chunk):
-                ii = idx[s : s + self.sub_chunk]
-                if pre.subhalo_profile == "point_mass":
-                    sx, sy = alpha_point_masses_sum(
-                        x, y, p["subhalo_theta_E"][ii], p["subhalo_x"][ii], p["subhalo_y"][ii]
-                    )
-                else:
-                    sx, sy = alpha_tnfw(
-                        x[None, None, :],
-                        y[None, None, :],
-                        p["subhalo_Rs"][ii][..., None],
-                        p["subhalo_alpha_Rs"][ii][..., None],
-                        p["subhalo_r_trunc"][ii][..., None],
-                        p["subhalo_x"][ii][..., None],
-                        p["subhalo_y"][ii][..., None],
-                    )
-                    sx, sy = sx.sum(1), sy.sum(1)
-                ax = ax.index_add(0, ii, sx)
-                ay = ay.index_add(0, ii, sy)
-        if "vortex_theta_E" in p:
-            ii = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
-            if ii.numel():
-                vx, vy = alpha_line_segment(
-                    x,
-                    y,
-                    col["vortex_theta_E"][ii],
-                    col["vortex_half_length"][ii],
-                    col["vortex_angle"][ii],
-                    col["center_x"][ii],
-                    col["center_y"][ii],
-                )
-                ax = ax.index_add(0, ii, vx)
-                ay = ay.index_add(0, ii, vy)
-        bx, by = x - ax, y - ay
-        if pre.source_kind == "sersic":
-            sb = self._sersic(
-                bx,
-                by,
-                col["source_amp"],
-                col["source_R_sersic"],
-                col["source_n_sersic"],
-                col["source_e1"],
-                col["source_e2"],
-                col["source_center_x"],
-                col["source_center_y"],
+        sersic = pre.source_kind == "sersic"
+        if self.dense:
+            hot = {k: col[k] for k in _hot_keys(pre)}
+            out = self._dense(
+                x, y, hot, pre.subhalo_profile, sersic, pre.max_subhalos > 0, "axion" in pre.class_names
             )
+            if sersic:
+                sb = out
+            else:
+                bx, by = out
         else:
+            bx, by = self._ray_shoot_eager(x, y, p, col)
+            if sersic:
+                sb = _sersic_source(bx, by, col)
+        if not sersic:
             st = self.stamps.index_select(0, p["source_index"])
             sb = pixelated_source(
                 bx,
@@ -242,20 +203,126 @@ class Renderer:
                 col["center_x"],
                 col["center_y"],
             )
-        img = bin_supersampled(sb, pre.num_pix, pre.supersampling, pre.delta_pix)
+        return sb
+
+    def _ray_shoot_eager(self, x: Tensor, y: Tensor, p: Mapping[str, Tensor], col: Mapping[str, Tensor]):
+        pre = self.preset
+        ax, ay = _macro_alpha(x, y, col)
+        count = p.get("subhalo_count")
+        if count is not None and pre.max_subhalos > 0:
+            idx = torch.nonzero(count > 0).squeeze(1)
+            for s in range(0, idx.numel(), self.sub_chunk):
+                ii = idx[s : s + self.sub_chunk]
+                sub = {k: p[k][ii] for k in _SUB_KEYS[pre.subhalo_profile]}
+                sx, sy = _subhalo_alpha(x, y, sub, pre.subhalo_profile)
+                ax = ax.index_add(0, ii, sx)
+                ay = ay.index_add(0, ii, sy)
+        if "vortex_theta_E" in p:
+            ii = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
+            if ii.numel():
+                vx, vy = _vortex_alpha(x, y, {k: col[k][ii] for k in _VORTEX_KEYS})
+                ax = ax.index_add(0, ii, vx)
+                ay = ay.index_add(0, ii, vy)
+        return x - ax, y - ay
+
+    def __call__(self, p: Mapping[str, Tensor]) -> Tensor:
+        """Flux per pixel [B, 1, N, N] from parameters already on the device (1-D [B] or [B, K])."""
+        pre = self.preset
+        img = bin_supersampled(
+            self.lensed_surface_brightness(p), pre.num_pix, pre.supersampling, pre.delta_pix
+        )
         if self.kernel is not None:
             img = convolve_gaussian(img, self.kernel)
         return img.unsqueeze(1)
 
 
-def _macro_alpha(x, y, theta_E, e1, e2, cx, cy, g1, g2):
-    ax, ay = alpha_sie(x, y, theta_E, e1, e2, cx, cy)
-    sx, sy = alpha_shear(x, y, g1, g2)
+_MACRO_KEYS = ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")
+_SOURCE_KEYS = (
+    "source_amp",
+    "source_R_sersic",
+    "source_n_sersic",
+    "source_e1",
+    "source_e2",
+    "source_center_x",
+    "source_center_y",
+)
+_SUB_KEYS = {
+    "point_mass": ("subhalo_theta_E", "subhalo_x", "subhalo_y"),
+    "tnfw": ("subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc", "subhalo_x", "subhalo_y"),
+}
+_VORTEX_KEYS = ("vortex_theta_E", "vortex_half_length", "vortex_angle", "center_x", "center_y")
+
+
+def _hot_keys(pre: Preset) -> tuple[str, ...]:
+    keys = _MACRO_KEYS
+    if pre.source_kind == "sersic":
+        keys = keys + _SOURCE_KEYS
+    if pre.max_subhalos > 0:
+        keys = keys + _SUB_KEYS[pre.subhalo_profile]
+    if "axion" in pre.class_names:
+        keys = keys + _VORTEX_KEYS[:3]
+    return keys
+
+
+def _macro_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    ax, ay = alpha_sie(x, y, c["theta_E"], c["e1"], c["e2"], c["center_x"], c["center_y"])
+    sx, sy = alpha_shear(x, y, c["gamma1"], c["gamma2"])
     return ax + sx, ay + sy
 
 
-def _sersic_source(bx, by, amp, R, n, e1, e2, cx, cy):
-    return sersic_elliptical(bx, by, amp, R, n, e1, e2, cx, cy)
+def _subhalo_alpha(x: Tensor, y: Tensor, sub: Mapping[str, Tensor], profile: str) -> tuple[Tensor, Tensor]:
+    """Summed deflection [B, P] of K subhalos per image (parameters [B, K], zero-padded)."""
+    if profile == "point_mass":
+        return alpha_point_masses_sum(x, y, sub["subhalo_theta_E"], sub["subhalo_x"], sub["subhalo_y"])
+    ex = lambda k: sub[k][..., None]  # noqa: E731 - [B, K, 1]
+    sx, sy = alpha_tnfw(
+        x.unsqueeze(-2),
+        y.unsqueeze(-2),
+        ex("subhalo_Rs").clamp_min(1e-6),
+        ex("subhalo_alpha_Rs"),
+        ex("subhalo_r_trunc").clamp_min(1e-6),
+        ex("subhalo_x"),
+        ex("subhalo_y"),
+    )
+    return sx.sum(-2), sy.sum(-2)
+
+
+def _vortex_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return alpha_line_segment(
+        x, y, c["vortex_theta_E"], c["vortex_half_length"], c["vortex_angle"], c["center_x"], c["center_y"]
+    )
+
+
+def _sersic_source(bx: Tensor, by: Tensor, c: Mapping[str, Tensor]) -> Tensor:
+    return sersic_elliptical(
+        bx,
+        by,
+        c["source_amp"],
+        c["source_R_sersic"],
+        c["source_n_sersic"],
+        c["source_e1"],
+        c["source_e2"],
+        c["source_center_x"],
+        c["source_center_y"],
+    )
+
+
+def _dense_hot_path(
+    x: Tensor, y: Tensor, c: dict[str, Tensor], profile: str, sersic: bool, with_sub: bool, with_vortex: bool
+):
+    """Macro lens + every image's substructure (zero-padded) + Sersic source: the part torch.compile fuses."""
+    ax, ay = _macro_alpha(x, y, c)
+    if with_sub:
+        sub = {k: c[k] for k in _SUB_KEYS[profile]}
+        sx, sy = _subhalo_alpha(x, y, sub, profile)
+        ax, ay = ax + sx, ay + sy
+    if with_vortex:
+        vx, vy = _vortex_alpha(x, y, c)
+        ax, ay = ax + vx, ay + vy
+    bx, by = x - ax, y - ay
+    if sersic:
+        return _sersic_source(bx, by, c)
+    return bx, by
 
 
 def simulate(
