@@ -89,6 +89,8 @@ def _as_dir(checkpoint: Any):
     """A context manager yielding a local directory for a path or a ``ray.train.Checkpoint``."""
     from contextlib import nullcontext
 
+    if hasattr(checkpoint, "as_directory"):  # a ray.train.Checkpoint (it refuses os.fspath)
+        return checkpoint.as_directory()
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
         if not (path / MODEL_FILE).is_file() or not (path / META_FILE).is_file():
@@ -96,7 +98,9 @@ def _as_dir(checkpoint: Any):
                 f"{path} is not a training checkpoint (needs {MODEL_FILE} and {META_FILE})"
             )
         return nullcontext(str(path))
-    return checkpoint.as_directory()
+    raise TypeError(
+        f"expected a checkpoint directory or ray.train.Checkpoint, got {type(checkpoint).__name__}"
+    )
 
 
 def read_meta(checkpoint: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ epoch counter from a checkpoint restores the random streams exactly.
 from __future__ import annotations
 
 import math
-import os
 import random
 import tempfile
 import time
@@ -45,6 +44,8 @@ REPORT_KEYS: tuple[str, ...] = (
     "lr",
 )
 EVAL_BATCH_SIZE = 256
+#: Largest val split [MiB of float32 images] each rank keeps in host memory after the first epoch.
+VAL_CACHE_MB = 512
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -246,6 +247,16 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    """Broadcast rank 0's buffers (e.g. BatchNorm running statistics, updated locally by each rank's last
+    batch) so that every rank evaluates exactly the weights rank 0 checkpoints."""
+    dist, on = _dist()
+    if not on:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def _gather(obj: Any, world_size: int) -> list[Any]:
     dist, on = _dist()
     if not on or world_size == 1:
@@ -260,7 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
     ``pixel_scale`` (from the dataset manifest), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
     per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
-    raises after training that epoch, unless the run was restored from a checkpoint)."""
+    raises after training that epoch, unless this attempt started at that epoch, i.e. was restored from the
+    checkpoint just before it; so each injected failure fires once)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -311,6 +323,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
     shuffle = int(config.get("shuffle_buffer", 0))
     mlflow_target = config.get("mlflow") or None
+    # The val split is streamed whole by every rank; if it is small it is kept in host memory after the first
+    # epoch instead of being re-read (one Ray Data execution per rank per epoch costs seconds of start-up).
+    c, h, w = (int(v) for v in config["image_shape"])
+    val_bytes = int(config.get("val_rows", 0)) * 4 * c * h * w
+    cache_val = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
+    val_cache: list[dict[str, torch.Tensor]] | None = None
 
     for epoch in range(start_epoch, epochs + 1):
         epoch_seed = derive_seed(seed, epoch, rank)
@@ -344,11 +362,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
 
         t_val = time.perf_counter()
-        val_batches = val_shard.iter_torch_batches(
-            batch_size=int(config.get("eval_batch_size") or EVAL_BATCH_SIZE),
-            dtypes={"image": torch.float32, "label": torch.int64},
-            device="cpu",
-        )
+        _sync_buffers(unwrap(model))
+        if val_cache is None:
+            val_batches = val_shard.iter_torch_batches(
+                batch_size=int(config.get("eval_batch_size") or EVAL_BATCH_SIZE),
+                dtypes={"image": torch.float32, "label": torch.int64},
+                device="cpu",
+            )
+            if cache_val:
+                val_cache = [dict(b) for b in val_batches]
+                val_batches = val_cache
+        else:
+            val_batches = val_cache
         logits, labels = predict_batches(
             unwrap(model), val_batches, device=device, amp_dtype=amp_dtype, rank=rank, world_size=world
         )
@@ -367,10 +392,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_seconds": train_seconds,
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
+            "resumed_from_epoch": start_epoch - 1,
         }
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-        if config.get("_fail_at_epoch") == epoch and checkpoint is None:
+        if config.get("_fail_at_epoch") == epoch and start_epoch < epoch:
             raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
 
         if rank == 0 and mlflow_target:
@@ -395,6 +421,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-
-    if os.environ.get("DEEPLENSE_DEBUG_LOOP"):
-        print(f"[rank {rank}] done: epochs {start_epoch}..{epochs}")

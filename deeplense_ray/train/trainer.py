@@ -1,0 +1,516 @@
+"""TorchTrainer wiring and one complete, tracked training run.
+
+``run_training(cfg)``: validate (before Ray) -> one MLflow run -> ``TorchTrainer.fit`` (per-epoch metrics and
+checkpoints; the best kept by val_auc_macro, the latest for resume) -> the test split evaluated ONCE with the
+best checkpoint -> plots, metrics JSON and the model logged to the same MLflow run.
+
+Resume: a run lives in ``<storage_path>/<run_name>/`` (Ray Train's run directory) with ``deeplense_run.json``
+beside Ray's files (the MLflow run id, the dataset hash, the config). ``resume=True`` re-creates the trainer
+with the same name and storage path: Ray Train V2 reloads its checkpoint manager snapshot from there and
+``ray.train.get_checkpoint()`` in the loop returns the latest checkpoint (model, optimizer, scheduler, epoch);
+metrics keep going to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deeplense_ray.config import DatasetInfo, TrainConfig
+from deeplense_ray.train.checkpoint import (
+    STATE_FILE,
+    load_model_from_checkpoint,
+    read_meta,
+)
+from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+
+RUN_STATE_FILE = "deeplense_run.json"
+SCORE_ATTRIBUTE = "val_auc_macro"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced (paths absolute; metrics of the test split evaluated once)."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    run_name: str
+    run_dir: str
+    best_checkpoint: str
+    best_epoch: int
+    best_val: dict[str, float]
+    test_metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    model_uri: str
+    artifacts: list[str] = field(default_factory=list)
+    ray_result: Any = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<model>-s<seed>-<YYYYmmdd-HHMMSS-mmm>``."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+    return f"{cfg.model}-s{cfg.seed}-{stamp}"
+
+
+def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """The dict handed to :func:`train_loop_per_worker`: the config plus what the manifest says."""
+    d = cfg.to_dict()
+    d.update(
+        image_shape=list(info.image_shape),
+        class_names=list(info.class_names),
+        pixel_scale=info.pixel_scale,
+        train_rows=int(info.split_rows["train"]),
+        val_rows=int(info.split_rows["val"]),
+        manifest_hash=info.manifest_hash,
+    )
+    return d
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    from deeplense_ray.tracking import write_json_atomic
+
+    write_json_atomic(obj, path)
+
+
+def find_resumable_run(storage_path: str | os.PathLike[str], model: str, seed: int) -> str:
+    """Name of the newest run of ``model`` with ``seed`` under ``storage_path`` (by its state file's mtime).
+
+    ValueError naming the directory when there is none.
+    """
+    root = Path(storage_path)
+    found: list[tuple[float, str]] = []
+    if root.is_dir():
+        for state_file in root.glob(f"*/{RUN_STATE_FILE}"):
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            conf = state.get("config", {})
+            if str(conf.get("model", "")).lower() == model.lower() and conf.get("seed") == seed:
+                found.append((state_file.stat().st_mtime, state_file.parent.name))
+    if not found:
+        raise ValueError(
+            f"nothing to resume: no run of model {model!r} with seed {seed} under {root} "
+            f"(no */{RUN_STATE_FILE}); pass run_name (--run-name) or start without resume"
+        )
+    return max(found)[1]
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    run_config_callbacks: Sequence[Any] = (),
+    run_name: str | None = None,
+    extra_loop_config: Mapping[str, Any] | None = None,
+    info: DatasetInfo | None = None,
+):
+    """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` on ``cfg``.
+
+    Validates ``cfg`` first (unless ``info`` from an earlier ``cfg.validate()`` is passed). Datasets: the
+    ``train`` and ``val`` splits from :func:`deeplense_ray.data.read_split`; only ``train`` is split across
+    workers (``val`` is evaluated whole, see the loop). Checkpoints: ``num_to_keep`` best by val_auc_macro
+    plus the latest. ``run_config_callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Tune's
+    ``TuneReportCallback()``); ``extra_loop_config`` is merged into the loop config (e.g. ``mlflow``).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from deeplense_ray.data import read_split
+    from deeplense_ray.train.loop import train_loop_per_worker
+
+    cfg = cfg.resolved()
+    if info is None:
+        info = cfg.validate()
+    name = run_name or cfg.run_name or default_run_name(cfg)
+    resources = {"CPU": float(cfg.cpus_per_worker)}
+    if cfg.use_gpu:
+        resources["GPU"] = float(cfg.gpus_per_worker)
+    config = loop_config(cfg, info)
+    config.update(dict(extra_loop_config or {}))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.num_to_keep,
+                checkpoint_score_attribute=SCORE_ATTRIBUTE,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(run_config_callbacks),
+        ),
+        datasets={"train": read_split(info.data_dir, "train"), "val": read_split(info.data_dir, "val")},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_checkpoint(
+    checkpoint_dir: Any,
+    data_dir: str | os.PathLike[str],
+    split: str = "test",
+    *,
+    batch_size: int = 256,
+    device: str | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a checkpoint's model on a whole split (fp32; device default cuda if available, else cpu).
+
+    ``checkpoint_dir``: a checkpoint directory or ``ray.train.Checkpoint``. Returns
+    :func:`classification_metrics` of the split, plus ``y_true`` and ``probs`` arrays if
+    ``return_predictions``. ValueError if the dataset's classes differ from the checkpoint's.
+    """
+    import torch
+
+    from deeplense_ray.config import describe_dataset
+    from deeplense_ray.data import LensShardDataset
+    from deeplense_ray.train.loop import predict_batches, probabilities
+
+    info = describe_dataset(data_dir)
+    arch = read_meta(checkpoint_dir)["arch"]
+    if list(arch["class_names"]) != list(info.class_names):
+        raise ValueError(
+            f"checkpoint classes {arch['class_names']} differ from dataset {info.data_dir} classes "
+            f"{list(info.class_names)}"
+        )
+    if list(arch["image_shape"]) != list(info.image_shape):
+        raise ValueError(
+            f"checkpoint image shape {arch['image_shape']} differs from dataset {info.data_dir} "
+            f"image shape {list(info.image_shape)}"
+        )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model_from_checkpoint(checkpoint_dir).to(dev)
+    loader = torch.utils.data.DataLoader(
+        LensShardDataset(info.data_dir, split, normalize="none"), batch_size=batch_size
+    )
+    logits, labels = predict_batches(model, ({"image": x, "label": y} for x, y in loader), device=dev)
+    probs = probabilities(logits)
+    out = classification_metrics(labels, probs, info.class_names)
+    out["split"] = split
+    if return_predictions:
+        out["y_true"] = labels
+        out["probs"] = probs
+    return out
+
+
+def _evaluate_remote(checkpoint: Any, data_dir: str, split: str) -> dict[str, Any]:
+    return evaluate_checkpoint(checkpoint, data_dir, split, return_predictions=True)
+
+
+def _score(metrics: Mapping[str, Any]) -> tuple[float, float, int]:
+    auc = metrics.get(SCORE_ATTRIBUTE)
+    auc = float(auc) if auc is not None and not math.isnan(float(auc)) else -math.inf
+    loss = metrics.get("val_loss")
+    loss = float(loss) if loss is not None and not math.isnan(float(loss)) else math.inf
+    return auc, -loss, -int(metrics.get("epoch", 0))
+
+
+def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
+    """(Checkpoint, metrics) with the highest val_auc_macro among the kept checkpoints (ties: lower val_loss,
+    then the earlier epoch)."""
+    candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        return result.checkpoint, dict(result.metrics or {})
+    ckpt, metrics = max(candidates, key=lambda cm: _score(cm[1]))
+    return ckpt, dict(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- MLflow
+def _versions() -> dict[str, str]:
+    import mlflow
+    import ray
+    import torch
+
+    import deeplense_ray
+    from deeplense_ray.tracking import git_commit
+
+    return {
+        "package_version": deeplense_ray.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "ray_version": ray.__version__,
+        "mlflow_version": mlflow.__version__,
+    }
+
+
+def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str, Any]:
+    return {
+        "config": cfg.to_dict(),
+        "dataset": {
+            "manifest_hash": info.manifest_hash,
+            "data_dir": info.data_dir,
+            "image_shape": list(info.image_shape),
+            "class_names": list(info.class_names),
+            "pixel_scale": info.pixel_scale,
+            "rows": dict(info.split_rows),
+        },
+        "ray_run_name": run_name,
+        **_versions(),
+    }
+
+
+def _log_model(
+    tracking_uri: str, run_id: str, model: Any, image_shape: Sequence[int], num_classes: int
+) -> str:
+    """mlflow.pytorch.log_model into the run (fluent API needs the global URI: set, then restored)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    import deeplense_ray
+
+    c, h, w = (int(v) for v in image_shape)
+    signature = infer_signature(np.zeros((1, c, h, w), np.float32), np.zeros((1, num_classes), np.float32))
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"deeplense-ray=={deeplense_ray.__version__}",
+        "vit-pytorch",
+        "einops",
+        "numpy",
+    ]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_ARTIFACT,
+                signature=signature,
+                pip_requirements=requirements,
+                serialization_format="pickle",
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return info.model_uri
+
+
+def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
+    import torch
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    return [dict(h) for h in state.get("history", [])]
+
+
+def _write_artifacts(
+    out_dir: Path,
+    *,
+    test: Mapping[str, Any],
+    best_val: Mapping[str, Any],
+    best_epoch: int,
+    history: Sequence[Mapping[str, float]],
+    cfg: TrainConfig,
+    info: DatasetInfo,
+) -> list[Path]:
+    from deeplense_ray.tracking import plot_confusion_matrix, plot_curves, plot_roc_curves, write_json_atomic
+
+    names = list(info.class_names)
+    paths = [
+        plot_roc_curves(
+            test["y_true"], test["probs"], names, out_dir / "roc_test.png", title="ROC, test split"
+        ),
+        plot_confusion_matrix(
+            test["confusion_matrix"], names, out_dir / "confusion_test.png", title="confusion matrix, test"
+        ),
+        plot_curves(history, out_dir / "curves.png"),
+    ]
+    summary = {
+        "best_epoch": best_epoch,
+        "selection": f"max {SCORE_ATTRIBUTE} over epochs (val split only)",
+        "best_val": dict(best_val),
+        "test": {k: v for k, v in test.items() if k not in ("y_true", "probs")},
+        "history": [dict(h) for h in history],
+        "dataset_manifest_hash": info.manifest_hash,
+    }
+    paths.append(write_json_atomic(summary, out_dir / "metrics.json"))
+    paths.append(write_json_atomic(cfg.to_dict(), out_dir / "config.json"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, Any]]:
+    """Run name and state (MLflow run id, experiment id, tracking URI); creates the MLflow run if new."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking import get_or_create_experiment, log_params, run_params
+
+    storage = Path(cfg.storage_path)
+    if cfg.resume:
+        name = cfg.run_name or find_resumable_run(storage, cfg.model, cfg.seed)
+        state_file = storage / name / RUN_STATE_FILE
+        if not state_file.is_file():
+            raise ValueError(f"nothing to resume: {state_file} does not exist")
+        state = json.loads(state_file.read_text())
+        if state.get("manifest_hash") != info.manifest_hash:
+            raise ValueError(
+                f"cannot resume run {name!r} on dataset {info.data_dir}: its manifest hash "
+                f"{info.manifest_hash[:12]} differs from the run's {str(state.get('manifest_hash'))[:12]}"
+            )
+        client = MlflowClient(tracking_uri=state["tracking_uri"])
+        client.update_run(state["mlflow_run_id"], status="RUNNING")
+        logged = run_params(state["mlflow_run_id"], state["tracking_uri"])
+        new = {k: v for k, v in log_params_preview(cfg, info, name).items() if logged.get(k) != v}
+        for key, value in new.items():  # MLflow refuses to change a logged param: record changes as tags
+            client.set_tag(state["mlflow_run_id"], f"resume.{key}", value)
+        client.set_tag(state["mlflow_run_id"], "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        state["resumes"] = int(state.get("resumes", 0)) + 1
+    else:
+        name = cfg.run_name or default_run_name(cfg)
+        run_dir = storage / name
+        if run_dir.exists():
+            raise ValueError(
+                f"run directory {run_dir} already exists: pass resume=True (--resume) to continue it, or "
+                f"choose another run_name"
+            )
+        exp_id = get_or_create_experiment(cfg.experiment, cfg.tracking_uri)
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        run = client.create_run(exp_id, run_name=name, tags={"deeplense.model": cfg.model})
+        log_params(cfg.tracking_uri, run.info.run_id, _run_params(cfg, info, name))
+        state = {
+            "mlflow_run_id": run.info.run_id,
+            "experiment_id": exp_id,
+            "tracking_uri": cfg.tracking_uri,
+            "manifest_hash": info.manifest_hash,
+            "config": cfg.to_dict(),
+            "status": "running",
+        }
+    _write_json_atomic(state, storage / name / RUN_STATE_FILE)
+    return name, state
+
+
+def log_params_preview(cfg: TrainConfig, info: DatasetInfo, name: str) -> dict[str, str]:
+    """The flat params a run of ``cfg`` logs (used to spot changed values on resume)."""
+    from deeplense_ray.tracking import flatten_params
+
+    return flatten_params(_run_params(cfg, info, name))
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    extra_loop_config: Mapping[str, Any] | None = None,
+    run_config_callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """Train ``cfg`` end to end (see the module docstring) and return what it produced.
+
+    Everything is validated before Ray starts (ValueError / FileNotFoundError naming the value or file).
+    Uses the current Ray runtime if initialised, else ``ray.init()`` (which joins RAY_ADDRESS if set).
+    """
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    cfg = cfg.resolved()
+    info = cfg.validate()
+    name, state = _prepare_run(cfg, info)
+    run_id, uri = state["mlflow_run_id"], state["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri)
+    run_dir = Path(cfg.storage_path) / name
+    try:
+        if not ray.is_initialized():
+            ray.init()
+        trainer = build_trainer(
+            cfg,
+            run_name=name,
+            info=info,
+            run_config_callbacks=list(run_config_callbacks),
+            extra_loop_config={
+                "mlflow": {"tracking_uri": uri, "run_id": run_id},
+                **dict(extra_loop_config or {}),
+            },
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        best, best_metrics = best_checkpoint(result)
+        best_epoch = int(best_metrics.get("epoch", read_meta(best)["epoch"]))
+        history = _history_from_checkpoint(result.checkpoint)
+
+        # The test split, once, with the best checkpoint (a task with one worker's resources: GPU if any).
+        gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
+        task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
+        test = ray.get(task.remote(best, info.data_dir, "test"))
+
+        flat_test = flatten_metrics(test, "test")
+        best_val = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
+        from deeplense_ray.tracking import log_metrics
+
+        log_metrics(
+            uri,
+            run_id,
+            {**flat_test, "best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_val.items()}},
+            step=best_epoch,
+        )
+        with tempfile.TemporaryDirectory(prefix="dlr-artifacts-") as tmp:
+            paths = _write_artifacts(
+                Path(tmp),
+                test=test,
+                best_val=best_val,
+                best_epoch=best_epoch,
+                history=history,
+                cfg=cfg,
+                info=info,
+            )
+            client.log_artifacts(run_id, tmp)
+            artifact_names = [p.name for p in paths]
+        model = load_model_from_checkpoint(best)
+        model_uri = _log_model(uri, run_id, model, info.image_shape, info.num_classes)
+        client.set_tag(run_id, "best_checkpoint", str(best.path))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        state["status"] = "failed"
+        _write_json_atomic(state, run_dir / RUN_STATE_FILE)
+        raise
+    state.update(
+        status="finished", best_checkpoint=str(best.path), best_epoch=best_epoch, model_uri=model_uri
+    )
+    _write_json_atomic(state, run_dir / RUN_STATE_FILE)
+    return TrainResult(
+        run_id=run_id,
+        experiment_id=state["experiment_id"],
+        tracking_uri=uri,
+        run_name=name,
+        run_dir=str(run_dir),
+        best_checkpoint=str(best.path),
+        best_epoch=best_epoch,
+        best_val=best_val,
+        test_metrics={k: v for k, v in test.items() if k not in ("y_true", "probs")},
+        history=history,
+        model_uri=model_uri,
+        artifacts=artifact_names,
+        ray_result=result,
+    )
+
+
+__all__ = [
+    "RUN_STATE_FILE",
+    "TrainResult",
+    "best_checkpoint",
+    "build_trainer",
+    "default_run_name",
+    "evaluate_checkpoint",
+    "find_resumable_run",
+    "load_model_from_checkpoint",
+    "loop_config",
+    "run_training",
+]

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Train a classifier on a simulated lens dataset with Ray Train, tracked in MLflow (thin CLI).
+
+    python jobs/train.py --model ViT --data data/model_ii --epochs 20 --num-workers 2 --gpus-per-worker 1
+
+Everything is validated before Ray starts: a missing data directory or manifest, an unknown model or one that
+cannot take the dataset's images or classes exits with status 2 and a message naming the value.
+Prints a JSON summary (MLflow run id, best epoch, test metrics, model URI) on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deeplense_ray.config import (  # noqa: E402
+    NORMALIZE_MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    TrainConfig,
+    parse_override,
+)
+
+_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="model name (deeplense_ray.models.list_models())")
+    p.add_argument("--data", required=True, help="dataset directory (manifest.json inside; jobs/simulate.py)")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="GLOBAL batch, split over workers")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"])
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
+    p.add_argument("--num-workers", type=int, default=d["num_workers"], help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"], help="0 = train on CPU")
+    p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"])
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=d["precision"], help="autocast on GPU; CPU is fp32"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--experiment", default=d["experiment"], help="MLflow experiment name")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow.db)",
+    )
+    p.add_argument("--storage-path", default=None, help="Ray Train storage root (default: ./ray_results)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --run-name (default: the newest run of "
+        "this model and seed) from its latest checkpoint",
+    )
+    p.add_argument("--run-name", default=None, help="Ray Train run name (default: <model>-s<seed>-<time>)")
+    p.add_argument("--model-size", default=d["model_size"], help="'default' or 'comparable'")
+    p.add_argument(
+        "--model-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model hyperparameter (repeatable), e.g. --model-override depth=2 --model-override dim=64",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=d["augment"],
+        help="random 90-degree rotations and flips of training images",
+    )
+    p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
+    p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=d["max_failures"],
+        help="worker-group restarts after a worker failure (Ray FailureConfig)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = dict(parse_override(text) for text in args.model_override)
+    return TrainConfig(
+        model=args.model,
+        data_dir=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        scheduler=args.scheduler,
+        warmup_epochs=args.warmup_epochs,
+        num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        precision=args.precision,
+        seed=args.seed,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        resume=args.resume,
+        run_name=args.run_name,
+        model_size=args.model_size,
+        model_overrides=overrides,
+        augment=args.augment,
+        normalize=args.normalize,
+        label_smoothing=args.label_smoothing,
+        max_failures=args.max_failures,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args).resolved()
+        cfg.validate()  # before Ray starts
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from deeplense_ray.train import run_training
+
+    result = run_training(cfg)
+    summary = {
+        "mlflow_run_id": result.run_id,
+        "tracking_uri": result.tracking_uri,
+        "run_name": result.run_name,
+        "run_dir": result.run_dir,
+        "best_epoch": result.best_epoch,
+        "best_val_auc_macro": result.best_val.get("val_auc_macro"),
+        "test": {k: result.test_metrics[k] for k in ("accuracy", "auc_macro", "auc_micro", "loss", "auc")},
+        "model_uri": result.model_uri,
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
