@@ -1,0 +1,302 @@
+"""jobs/simulate.py: bad flags fail before Ray; plain `python` and `ray job submit` against a real head."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "simulate.py"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    )
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+_BAD_FLAGS_SCRIPT = r"""
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import importlib.util
+spec = importlib.util.spec_from_file_location("simulate_job", sys.argv[2])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+results = []
+for argv in json.loads(sys.argv[3]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = mod.main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    results.append([rc, err.getvalue()])
+print(json.dumps({"results": results, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def test_bad_flags_fail_before_ray_starts(tmp_path):
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "something.txt").write_text("x")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("preset: model_ii\nnum_pixx: 32\n")
+    fresh = tmp_path / "fresh"
+    base = ["--num-per-class", "10", "--out", str(fresh)]
+    cases = [
+        (["--preset", "model_iv", *base], "model_iv"),
+        (["--preset", "model_ii", "--num-per-class", "-5", "--out", str(fresh)], "-5"),
+        (["--preset", "model_ii", "--splits", "train=0.8,val=0.3", *base], "sum to 1"),
+        (["--preset", "model_ii", "--splits", "train=0.8,val=x", *base], "'x'"),
+        (["--preset", "model_ii", "--num-per-class", "10", "--out", str(nonempty)], str(nonempty)),
+        (["--config", str(bad_yaml), *base], "num_pixx"),
+        (["--config", str(tmp_path / "missing.yaml"), *base], "missing.yaml"),
+        (["--preset", "model_ii", "--dtype", "float64", *base], "float64"),
+        (["--preset", "model_ii", "--shard-size", "0", *base], "shard_size"),
+        (["--preset", "model_ii", "--workers", "0", *base], "--workers"),
+        (["--preset", "model_ii", "--resume", "--overwrite", *base], "--resume"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _BAD_FLAGS_SCRIPT, str(REPO), str(JOB), json.dumps([c[0] for c in cases])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (argv, needle), (rc, err) in zip(cases, report["results"]):
+        assert rc == 2, (argv, rc, err)
+        assert needle in err, (argv, err)
+    assert report["ray_imported"] is False  # every check ran before Ray was even imported
+    assert not fresh.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_port_range(size: int = 100) -> tuple[int, int]:
+    """A random block of ports below the ephemeral range, all free right now."""
+    for _ in range(50):
+        lo = random.randrange(20000, 30000 - size)
+        ok = True
+        for port in range(lo, lo + size, 7):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return lo, lo + size - 1
+    raise RuntimeError("no free worker port range")
+
+
+def _pids_using(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head (`ray start --head --block`) on 127.0.0.1 with free ports and its own temp dir.
+
+    `ray stop` would stop every Ray on this machine, so only this head's process group (and any process
+    naming its temp dir) is stopped at the end."""
+    temp_dir = tempfile.mkdtemp(prefix="dlrd-", dir="/tmp")
+    gcs, dash = _free_port(), _free_port()
+    wlo, whi = _worker_port_range()
+    cmd = [
+        os.path.join(VENV_BIN, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--node-manager-port",
+        str(_free_port()),
+        "--object-manager-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--dashboard-agent-grpc-port",
+        str(_free_port()),
+        "--runtime-env-agent-port",
+        str(_free_port()),
+        "--metrics-export-port",
+        str(_free_port()),
+        "--min-worker-port",
+        str(wlo),
+        "--max-worker-port",
+        str(whi),
+        "--num-cpus",
+        "3",
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    ]
+    log = open(tmp_path / "ray_head.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"ray head did not come up: {(tmp_path / 'ray_head.log').read_text()[-3000:]}"
+                )
+            time.sleep(1)
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        time.sleep(1)
+        for pid in _pids_using(temp_dir):  # daemons of this head that left its process group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_plain_python_and_ray_job_submit(ray_head, tmp_path):
+    # 1) `ray job submit --working-dir .`: the job joins the cluster through RAY_ADDRESS (default --address).
+    out_job = tmp_path / "job_ds"
+    submit = [
+        os.path.join(VENV_BIN, "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head["dashboard"],
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/simulate.py",
+        "--preset",
+        "model_ii",
+        "--num-per-class",
+        "5",
+        "--splits",
+        "train=0.6,val=0.2,test=0.2",
+        "--shard-size",
+        "8",
+        "--out",
+        str(out_job),
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
+    for _ in range(20):  # the head's job agent may need a few more seconds than its dashboard
+        proc = subprocess.run(submit, cwd=REPO, capture_output=True, text=True, timeout=400, env=_env())
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert "joined RAY_ADDRESS" in proc.stdout
+    manifest = json.loads((out_job / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 9 and manifest["config"]["seed"] == 3
+
+    # 2) plain python with --address and a YAML config, 2 workers, float16 storage; then --verify.
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text("preset: model_ii\nnum_pix: 32\n")
+    out_plain = tmp_path / "plain_ds"
+    plain = [
+        sys.executable,
+        str(JOB),
+        "--config",
+        str(cfg),
+        "--num-per-class",
+        "4",
+        "--splits",
+        "train=0.5,test=0.5",
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+        "--dtype",
+        "float16",
+        "--out",
+        str(out_plain),
+        "--address",
+        ray_head["gcs"],
+        "--no-progress",
+    ]
+    proc = subprocess.run(plain, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 12 and summary["shards_written"] == 4
+    manifest = json.loads((out_plain / "manifest.json").read_text())
+    assert manifest["image_shape"] == [1, 32, 32] and manifest["image_dtype"] == "float16"
+    assert manifest["config"]["preset_resolved"]["num_pix"] == 32
+
+    ok = subprocess.run(
+        [sys.executable, str(JOB), "--verify", str(out_plain)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = out_plain / "test" / "shard-00001.h5"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    ko = subprocess.run(
+        [sys.executable, str(JOB), "--verify", str(out_plain)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert ko.returncode == 1 and str(bad) in ko.stderr
