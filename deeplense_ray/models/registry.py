@@ -131,7 +131,7 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="CaiT",
         build=_lib(vf.build_cait),
-        hparams={**_VIT_HP, "cls_depth": 2, "layer_dropout": 0.05},
+        hparams={**_VIT_HP, "cls_depth": 2, "layer_dropout": 0.0},
         comparable={"dim": 768, "depth": 2, "cls_depth": 1, "heads": 12, "dim_head": 64, "mlp_dim": 1248},
         extra_keys=("patch_size",),
         source="vit-pytorch cait.CaiT",
