@@ -227,9 +227,10 @@ def test_bad_values_raise_clear_errors(kwargs, exc, match):
 
 @pytest.mark.gpu
 def test_gpu_determinism_and_agreement_with_cpu():
-    a = simulate("model_ii", 200, seed=3, device="cuda", batch_size=64)
-    b = simulate("model_ii", 200, seed=3, device="cuda", batch_size=192)
-    assert torch.equal(a.images, b.images)
+    a = simulate("model_ii", 2500, seed=3, device="cuda", batch_size=1024)
+    b = simulate("model_ii", 2500, seed=3, device="cuda", batch_size=2048)
+    c = simulate("model_ii", 2500, seed=3, device="cuda")
+    assert torch.equal(a.images, b.images) and torch.equal(a.images, c.images)
     nf = {"noise": "none"}
     g = simulate("model_ii", 32, seed=3, device="cuda", overrides=nf)
     c = simulate("model_ii", 32, seed=3, device="cpu", overrides=nf)

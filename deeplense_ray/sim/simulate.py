@@ -23,9 +23,14 @@ from .render import (
 from .sampling import draw_parameters
 from .sources import load_source_library
 
-#: images per noise block: noise of block b comes from a generator seeded by (seed, b), so the bytes do not
-#: depend on the internal batch size (batches are whole blocks).
-NOISE_BLOCK = 64
+#: images per noise block, by device type: noise of block b comes from a generator on the device seeded by
+#: (seed, b), so the bytes do not depend on the internal batch size (batches are whole blocks).
+NOISE_BLOCK = {"cpu": 64, "cuda": 1024}
+
+
+def noise_block(device: torch.device) -> int:
+    """Images per noise block on this device type (64 on CPU, 1024 on CUDA)."""
+    return NOISE_BLOCK.get(device.type, 64)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def resolve_labels(
 
 
 def auto_batch_size(preset: Preset, device: torch.device, dtype: torch.dtype) -> int:
-    """Images per internal batch: a multiple of NOISE_BLOCK that fits a working-memory budget."""
+    """Images per internal batch: a multiple of the noise block that fits a working-memory budget."""
     p_ss = (preset.num_pix * preset.supersampling) ** 2
     per_image = (24 + min(preset.max_subhalos, 32)) * p_ss * torch.finfo(dtype).bits // 8
     if device.type == "cuda":
@@ -116,8 +121,9 @@ def auto_batch_size(preset: Preset, device: torch.device, dtype: torch.dtype) ->
         budget = int(0.5 * free)
     else:
         budget = 256 * 2**20
-    blocks = max(1, budget // (per_image * NOISE_BLOCK))
-    return int(min(blocks, 1024) * NOISE_BLOCK)
+    block = noise_block(device)
+    blocks = max(1, budget // (per_image * block))
+    return int(min(blocks, max(1, 2**17 // block)) * block)
 
 
 class Renderer:
@@ -339,16 +345,18 @@ def simulate(
     batch_size: int | None = None,
     compile: bool = False,
 ) -> SimResult:
-    """Simulate ``n`` lens images of ``preset``.
+    """Simulate ``n`` lens images of ``preset`` (a name, a ``Preset`` or a dict; ``overrides`` apply on top).
 
     Parameters are drawn on CPU from ``torch.Generator().manual_seed(seed)``; images are rendered on
     ``device`` (default: CUDA if available, else CPU) in internal batches (``batch_size``, rounded to
-    whole noise blocks of ``NOISE_BLOCK`` images); noise of block b uses a generator on the device seeded
-    from (seed, b). The same (preset, n, seed, labels) gives the same bytes on the same device type for
-    any batch size. ``labels`` (int64 [n], indices into the preset's class_names) fix the classes;
-    otherwise they are balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the
-    preset's) gives consecutive groups of C images the same macro lens and source. ``compile`` wraps the
-    hot path (macro deflection, Sersic source) in torch.compile. Returns CPU tensors; images float32.
+    whole noise blocks of ``noise_block(device)`` images); the noise of block b comes from a generator on
+    the device seeded from (seed, b). The same (preset, n, seed, labels) gives the same bytes on the
+    same device type for any batch size.
+
+    ``labels`` (int64 [n], indices into the preset's class_names) fix the classes; otherwise they are
+    balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the preset's) gives
+    consecutive groups of C images the same macro lens, source and observation. ``compile`` runs the
+    hot path (deflections + Sersic source) through torch.compile. Returns CPU tensors; images float32.
     """
     pre = resolve_preset(preset, overrides)
     n = _check_int("n", n, 1)
@@ -373,7 +381,8 @@ def simulate(
         bs = auto_batch_size(pre, dev, dtype)
     else:
         bs = _check_int("batch_size", batch_size, 1)
-        bs = max(NOISE_BLOCK, (bs // NOISE_BLOCK) * NOISE_BLOCK)
+        block = noise_block(dev)
+        bs = max(block, (bs // block) * block)
     render = Renderer(preset=pre, device=dev, dtype=dtype, stamps=stamps, compile=compile)
     images = torch.empty((n, 1, pre.num_pix, pre.num_pix), dtype=torch.float32)
     with torch.no_grad():
@@ -399,9 +408,10 @@ def simulate(
 
 def _add_noise_blocks(img: Tensor, pb: Mapping[str, Tensor], seed: int, start: int) -> Tensor:
     out = torch.empty_like(img)
-    for s in range(0, img.shape[0], NOISE_BLOCK):
-        e = min(img.shape[0], s + NOISE_BLOCK)
-        g = torch.Generator(device=img.device).manual_seed(_noise_seed(seed, (start + s) // NOISE_BLOCK))
+    block = noise_block(img.device)
+    for s in range(0, img.shape[0], block):
+        e = min(img.shape[0], s + block)
+        g = torch.Generator(device=img.device).manual_seed(_noise_seed(seed, (start + s) // block))
         out[s:e] = add_poisson_gaussian_noise(
             img[s:e], pb["exposure_time"][s:e], pb["background_rate"][s:e], pb["read_noise_rms"][s:e], g
         )
