@@ -186,6 +186,7 @@ def draw_parameters(
             p.update(tnfw_parameters(mass, preset))
     else:
         p["subhalo_count"] = torch.zeros(n, dtype=torch.int64)
+        p["subhalo_mass"] = torch.zeros((n, 0), dtype=_F64)
 
     if "axion" in name_of:
         log_m = _u(g, n, preset.axion_log10_mass)
@@ -199,6 +200,8 @@ def draw_parameters(
         p["vortex_theta_E"] = torch.where(
             is_axion, torch.full_like(log_m, coef * math.sqrt(preset.vortex_mass)), torch.zeros_like(log_m)
         )
+    else:
+        p["axion_mass"] = torch.zeros(n, dtype=_F64)  # the same schema for every preset
     return p
 
 
