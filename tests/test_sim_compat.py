@@ -18,7 +18,7 @@ from lenstronomy.LightModel.light_model import LightModel  # noqa: E402
 from lenstronomy.Util.simulation_util import data_configure_simple  # noqa: E402
 
 
-def lenstronomy_reference(lens_list, kw_lens, src_list, kw_src, num_pix, delta_pix, ss, fwhm):
+def lenstronomy_reference(lens_list, kw_lens, src_list, kw_src, num_pix, delta_pix, ss, fwhm, kw_ll=None):
     data = ImageData(**data_configure_simple(num_pix, delta_pix, inverse=False))
     psf = PSF("GAUSSIAN", fwhm=fwhm, truncation=5) if fwhm else PSF("NONE")
     model = ImageModel(
@@ -26,9 +26,10 @@ def lenstronomy_reference(lens_list, kw_lens, src_list, kw_src, num_pix, delta_p
         psf_class=psf,
         lens_model_class=LensModel(lens_list),
         source_model_class=LightModel(src_list),
+        lens_light_model_class=LightModel(["SERSIC_ELLIPSE"] if kw_ll else []),
         kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False},
     )
-    return model.image(kw_lens, kw_src)
+    return model.image(kw_lens, kw_src, kwargs_lens_light=kw_ll)
 
 
 def _rel_l2(a, b) -> float:
@@ -173,3 +174,29 @@ def test_simulate_noise_free_matches_lenstronomy():
         ref = lenstronomy_reference(*cfg, pre.num_pix, pre.delta_pix, pre.supersampling, pre.psf_fwhm)
         assert _rel_l2(res.images[i, 0].numpy(), ref) <= 1e-3, i
     assert int(res.params["subhalo_count"][1]) >= 5 and int(res.params["subhalo_count"][0]) == 0
+    # with lens light (Sersic at the lens centre with the lens ellipticity), instrument units
+    res = simulate(
+        "model_iii",
+        2,
+        seed=8,
+        device="cpu",
+        classes=["cdm"],
+        overrides={"num_pix": 40, "noise": "none", "lens_light": True},
+    )
+    pre = res.preset
+    for i in range(2):
+        cfg = _kwargs_from_params(res.params, i, pre.max_subhalos)
+        g = {k: float(v[i]) for k, v in res.params.items() if v.dim() == 1}
+        kw_ll = [
+            {
+                "amp": g["lens_light_amp"],
+                "R_sersic": g["lens_light_R_sersic"],
+                "n_sersic": g["lens_light_n_sersic"],
+                "e1": g["e1"],
+                "e2": g["e2"],
+                "center_x": g["center_x"],
+                "center_y": g["center_y"],
+            }
+        ]
+        ref = lenstronomy_reference(*cfg, pre.num_pix, pre.delta_pix, pre.supersampling, pre.psf_fwhm, kw_ll)
+        assert _rel_l2(res.images[i, 0].numpy(), ref) <= 1e-3, i
