@@ -340,6 +340,7 @@ def _make_datasink_class():
                 "encode_s": t1 - t0,
                 "hash_s": t2 - t1,
                 "write_s": t3 - t2,
+                "t_done": time.time(),
             }
 
         def on_write_complete(self, write_result) -> None:
@@ -348,6 +349,21 @@ def _make_datasink_class():
             self._on_complete(written)
 
     return HDF5ShardDatasink
+
+
+def _steady_state(written: list[dict[str, Any]], t0: float) -> dict[str, float]:
+    """Start-up (pipeline start -> first shard on disk) and the rate after it (start-up excluded)."""
+    if not written:
+        return {}
+    done = sorted(written, key=lambda w: w["t_done"])
+    out = {"first_shard_s": done[0]["t_done"] - t0}
+    if len(done) >= 2 and done[-1]["t_done"] > done[0]["t_done"]:
+        images = sum(w["rows"] for w in done[1:])
+        out["steady_images_per_s"] = images / (done[-1]["t_done"] - done[0]["t_done"])
+        out["steady_MB_per_s"] = (
+            sum(w["bytes"] for w in done[1:]) / (done[-1]["t_done"] - done[0]["t_done"]) / 1e6
+        )
+    return out
 
 
 def _ensure_ray() -> None:
@@ -495,6 +511,7 @@ def build_dataset(
             )
 
     t_plan = time.perf_counter()
+    wall_plan = time.time()
     written: list[dict[str, Any]] = []
     split_rows = {split: per_class * len(class_names) for split, per_class in cfg.rows_per_class().items()}
     manifest: dict[str, Any] = {}
@@ -563,6 +580,7 @@ def build_dataset(
                 "finalize_s": t_end - t_write,
                 "total_s": t_end - t_start,
                 **{k: float(sum(w[k] for w in written)) for k in _TIMING_KEYS},
+                **_steady_state(written, wall_plan),
             }
         )
     return manifest
