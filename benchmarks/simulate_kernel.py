@@ -85,20 +85,26 @@ def bench_config(name, ss, dev, batch_sizes, repeats, do_compile, n_batches):
             }
             modes = [("eager", False)] + ([("compiled", True)] if do_compile else [])
             for mode, comp in modes:
-                r = Renderer(preset=pre, device=dev, dtype=torch.float32, compile=comp)
-                with torch.no_grad():
-                    t = _timeit(lambda r=r, pd=pd: r(pd), dev, repeats)
-                row[f"render_{mode}_cdm"] = bs / t
-                n = bs * n_batches
-                for mix, classes in (("mix", None), ("cdm", ["cdm"])):
-                    t = _timeit(
-                        lambda c=classes, comp=comp, n=n, bs=bs: simulate(
-                            pre, n, 0, device=dev, classes=c, batch_size=bs, compile=comp
-                        ),
-                        dev,
-                        max(1, repeats // 2),
-                    )
-                    row[f"simulate_{mode}_{mix}"] = n / t
+                try:
+                    r = Renderer(preset=pre, device=dev, dtype=torch.float32, compile=comp)
+                    with torch.no_grad():
+                        t = _timeit(lambda r=r, pd=pd: r(pd), dev, repeats)
+                    row[f"render_{mode}_cdm"] = bs / t
+                    n = bs * n_batches
+                    for mix, classes in (("mix", None), ("cdm", ["cdm"])):
+                        t = _timeit(
+                            lambda c=classes, comp=comp, n=n, bs=bs: simulate(
+                                pre, n, 0, device=dev, classes=c, batch_size=bs, compile=comp
+                            ),
+                            dev,
+                            max(1, repeats // 2),
+                        )
+                        row[f"simulate_{mode}_{mix}"] = n / t
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # a failing torch.compile must not lose the eager numbers
+                    row[f"error_{mode}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"  {mode} failed: {row[f'error_{mode}']}", flush=True)
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
