@@ -84,6 +84,8 @@ class TrialRunsCallback(Callback):
         max_epochs: the epochs of an unstopped trial (to tell 'completed' from 'stopped by ASHA').
         param_keys: the searched keys, logged as each child's params.
         search_name: stored as a tag on every child run.
+        trainer_storage: where trials record their worker placement groups; when given, those of ended
+            trials are removed (see :mod:`deeplense_ray.tune.cleanup`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class TrialRunsCallback(Callback):
         max_epochs: int,
         param_keys: Iterable[str],
         search_name: str,
+        trainer_storage: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -105,12 +108,38 @@ class TrialRunsCallback(Callback):
         self.run_ids: dict[str, str] = {}
         self.epochs: dict[str, int] = {}
         self._client = None
+        self.trainer_storage = trainer_storage
+        self._reaper = None
 
     # -- pickling (Tune stores callbacks with the experiment; the client is rebuilt lazily) --
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_client"] = None
+        d["_reaper"] = None
         return d
+
+    @property
+    def reaper(self):
+        if self._reaper is None and self.trainer_storage:
+            from deeplense_ray.tune.cleanup import PlacementGroupReaper
+
+            self._reaper = PlacementGroupReaper(self.trainer_storage)
+        return self._reaper
+
+    def _trial_ended(self, trial) -> None:
+        if self.reaper is not None:
+            self.reaper.trial_ended(trial.trial_id)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.reaper is not None and self.reaper.pending:
+            self.reaper.reap(trials)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.reaper is not None:
+            for t in trials:
+                if t.status in ("TERMINATED", "ERROR"):
+                    self.reaper.trial_ended(t.trial_id)
+            self.reaper.reap(trials, force=True)
 
     @property
     def client(self):
@@ -185,6 +214,7 @@ class TrialRunsCallback(Callback):
         self.client.set_tag(run_id, TAG_OUTCOME, text)
         self.client.set_tag(run_id, TAG_EPOCHS, str(epochs_run))
         self.client.set_terminated(run_id, status=status)
+        self._trial_ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run_id(trial)
@@ -192,3 +222,4 @@ class TrialRunsCallback(Callback):
         self.client.set_tag(run_id, TAG_OUTCOME, f"failed at epoch {epochs_run + 1}")
         self.client.set_tag(run_id, TAG_EPOCHS, str(epochs_run))
         self.client.set_terminated(run_id, status="FAILED")
+        self._trial_ended(trial)

@@ -200,9 +200,14 @@ def train_trial(config: dict[str, Any]) -> None:
     cfg = make_train_config(config)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.storage_path = fixed["trainer_storage"]
+    from deeplense_ray.tune.cleanup import make_recorder
+
     trainer = build_trainer(
         cfg,
-        run_config_callbacks=[_sanitizing_report_callback(fixed["metric"], fixed["mode"])],
+        run_config_callbacks=[
+            _sanitizing_report_callback(fixed["metric"], fixed["mode"]),
+            make_recorder(fixed["trainer_storage"], str(trial_id)),
+        ],
         run_name=str(trial_id),
     )
     trainer.fit()
@@ -561,6 +566,7 @@ def run_search(
         max_epochs=settings.max_epochs,
         param_keys=plan.param_keys,
         search_name=name,
+        trainer_storage=os.path.join(output_dir, "trainers"),
     )
     param_space = dict(plan.space)
     param_space["_search"] = {

@@ -1,0 +1,157 @@
+"""Tune pieces that need no Ray runtime: settings validation, search spaces, cluster checks, summaries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deeplense_ray.models import build_model, list_models, model_hparams
+from deeplense_ray.tune.mlflow_runs import numeric_metrics, outcome
+from deeplense_ray.tune.runner import TrialSummary, format_summary, is_better
+from deeplense_ray.tune.settings import METRIC_MODES, TuneSettings, check_cluster_resources
+from deeplense_ray.tune.spaces import (
+    LR_RANGE,
+    batch_size_choices,
+    search_space,
+    split_trial_config,
+    width_choices,
+)
+
+
+def _settings(**kw) -> TuneSettings:
+    return TuneSettings(**{"model": "ViT", "num_samples": 4, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"model": "NoSuchNet"}, "unknown model 'NoSuchNet'"),
+        ({"num_samples": 0}, "num_samples=0"),
+        ({"metric": "val_top5"}, "unknown metric 'val_top5'"),
+        ({"metric": "val_loss", "mode": "max"}, "contradicts"),
+        ({"grace_period": 5, "max_epochs": 3}, "grace_period=5"),
+        ({"reduction_factor": 1}, "reduction_factor=1"),
+        ({"gpus_per_trial": -0.5}, "gpus_per_trial=-0.5"),
+        ({"gpus_per_trial": 1.5}, "whole number"),
+        ({"search": "grid"}, "unknown search 'grid'"),
+        ({"preset": "model_xx"}, "unknown preset 'model_xx'"),
+        ({"data_dir": "/nonexistent/dataset"}, "/nonexistent/dataset"),
+        ({"train_overrides": {"lr": 1.0}}, "may not set ['lr']"),
+        ({"model_size": "huge"}, "model_size='huge'"),
+    ],
+)
+def test_settings_reject_bad_values_naming_them(kw, needle):
+    with pytest.raises(ValueError) as exc:
+        _settings(**kw).validate()
+    assert needle in str(exc.value)
+
+
+def test_settings_canonical_model_name_and_natural_mode():
+    s = _settings(model="vit", metric="val_loss").validate()
+    assert s.model == "ViT" and s.resolved_mode == "min"
+    assert _settings().validate().resolved_mode == "max"
+    assert set(METRIC_MODES) >= {"val_auc_macro", "val_loss", "val_acc"}
+
+
+def test_cluster_check_refuses_more_gpus_than_the_cluster_has():
+    with pytest.raises(ValueError, match=r"gpus_per_trial=1 .* 0 GPUs"):
+        check_cluster_resources(_settings(gpus_per_trial=1.0), {"CPU": 4.0})
+    with pytest.raises(ValueError, match=r"2 GPUs per trial, but the Ray cluster has 1 GPUs"):
+        check_cluster_resources(_settings(gpus_per_trial=1.0, workers_per_trial=2), {"CPU": 16, "GPU": 1})
+    with pytest.raises(ValueError, match="needs 8.1 CPUs"):
+        check_cluster_resources(_settings(cpus_per_trial=8.0), {"CPU": 4.0})
+
+
+def test_cluster_check_packs_fractional_gpu_trials():
+    # 4 trials of 0.25 GPU share one GPU; CPUs (16, 1 kept for the data readers) allow more
+    assert check_cluster_resources(_settings(num_samples=10, gpus_per_trial=0.25), {"CPU": 16, "GPU": 1}) == 4
+    assert check_cluster_resources(_settings(num_samples=10, gpus_per_trial=1.0), {"CPU": 16, "GPU": 1}) == 1
+    # auto: 0.25 GPU per trial when the cluster has GPUs
+    assert check_cluster_resources(_settings(num_samples=10), {"CPU": 16, "GPU": 2}) == 8
+    # CPU cluster of 4: 1 CPU per worker + 0.1 per driver, 1 CPU left for Ray Data -> 2
+    assert check_cluster_resources(_settings(num_samples=10), {"CPU": 4.0}) == 2
+    assert check_cluster_resources(_settings(num_samples=10, max_concurrent=1), {"CPU": 4.0}) == 1
+    assert check_cluster_resources(_settings(num_samples=1), {"CPU": 64.0}) == 1
+
+
+def test_lr_range_is_sane_and_log_uniform():
+    space = search_space("ViT")
+    lo, hi = space["lr"].lower, space["lr"].upper
+    assert (lo, hi) == LR_RANGE and 1e-6 <= lo < hi <= 1e-2
+    assert type(space["lr"].get_sampler()).__name__ == "_LogUniform"
+    assert type(space["weight_decay"].get_sampler()).__name__ == "_LogUniform"
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_every_model_space_keeps_width_divisible_by_its_heads(model):
+    """Any (width, heads) draw of one stage is valid: dim % heads == 0 (e.g. ViT dim/heads, CvT s2_*)."""
+    hp = model_hparams(model)
+    space = search_space(model)
+    assert set(space) - {"lr", "weight_decay", "batch_size"} <= set(hp)
+    for hk, hdom in space.items():
+        if not hk.endswith("heads") or not hasattr(hdom, "categories"):
+            continue
+        prefix = hk.removesuffix("num_heads").removesuffix("heads")
+        for wk in (prefix + "dim", prefix + "emb_dim", prefix + "embedding_dim"):
+            if wk in space:
+                for w in space[wk].categories:
+                    assert all(w % h == 0 for h in hdom.categories), (model, wk, w, hk, hdom.categories)
+
+
+def test_unknown_space_key_is_refused():
+    with pytest.raises(ValueError, match="'patches' is neither an optimiser key"):
+        search_space("ViT", overrides={"patches": 4})
+
+
+@pytest.mark.slow
+def test_space_corner_builds_for_every_model():
+    """Each model builds and runs at the corner most likely to break it: most heads, least width."""
+    for model in list_models():
+        space = search_space(model)
+        cfg = {}
+        for k, dom in space.items():
+            if hasattr(dom, "categories"):
+                cfg[k] = max(dom.categories) if "heads" in k else min(dom.categories)
+            elif hasattr(dom, "upper"):
+                cfg[k] = dom.lower
+        _, overrides = split_trial_config(cfg, model_hparams(model))
+        net = build_model(model, 64, 1, 3, pixel_scale=0.1, **overrides).eval()
+        with torch.no_grad():
+            assert tuple(net(torch.zeros(1, 1, 64, 64)).shape) == (1, 3), model
+
+
+def test_width_and_batch_choices():
+    assert width_choices(256, 16) == [128, 256, 512]
+    assert all(w % 12 == 0 for w in width_choices(64, 12))
+    assert batch_size_choices(1) == [32, 64, 128]
+    assert all(b % 3 == 0 for b in batch_size_choices(3))
+
+
+def test_outcome_text_and_metric_filtering():
+    assert outcome(10, 10) == ("completed", "FINISHED")
+    assert outcome(3, 10) == ("stopped by ASHA at epoch 3", "KILLED")
+    m = numeric_metrics(
+        {
+            "val_loss": 1.0,
+            "epoch": 2,
+            "done": True,
+            "time_total_s": 3.0,
+            "x": "a",
+            "val_auc_macro": float("nan"),
+        }
+    )
+    assert set(m) == {"val_loss", "epoch", "val_auc_macro"} and math.isnan(m["val_auc_macro"])
+
+
+def test_summary_table_best_first_and_nan_never_best():
+    trials = [
+        TrialSummary("a", {"lr": 1e-3}, 2, 0.7, 2, "completed", None),
+        TrialSummary("b", {"lr": 1e-2}, 1, 0.9, 1, "stopped by ASHA at epoch 1", None),
+        TrialSummary("c", {"lr": 1e-4}, 1, float("nan"), 0, "failed: RuntimeError", None),
+    ]
+    table = format_summary(trials, "val_auc_macro", "max").splitlines()
+    assert table[0].split()[:3] == ["trial", "config", "epochs"]
+    assert [line.split()[0] for line in table[2:]] == ["b", "a", "c"]
+    assert not is_better(float("nan"), 0.1, "max") and is_better(0.2, float("nan"), "min")
