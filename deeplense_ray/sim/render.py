@@ -52,17 +52,25 @@ def gaussian_kernel_1d(
 
 def convolve_gaussian(images: Tensor, kernel_1d: Tensor) -> Tensor:
     """Separable convolution of [B, H, W] (or [B, 1, H, W]) images with edge replication
-    (scipy ``mode='nearest'``, as lenstronomy's GAUSSIAN PSF). Returns the input's shape."""
+    (scipy ``mode='nearest'``, as lenstronomy's GAUSSIAN PSF). Returns the input's shape.
+
+    Written as a fixed-order sum over the kernel taps (no cuDNN/oneDNN algorithm choice), so every
+    image's result is bit-identical whatever the batch size.
+    """
     shape = images.shape
-    x = images.reshape(-1, 1, shape[-2], shape[-1])
+    H, W = shape[-2], shape[-1]
     r = (kernel_1d.numel() - 1) // 2
     if r == 0:
         return images
-    k = kernel_1d.to(device=x.device, dtype=x.dtype)
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x.reshape(shape)
+    taps = kernel_1d.tolist()
+    x = F.pad(images.reshape(-1, 1, H, W), (r, r, r, r), mode="replicate")[:, 0]  # [B, H+2r, W+2r]
+    h = taps[0] * x[:, :, 0:W]
+    for k in range(1, len(taps)):
+        h = h + taps[k] * x[:, :, k : k + W]
+    v = taps[0] * h[:, 0:H, :]
+    for k in range(1, len(taps)):
+        v = v + taps[k] * h[:, k : k + H, :]
+    return v.reshape(shape)
 
 
 def add_poisson_gaussian_noise(

@@ -164,8 +164,8 @@ class Renderer:
         p_ss = self.x.numel()
         self.sub_chunk = max(1, int(2**28 // max(1, p_ss * max(1, preset.max_subhalos))))
         self.dense = bool(compile) if dense is None else bool(dense)
-        self._dense = torch.compile(_dense_hot_path, dynamic=None) if compile else _dense_hot_path
-        self._dense_binned = torch.compile(_dense_binned, dynamic=None) if compile else _dense_binned
+        self._dense = torch.compile(_dense_hot_path, dynamic=True) if compile else _dense_hot_path
+        self._dense_binned = torch.compile(_dense_binned, dynamic=True) if compile else _dense_binned
 
     def lensed_surface_brightness(self, p: Mapping[str, Tensor]) -> Tensor:
         """Surface brightness [B, P] at the sub-pixel grid (source seen through the lens, plus lens light)."""
