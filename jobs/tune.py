@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
     a("--metric", default="val_auc_macro", help=f"metric to optimise: {', '.join(METRIC_MODES)}")
     a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
+    a("--scheduler", default="asha", help="asha (early stopping) or fifo (every trial runs --max-epochs)")
     a("--search", default="optuna", help=f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
     a("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
     a("--experiment", default="deeplense-tune", help="MLflow experiment (default deeplense-tune)")
@@ -150,6 +151,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         metric=args.metric,
         mode=args.mode,
         search=args.search,
+        scheduler=args.scheduler,
         seed=args.seed,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,

@@ -354,20 +354,26 @@ def _build_tuner(settings, *, trainable, param_space, name, storage_path, concur
     from ray.tune.schedulers import ASHAScheduler
 
     mode = settings.resolved_mode
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=settings.max_epochs,
-        grace_period=settings.grace_period,
-        reduction_factor=settings.reduction_factor,
-    )
+    if settings.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=settings.max_epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    else:
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()
+    points = [dict(p) for p in settings.points_to_evaluate] if settings.points_to_evaluate else None
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=settings.seed)
+        search_alg = OptunaSearch(seed=settings.seed, points_to_evaluate=points)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=settings.seed)
+        search_alg = BasicVariantGenerator(random_state=settings.seed, points_to_evaluate=points)
     return tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space=param_space,
@@ -437,6 +443,12 @@ def plan_search(settings: TuneSettings) -> _Plan:
     space = search_space(
         settings.model, overrides=settings.space, hparams=hparams, num_workers=settings.workers_per_trial
     )
+    for p in settings.points_to_evaluate or []:
+        extra = sorted(set(p) - set(space))
+        if extra:
+            raise ValueError(
+                f"points_to_evaluate keys {extra} are not in the search space ({', '.join(space)})"
+            )
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(settings.train_overrides) - fields)
     if unknown:

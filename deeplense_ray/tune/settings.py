@@ -23,6 +23,7 @@ METRIC_MODES: dict[str, str] = {
     "val_loss": "min",
 }
 SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
+SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
 #: CPUs held by each trial's driver function (it only builds the TorchTrainer, calls fit and waits).
 DRIVER_CPUS: float = 0.1
 #: CPUs left free for Ray Data read tasks feeding the trials when the cluster has room to spare.
@@ -58,6 +59,8 @@ class TuneSettings:
         train_overrides: extra TrainConfig fields for every trial (optimizer, scheduler, precision, ...).
         space: entries replacing / adding to the model's search space (Tune domains or constants).
         model_size: the ``size`` passed to ``build_model`` for every trial.
+        scheduler: 'asha' (early stopping) or 'fifo' (every trial runs max_epochs; for baselines).
+        points_to_evaluate: configurations (search-space keys -> values) the searcher tries first.
     """
 
     model: str
@@ -86,6 +89,8 @@ class TuneSettings:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
     model_size: str = "default"
+    scheduler: str = "asha"
+    points_to_evaluate: list[dict[str, Any]] | None = None
 
     @property
     def resolved_mode(self) -> str:
@@ -138,6 +143,13 @@ class TuneSettings:
                 f"mode={self.mode!r} contradicts metric {self.metric!r}, which is optimised with "
                 f"mode={METRIC_MODES[self.metric]!r}"
             )
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        if self.points_to_evaluate is not None and (
+            not isinstance(self.points_to_evaluate, list)
+            or not all(isinstance(p, Mapping) for p in self.points_to_evaluate)
+        ):
+            raise ValueError("points_to_evaluate must be a list of mappings (search-space key -> value)")
         if self.search not in SEARCH_ALGORITHMS:
             raise ValueError(f"unknown search {self.search!r}; valid: {', '.join(SEARCH_ALGORITHMS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
