@@ -124,7 +124,7 @@ def connect_ray(address: str | None) -> str:
     try:
         ray.init(address="auto")
         return "joined the running local cluster"
-    except ConnectionError:
+    except (ConnectionError, RuntimeError):  # no running cluster found
         ray.init(address="local")
         return "started a local Ray runtime"
 
