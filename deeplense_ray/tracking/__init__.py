@@ -12,6 +12,7 @@ from deeplense_ray.tracking.mlflow_utils import (
     metric_history,
     resolve_tracking_uri,
     run_params,
+    use_tracking_uri,
 )
 from deeplense_ray.tracking.plots import (
     plot_confusion_matrix,
@@ -33,5 +34,6 @@ __all__ = [
     "plot_roc_curves",
     "resolve_tracking_uri",
     "run_params",
+    "use_tracking_uri",
     "write_json_atomic",
 ]

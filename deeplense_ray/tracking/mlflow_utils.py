@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -199,3 +200,24 @@ def metric_history(tracking_uri: str, run_id: str, keys: Iterable[str]) -> dict[
 
     client = MlflowClient(tracking_uri=tracking_uri)
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+@contextmanager
+def use_tracking_uri(tracking_uri: str) -> Iterator[str]:
+    """Temporarily point MLflow's fluent API (``mlflow.start_run``, ``mlflow.pytorch.log_model`` /
+    ``load_model`` of ``models:/`` and ``runs:/`` URIs) at ``tracking_uri``; restores the previous URI and the
+    ``MLFLOW_TRACKING_URI`` environment variable (which ``mlflow.set_tracking_uri`` also sets) afterwards."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as _utils
+
+    old_uri = getattr(_utils, "_tracking_uri", None)
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        yield tracking_uri
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env

@@ -288,9 +288,9 @@ def _log_model(
         "einops",
         "numpy",
     ]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    from deeplense_ray.tracking import use_tracking_uri
+
+    with use_tracking_uri(tracking_uri):
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 model,
@@ -299,8 +299,6 @@ def _log_model(
                 pip_requirements=requirements,
                 serialization_format="pickle",
             )
-    finally:
-        mlflow.set_tracking_uri(previous)
     return info.model_uri
 
 

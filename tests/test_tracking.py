@@ -1,0 +1,108 @@
+"""Tracking helpers against a real SQLite MLflow store and real PNG/JSON files (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeplense_ray.tracking import (
+    default_artifact_location,
+    flatten_params,
+    get_or_create_experiment,
+    git_commit,
+    log_metrics,
+    log_params,
+    metric_history,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_roc_curves,
+    resolve_tracking_uri,
+    write_json_atomic,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_resolve_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(base_dir=tmp_path / "b") == f"sqlite:///{tmp_path.resolve()}/b/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path.resolve()}/runs/x.db"
+    assert (tmp_path / "runs").is_dir()  # the database's directory is created
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path}/y.db") == f"sqlite:///{tmp_path.resolve()}/y.db"
+    assert resolve_tracking_uri("store") == f"sqlite:///{tmp_path.resolve()}/store/mlflow.db"
+    assert resolve_tracking_uri("z.db") == f"sqlite:///{tmp_path.resolve()}/z.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("file:mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/env.db"
+    with pytest.raises(ValueError, match="unsupported tracking URI scheme 'ftp'"):
+        resolve_tracking_uri("ftp://host/x")
+
+
+@pytest.mark.slow
+def test_experiment_created_once_with_artifacts_beside_db(tmp_path):
+    uri = resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert default_artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    first = get_or_create_experiment("exp-a", uri)
+    assert get_or_create_experiment("exp-a", uri) == first
+    assert get_or_create_experiment("exp-b", uri) != first
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(first).artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
+    run = client.create_run(first)
+    logged = log_params(uri, run.info.run_id, {"config": {"lr": 0.001, "model": "ViT"}, "x": [1, 2]})
+    assert logged == {"config.lr": "0.001", "config.model": "ViT", "x": "[1, 2]"}
+    log_metrics(uri, run.info.run_id, {"val_acc": 0.5, "flag": True, "name": "skip"}, step=1)
+    log_metrics(uri, run.info.run_id, {"val_acc": 0.75}, step=2)
+    assert metric_history(uri, run.info.run_id, ["val_acc"]) == {"val_acc": [(1, 0.5), (2, 0.75)]}
+    assert set(client.get_run(run.info.run_id).data.metrics) == {"val_acc"}
+    client.delete_experiment(get_or_create_experiment("exp-b", uri))
+    with pytest.raises(ValueError, match="exp-b.*deleted"):
+        get_or_create_experiment("exp-b", uri)
+
+
+def test_flatten_params_truncates_long_values():
+    flat = flatten_params({"a": {"b": {"c": 1}}, "long": "x" * 7000, "empty": {}})
+    assert flat["a.b.c"] == "1"
+    assert flat["empty"] == "{}"
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("...")
+
+
+def test_git_commit_of_this_checkout_and_outside(tmp_path):
+    commit = git_commit()
+    assert commit == "unknown" or len(commit.split("-")[0]) == 40
+    assert git_commit(tmp_path) == "unknown"
+
+
+def test_plots_are_png_and_written_atomically(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    logits = rng.normal(size=(30, 3)) + 2 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    names = ["no_sub", "axion", "cdm"]
+    paths = [
+        plot_roc_curves(y, probs, names, tmp_path / "roc.png"),
+        plot_confusion_matrix([[5, 3, 2], [1, 8, 1], [0, 0, 10]], names, tmp_path / "cm.png"),
+        plot_curves(
+            [{"epoch": 1, "train_loss": 1.1, "val_loss": 1.0, "val_auc_macro": 0.6},
+             {"epoch": 2, "train_loss": 0.9, "val_loss": float("nan"), "val_auc_macro": 0.7}],
+            tmp_path / "sub" / "curves.png",
+        ),
+    ]  # fmt: skip
+    for p in paths:
+        assert Path(p).read_bytes()[:8] == PNG_MAGIC
+        assert Path(p).stat().st_size > 5000
+    assert sorted(f.name for f in tmp_path.rglob("*")) == ["cm.png", "curves.png", "roc.png", "sub"]
+
+
+def test_write_json_atomic_maps_nan_to_null(tmp_path):
+    out = write_json_atomic({"a": math.nan, "b": np.float32(1.5), "c": np.arange(2)}, tmp_path / "m.json")
+    assert json.loads(out.read_text()) == {"a": None, "b": 1.5, "c": [0, 1]}
+    assert [f.name for f in tmp_path.iterdir()] == ["m.json"]

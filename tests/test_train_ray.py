@@ -1,0 +1,243 @@
+"""Distributed training end to end: real Ray runtime (2-worker DDP on CPU, gloo), real HDF5 data simulated
+by deeplense_ray.data.build_dataset, real models, a real SQLite MLflow store. Three fits (~3 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deeplense_ray.config import TrainConfig
+from deeplense_ray.data import DatasetConfig, LensShardDataset, build_dataset, manifest_hash
+from deeplense_ray.tracking import use_tracking_uri
+from deeplense_ray.train import REPORT_KEYS, evaluate_checkpoint, run_training
+from deeplense_ray.train.checkpoint import load_training_state
+from deeplense_ray.train.metrics import classification_metrics
+from deeplense_ray.train.trainer import RUN_STATE_FILE
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PER_CLASS = 20  # -> 16 train / 2 val / 2 test images per class
+MODEL = "ResNetSimple"
+OVERRIDES = {"width": 8}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_session, tmp_path_factory):
+    """One tiny model_ii dataset (32x32 pixels, 3 classes) shared by every fit of this module."""
+    out = tmp_path_factory.mktemp("train-data") / "model_ii_32"
+    cfg = DatasetConfig(
+        preset="model_ii",
+        preset_overrides={"num_pix": 32},
+        num_per_class=NUM_PER_CLASS,
+        shard_size=16,
+        seed=5,
+    )
+    build_dataset(cfg, out, progress=False)
+    return out
+
+
+def _cfg(tmp: Path, data_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        model=MODEL,
+        data_dir=str(data_dir),
+        epochs=2,
+        batch_size=8,
+        lr=3e-3,
+        num_workers=2,
+        model_overrides=dict(OVERRIDES),
+        tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+        storage_path=str(tmp / "ray"),
+        experiment="test-train",
+        shuffle_buffer=16,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _predict_test(model: torch.nn.Module, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Raw test images through a reloaded model (what a user of the logged model does)."""
+    logits, labels = [], []
+    loader = torch.utils.data.DataLoader(LensShardDataset(data_dir, "test"), batch_size=64)
+    with torch.no_grad():
+        for x, y in loader:
+            logits.append(model(x).float())
+            labels.append(y)
+    probs = torch.softmax(torch.cat(logits).double(), dim=1).numpy()
+    return torch.cat(labels).numpy(), probs
+
+
+def test_two_worker_ddp_run_is_tracked_and_reloadable(ray_session, data_dir, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    result = run_training(_cfg(tmp_path, data_dir))
+
+    # per-epoch reports: every key, whole-split validation, every training image once per epoch
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for h in result.history:
+        assert set(REPORT_KEYS) <= set(h)
+        assert h["val_n"] == 3 * 2  # the whole val split, although each rank ran half of its batches
+        assert h["train_images"] == 3 * 16  # 2 ranks x 24 rows, batches of 4 (no row dropped)
+        assert h["images_per_s"] > 0 and h["lr"] > 0
+    # selection by val only: the best checkpoint is the epoch with the highest val_auc_macro
+    best = max(result.history, key=lambda h: (h["val_auc_macro"], -h["val_loss"], -h["epoch"]))
+    assert result.best_epoch == best["epoch"]
+    assert result.best_val["val_auc_macro"] == pytest.approx(best["val_auc_macro"])
+
+    # the val metrics gathered over 2 ranks equal a single-process evaluation of the whole val split
+    val = evaluate_checkpoint(result.best_checkpoint, data_dir, "val", device="cpu")
+    assert val["n"] == 6
+    assert val["auc_macro"] == pytest.approx(best["val_auc_macro"], abs=1e-6)
+    assert val["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert val["accuracy"] == pytest.approx(best["val_acc"])
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert result.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    params = run.data.params
+    assert params["config.model"] == MODEL and params["config.num_workers"] == "2"
+    assert params["dataset.manifest_hash"] == manifest_hash(data_dir)
+    assert params["package_version"] and params["git_commit"]
+    for key in ("val_auc_macro", "val_loss", "train_loss", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
+    metrics = run.data.metrics
+    test = result.test_metrics
+    assert test["n"] == 6
+    assert metrics["test_auc_macro"] == pytest.approx(test["auc_macro"])
+    assert metrics["test_acc"] == pytest.approx(test["accuracy"])
+    assert metrics["best_epoch"] == result.best_epoch
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"roc_test.png", "confusion_test.png", "curves.png", "metrics.json", "config.json"} <= artifacts
+    local = Path(client.download_artifacts(result.run_id, "", str(tmp_path / "dl")))
+    for png in ("roc_test.png", "confusion_test.png", "curves.png"):
+        assert (local / png).read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads((local / "metrics.json").read_text())
+    assert summary["best_epoch"] == result.best_epoch
+    assert summary["test"]["auc_macro"] == pytest.approx(test["auc_macro"])
+    assert summary["test"]["confusion_matrix"] == test["confusion_matrix"]
+    assert np.sum(summary["test"]["confusion_matrix"]) == 6
+
+    # the logged model reloads with mlflow.pytorch.load_model and reproduces the logged test metrics
+    with use_tracking_uri(result.tracking_uri):
+        model = mlflow.pytorch.load_model(result.model_uri, map_location="cpu").eval()
+    y, probs = _predict_test(model, data_dir)
+    again = classification_metrics(y, probs, ["no_sub", "axion", "cdm"])
+    assert again["auc_macro"] == pytest.approx(metrics["test_auc_macro"], abs=1e-6)
+    assert again["auc_micro"] == pytest.approx(metrics["test_auc_micro"], abs=1e-6)
+    assert again["accuracy"] == pytest.approx(metrics["test_acc"])
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+    state = json.loads((Path(result.run_dir) / RUN_STATE_FILE).read_text())
+    assert state["status"] == "finished" and state["mlflow_run_id"] == result.run_id
+
+
+def test_crash_then_resume_continues_epochs_and_optimizer(ray_session, data_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    # 1 worker keeps this cheaper; DDP is covered above. 48 rows / batch 8 = 6 optimizer steps per epoch.
+    cfg = _cfg(tmp_path, data_dir, num_workers=1, epochs=3, run_name="crashy", max_failures=0)
+    with pytest.raises(Exception, match="injected failure at epoch 2"):
+        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2})
+    run_dir = tmp_path / "ray" / "crashy"
+    state = json.loads((run_dir / RUN_STATE_FILE).read_text())
+    assert state["status"] == "failed"
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    assert client.get_run(state["mlflow_run_id"]).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(state["mlflow_run_id"], "val_auc_macro")] == [1]
+
+    # --resume (the newest run of this model and seed) with FailureConfig(max_failures=1): it continues from
+    # the epoch-1 checkpoint; a worker failure injected at epoch 3 is retried by Ray from the epoch-2 one.
+    resumed = _cfg(tmp_path, data_dir, num_workers=1, epochs=3, resume=True, max_failures=1)
+    result = run_training(resumed, extra_loop_config={"_fail_at_epoch": 3})
+    assert result.run_name == "crashy" and result.run_id == state["mlflow_run_id"]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 2]
+
+    latest = max(run_dir.glob("checkpoint_*"), key=lambda p: load_training_state(p)["epoch"])
+    train_state = load_training_state(latest)
+    assert train_state["epoch"] == 3
+    steps = {int(s["step"].item()) for s in train_state["optimizer"]["state"].values()}
+    assert steps == {3 * 6}, "optimizer state was not carried over the crash and the restart"
+    assert train_state["scheduler"]["last_epoch"] == 3
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_auc_macro")] == [1, 2, 3]
+    assert run.data.tags["resume.config.max_failures"] == "1"
+    assert math.isfinite(result.test_metrics["loss"])
+
+
+def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
+    """Each bad input is refused with a message naming it, in a fresh process where Ray never starts."""
+    one_class = tmp_path / "one_class"
+    build_dataset(
+        DatasetConfig(preset="model_ii", preset_overrides={"num_pix": 16, "class_names": ["cdm"]},
+                      num_per_class=4, splits={"train": 0.5, "val": 0.25, "test": 0.25}, seed=1),
+        one_class,
+        progress=False,
+    )  # fmt: skip
+    no_manifest = tmp_path / "empty"
+    no_manifest.mkdir()
+    cases = {
+        "missing": {"model": "ViT", "data_dir": str(tmp_path / "missing")},
+        "no_manifest": {"model": "ViT", "data_dir": str(no_manifest)},
+        "unknown_model": {"model": "ResNet99", "data_dir": str(data_dir)},
+        "image_size": {"model": "ViT", "data_dir": str(data_dir), "model_overrides": {"patch_size": 5}},
+        "classes": {"model": "ViT", "data_dir": str(one_class)},
+    }
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import ray
+        from deeplense_ray.config import TrainConfig
+        from deeplense_ray.train import run_training
+        out = {{}}
+        for name, kw in json.loads(sys.argv[1]).items():
+            try:
+                run_training(TrainConfig(**kw, storage_path={str(tmp_path / "ray")!r},
+                                         tracking_uri={f"sqlite:///{tmp_path}/mlflow.db"!r}))
+                out[name] = "no error"
+            except Exception as exc:
+                out[name] = type(exc).__name__ + ": " + str(exc)
+        out["ray_started"] = ray.is_initialized()
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ray_started"] is False
+    assert out["missing"].startswith("FileNotFoundError") and str(tmp_path / "missing") in out["missing"]
+    assert "manifest" in out["no_manifest"] and str(no_manifest) in out["no_manifest"]
+    assert "unknown model 'ResNet99'" in out["unknown_model"] and "ResNetSimple" in out["unknown_model"]
+    assert "cannot take" in out["image_size"] and "[1, 32, 32]" in out["image_size"]
+    assert "patch_size=5" in out["image_size"]
+    assert "1 class" in out["classes"] and str(one_class) in out["classes"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+    # the CLI says the same and exits with status 2
+    cli = subprocess.run(
+        [sys.executable, "jobs/train.py", "--model", "ViT", "--data", str(data_dir), "--model-override",
+         "patch_size=5", "--storage-path", str(tmp_path / "ray")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert cli.returncode == 2
+    assert "error: model 'ViT' cannot take dataset" in cli.stderr

@@ -1,0 +1,167 @@
+"""Pieces of the training stack that need no Ray: schedule, options, checkpoint round trip, one epoch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deeplense_ray.config import TrainConfig, parse_override
+from deeplense_ray.train.checkpoint import load_model_from_checkpoint, load_training_state, save_checkpoint
+from deeplense_ray.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    derive_seed,
+    lr_factor,
+    predict_batches,
+    train_one_epoch,
+)
+from deeplense_ray.train.modules import build_classifier
+
+ARCH = {
+    "model": "ResNetSimple",
+    "model_size": "default",
+    "model_overrides": {"width": 4},
+    "image_shape": [1, 16, 16],
+    "class_names": ["no_sub", "cdm"],
+    "pixel_scale": 0.1,
+    "normalize": "per_image_standard",
+}
+
+
+def test_lr_factor_schedules():
+    kw = {"epochs": 6, "warmup_epochs": 2}
+    assert [lr_factor(e, scheduler="none", **kw) for e in range(6)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 1, 1, 1]
+    )
+    cos = [lr_factor(e, scheduler="cosine", **kw) for e in range(2, 6)]
+    assert cos == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+    step = [lr_factor(e, epochs=9, scheduler="step", step_gamma=0.5) for e in range(9)]
+    assert step == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])
+    with pytest.raises(ValueError, match="scheduler"):
+        lr_factor(0, epochs=2, scheduler="linear")
+
+
+def test_scheduler_follows_lr_factor():
+    p = torch.nn.Parameter(torch.zeros(1))
+    conf = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "epochs": 4,
+            "warmup_epochs": 1, "scheduler": "cosine"}  # fmt: skip
+    opt = build_optimizer([p], conf)
+    sched = build_scheduler(opt, conf)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert seen == pytest.approx([0.1 * lr_factor(e, epochs=4, warmup_epochs=1) for e in range(4)])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("batch_size", 7, "divisible by num_workers=2"),
+        ("optimizer", "lamb", "optimizer must be one of"),
+        ("precision", "fp8", "precision must be one of"),
+        ("lr", -1.0, "lr must be a positive"),
+        ("warmup_epochs", 5, "warmup_epochs=5 must be < epochs=5"),
+        ("gpus_per_worker", 1.5, "whole number"),
+        ("run_name", "a/b", "plain directory name"),
+        ("normalize", "zscore", "normalize must be one of"),
+    ],
+)
+def test_bad_options_name_the_value(field, value, match):
+    cfg = TrainConfig(model="ViT", data_dir="x", epochs=5, batch_size=8, num_workers=2)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=match):
+        cfg.validate_options()
+
+
+def test_config_round_trip_and_overrides(tmp_path):
+    cfg = TrainConfig(model="vit", data_dir="d", model_overrides={"depth": 2})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({**cfg.to_dict(), "lr_max": 1})
+    r = cfg.resolved(base_dir=tmp_path)
+    assert r.model == "ViT" and r.data_dir == str(tmp_path.resolve() / "d")
+    assert r.storage_path == str(tmp_path.resolve() / "ray_results")
+    assert r.tracking_uri.startswith("sqlite:////") or r.tracking_uri.startswith("http")
+    assert parse_override("depth=2") == ("depth", 2)
+    assert parse_override("dropout=0.1") == ("dropout", 0.1)
+    assert parse_override("pool=mean") == ("pool", "mean")
+    assert parse_override("depths=[2, 2]") == ("depths", (2, 2))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("depth")
+
+
+def test_derive_seed_streams_differ():
+    assert derive_seed(0, 1, 0) == derive_seed(0, 1, 0)
+    assert len({derive_seed(0, e, r) for e in range(5) for r in range(3)}) == 15
+    assert 0 <= derive_seed(2**63 - 1, 7) < 2**63
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads made this tiny model 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_epoch_learns_and_checkpoint_round_trips(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = build_classifier(ARCH)
+    # a separable toy problem on real model code: class 1 has a bright centre
+    x = torch.randn(32, 1, 16, 16)
+    y = torch.arange(32) % 2
+    x[y == 1, :, 6:10, 6:10] += 3.0
+    batches = [{"image": x[i : i + 8], "label": y[i : i + 8]} for i in range(0, 32, 8)]
+    conf = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0, "epochs": 30, "warmup_epochs": 0,
+            "scheduler": "none", "seed": 0}  # fmt: skip
+    opt = build_optimizer(model.parameters(), conf)
+    sched = build_scheduler(opt, conf)
+    gen = torch.Generator().manual_seed(1)
+    aug = {"rot90": True, "flip": True}
+    first = train_one_epoch(model, batches, opt, device=torch.device("cpu"), augment=aug, generator=gen)
+    for _ in range(9):
+        last = train_one_epoch(model, batches, opt, device=torch.device("cpu"), augment=aug, generator=gen)
+        sched.step()
+    assert first["images"] == 32 and first["seconds"] > 0
+    assert last["loss_sum"] < 0.5 * first["loss_sum"]
+    assert last["correct"] / 32 > 0.9
+
+    save_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=None,
+        epoch=10,
+        config={**ARCH, "seed": 0},
+        metrics={"val_auc_macro": float("nan")},
+        history=[{"epoch": 1}],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "model.pt", "train_state.pt"]
+    state = load_training_state(tmp_path)
+    assert state["epoch"] == 10 and state["history"] == [{"epoch": 1}]
+    assert state["optimizer"]["state"][0]["step"].item() == 10 * 4
+    assert state["scheduler"]["last_epoch"] == 9
+    reloaded = load_model_from_checkpoint(tmp_path)
+    model.eval()
+    a, _ = predict_batches(model, batches, device=torch.device("cpu"))
+    b, labels = predict_batches(reloaded, batches, device=torch.device("cpu"))
+    assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+    assert labels.tolist() == y.tolist()
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        load_model_from_checkpoint(tmp_path / "nope")
+
+
+def test_predict_batches_strides_over_ranks():
+    model = build_classifier(ARCH).eval()
+    batches = [{"image": torch.randn(3, 1, 16, 16), "label": torch.full((3,), i)} for i in range(5)]
+    parts = [
+        predict_batches(model, batches, device=torch.device("cpu"), rank=r, world_size=2) for r in (0, 1)
+    ]
+    assert parts[0][1].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert parts[1][1].tolist() == [1, 1, 1, 3, 3, 3]
