@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Training throughput: the Ray Train path (run_training, what jobs/train.py runs) against a bare PyTorch loop
+on the same device, model, data and step code (Ray's overhead), and on K GPUs against 1 (scaling).
+
+Both paths time the same ``train_one_epoch`` (same model, augmentation on the device, autocast, optimizer);
+images/s is training images / wall seconds of an epoch's training pass (waiting for data included, validation
+excluded). The bare loop reads the train split once into pinned host memory (its best case); the Ray path
+streams the HDF5 shards through Ray Data every epoch, wraps the model in DDP, reports and checkpoints every
+epoch and logs to MLflow. Epoch 1 is warm-up (Ray Data start-up, kernel autotuning) and is left out; the
+steady-state figure is the median of the other epochs. Prints a table and writes JSON (--out).
+
+    python benchmarks/train_scaling.py --quick                       # CPU smoke test (tiny, minutes)
+    python benchmarks/train_scaling.py --workers 1,2 --out train_scaling.json   # 2-GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local Ray runtime started by this script
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+TARGET_OVERHEAD = 0.10
+TARGET_SPEEDUP_2 = 1.8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="existing dataset dir; default: simulate one into --workdir")
+    p.add_argument("--preset", default="model_ii")
+    p.add_argument("--num-pix", type=int, default=None, help="override the preset's image size [pixels]")
+    p.add_argument("--num-per-class", type=int, default=8000)
+    p.add_argument("--model", default="ViT")
+    p.add_argument("--model-size", default="comparable", help="'default' or 'comparable' (~13M parameters)")
+    p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int, default=256, help="PER-WORKER batch (global = this x workers)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 1 is warm-up")
+    p.add_argument("--workers", default="1,2", help="Ray Train worker counts to run, e.g. 1,2")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 with CUDA, else 0")
+    p.add_argument("--cpus-per-worker", type=float, default=4.0)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--skip-bare", action="store_true")
+    p.add_argument(
+        "--workdir", default=None, help="where data, checkpoints and MLflow go (default: a tmp dir)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep --workdir")
+    p.add_argument("--out", default="train_scaling.json")
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: 32x32 images, tiny ResNet, 2 epochs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_pix = args.num_pix or 32
+        args.num_per_class = 40
+        args.model, args.model_size = "ResNetSimple", "default"
+        args.model_override = args.model_override or ["width=8"]
+        args.batch_size, args.epochs = 8, 3
+        args.gpus_per_worker = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
+        args.cpus_per_worker = 1.0
+    if args.gpus_per_worker is None:
+        args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+    args.worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    return args
+
+
+def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[Path, float]:
+    """The dataset to train on and the seconds it took to simulate (0 if given)."""
+    from deeplense_ray.data import DatasetConfig, build_dataset
+
+    if args.data:
+        return Path(args.data).resolve(), 0.0
+    overrides = {"num_pix": args.num_pix} if args.num_pix else {}
+    cfg = DatasetConfig(
+        preset=args.preset,
+        preset_overrides=overrides,
+        num_per_class=args.num_per_class,
+        shard_size=2048,
+        seed=0,
+    )
+    out = workdir / "data"
+    gpus = torch.cuda.device_count()
+    t0 = time.perf_counter()
+    build_dataset(
+        cfg, out, workers=max(1, gpus), gpus_per_worker=1.0 if gpus else 0.0, overwrite=True, progress=False
+    )
+    return out, time.perf_counter() - t0
+
+
+def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in host memory (pinned when CUDA is there): images float32 [N,1,H,W], labels int64."""
+    from deeplense_ray.data import read_shard, shard_paths
+
+    parts = [read_shard(str(p)) for p in shard_paths(data_dir, split)]
+    x = torch.from_numpy(np.concatenate([p["images"] for p in parts]).astype(np.float32))
+    y = torch.from_numpy(np.concatenate([p["labels"] for p in parts]).astype(np.int64))
+    if torch.cuda.is_available():
+        x, y = x.pin_memory(), y.pin_memory()
+    return x, y
+
+
+def bare_loop(args: argparse.Namespace, cfg, info) -> dict[str, Any]:
+    """Plain PyTorch on one device: same model, step code, augmentation and precision; no Ray, no DDP."""
+    from deeplense_ray.train.loop import autocast_dtype, build_optimizer, derive_seed, train_one_epoch
+    from deeplense_ray.train.modules import build_classifier
+    from deeplense_ray.train.trainer import loop_config
+
+    device = torch.device("cuda:0" if args.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(args.cpus_per_worker)))
+    x, y = load_split(Path(info.data_dir), "train")
+    conf = loop_config(cfg, info)
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(conf).to(device)
+    opt = build_optimizer(model.parameters(), conf)
+    amp = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    bs = cfg.batch_size
+    epochs = []
+    for epoch in range(1, cfg.epochs + 1):
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
+        order = torch.randperm(len(y), generator=g)
+        n_full = len(y) // bs * bs  # drop the last partial batch, as the Ray loop does
+        batches = (
+            {"image": x[order[i : i + bs]], "label": y[order[i : i + bs]]} for i in range(0, n_full, bs)
+        )
+        gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, 0, 1))
+        sums = train_one_epoch(
+            model, batches, opt, device=device, amp_dtype=amp, scaler=scaler,
+            augment={"rot90": True, "flip": True} if cfg.augment else None, generator=gen,
+        )  # fmt: skip
+        rate = sums["images"] / sums["seconds"]
+        loss = sums["loss_sum"] / sums["images"]
+        epochs.append(
+            {
+                "epoch": epoch,
+                "images": sums["images"],
+                "seconds": sums["seconds"],
+                "images_per_s": rate,
+                "loss": loss,
+            }
+        )
+        print(f"  bare epoch {epoch}: {epochs[-1]['images_per_s']:.0f} img/s", flush=True)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"device": str(device), "epochs": epochs, "images_per_s": steady(epochs)}
+
+
+def ray_run(args: argparse.Namespace, cfg, workdir: Path, workers: int) -> dict[str, Any]:
+    """run_training (what jobs/train.py calls) with ``workers`` Ray Train workers."""
+    import dataclasses
+
+    from deeplense_ray.train import run_training
+
+    run_cfg = dataclasses.replace(
+        cfg,
+        num_workers=workers,
+        batch_size=args.batch_size * workers,
+        run_name=f"bench-w{workers}-{int(time.time())}",
+    )
+    t0 = time.perf_counter()
+    result = run_training(run_cfg)
+    wall = time.perf_counter() - t0
+    epochs = [
+        {k: h[k] for k in ("epoch", "images_per_s", "train_images", "train_seconds", "val_seconds") if k in h}
+        for h in result.history
+    ]
+    for e in epochs:
+        print(f"  ray x{workers} epoch {e['epoch']}: {e['images_per_s']:.0f} img/s", flush=True)
+    return {
+        "workers": workers,
+        "global_batch": run_cfg.batch_size,
+        "epochs": epochs,
+        "images_per_s": steady(epochs),
+        "wall_s_incl_startup_test_eval_and_model_logging": wall,
+        "mlflow_run_id": result.run_id,
+    }
+
+
+def steady(epochs: list[dict[str, Any]]) -> float:
+    """Median images/s over epochs after the first (all epochs if there is only one)."""
+    vals = [e["images_per_s"] for e in epochs[1:]] or [e["images_per_s"] for e in epochs]
+    return float(statistics.median(vals))
+
+
+def environment() -> dict[str, Any]:
+    import ray
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "host": platform.node(),
+    }
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from deeplense_ray.config import TrainConfig, parse_override
+
+    args = parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-scaling-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.gpus_per_worker > 0 and torch.cuda.device_count() < max(args.worker_counts):
+        print(f"error: --workers {args.workers} needs {max(args.worker_counts)} GPUs, "
+              f"found {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
+        return 2
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        data_dir, sim_s = ensure_dataset(args, workdir)
+        cfg = TrainConfig(
+            model=args.model,
+            data_dir=str(data_dir),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=1e-3,
+            scheduler="none",
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            precision=args.precision,
+            model_size=args.model_size,
+            model_overrides=dict(parse_override(o) for o in args.model_override),
+            tracking_uri=f"sqlite:///{workdir}/mlflow.db",
+            storage_path=str(workdir / "ray_results"),
+            experiment="train-scaling",
+            num_to_keep=1,
+        ).resolved()
+        info = cfg.validate()
+        report: dict[str, Any] = {
+            "benchmark": "train_scaling",
+            "environment": environment(),
+            "args": {k: v for k, v in vars(args).items()},
+            "dataset": {
+                "dir": str(data_dir),
+                "rows": info.split_rows,
+                "image_shape": list(info.image_shape),
+                "simulate_s": sim_s,
+            },  # fmt: skip
+            "definition": "images/s = training images / wall seconds of the epoch's training pass (data "
+            "waits included, validation excluded); steady state = median over epochs 2..E",
+        }
+        if not args.skip_bare:
+            print("bare PyTorch loop ...", flush=True)
+            report["bare"] = bare_loop(args, cfg, info)
+        report["ray"] = []
+        for w in args.worker_counts:
+            print(f"Ray Train, {w} worker(s) ...", flush=True)
+            report["ray"].append(ray_run(args, cfg, workdir, w))
+    finally:
+        ray.shutdown()
+
+    by_w = {r["workers"]: r["images_per_s"] for r in report["ray"]}
+    summary: dict[str, Any] = {"ray_images_per_s": by_w}
+    if "bare" in report and 1 in by_w:
+        overhead = 1.0 - by_w[1] / report["bare"]["images_per_s"]
+        summary.update(bare_images_per_s=report["bare"]["images_per_s"], ray_overhead=overhead,
+                       overhead_target_met=overhead <= TARGET_OVERHEAD)  # fmt: skip
+    if 1 in by_w and 2 in by_w:
+        summary.update(
+            speedup_2_vs_1=by_w[2] / by_w[1], speedup_target_met=by_w[2] / by_w[1] >= TARGET_SPEEDUP_2
+        )
+    report["summary"] = summary
+
+    unit = "GPU" if args.gpus_per_worker > 0 else "CPU worker"
+    print()
+    print(f"{'path':<28}{'img/s (steady)':>16}{'vs bare':>10}{'vs 1 ' + unit:>16}")
+    if "bare" in report:
+        print(f"{'bare PyTorch, 1 ' + unit:<28}{report['bare']['images_per_s']:>16.0f}{'1.00':>10}{'':>16}")
+    for r in report["ray"]:
+        vs_bare = f"{r['images_per_s'] / report['bare']['images_per_s']:.2f}" if "bare" in report else "-"
+        vs_1 = f"{r['images_per_s'] / by_w[1]:.2f}" if 1 in by_w else "-"
+        name = f"Ray Train, {r['workers']} {unit}"
+        print(f"{name:<28}{r['images_per_s']:>16.0f}{vs_bare:>10}{vs_1:>16}")
+    if "ray_overhead" in summary:
+        print(f"Ray overhead vs bare loop: {100 * summary['ray_overhead']:.1f}% (target <= 10%)")
+    if "speedup_2_vs_1" in summary:
+        print(f"2 vs 1 speed-up: {summary['speedup_2_vs_1']:.2f}x (target >= 1.8x)")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if not args.keep and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
