@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --workers {args.workers} needs {max(args.worker_counts)} GPUs, "
               f"found {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
         return 2
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = os.environ.get("RAY_ADDRESS", "local")  # a fresh local runtime unless told otherwise
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         data_dir, sim_s = ensure_dataset(args, workdir)
         cfg = TrainConfig(
