@@ -115,6 +115,15 @@ def test_sie_near_round_and_at_centre():
         assert torch.isfinite(sie[0]).all() and torch.isfinite(sie[1]).all()
         err = _rel_err(sie, (sis[0].numpy(), sis[1].numpy()))
         assert err <= 1e-6 + 2 * eps, (eps, err)
+    # float32, exactly round and nearly round
+    x32, y32 = x.float(), y.float()
+    sis32 = alpha_sis(x32, y32, torch.tensor(1.3), 0.0, 0.0)
+    for eps in (0.0, 1e-9, 1e-6):
+        sie32 = alpha_sie(x32, y32, torch.tensor(1.3), torch.tensor(eps), torch.tensor(0.0), 0.0, 0.0)
+        err = _rel_err(
+            tuple(a.double() for a in sie32), (sis32[0].double().numpy(), sis32[1].double().numpy())
+        )
+        assert err <= 1e-6 + 2 * eps, (eps, err)
     # exactly at the centre: finite (zero) in both precisions, also for q -> 1
     for dtype in (torch.float32, torch.float64):
         z = torch.zeros(3, dtype=dtype)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-_SERIES_F = 1e-3  # below this sqrt(1-q^2) the SIE uses its Taylor series (error < 1e-16 relative)
+_F_FLOOR = 1e-15  # floor of sqrt(1-q^2) in the SIE: arctan(f t)/f -> t without 0/0 at q = 1
 
 
 def ellipticity_to_phi_q(e1: Tensor, e2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,21 +40,15 @@ def alpha_sis(x: Tensor, y: Tensor, theta_E: Tensor, center_x=0.0, center_y=0.0)
 
 
 def _atan_over_f(t: Tensor, f: Tensor) -> Tensor:
-    """arctan(f t) / f, continuous at f -> 0 (= t)."""
-    small = f < _SERIES_F
-    f_safe = torch.where(small, torch.ones_like(f), f)
-    z2 = (f * t) ** 2
-    series = t * (1.0 - z2 / 3.0 + z2 * z2 / 5.0)
-    return torch.where(small, series, torch.atan(f_safe * t) / f_safe)
+    """arctan(f t) / f, continuous at f -> 0 (= t): f is floored at 1e-15, where arctan(z) = z exactly."""
+    f = f.clamp_min(_F_FLOOR)
+    return torch.atan(f * t) / f
 
 
 def _atanh_over_f(t: Tensor, f: Tensor) -> Tensor:
-    """artanh(f t) / f, continuous at f -> 0 (= t)."""
-    small = f < _SERIES_F
-    f_safe = torch.where(small, torch.ones_like(f), f)
-    z2 = (f * t) ** 2
-    series = t * (1.0 + z2 / 3.0 + z2 * z2 / 5.0)
-    return torch.where(small, series, torch.atanh(f_safe * t) / f_safe)
+    """artanh(f t) / f, continuous at f -> 0 (= t): f is floored at 1e-15, where artanh(z) = z exactly."""
+    f = f.clamp_min(_F_FLOOR)
+    return torch.atanh(f * t) / f
 
 
 def alpha_sie(
@@ -64,7 +58,8 @@ def alpha_sie(
 
     With q, phi from (e1, e2), in the frame rotated by phi: b = theta_E sqrt(q), f = sqrt(1-q^2),
     psi = sqrt(q^2 x'^2 + y'^2), alpha_x' = b/f arctan(f x'/psi), alpha_y' = b/f artanh(f y'/psi).
-    Reduces to the SIS continuously as q -> 1 (Taylor series for small f) and is 0 at the centre.
+    Reduces to the SIS continuously as q -> 1 (f floored at 1e-15, where arctan(z)/z = artanh(z)/z = 1 in
+    floating point) and is 0 at the centre.
     theta_E [arcsec] is lenstronomy's (product-average) Einstein radius.
     """
     phi, q, c = ellipticity_to_phi_q(e1, e2)

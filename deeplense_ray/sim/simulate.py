@@ -162,7 +162,8 @@ class Renderer:
             stamps.to(device=device, dtype=torch.float32).unsqueeze(1) if stamps is not None else None
         )
         p_ss = self.x.numel()
-        self.sub_chunk = max(1, int(2**28 // max(1, p_ss * max(1, preset.max_subhalos))))
+        budget = 2**28 if device.type == "cuda" else 2**24  # elements of one [chunk, K, P] temporary
+        self.sub_chunk = max(1, int(budget // max(1, p_ss * max(1, preset.max_subhalos))))
         self.dense = bool(compile) if dense is None else bool(dense)
         self._dense = torch.compile(_dense_hot_path, dynamic=True) if compile else _dense_hot_path
         self._dense_binned = torch.compile(_dense_binned, dynamic=True) if compile else _dense_binned
