@@ -66,7 +66,7 @@ set -euo pipefail
 : "${RAY_PORT_BASE:=$(( 10000 + (${SLURM_JOB_ID:-0} % 250) * 200 ))}"
 : "${RAY_PORT:=$RAY_PORT_BASE}"                      # GCS (the cluster address: head-ip:RAY_PORT)
 : "${RAY_DASHBOARD_PORT:=$((RAY_PORT_BASE + 1))}"    # dashboard + job API, bound to 127.0.0.1 (use SSH -L)
-: "${RAY_CLIENT_PORT:=$((RAY_PORT_BASE + 2))}"       # Ray client server
+: "${RAY_CLIENT_PORT:=}"                            # Ray client server port ('' = off; needs ray[client])
 : "${RAY_NODE_MANAGER_PORT:=$((RAY_PORT_BASE + 3))}"
 : "${RAY_OBJECT_MANAGER_PORT:=$((RAY_PORT_BASE + 4))}"
 : "${RAY_AGENT_GRPC_PORT:=$((RAY_PORT_BASE + 5))}"
@@ -77,7 +77,9 @@ set -euo pipefail
 : "${RAY_MAX_WORKER_PORT:=$((RAY_PORT_BASE + 199))}"
 : "${RAY_TEMP_DIR:=/tmp/ray-${SLURM_JOB_ID:-local}}" # node-local Ray session dir (keep it short: unix sockets)
 : "${RAY_HEAD_IP:=}"                                 # head address ('' = resolve the first node's name)
-: "${RAY_NUM_CPUS:=}"                                # CPUs per Ray node ('' = SLURM_CPUS_ON_NODE)
+: "${RAY_NUM_CPUS:=}"                                # logical CPUs per Ray node ('' = the node's CPUs
+                                                     # in the job, at least 4: a tune trial's driver,
+                                                     # trainer and data reads must fit at once)
 : "${RAY_NUM_GPUS:=}"                                # GPUs per Ray node ('' = from the allocation)
 : "${RAY_START_TIMEOUT:=300}"                        # seconds to wait for all nodes to join
 : "${RAY_STOP_TIMEOUT:=30}"                          # seconds to wait for Ray to stop before SIGKILL
@@ -145,11 +147,16 @@ export RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
 } > "$RUN_DIR/job_settings.env"
 
 # ---- one Ray node per SLURM node -----------------------------------------------------------------------------
-# Runs inside `srun` on each node: counts the node's CPUs and GPUs, then execs `ray start --block` so that the
-# step's SIGTERM (scancel, or the trap below) reaches Ray itself, which then stops every process it started.
+# Runs inside `srun` on each node: counts the node's CPUs and GPUs, runs `ray start --block` and passes it a
+# SIGTERM on SIGTERM (scancel signals every process of the step) or SIGUSR1 (which srun forwards to its tasks;
+# srun turns its own SIGTERM into SIGKILL), so Ray stops every process it started before the step ends.
 ray_node() {
     local role="$1"
-    local cpus="${RAY_NUM_CPUS:-${SLURM_CPUS_ON_NODE:-$(nproc)}}"
+    local cpus="${RAY_NUM_CPUS:-}"
+    if [[ -z "$cpus" ]]; then
+        cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
+        [[ "$cpus" -ge 4 ]] || cpus=4
+    fi
     local gpus="${RAY_NUM_GPUS:-}"
     if [[ -z "$gpus" ]]; then
         if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != NoDevFiles ]]; then
@@ -165,12 +172,19 @@ ray_node() {
         --min-worker-port="$RAY_MIN_WORKER_PORT" --max-worker-port="$RAY_MAX_WORKER_PORT")
     echo "[ray_node] $role on $(hostname -s): cpus=$cpus gpus=$gpus"
     if [[ "$role" == head ]]; then
-        exec ray start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_PORT" --temp-dir="$RAY_TEMP_DIR" \
+        ray start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_PORT" --temp-dir="$RAY_TEMP_DIR" \
             --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
-            --ray-client-server-port="$RAY_CLIENT_PORT" "${common[@]}"
+            ${RAY_CLIENT_PORT:+--ray-client-server-port="$RAY_CLIENT_PORT"} "${common[@]}" &
     else
-        exec ray start --address="$RAY_ADDRESS" "${common[@]}"
+        ray start --address="$RAY_ADDRESS" "${common[@]}" &
     fi
+    local pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null' TERM USR1 INT
+    local rc=0
+    wait "$pid" || rc=$?
+    if kill -0 "$pid" 2>/dev/null; then rc=0; wait "$pid" || rc=$?; fi   # woken by the trap: wait for Ray
+    echo "[ray_node] $role on $(hostname -s) stopped (status $rc)"
+    return "$rc"
 }
 export -f ray_node
 export RAY_HEAD_IP RAY_PORT RAY_DASHBOARD_PORT RAY_CLIENT_PORT RAY_NODE_MANAGER_PORT RAY_OBJECT_MANAGER_PORT
@@ -193,8 +207,8 @@ stop_ray() {
     fi
     if [[ ${#RAY_PIDS[@]} -gt 0 ]]; then
         log "stopping Ray on ${#RAY_PIDS[@]} node(s)"
-        # Workers first, then the head; each srun forwards SIGTERM to its `ray start --block`.
-        for ((i = ${#RAY_PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${RAY_PIDS[$i]}" 2>/dev/null; done
+        # Workers first, then the head: SIGUSR1 to each srun, forwarded to ray_node, which stops Ray gracefully.
+        for ((i = ${#RAY_PIDS[@]} - 1; i >= 0; i--)); do kill -USR1 "${RAY_PIDS[$i]}" 2>/dev/null; done
         local waited=0
         while [[ $waited -lt $RAY_STOP_TIMEOUT ]]; do
             local alive=0
@@ -202,7 +216,7 @@ stop_ray() {
             [[ $alive == 0 ]] && break
             sleep 1; waited=$((waited + 1))
         done
-        for p in "${RAY_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
+        for p in "${RAY_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -TERM "$p" 2>/dev/null; done  # srun: KILL
         wait 2>/dev/null
         log "Ray stopped"
     fi
@@ -233,8 +247,8 @@ log "results in $RUN_DIR"
 node_srun 0 head
 
 # Wait for the head, then join the workers and wait until every node is alive.
-wait_nodes() {
-    python - "$1" "$RAY_START_TIMEOUT" <<'PY'
+wait_nodes() {   # exec: the background job's pid is python itself, so the trap can stop it
+    exec python - "$1" "$RAY_START_TIMEOUT" <<'PY'
 import os, sys, time
 want, timeout = int(sys.argv[1]), float(sys.argv[2])
 deadline = time.monotonic() + timeout
@@ -261,13 +275,16 @@ PY
 check_ray_alive() {
     for p in "${RAY_PIDS[@]}"; do kill -0 "$p" 2>/dev/null || die "a Ray node exited early (srun pid $p)"; done
 }
-wait_nodes 1 &
-DRIVER_PID=$!; wait "$DRIVER_PID" || die "the Ray head did not start (see above)"; DRIVER_PID=""
+await_nodes() {   # wait_nodes in the background while checking that no Ray node died meanwhile
+    wait_nodes "$1" &
+    DRIVER_PID=$!
+    while kill -0 "$DRIVER_PID" 2>/dev/null; do check_ray_alive; sleep 1; done
+    wait "$DRIVER_PID" || die "$2"
+    DRIVER_PID=""
+}
+await_nodes 1 "the Ray head did not start (see above)"
 for ((n = 1; n < ${#NODES[@]}; n++)); do node_srun "$n" worker; done
-if [[ ${#NODES[@]} -gt 1 ]]; then
-    wait_nodes "${#NODES[@]}" &
-    DRIVER_PID=$!; wait "$DRIVER_PID" || die "not every node joined the Ray cluster"; DRIVER_PID=""
-fi
+[[ ${#NODES[@]} -eq 1 ]] || await_nodes "${#NODES[@]}" "not every node joined the Ray cluster"
 
 # ---- the steps -------------------------------------------------------------------------------------------------
 # Each step runs in the background and is waited for, so that a signal runs the trap at once.
@@ -287,7 +304,8 @@ opt() { [[ -n "$2" ]] && printf '%s\n%s\n' "$1" "$2"; return 0; }   # "--flag va
 
 if [[ "$SIMULATE" == 1 ]]; then
     mapfile -t sim_opts < <(opt --workers "$SIM_WORKERS"; opt --gpus-per-worker "$GPUS_PER_WORKER")
-    resume=(); [[ -f "$DATA_DIR/manifest.json" ]] && resume=(--resume)
+    # A requeued or restarted job finishes the dataset it started (same settings) instead of refusing it.
+    resume=(); [[ -d "$DATA_DIR" && -n "$(ls -A "$DATA_DIR" 2>/dev/null)" ]] && resume=(--resume)
     # shellcheck disable=SC2086
     run_step simulate python -u jobs/simulate.py --address "$RAY_ADDRESS" --preset "$PRESET" \
         --num-per-class "$NUM_PER_CLASS" --shard-size "$SHARD_SIZE" --seed "$SEED" --out "$DATA_DIR" \

@@ -142,8 +142,55 @@ class SlurmCluster:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {proc.returncode}\n{self.logs()}")
 
+    def job_ids(self) -> list[int]:
+        out = self.run("squeue", "--noheader", "--format=%i", check=False).stdout
+        return [int(x) for x in out.split()]
+
+    def cancel_all(self, timeout: float = 40.0) -> None:
+        """scancel every job of this cluster and wait until none is left (Slurm's KillWait is 10 s here)."""
+        ids = self.job_ids()
+        if not ids:
+            return
+        self.run("scancel", *map(str, ids), check=False)
+        deadline = time.monotonic() + timeout
+        while self.job_ids() and time.monotonic() < deadline:
+            time.sleep(1)
+
+    def _stray_pids(self) -> list[int]:
+        """Processes (job scripts, slurmstepd, Ray started by a job) whose environment names this cluster's
+        SLURM_CONF: everything slurmd launched carries it, nothing else on the machine does."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                env = (d / "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in env.split(b"\0"):
+                pids.append(int(d.name))
+        return pids
+
+    def _kill_strays(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self._stray_pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            if pids and sig == signal.SIGTERM:
+                time.sleep(3)
+
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged (the processes this object started), then remove the files."""
+        """Cancel the jobs, stop slurmd, slurmctld and munged (the processes this object started), kill what
+        the jobs may have left, then remove the files."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            try:
+                self.cancel_all()
+            except (subprocess.SubprocessError, OSError):
+                pass
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
@@ -154,6 +201,7 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        self._kill_strays()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

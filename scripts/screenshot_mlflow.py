@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Screenshot the MLflow UI's experiment page with headless Chromium (Debian package `chromium`).
+
+Starts `mlflow server` on 127.0.0.1 over an existing store (or uses --url of a running one), finds the
+experiment by name through the REST API, and saves a PNG of its runs page:
+
+    python scripts/screenshot_mlflow.py --backend-store-uri sqlite:////abs/run/mlflow.db \\
+        --artifacts-destination /abs/run/mlartifacts --experiment deeplense-demo --out docs/mlflow_ui.png
+    python scripts/screenshot_mlflow.py --url http://127.0.0.1:5000 --experiment deeplense-demo
+
+The helpers (free_port, start_mlflow_server, wait_healthy, rest, chromium_binary, screenshot) are reused by
+tests/test_mlflow_ui.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mlflow_server(
+    backend_store_uri: str,
+    *,
+    port: int,
+    artifacts_destination: str | None = None,
+    log_path: str | Path | None = None,
+    mlflow_bin: str | None = None,
+) -> subprocess.Popen:
+    """Start `mlflow server --host 127.0.0.1 --port PORT` over ``backend_store_uri`` (absolute sqlite:////...
+    or a database URI). The caller stops it (``proc.terminate()``); see :func:`stop_server`."""
+    exe = mlflow_bin or str(Path(sys.executable).with_name("mlflow"))
+    if not os.path.exists(exe):
+        exe = shutil.which("mlflow") or "mlflow"
+    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_store_uri]
+    if artifacts_destination:
+        cmd += ["--artifacts-destination", artifacts_destination]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        # own session: stop_server signals the whole group (uvicorn/gunicorn workers included)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_path:
+            log.close()
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM the server's process group (it was started in its own session), then SIGKILL if needed."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Poll ``base_url/health`` until it answers OK; RuntimeError if the server exits or times out."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with status {proc.returncode} before {base_url} was up")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise RuntimeError(f"mlflow server at {base_url} not healthy after {timeout:.0f} s ({last})")
+
+
+def rest(base_url: str, endpoint: str, payload: dict | None = None, *, method: str | None = None) -> dict:
+    """Call ``/api/2.0/mlflow/<endpoint>``: POST JSON if payload, else GET with the payload as query."""
+    url = f"{base_url}/api/2.0/mlflow/{endpoint}"
+    if payload is not None and (method or "POST") == "POST":
+        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    else:
+        if payload:
+            url += "?" + urllib.parse.urlencode(payload)
+        req = urllib.request.Request(url, method="GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+
+
+def experiment_id(base_url: str, name: str) -> str:
+    """The id of experiment ``name`` (RuntimeError listing the experiments there if it does not exist)."""
+    try:
+        return rest(base_url, "experiments/get-by-name", {"experiment_name": name}, method="GET")[
+            "experiment"]["experiment_id"]
+    except RuntimeError:
+        names = [e["name"] for e in rest(base_url, "experiments/search", {"max_results": 100})
+                 .get("experiments", [])]
+        raise RuntimeError(f"no experiment {name!r} at {base_url}; there are: {names}") from None
+
+
+def chromium_binary() -> str | None:
+    """Path of a Chromium/Chrome executable, or None."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def screenshot(url: str, out: str | Path, *, width: int = 1400, height: int = 900,
+               budget_ms: int = 15000, chromium: str | None = None, timeout: float = 300) -> Path:
+    """Headless Chromium screenshot of ``url`` into ``out`` (PNG), written to a temporary name first."""
+    exe = chromium or chromium_binary()
+    if exe is None:
+        raise FileNotFoundError(f"no Chromium found (tried {', '.join(CHROMIUM_NAMES)}; "
+                                "Debian: apt-get install chromium)")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_png = out.with_name(f".{out.stem}.tmp.png")
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+               f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
+               f"--screenshot={tmp_png}", url]
+        # own session, so a timeout kills Chromium's zygote and renderer processes too
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise RuntimeError(f"chromium did not finish within {timeout:.0f} s: {url}") from None
+    if proc.returncode != 0 or not tmp_png.exists() or tmp_png.stat().st_size == 0:
+        raise RuntimeError(f"chromium failed (status {proc.returncode}): {stderr[-2000:]}")
+    os.replace(tmp_png, out)
+    return out
+
+
+def experiment_page_url(base_url: str, exp_id: str) -> str:
+    return f"{base_url}/#/experiments/{exp_id}/runs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backend-store-uri", help="start a server over this store (sqlite:////abs/mlflow.db)")
+    src.add_argument("--url", help="use a running MLflow server, e.g. http://127.0.0.1:5000")
+    ap.add_argument("--artifacts-destination", default=None, help="artifact root for the started server")
+    ap.add_argument("--experiment", required=True, help="experiment name")
+    ap.add_argument("--out", default="docs/mlflow_ui.png", help="PNG to write (default docs/mlflow_ui.png)")
+    ap.add_argument("--width", type=int, default=1400)
+    ap.add_argument("--height", type=int, default=900)
+    ap.add_argument("--budget-ms", type=int, default=15000, help="Chromium --virtual-time-budget")
+    args = ap.parse_args(argv)
+
+    proc = None
+    base = args.url.rstrip("/") if args.url else None
+    try:
+        if base is None:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            proc = start_mlflow_server(args.backend_store_uri, port=port,
+                                       artifacts_destination=args.artifacts_destination)
+        wait_healthy(base, proc)
+        exp = experiment_id(base, args.experiment)
+        url = experiment_page_url(base, exp)
+        out = screenshot(url, args.out, width=args.width, height=args.height, budget_ms=args.budget_ms)
+        print(f"{url} -> {out} ({out.stat().st_size} bytes)")
+    except (RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The MLflow UI: `mlflow server` on 127.0.0.1 over a store that the real demo job (simulate + tune + test
+evaluation, `jobs/demo.py --quick`) wrote, read through its REST API, plus a headless Chromium screenshot."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+shot = _load(REPO / "scripts" / "screenshot_mlflow.py", "screenshot_mlflow")
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory, ray_session):
+    """Run the demo job in tiny settings on the shared Ray runtime; its MLflow store is what the UI reads."""
+    demo = _load(REPO / "jobs" / "demo.py", "deeplense_demo")
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--quick", "--out", str(out)]) == 0
+    return {"out": out, "paths": demo.paths(out), "settings": demo.QUICK, "module": demo}
+
+
+@pytest.fixture(scope="module")
+def server(demo_store, tmp_path_factory):
+    p = demo_store["paths"]
+    port = shot.free_port()
+    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    proc = shot.start_mlflow_server(f"sqlite:///{p['db']}", port=port,
+                                    artifacts_destination=str(p["artifacts"]), log_path=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        shot.wait_healthy(base, proc, timeout=300)
+    except RuntimeError:
+        shot.stop_server(proc)
+        raise RuntimeError(log.read_text()[-3000:]) from None
+    yield base
+    shot.stop_server(proc)
+    assert proc.poll() is not None
+
+
+def _runs(base: str, exp_id: str) -> list[dict]:
+    return shot.rest(base, "runs/search", {"experiment_ids": [exp_id], "max_results": 1000}).get("runs", [])
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def test_runs_metrics_and_artifacts_through_rest(demo_store, server):
+    s = demo_store["settings"]
+    exp_id = shot.experiment_id(server, s.experiment)
+    runs = _runs(server, exp_id)
+    parents = [r for r in runs if "mlflow.parentRunId" not in _tags(r)]
+    children = [r for r in runs if "mlflow.parentRunId" in _tags(r)]
+    assert len(parents) == 1, [r["info"]["run_name"] for r in runs]
+    parent = parents[0]
+    assert parent["info"]["status"] == "FINISHED"
+    assert len(children) == s.num_samples
+    assert {_tags(c)["mlflow.parentRunId"] for c in children} == {parent["info"]["run_id"]}
+
+    # The search's summary metrics, including the best checkpoint's test-split evaluation.
+    pm = _metrics(parent)
+    assert 0.0 <= pm["best_val_auc_macro"] <= 1.0
+    test_keys = [k for k in pm if k.startswith("test_")]
+    assert test_keys and all(0.0 <= pm[k] <= 1.0 for k in test_keys if "acc" in k or "auc" in k), pm
+
+    # Per-epoch history of every trial, identical to what the store itself holds.
+    from mlflow.tracking import MlflowClient
+
+    direct = MlflowClient(tracking_uri=f"sqlite:///{demo_store['paths']['db']}")
+    for child in children:
+        run_id = child["info"]["run_id"]
+        hist = shot.rest(server, "metrics/get-history", {"run_id": run_id, "metric_key": "val_auc_macro"},
+                         method="GET")["metrics"]
+        assert 1 <= len(hist) <= s.max_epochs
+        assert sorted(h["step"] for h in hist) == list(range(1, len(hist) + 1))
+        want = sorted((m.step, m.value) for m in direct.get_metric_history(run_id, "val_auc_macro"))
+        assert sorted((h["step"], h["value"]) for h in hist) == want
+
+    # Artifacts of the search: listed by the server, and their content served back.
+    listed = shot.rest(server, "artifacts/list", {"run_id": parent["info"]["run_id"]}, method="GET")
+    names = {f["path"] for f in listed.get("files", [])}
+    assert "best_config.yaml" in names, names
+    assert any(n.endswith(".png") for n in names), names
+    import urllib.request
+
+    import yaml
+
+    url = f"{server}/get-artifact?path=best_config.yaml&run_uuid={parent['info']['run_id']}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        best = yaml.safe_load(r.read())
+    assert best["model"] == s.model
+    assert best["trial_id"] == _tags(parent)["tune.best_trial_id"]
+    assert abs(best["best_metric"] - pm["best_val_auc_macro"]) < 1e-9
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.skipif(shot.chromium_binary() is None, reason="Chromium not installed (Debian: apt-get install "
+                    "chromium; .ci/run does)")
+def test_headless_chromium_screenshot(demo_store, server, tmp_path):
+    exp_id = shot.experiment_id(server, demo_store["settings"].experiment)
+    url = shot.experiment_page_url(server, exp_id)
+    out = shot.screenshot(url, tmp_path / "ui.png", width=1400, height=900)
+    assert _png_size(out) == (1400, 900)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)[..., :3]
+    # Not a blank page: many distinct colours and a good share of non-background pixels (text, table, icons).
+    assert img.std() > 0.05
+    non_white = (img.min(axis=-1) < 0.85).mean()
+    assert 0.02 < non_white < 0.9, non_white
