@@ -264,14 +264,18 @@ def trial_id_of(result) -> str:
 
 
 def trial_statuses(output_dir: str) -> dict[str, str]:
-    """Trial id -> Tune status (PENDING/RUNNING/TERMINATED/ERROR) from the newest saved experiment state."""
+    """Trial id -> Tune status (PENDING/RUNNING/TERMINATED/ERROR) from the newest saved experiment state
+    ({} while there is none or it is being rewritten)."""
     import glob
 
     files = sorted(glob.glob(os.path.join(output_dir, "experiment_state-*.json")))
     if not files:
         return {}
-    with open(files[-1]) as f:
-        state = json.load(f)
+    try:
+        with open(files[-1]) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError):  # Tune rewrites the file in place; caught mid-write
+        return {}
     out = {}
     for trial_json, _meta in state.get("trial_data", []):
         t = json.loads(trial_json)
@@ -366,7 +370,10 @@ def _build_tuner(settings, *, trainable, param_space, name, storage_path, concur
 
         scheduler = FIFOScheduler()
     points = [dict(p) for p in settings.points_to_evaluate] if settings.points_to_evaluate else None
-    if settings.search == "optuna":
+    from ray.tune.search.sample import Domain
+
+    searched = any(isinstance(v, Domain) for k, v in param_space.items() if k != "_search")
+    if settings.search == "optuna" and searched:  # Optuna refuses a space without a single domain
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=settings.seed, points_to_evaluate=points)
