@@ -178,12 +178,12 @@ ray_node() {
     else
         ray start --address="$RAY_ADDRESS" "${common[@]}" &
     fi
-    local pid=$!
-    trap 'kill -TERM "$pid" 2>/dev/null' TERM USR1 INT
+    local pid=$! stopping=0
+    trap 'stopping=1; kill -TERM "$pid" 2>/dev/null' TERM USR1 INT
     local rc=0
     wait "$pid" || rc=$?
-    if kill -0 "$pid" 2>/dev/null; then rc=0; wait "$pid" || rc=$?; fi   # woken by the trap: wait for Ray
-    echo "[ray_node] $role on $(hostname -s) stopped (status $rc)"
+    if [[ $stopping == 1 ]]; then rc=0; wait "$pid" 2>/dev/null || true; fi   # woken by the trap: let Ray stop
+    echo "[ray_node] $role on $(hostname -s) $([[ $stopping == 1 ]] && echo stopped || echo "exited ($rc)")"
     return "$rc"
 }
 export -f ray_node

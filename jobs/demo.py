@@ -83,8 +83,9 @@ def tracking_uri(p: dict[str, Path]) -> str:
 
 
 def mlflow_ui_command(p: dict[str, Path], port: int = 5000) -> str:
-    return (f"mlflow ui --backend-store-uri {tracking_uri(p)} --artifacts-destination {p['artifacts']} "
-            f"--host 127.0.0.1 --port {port}")
+    exe = Path(sys.executable).with_name("mlflow")
+    return (f"{exe if exe.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri(p)} "
+            f"--artifacts-destination {p['artifacts']} --host 127.0.0.1 --port {port}")
 
 
 def setup_ray_auth(p: dict[str, Path]) -> None:
@@ -157,7 +158,7 @@ def results_table(result) -> str:
     rows = [(k, v) for k, v in sorted(result.test_metrics.items()) if isinstance(v, (int, float))]
     width = max([len(k) for k, _ in rows] + [6])
     lines = [f"{'metric':<{width}}  test", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {v:.4f}" for k, v in rows]
+    lines += [f"{k:<{width}}  {int(v) if k == 'n' else f'{v:.4f}'}" for k, v in rows]
     return "\n".join(lines)
 
 
