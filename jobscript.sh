@@ -203,6 +203,9 @@ stop_ray() {
     if [[ -n "$DRIVER_PID" ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
         log "stopping the running step (pid $DRIVER_PID)"
         kill -TERM "$DRIVER_PID" 2>/dev/null
+        local waited=0
+        while kill -0 "$DRIVER_PID" 2>/dev/null && [[ $waited -lt 10 ]]; do sleep 1; waited=$((waited + 1)); done
+        kill -KILL "$DRIVER_PID" 2>/dev/null
         wait "$DRIVER_PID" 2>/dev/null
     fi
     if [[ ${#RAY_PIDS[@]} -gt 0 ]]; then

@@ -56,8 +56,13 @@ def free_port() -> int:
 
 
 def free_port_block(size: int, *, start: int = 20000, stop: int = 32000, step: int = 200) -> int:
-    """First port ``p`` (a multiple of ``step`` from ``start``) such that p..p+size-1 are all free."""
-    for base in range(start, stop - size, step):
+    """A port ``p`` (``start`` plus a multiple of ``step``, tried in random order so that concurrent callers
+    rarely pick the same block) such that p..p+size-1 are all free now."""
+    import random
+
+    bases = list(range(start, stop - size, step))
+    random.shuffle(bases)
+    for base in bases:
         socks = []
         try:
             for port in range(base, base + size):
