@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", type=float, default=0.25, help="GPUs per trial when packing (default 0.25)")
     ap.add_argument("--pack-trials", type=int, default=None, help="trials of each packing run (default 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="search,packing", help="what to run: search, packing or both")
     ap.add_argument("--workdir", default=None, help="where data, runs and mlflow.db go (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -118,23 +119,25 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_trial=1.0 if quick else 2.0,
         train_overrides={"precision": "fp32"} if n_gpu == 0 else {},
     )
+    parts = set(args.parts.split(","))
     rows = []
-
-    asha, t_asha = run(TuneSettings(**common, num_samples=n, name="asha", gpus_per_trial=gpus_trial))
-    points = [dict(t.config) for t in asha.trials]
-    rows.append(("asha+optuna", asha, t_asha))
-    full, t_full = run(
-        TuneSettings(
-            **common,
-            num_samples=len(points),
-            name="full",
-            gpus_per_trial=gpus_trial,
-            scheduler="fifo",
-            search="random",
-            points_to_evaluate=points,
+    metric = common["metric"]
+    if "search" in parts:
+        asha, t_asha = run(TuneSettings(**common, num_samples=n, name="asha", gpus_per_trial=gpus_trial))
+        points = [dict(t.config) for t in asha.trials]
+        rows.append(("asha+optuna", asha, t_asha))
+        full, t_full = run(
+            TuneSettings(
+                **common,
+                num_samples=len(points),
+                name="full",
+                gpus_per_trial=gpus_trial,
+                scheduler="fifo",
+                search="random",
+                points_to_evaluate=points,
+            )
         )
-    )
-    rows.append(("same trials, no early stop", full, t_full))
+        rows.append(("same trials, no early stop", full, t_full))
 
     pack_space = dict(fixed, lr=1e-3, weight_decay=1e-4, batch_size=64)
     pack_common = dict(common, space=pack_space, scheduler="fifo", search="random", num_samples=k)
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(f"{args.pack:g} GPU/trial", args.pack, None), ("1 GPU/trial", 1.0, None)]
     else:
         variants = [("CPU, 2 concurrent", 0.0, 2), ("CPU, 1 at a time", 0.0, 1)]
-    for label, g, conc in variants:
+    for label, g, conc in variants if "packing" in parts else []:
         res, wall = run(
             TuneSettings(**pack_common, name=f"pack-{g:g}-{conc}", gpus_per_trial=g, max_concurrent=conc)
         )
@@ -191,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "search": search_rows,
         "epochs_saved_fraction": round(
             1 - search_rows[0]["epochs_spent"] / max(1, search_rows[1]["epochs_spent"]), 3
-        ),
+        )
+        if len(search_rows) == 2
+        else None,
         "packing": pack_rows,
     }
     if len(pack_rows) == 2:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\ntune efficiency ({'quick CPU smoke' if quick else 'full'}), model {args.model}, "
         f"{n} trials x {epochs} epochs, device {report['device']}"
     )
-    head = ("run", "trials", "epochs", "stopped", f"best {asha.metric}", "test auc_macro", "wall s")
+    head = ("run", "trials", "epochs", "stopped", f"best {metric}", "test auc_macro", "wall s")
     print("  ".join(f"{h:<28}" if i == 0 else f"{h:>14}" for i, h in enumerate(head)))
     for r in search_rows:
         vals = (
@@ -210,15 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             r["trials"],
             r["epochs_spent"],
             r["stopped_early"],
-            r[f"best_{asha.metric}"],
+            r[f"best_{metric}"],
             r["best_trial_test"].get("auc_macro", float("nan")),
             r["wall_s"],
         )
         print("  ".join(f"{v:<28}" if i == 0 else f"{v:>14}" for i, v in enumerate(vals)))
-    print(
-        f"ASHA spent {search_rows[0]['epochs_spent']} of {search_rows[1]['epochs_spent']} epochs "
-        f"({100 * report['epochs_saved_fraction']:.0f}% saved)"
-    )
+    if len(search_rows) == 2:
+        print(
+            f"ASHA spent {search_rows[0]['epochs_spent']} of {search_rows[1]['epochs_spent']} epochs "
+            f"({100 * report['epochs_saved_fraction']:.0f}% saved)"
+        )
     for p in pack_rows:
         print(
             f"packing: {p['variant']:<22} {p['trials']} trials in {p['wall_s']:>7} s -> "

@@ -194,7 +194,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(ray_session,
     done_before: set[str] = set()
     try:
         t0 = time.time()
-        while time.time() - t0 < 300 and proc.poll() is None:
+        while time.time() - t0 < 600 and proc.poll() is None:
             done_before = {t for t, s in trial_statuses(str(out_dir)).items() if s == "TERMINATED"}
             if done_before:
                 break
