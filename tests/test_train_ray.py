@@ -166,7 +166,8 @@ def test_crash_then_resume_continues_epochs_and_optimizer(ray_session, data_dir,
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 2]
 
-    latest = max(run_dir.glob("checkpoint_*"), key=lambda p: load_training_state(p)["epoch"])
+    ckpts = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    latest = max(ckpts, key=lambda p: load_training_state(p)["epoch"])
     train_state = load_training_state(latest)
     assert train_state["epoch"] == 3
     steps = {int(s["step"].item()) for s in train_state["optimizer"]["state"].values()}
