@@ -124,88 +124,80 @@ def _pids_using(marker: str) -> list[int]:
     return pids
 
 
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop one head started by this module: its process group, then any process naming its temp dir."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    time.sleep(1)
+    for pid in _pids_using(temp_dir):  # daemons of this head that left its process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _start_head(log_path: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    temp_dir = tempfile.mkdtemp(prefix="dlrd-", dir="/tmp")
+    gcs, dash = _free_port(), _free_port()
+    wlo, whi = _worker_port_range()
+    cmd = [
+        os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        "--ray-client-server-port", str(_free_port()), "--node-manager-port", str(_free_port()),
+        "--object-manager-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+        "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+        "--metrics-export-port", str(_free_port()),
+        "--min-worker-port", str(wlo), "--max-worker-port", str(whi),
+        "--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    return proc, temp_dir, {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
+
+
+def _head_ready(proc: subprocess.Popen, log_path: Path, url: str, timeout: float) -> bool:
+    """True once `ray start` reports success and the dashboard answers; False if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "Ray runtime started" in log_path.read_text(errors="replace"):
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                pass
+        time.sleep(1)
+    return False
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A real head (`ray start --head --block`) on 127.0.0.1 with free ports and its own temp dir.
 
     `ray stop` would stop every Ray on this machine, so only this head's process group (and any process
-    naming its temp dir) is stopped at the end."""
-    temp_dir = tempfile.mkdtemp(prefix="dlrd-", dir="/tmp")
-    gcs, dash = _free_port(), _free_port()
-    wlo, whi = _worker_port_range()
-    cmd = [
-        os.path.join(VENV_BIN, "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(gcs),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash),
-        "--ray-client-server-port",
-        str(_free_port()),
-        "--node-manager-port",
-        str(_free_port()),
-        "--object-manager-port",
-        str(_free_port()),
-        "--dashboard-agent-listen-port",
-        str(_free_port()),
-        "--dashboard-agent-grpc-port",
-        str(_free_port()),
-        "--runtime-env-agent-port",
-        str(_free_port()),
-        "--metrics-export-port",
-        str(_free_port()),
-        "--min-worker-port",
-        str(wlo),
-        "--max-worker-port",
-        str(whi),
-        "--num-cpus",
-        "3",
-        "--temp-dir",
-        temp_dir,
-        "--disable-usage-stats",
-    ]
-    log = open(tmp_path / "ray_head.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    naming its temp dir) is stopped at the end. On an overloaded machine the raylet can miss its start-up
+    deadline: one more attempt is made before failing."""
+    log_path = tmp_path / "ray_head.log"
+    for attempt in range(2):
+        proc, temp_dir, addr = _start_head(log_path)
+        if _head_ready(proc, log_path, addr["dashboard"], timeout=240):
+            break
+        _stop_head(proc, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == 1:
+            raise RuntimeError(f"ray head did not come up: {log_path.read_text()[-3000:]}")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"ray head did not come up: {(tmp_path / 'ray_head.log').read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}"}
+        yield addr
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        time.sleep(1)
-        for pid in _pids_using(temp_dir):  # daemons of this head that left its process group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -238,13 +230,13 @@ def test_plain_python_and_ray_job_submit(ray_head, tmp_path):
         "3",
         "--no-progress",
     ]
-    for _ in range(20):  # the head's job agent may need a few more seconds than its dashboard
+    for _ in range(10):  # the head's job agent may need a few more seconds than its dashboard
         proc = subprocess.run(submit, cwd=REPO, capture_output=True, text=True, timeout=400, env=_env())
         text = proc.stdout + proc.stderr
         if "No available agent" not in text and "Failed to connect to Ray" not in text:
             break
         time.sleep(3)
-    head_log = (tmp_path / "ray_head.log").read_text()[-3000:]
+    head_log = (tmp_path / "ray_head.log").read_text(errors="replace")[-3000:]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:] + "\nHEAD LOG:\n" + head_log
     assert "succeeded" in proc.stdout + proc.stderr
     assert "joined RAY_ADDRESS" in proc.stdout
