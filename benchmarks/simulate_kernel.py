@@ -1,18 +1,23 @@
 """Throughput of the batched lens simulator (images/s) beside lenstronomy's time per image on one CPU core.
 
     python benchmarks/simulate_kernel.py --quick --out runs/bench_sim_cpu.json          # CPU smoke test
-    python benchmarks/simulate_kernel.py --device cuda --out runs/bench_sim_gpu.json    # GPU (H100)
+    python benchmarks/simulate_kernel.py --out runs/bench_sim_gpu.json                  # GPU (< 2 min)
+    python benchmarks/simulate_kernel.py --lenstronomy-only --out runs/lenstronomy.json # lenstronomy alone
 
-Configurations: model_i (150x150) and model_ii (64x64), supersampling 1 and 2, 25 point-mass subhalos,
-Gaussian PSF and Poisson + Gaussian noise. For each and each batch size it measures
-- ``draw``: drawing all parameters on CPU (vectorised, images/s);
-- ``render_eager`` / ``render_compiled``: the noise-free renderer on the device with parameters already
-  there (eager: subhalos only for cdm images; compiled: torch.compile of the dense hot path);
-- ``simulate_eager`` / ``simulate_compiled``: the whole ``simulate()`` call (draw + transfer + render +
-  noise + copy back to CPU), once with the default class mix (no_sub/axion/cdm balanced) and once with
-  every image cdm (25 subhalos each: the issue's target configuration);
+Configurations: model_ii (64x64) and model_i (150x150), supersampling 1 and 2, 25 point-mass subhalos,
+Gaussian PSF and Poisson + Gaussian noise. For each it measures, in images/s:
+- ``draw``: drawing all parameters on CPU (vectorised);
+- ``render_<backend>``: the noise-free renderer (PSF included) with parameters already on the device, every
+  image cdm; backends ``eager`` (torch, subhalos only for cdm images), ``compile`` (torch.compile of the
+  dense hot path) and ``triton`` (the fused kernels of ``sim/_triton.py``; CUDA only);
+- ``sim_<backend>_cdm`` / ``sim_default_mix``: whole ``simulate()`` calls (draw + transfer + render + PSF +
+  noise + copy back to CPU memory), every image cdm (the issue's target configuration) or the balanced
+  no_sub/axion/cdm mix; ``default`` is what ``simulate()`` picks (triton on CUDA where it covers the preset);
 - ``lenstronomy``: ImageModel.image (SIE + SHEAR + 25 POINT_MASS, SERSIC_ELLIPSE, GAUSSIAN PSF, same
-  supersampling) + Poisson/Gaussian noise, per image on one CPU core (skipped if lenstronomy is absent).
+  supersampling) + Poisson/Gaussian noise, per image on one CPU core: measured here (``--lenstronomy-images``)
+  or read from a JSON written earlier by ``--lenstronomy-only`` (``--lenstronomy-json``; its host and time are
+  printed with it). CPU timings are only meaningful on an idle machine: the load average is recorded.
+``--profile DIR`` also writes a torch.profiler table of one default simulate() call (model_ii, ss=2, cdm).
 Prints a table and writes JSON (``--out``).
 """
 
@@ -36,7 +41,12 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.sim.sampling import draw_parameters  # noqa: E402
-from deeplense_ray.sim.simulate import Renderer, noise_block, resolve_labels  # noqa: E402
+from deeplense_ray.sim.simulate import (  # noqa: E402
+    Renderer,
+    resolve_labels,
+    simulate_with_backend,
+    triton_supported,
+)
 
 
 def _sync(dev: torch.device) -> None:
@@ -56,63 +66,98 @@ def _timeit(fn, dev: torch.device, repeats: int) -> float:
     return best
 
 
-def bench_config(name, ss, dev, batch_sizes, repeats, do_compile, n_batches):
+def _param_batch(pre, bs, dev):
+    p = draw_parameters(
+        pre, resolve_labels(pre, bs, ["cdm"], None), torch.Generator().manual_seed(0), paired=False
+    )
+    return {k: (v.to(dev, torch.float32) if v.dtype.is_floating_point else v.to(dev)) for k, v in p.items()}
+
+
+def _triton_render_fn(pre, pd, dev):
+    from deeplense_ray.sim import _triton as tk
+    from deeplense_ray.sim.render import gaussian_kernel_1d
+
+    coord = tk.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
+    kern = gaussian_kernel_1d(pre.psf_fwhm, pre.delta_pix, truncation=pre.psf_truncation).to(dev)
+    te2 = (pd["subhalo_theta_E"] ** 2).contiguous()
+
+    def fn():
+        sc = tk.derive_scalars(pd, has_vortex=True)
+        img = tk.render_sersic(
+            sc, te2, pd["subhalo_x"], pd["subhalo_y"], coord, num_pix=pre.num_pix,
+            supersampling=pre.supersampling, delta_pix=pre.delta_pix, has_vortex=True,
+        )  # fmt: skip
+        return tk.psf_separable(img, kern)
+
+    return fn
+
+
+def bench_config(name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, batch_size=None):
+    """One row: draw, render-only per backend, whole simulate() per backend (images/s)."""
     pre = resolve_preset(name, {"supersampling": ss, "subhalo_count": [25, 25]})
-    rows = []
-    for bs in batch_sizes:
-        bs = max(noise_block(dev), bs // noise_block(dev) * noise_block(dev))
-        row = {
-            "preset": name,
-            "supersampling": ss,
-            "num_pix": pre.num_pix,
-            "batch_size": bs,
-            "device": str(dev),
-        }
+    row = {"preset": name, "supersampling": ss, "num_pix": pre.num_pix, "device": str(dev)}
+    row.update({"n_default": n_fast, "n_other": n_slow, "render_batch": render_bs, "batch_size": batch_size})
+    lab = resolve_labels(pre, n_fast, None, None)
+    t = _timeit(
+        lambda: draw_parameters(pre, lab, torch.Generator().manual_seed(0), paired=False),
+        torch.device("cpu"),
+        repeats,
+    )
+    row["draw"] = n_fast / t
+    backends = ["eager"] + (["compile"] if do_compile else [])
+    if triton_supported(pre, dev, torch.float32):
+        backends.append("triton")
+    pd = _param_batch(pre, render_bs, dev)
+    for be in backends:
         try:
-            lab = resolve_labels(pre, bs, None, None)
+            if be == "triton":
+                fn = _triton_render_fn(pre, pd, dev)
+            else:
+                r = Renderer(preset=pre, device=dev, dtype=torch.float32, compile=be == "compile")
+                fn = lambda r=r: r(pd)  # noqa: E731
+            with torch.inference_mode():
+                row[f"render_{be}"] = render_bs / _timeit(fn, dev, repeats)
+        except Exception as e:  # a failing torch.compile must not lose the other numbers
+            row[f"error_render_{be}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  render {be} failed: {row[f'error_render_{be}']}", flush=True)
+    default = "triton" if "triton" in backends else "eager"
+    runs = [("default", default, "mix", n_fast), ("default", default, "cdm", n_fast)]
+    runs += [(be, be, "cdm", n_slow) for be in backends if be != default or be == "eager"]
+    for label, be, mix, n in runs:
+        classes = ["cdm"] if mix == "cdm" else None
+        try:
             t = _timeit(
-                lambda lab=lab: draw_parameters(pre, lab, torch.Generator().manual_seed(0), paired=False),
-                torch.device("cpu"),
-                repeats,
+                lambda be=be, n=n, classes=classes: simulate_with_backend(
+                    pre, n, 0, device=dev, classes=classes, batch_size=batch_size, backend=be
+                ),
+                dev,
+                repeats if label == "default" else 1,
             )
-            row["draw"] = bs / t
-            p = draw_parameters(
-                pre, resolve_labels(pre, bs, ["cdm"], None), torch.Generator().manual_seed(0), paired=False
-            )
-            pd = {
-                k: (v.to(dev, torch.float32) if v.dtype.is_floating_point else v.to(dev))
-                for k, v in p.items()
-            }
-            modes = [("eager", False)] + ([("compiled", True)] if do_compile else [])
-            for mode, comp in modes:
-                try:
-                    r = Renderer(preset=pre, device=dev, dtype=torch.float32, compile=comp)
-                    with torch.no_grad():
-                        t = _timeit(lambda r=r, pd=pd: r(pd), dev, repeats)
-                    row[f"render_{mode}_cdm"] = bs / t
-                    n = bs * n_batches
-                    for mix, classes in (("mix", None), ("cdm", ["cdm"])):
-                        t = _timeit(
-                            lambda c=classes, comp=comp, n=n, bs=bs: simulate(
-                                pre, n, 0, device=dev, classes=c, batch_size=bs, compile=comp
-                            ),
-                            dev,
-                            max(1, repeats // 2),
-                        )
-                        row[f"simulate_{mode}_{mix}"] = n / t
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception as e:  # a failing torch.compile must not lose the eager numbers
-                    row[f"error_{mode}"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    print(f"  {mode} failed: {row[f'error_{mode}']}", flush=True)
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "out of memory"
-            torch.cuda.empty_cache()
-            rows.append(row)
-            break
-        rows.append(row)
-        print(_fmt_row(row), flush=True)
-    return rows
+            row[f"sim_{label}_{mix}"] = n / t
+        except Exception as e:
+            row[f"error_sim_{label}_{mix}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  simulate {be} failed: {row[f'error_sim_{label}_{mix}']}", flush=True)
+    row["default_backend"] = default
+    print(_fmt_row(row), flush=True)
+    return row
+
+
+def profile_default(dev, out_dir: Path, n: int) -> None:
+    """torch.profiler table (CPU + CUDA time per op) of one default simulate() call, model_ii ss=2 cdm."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pre = resolve_preset("model_ii", {"supersampling": 2, "subhalo_count": [25, 25]})
+    simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"])  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"])
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile_simulate.txt").write_text(
+        prof.key_averages().table(sort_by=key, row_limit=40)
+        + "\n\nby CPU time\n"
+        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    )
 
 
 def bench_lenstronomy(name, ss, n_images, seed=0):
@@ -185,71 +230,107 @@ def bench_lenstronomy(name, ss, n_images, seed=0):
 
 _COLS = [
     "draw",
-    "render_eager_cdm",
-    "render_compiled_cdm",
-    "simulate_eager_mix",
-    "simulate_eager_cdm",
-    "simulate_compiled_mix",
-    "simulate_compiled_cdm",
+    "render_eager",
+    "render_compile",
+    "render_triton",
+    "sim_eager_cdm",
+    "sim_compile_cdm",
+    "sim_default_cdm",
+    "sim_default_mix",
 ]
 
 
 def _fmt_row(row) -> str:
-    vals = " ".join(f"{row.get(c, float('nan')):>12.0f}" for c in _COLS)
-    return f"{row['preset']:<9} ss={row['supersampling']} bs={row['batch_size']:>6} {vals}"
+    vals = " ".join(f"{row.get(c, float('nan')):>15.0f}" for c in _COLS)
+    return f"{row['preset']:<9} ss={row['supersampling']}  {vals}"
+
+
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="lens simulator throughput")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized run (smoke test)")
-    ap.add_argument("--batch-sizes", type=int, nargs="*", default=None)
     ap.add_argument("--presets", nargs="*", default=["model_ii", "model_i"])
     ap.add_argument("--supersampling", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--n", type=int, default=None, help="images per default simulate() call")
+    ap.add_argument("--batch-size", type=int, default=None, help="simulate(batch_size=...) (default: auto)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--lenstronomy-images", type=int, default=None)
+    ap.add_argument("--lenstronomy-images", type=int, default=None, help="measure here; 0: skip")
+    ap.add_argument("--lenstronomy-json", type=Path, default=None, help="timings from --lenstronomy-only")
+    ap.add_argument("--lenstronomy-only", action="store_true", help="only time lenstronomy (CPU)")
+    ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_simulate_kernel.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 is for lenstronomy only
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch_sizes:
-        batch_sizes = args.batch_sizes
-    elif dev.type == "cuda":
-        batch_sizes = [4096, 16384, 65536]
-    else:
-        batch_sizes = [64] if args.quick else [64, 256]
+    gpu = dev.type == "cuda"
     repeats = args.repeats or (1 if args.quick else 3)
-    n_batches = 1 if args.quick else (4 if dev.type == "cuda" else 1)
-    n_lens = args.lenstronomy_images or (3 if args.quick else 20)
-    do_compile = not args.no_compile and not (args.quick and dev.type == "cpu")
-
-    print(f"device={dev} torch={torch.__version__} compile={do_compile} threads={torch.get_num_threads()}")
-    print(f"{'config':<30} " + " ".join(f"{c[:12]:>12}" for c in _COLS) + "   [images/s]")
-    rows, lens_rows = [], []
-    for name in args.presets:
-        for ss in args.supersampling:
-            rows += bench_config(name, ss, dev, batch_sizes, repeats, do_compile, n_batches)
-    print("\nlenstronomy, one CPU core (SIE + SHEAR + 25 POINT_MASS, SERSIC_ELLIPSE, GAUSSIAN PSF, noise):")
-    for name in args.presets:
-        for ss in args.supersampling:
-            r = bench_lenstronomy(name, ss, n_lens)
-            if r is None:
-                print("  lenstronomy not installed: skipped")
-                break
-            lens_rows.append(r)
-            print(f"  {name:<9} ss={ss}: {r['ms_per_image']:.2f} ms/image ({r['images_per_s']:.0f} images/s)")
+    do_compile = not args.no_compile and not (args.quick and not gpu)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    host = {"hostname": platform.node(), "load_avg_1min": _load_avg(), "time": stamp}
+    rows, lens_rows, lens_source = [], [], None
+    if not args.lenstronomy_only:
+        nth = torch.get_num_threads()
+        print(f"device={dev} torch={torch.__version__} compile={do_compile} threads={nth}")
+        print(f"{'config':<14} " + " ".join(f"{c:>15}" for c in _COLS) + "   [images/s]")
+        for name in args.presets:
+            for ss in args.supersampling:
+                big = name != "model_i"
+                if args.quick:
+                    n_fast = n_slow = render_bs = 64
+                elif gpu:
+                    n_fast = args.n or (65536 if big else 16384)
+                    n_slow = min(n_fast, 16384 if big else 4096)
+                    render_bs = 16384 if big else 4096
+                else:
+                    n_fast = n_slow = render_bs = args.n or 256
+                sizes = (n_fast, n_slow, render_bs)
+                rows.append(bench_config(name, ss, dev, *sizes, repeats, do_compile, args.batch_size))
+        if args.profile is not None:
+            profile_default(dev, args.profile, 16384 if gpu else 64)
+    if args.lenstronomy_json is not None:
+        lj = json.loads(args.lenstronomy_json.read_text())
+        lens_rows, lens_source = lj["lenstronomy"], lj.get("host")
+    elif args.lenstronomy_images != 0:
+        n_lens = args.lenstronomy_images or (3 if args.quick else 20)
+        for name in args.presets:
+            for ss in args.supersampling:
+                r = bench_lenstronomy(name, ss, n_lens)
+                if r is None:
+                    print("  lenstronomy not installed: skipped")
+                    break
+                lens_rows.append(r)
+        lens_source = host
+    if lens_rows:
+        print(
+            "\nlenstronomy, one CPU core (SIE + SHEAR + 25 POINT_MASS, SERSIC_ELLIPSE, GAUSSIAN PSF, noise), "
+            f"measured on {lens_source}:"
+        )
+        for r in lens_rows:
+            print(
+                f"  {r['preset']:<9} ss={r['supersampling']}: {r['ms_per_image']:.2f} ms/image "
+                f"({r['images_per_s']:.0f} images/s)"
+            )
     out = {
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(dev) if gpu else platform.processor(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "compile": do_compile,
+        "host": host,
         "units": "images per second (lenstronomy: ms per image on one core)",
-        "columns": {c: c for c in _COLS},
+        "columns": list(_COLS),
         "results": rows,
         "lenstronomy": lens_rows,
+        "lenstronomy_measured_on": lens_source,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

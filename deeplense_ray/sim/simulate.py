@@ -388,9 +388,50 @@ def simulate(
 
     ``labels`` (int64 [n], indices into the preset's class_names) fix the classes; otherwise they are
     balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the preset's) gives
-    consecutive groups of C images the same macro lens, source and observation. ``compile`` runs the
-    hot path (deflections + Sersic source) through torch.compile. Returns CPU tensors; images float32.
+    consecutive groups of C images the same macro lens, source and observation. On CUDA in float32,
+    Sersic presets without lens light and with point-mass subhalos render through fused Triton kernels
+    (``sim/_triton.py``) when triton is installed; ``compile=True`` asks instead for the torch.compile
+    path (deflections + Sersic source fused by inductor). Returns CPU tensors; images float32.
     """
+    return simulate_with_backend(
+        preset, n, seed, device, classes, labels=labels, paired=paired, dtype=dtype,
+        overrides=overrides, batch_size=batch_size, backend="compile" if compile else None,
+    )  # fmt: skip
+
+
+BACKENDS = ("eager", "compile", "triton")
+
+
+def triton_supported(preset: Preset, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused Triton renderer covers this preset on this device (else the torch renderer)."""
+    from ._triton import HAVE_TRITON
+
+    return (
+        HAVE_TRITON
+        and device.type == "cuda"
+        and dtype == torch.float32
+        and preset.source_kind == "sersic"
+        and not preset.lens_light
+        and (preset.max_subhalos == 0 or preset.subhalo_profile == "point_mass")
+    )
+
+
+def simulate_with_backend(
+    preset: str | Preset | Mapping[str, Any],
+    n: int,
+    seed: int,
+    device: str | torch.device | None = None,
+    classes: Sequence[str] | None = None,
+    *,
+    labels: Tensor | Sequence[int] | None = None,
+    paired: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    overrides: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    backend: str | None = None,
+) -> SimResult:
+    """``simulate`` with an explicit renderer: ``backend`` in ``BACKENDS`` or None (triton where
+    ``triton_supported``, else eager). Used by the benchmark to compare the renderers."""
     pre = resolve_preset(preset, overrides)
     n = _check_int("n", n, 1)
     seed = _check_int("seed", seed, 0, 2**63 - 1)
@@ -399,6 +440,12 @@ def simulate(
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(dev)!r} requested but CUDA is not available")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    if backend is None:
+        backend = "triton" if triton_supported(pre, dev, dtype) else "eager"
+    elif backend == "triton" and not triton_supported(pre, dev, dtype):
+        raise ValueError(f"the triton backend does not cover preset {pre.name!r} on {dev} in {dtype}")
     paired = pre.paired if paired is None else bool(paired)
     lab = resolve_labels(pre, n, classes, labels)
 
@@ -410,33 +457,156 @@ def simulate(
     gen = torch.Generator().manual_seed(seed)
     params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak)
 
+    block = noise_block(dev)
     if batch_size is None:
-        bs = auto_batch_size(pre, dev, dtype)
+        bs = _triton_batch_size(pre, block) if backend == "triton" else auto_batch_size(pre, dev, dtype)
     else:
         bs = _check_int("batch_size", batch_size, 1)
-        block = noise_block(dev)
         bs = max(block, (bs // block) * block)
-    render = Renderer(preset=pre, device=dev, dtype=dtype, stamps=stamps, compile=compile)
+    bs = min(bs, -(-n // block) * block)
+    if backend == "triton":
+        render_batch = _TritonBatches(pre, params, dev, seed)
+    else:
+        render_batch = _TorchBatches(pre, params, dev, dtype, stamps, seed, compile=backend == "compile")
     images = torch.empty((n, 1, pre.num_pix, pre.num_pix), dtype=torch.float32)
     with torch.inference_mode():
+        sink = _PinnedSink(images, bs) if dev.type == "cuda" else None
         for start in range(0, n, bs):
             stop = min(n, start + bs)
-            pb = {
-                k: (
-                    v[start:stop].to(device=dev, dtype=dtype)
-                    if v.dtype.is_floating_point
-                    else v[start:stop].to(device=dev)
-                )
-                for k, v in params.items()
-            }
-            img = render(pb)
-            if pre.noise != "none":
-                img = _add_noise_blocks(img, pb, seed, start)
-            if pre.count_unit == "ADU":
-                img = img / pre.gain
-            images[start:stop] = img.to("cpu", torch.float32)
+            img = render_batch(start, stop)
+            if sink is not None:
+                sink.put(img, start, stop)
+            else:
+                images[start:stop] = img.to("cpu", torch.float32)
+        if sink is not None:
+            sink.close()
     out_params = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in params.items()}
     return SimResult(images=images, labels=lab, params=out_params, class_names=pre.class_names, preset=pre)
+
+
+def _triton_batch_size(pre: Preset, block: int) -> int:
+    """Images per batch of the Triton path: about 64 MiB of float32 images, whole noise blocks."""
+    per_image = pre.num_pix * pre.num_pix * 4
+    return max(block, (2**26 // per_image) // block * block)
+
+
+class _TorchBatches:
+    """Renders [start, stop) with the torch Renderer (eager or torch.compile) plus noise and units."""
+
+    def __init__(self, pre, params, dev, dtype, stamps, seed, *, compile: bool) -> None:
+        self.pre, self.params, self.dev, self.dtype, self.seed = pre, params, dev, dtype, seed
+        self.render = Renderer(preset=pre, device=dev, dtype=dtype, stamps=stamps, compile=compile)
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        dev, dtype, pre = self.dev, self.dtype, self.pre
+        pb = {
+            k: (
+                v[start:stop].to(device=dev, dtype=dtype)
+                if v.dtype.is_floating_point
+                else v[start:stop].to(device=dev)
+            )
+            for k, v in self.params.items()
+        }
+        img = self.render(pb)
+        if pre.noise != "none":
+            img = _add_noise_blocks(img, pb, self.seed, start)
+        if pre.count_unit == "ADU":
+            img = img / pre.gain
+        return img
+
+
+class _TritonBatches:
+    """Renders [start, stop) with the fused Triton kernels (render + PSF), then torch noise and units.
+
+    The parameters the kernels need go to the device as one pinned float32 table per batch.
+    """
+
+    def __init__(self, pre: Preset, params: Mapping[str, Tensor], dev: torch.device, seed: int) -> None:
+        from . import _triton
+
+        self.tk = _triton
+        self.pre, self.dev, self.seed = pre, dev, seed
+        self.has_vortex = "axion" in pre.class_names
+        keys = list(_MACRO_KEYS + _SOURCE_KEYS)
+        if self.has_vortex:
+            keys += list(_VORTEX_KEYS[:3])
+        keys += ["subhalo_count"]
+        if pre.noise != "none":
+            keys += ["exposure_time", "background_rate", "read_noise_rms"]
+        self.K = pre.max_subhalos
+        cols = [params[k].reshape(-1, 1) for k in keys]
+        if self.K > 0:
+            cols += [params["subhalo_theta_E"], params["subhalo_x"], params["subhalo_y"]]
+        table = torch.cat([c.to(torch.float32) for c in cols], dim=1)
+        self.table = table.pin_memory()
+        self.keys = keys
+        self.coord = _triton.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
+        self.kernel = (
+            gaussian_kernel_1d(pre.psf_fwhm, pre.delta_pix, truncation=pre.psf_truncation).to(
+                device=dev, dtype=torch.float32
+            )
+            if pre.psf_fwhm is not None
+            else None
+        )
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        pre, tk = self.pre, self.tk
+        t = self.table[start:stop].to(self.dev, non_blocking=True)
+        nk = len(self.keys)
+        p = {k: t[:, i] for i, k in enumerate(self.keys)}
+        te2 = sx = sy = None
+        if self.K > 0:
+            K = self.K
+            te = t[:, nk : nk + K]
+            te2 = (te * te).contiguous()
+            sx = t[:, nk + K : nk + 2 * K].contiguous()
+            sy = t[:, nk + 2 * K : nk + 3 * K].contiguous()
+        sc = tk.derive_scalars(p, has_vortex=self.has_vortex)
+        img = tk.render_sersic(
+            sc, te2, sx, sy, self.coord, num_pix=pre.num_pix, supersampling=pre.supersampling,
+            delta_pix=pre.delta_pix, has_vortex=self.has_vortex,
+        )  # fmt: skip
+        if self.kernel is not None:
+            img = tk.psf_separable(img, self.kernel)
+        img = img.unsqueeze(1)
+        if pre.noise != "none":
+            nz = {k: p[k].contiguous() for k in ("exposure_time", "background_rate", "read_noise_rms")}
+            img = _add_noise_blocks(img, nz, self.seed, start)
+        if pre.count_unit == "ADU":
+            img = img / pre.gain
+        return img
+
+
+class _PinnedSink:
+    """Copies device batches into the CPU result through two pinned staging buffers, asynchronously:
+    the copy of batch i to pageable memory runs on the CPU while the GPU renders batch i + 1."""
+
+    def __init__(self, images: Tensor, bs: int) -> None:
+        self.images = images
+        shape = (bs,) + tuple(images.shape[1:])
+        self.staging = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        self.slot = 0
+        self.pending: tuple[int, int, int, torch.cuda.Event] | None = None
+
+    def put(self, img: Tensor, start: int, stop: int) -> None:
+        buf = self.staging[self.slot][: stop - start]
+        buf.copy_(img.to(torch.float32), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._drain()
+        self.pending = (self.slot, start, stop, ev)
+        self.slot ^= 1
+
+    def _drain(self) -> None:
+        if self.pending is None:
+            return
+        slot, start, stop, ev = self.pending
+        ev.synchronize()
+        self.images[start:stop].copy_(self.staging[slot][: stop - start])
+        self.pending = None
+
+    def close(self) -> None:
+        self._drain()
 
 
 def _add_noise_blocks(img: Tensor, pb: Mapping[str, Tensor], seed: int, start: int) -> Tensor:
