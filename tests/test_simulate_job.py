@@ -159,7 +159,9 @@ def _start_head(log_path: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
         "--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        # A loaded 2-core machine can take minutes to register the raylet (default deadline 60 s).
+        env = _env(RAY_raylet_start_wait_time_s="300")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, temp_dir, {"dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
 
 
@@ -188,7 +190,7 @@ def ray_head(tmp_path):
     log_path = tmp_path / "ray_head.log"
     for attempt in range(2):
         proc, temp_dir, addr = _start_head(log_path)
-        if _head_ready(proc, log_path, addr["dashboard"], timeout=240):
+        if _head_ready(proc, log_path, addr["dashboard"], timeout=330):
             break
         _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
