@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"found {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
         return 2
     address = os.environ.get("RAY_ADDRESS", "local")  # a fresh local runtime unless told otherwise
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
         data_dir, sim_s = ensure_dataset(args, workdir)
         cfg = TrainConfig(
