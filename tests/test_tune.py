@@ -281,3 +281,23 @@ def test_gpu_request_checked_against_cluster_before_any_trial(ray_session, tiny_
     with pytest.raises(SearchSetupError, match="the Ray cluster has 0 GPUs"):
         run_search(_settings(tmp_path, tiny_data, name="gpu", gpus_per_trial=1.0))
     assert not (tmp_path / "runs" / "gpu").exists()
+
+
+def test_without_data_a_small_dataset_is_simulated_once_then_reused(ray_session, tmp_path):
+    from deeplense_ray.data import load_manifest, verify_dataset
+    from deeplense_ray.tune.runner import dataset_dir_for, ensure_dataset
+
+    s = TuneSettings(
+        model="ViT",
+        num_per_class=10,
+        storage_path=str(tmp_path),
+        preset_overrides={"num_pix": 32, "delta_pix": 0.2, "supersampling": 1},
+    ).validate()
+    out = ensure_dataset(s, str(tmp_path))
+    assert out == dataset_dir_for(s, str(tmp_path)) and out.startswith(str(tmp_path / "datasets"))
+    assert verify_dataset(out) == [] and load_manifest(out)["image_shape"] == [1, 32, 32]
+    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+    assert ensure_dataset(s, str(tmp_path)) == out  # same config: reused, not rebuilt
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+    other = TuneSettings(**{**s.__dict__, "num_per_class": 12})
+    assert dataset_dir_for(other, str(tmp_path)) != out
