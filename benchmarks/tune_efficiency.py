@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri=f"sqlite:///{root}/mlflow.db",
         storage_path=str(root / "runs"),
         space=dict(fixed),
-        cpus_per_trial=1.0 if quick else 2.0,
+        cpus_per_trial=None if quick else 2.0,
         train_overrides={"precision": "fp32"} if n_gpu == 0 else {},
     )
     parts = set(args.parts.split(","))

@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPUs per training worker, fractions pack trials on a GPU (default 0.25 with GPUs, else 0)",
     )
-    a("--cpus-per-trial", type=float, default=1.0, help="CPUs per training worker (default 1)")
+    a(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="CPUs per training worker (default 1, less on a small cluster: one CPU stays free for data)",
+    )
     a("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
     a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
     a("--metric", default="val_auc_macro", help=f"metric to optimise: {', '.join(METRIC_MODES)}")

@@ -60,8 +60,19 @@ def test_cluster_check_refuses_more_gpus_than_the_cluster_has():
         check_cluster_resources(_settings(gpus_per_trial=1.0), {"CPU": 4.0})
     with pytest.raises(ValueError, match=r"2 GPUs per trial, but the Ray cluster has 1 GPUs"):
         check_cluster_resources(_settings(gpus_per_trial=1.0, workers_per_trial=2), {"CPU": 16, "GPU": 1})
-    with pytest.raises(ValueError, match="needs 8.1 CPUs"):
+    with pytest.raises(ValueError, match="needs 8.1 CPUs .* plus 1 free for its Ray Data readers"):
         check_cluster_resources(_settings(cpus_per_trial=8.0), {"CPU": 4.0})
+    # 2 CPUs, 1 per worker: nothing left for the data readers (the trial would hang) -> refused
+    with pytest.raises(ValueError, match="has 2 CPUs; lower cpus_per_trial"):
+        check_cluster_resources(_settings(cpus_per_trial=1.0), {"CPU": 2.0})
+
+
+def test_default_cpus_per_trial_leaves_a_cpu_for_the_data_readers():
+    from deeplense_ray.tune.settings import resolve_cpus_per_trial
+
+    assert resolve_cpus_per_trial(_settings(), {"CPU": 16.0}) == 1.0
+    assert resolve_cpus_per_trial(_settings(), {"CPU": 2.0}) == 0.75
+    assert check_cluster_resources(_settings(), {"CPU": 2.0}) == 1
 
 
 def test_cluster_check_packs_fractional_gpu_trials():

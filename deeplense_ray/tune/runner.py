@@ -29,6 +29,7 @@ from deeplense_ray.tune.settings import (
     DRIVER_CPUS,
     TuneSettings,
     check_cluster_resources,
+    resolve_cpus_per_trial,
     resolve_gpus_per_trial,
 )
 
@@ -422,6 +423,7 @@ class _Plan:
     param_keys: list[str]
     concurrency: int = 1
     gpus: float = 0.0
+    cpus: float = 1.0
     data_dir: str = ""
     tracking_uri: str = ""
     base_train: dict[str, Any] = field(default_factory=dict)
@@ -496,6 +498,7 @@ def prepare_cluster_work(settings: TuneSettings, plan: _Plan, cluster: Mapping[s
 
     plan.concurrency = check_cluster_resources(settings, cluster)
     plan.gpus = resolve_gpus_per_trial(settings, cluster)
+    plan.cpus = resolve_cpus_per_trial(settings, cluster)
     plan.tracking_uri = (
         plan.state["tracking_uri"] if plan.state else resolve_tracking_uri(settings.tracking_uri)
     )
@@ -508,7 +511,7 @@ def prepare_cluster_work(settings: TuneSettings, plan: _Plan, cluster: Mapping[s
         seed=settings.seed,
         num_workers=settings.workers_per_trial,
         gpus_per_worker=plan.gpus,
-        cpus_per_worker=settings.cpus_per_trial,
+        cpus_per_worker=plan.cpus,
         experiment=settings.experiment,
         tracking_uri=plan.tracking_uri,
         storage_path=os.path.join(plan.output_dir, "trainers"),

@@ -46,7 +46,8 @@ class TuneSettings:
         reduction_factor: ASHA halving rate (keeps the top 1/reduction_factor at each rung).
         gpus_per_trial: GPUs of each training worker of a trial (fractions pack trials on one GPU);
             None = 0.25 when the cluster has GPUs, else 0.
-        cpus_per_trial: CPUs of each training worker of a trial.
+        cpus_per_trial: CPUs of each training worker of a trial; None = 1, or less on a small cluster so that
+            one CPU stays free for the Ray Data readers (which otherwise never get scheduled: a hang).
         workers_per_trial: Ray Train workers (DDP ranks) per trial.
         max_concurrent: trials running at once; None = as many as the cluster holds.
         metric, mode: the per-epoch validation metric ASHA and the searcher optimise; mode None = natural.
@@ -74,7 +75,7 @@ class TuneSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     gpus_per_trial: float | None = None
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float | None = None
     workers_per_trial: int = 1
     max_concurrent: int | None = None
     metric: str = "val_auc_macro"
@@ -123,7 +124,7 @@ class TuneSettings:
         _check_int("num_per_class", self.num_per_class, 1)
         if self.max_concurrent is not None:
             _check_int("max_concurrent", self.max_concurrent, 1)
-        if not _finite(self.cpus_per_trial) or self.cpus_per_trial <= 0:
+        if self.cpus_per_trial is not None and (not _finite(self.cpus_per_trial) or self.cpus_per_trial <= 0):
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial!r} must be a number > 0")
         if self.gpus_per_trial is not None:
             g = self.gpus_per_trial
@@ -223,6 +224,14 @@ def resolve_gpus_per_trial(settings: TuneSettings, cluster: Mapping[str, float])
     return 0.25 if float(cluster.get("GPU", 0.0)) > 0 else 0.0
 
 
+def resolve_cpus_per_trial(settings: TuneSettings, cluster: Mapping[str, float]) -> float:
+    """CPUs per training worker: the explicit value, else 1 or what leaves one CPU for the data readers."""
+    if settings.cpus_per_trial is not None:
+        return float(settings.cpus_per_trial)
+    room = (float(cluster.get("CPU", 0.0)) - DATA_RESERVE_CPUS - DRIVER_CPUS) / settings.workers_per_trial
+    return max(0.25, min(1.0, math.floor(room * 4) / 4))
+
+
 def check_cluster_resources(settings: TuneSettings, cluster: Mapping[str, float]) -> int:
     """Check one trial fits the cluster; return how many trials can run at once.
 
@@ -238,16 +247,18 @@ def check_cluster_resources(settings: TuneSettings, cluster: Mapping[str, float]
     gpus = float(cluster.get("GPU", 0.0))
     g = resolve_gpus_per_trial(settings, cluster)
     k = settings.workers_per_trial
+    c = resolve_cpus_per_trial(settings, cluster)
     if g * k > gpus + 1e-9:
         raise ValueError(
             f"gpus_per_trial={g:g} x workers_per_trial={k} = {g * k:g} GPUs per trial, but the Ray "
             f"cluster has {gpus:g} GPUs"
         )
-    need_cpu = DRIVER_CPUS + settings.cpus_per_trial * k
-    if need_cpu > cpus + 1e-9:
+    need_cpu = DRIVER_CPUS + c * k
+    if need_cpu + DATA_RESERVE_CPUS > cpus + 1e-9:
         raise ValueError(
-            f"a trial needs {need_cpu:g} CPUs ({DRIVER_CPUS:g} for its driver + cpus_per_trial="
-            f"{settings.cpus_per_trial:g} x workers_per_trial={k}), but the Ray cluster has {cpus:g} CPUs"
+            f"a trial needs {need_cpu:g} CPUs ({DRIVER_CPUS:g} for its driver + cpus_per_trial={c:g} x "
+            f"workers_per_trial={k}) plus {DATA_RESERVE_CPUS:g} free for its Ray Data readers, but the Ray "
+            f"cluster has {cpus:g} CPUs; lower cpus_per_trial (fractions are allowed) or workers_per_trial"
         )
     fit = max(1, math.floor((cpus - DATA_RESERVE_CPUS + 1e-9) / need_cpu))
     if g > 0:
