@@ -146,7 +146,10 @@ def screenshot(url: str, out: str | Path, *, width: int = 1400, height: int = 90
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+               # the virtual-time budget alone never ran out on MLflow 3's UI under load; --timeout
+               # (real ms) makes Chromium stop loading and take the picture anyway
                f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
+               f"--timeout={budget_ms + 75000}",
                f"--screenshot={tmp_png}", url]
         # own session, so a timeout kills Chromium's zygote and renderer processes too
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -163,8 +166,9 @@ def screenshot(url: str, out: str | Path, *, width: int = 1400, height: int = 90
     return out
 
 
-def experiment_page_url(base_url: str, exp_id: str) -> str:
-    return f"{base_url}/#/experiments/{exp_id}/runs"
+def experiment_page_url(base_url: str, exp_id: str, *, charts: bool = False) -> str:
+    """The experiment's runs page (table), or with ``charts`` its metric charts view."""
+    return f"{base_url}/#/experiments/{exp_id}/runs" + ("?compareRunsMode=CHART" if charts else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,8 @@ def test_submit_simulate_then_train_with_token(token_head, tmp_path):
     )
     env = _env(token_head["root"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_head["token"]))
     res = subprocess.run(
-        [RAY, "job", "submit", "--address", token_head["dashboard"], "--working-dir", ".", "--", pipeline],
+        [RAY, "job", "submit", "--address", token_head["dashboard"], "--working-dir", ".", "--",
+         "bash", "-c", pipeline],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     out = res.stdout + res.stderr
