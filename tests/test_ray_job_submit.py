@@ -110,9 +110,10 @@ def test_submit_simulate_then_train_with_token(token_head, tmp_path):
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text("preset: model_ii\nnum_pix: 32\n")
     data, db, store = tmp_path / "data", tmp_path / "mlflow.db", tmp_path / "ray_results"
+    py = sys.executable  # the project's interpreter (a bare `python` may be another one on PATH)
     pipeline = (
-        f"python jobs/simulate.py --config {tiny} --num-per-class 8 --shard-size 8 --out {data} --no-preview"
-        f" && python jobs/train.py --model ResNetSimple --data {data} --epochs 1 --batch-size 8"
+        f"{py} jobs/simulate.py --config {tiny} --num-per-class 8 --shard-size 8 --out {data} --no-preview"
+        f" && {py} jobs/train.py --model ResNetSimple --data {data} --epochs 1 --batch-size 8"
         f" --num-workers 1 --experiment submit-test --tracking-uri sqlite:///{db} --storage-path {store}"
     )
     env = _env(token_head["root"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_head["token"]))
