@@ -102,3 +102,39 @@ def test_flatten_metrics_keys():
     assert flat["val_f1_axion"] == pytest.approx(0.5)
     assert {"val_loss", "val_auc_macro", "val_auc_micro", "val_f1_macro"} <= set(flat)
     assert all(isinstance(v, float) for v in flat.values())
+
+
+def test_diverged_probabilities_give_flagged_metrics_not_an_error():
+    # a diverged model: rows 1 and 4 are NaN / inf (e.g. NaN logits through softmax)
+    nan, inf = math.nan, math.inf
+    probs = [list(r) for r in P3]
+    probs[1] = [nan, nan, nan]  # true 0, was a wrong prediction
+    probs[4] = [0.1, inf, 0.0]  # true 2, was a right prediction
+    m = classification_metrics(Y3, probs, CLASSES3)
+    assert m["diverged"] == 1 and m["n_nonfinite"] == 2 and m["n"] == 6
+    assert math.isnan(m["loss"])
+    assert all(math.isnan(v) for v in m["auc"].values())
+    assert math.isnan(m["auc_macro"]) and math.isnan(m["auc_micro"])
+    # predictions 0, -, 1, 2, -, 0: right on rows 0 and 2 only
+    assert m["accuracy"] == pytest.approx(2 / 6)
+    # non-finite rows are absent from the confusion matrix (no predicted class)
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
+    # no_sub: TP 1, FP 1, FN 1 -> 1/2; axion: TP 1, FP 0, FN 1 -> 2/3; cdm: TP 0 -> 0
+    assert m["f1"] == pytest.approx({"no_sub": 0.5, "axion": 2 / 3, "cdm": 0.0})
+    flat = flatten_metrics(m, "val")
+    assert flat["val_diverged"] == 1.0 and math.isnan(flat["val_auc_macro"])
+    assert flat["val_acc"] == pytest.approx(2 / 6)
+
+
+def test_all_nan_and_nonfinite_loss_are_flagged():
+    m = classification_metrics([0, 1, 1], np.full((3, 2), np.nan), ("a", "b"))
+    assert m["diverged"] == 1 and m["accuracy"] == 0.0 and math.isnan(m["auc_macro"])
+    assert m["confusion_matrix"] == [[0, 0], [0, 0]]
+    # finite probabilities but a non-finite loss from the caller: flagged, AUCs still computed
+    m = classification_metrics(Y3, P3, CLASSES3, loss=math.inf)
+    assert m["diverged"] == 1 and m["loss"] == math.inf
+    assert m["auc"]["cdm"] == pytest.approx(7.5 / 8)
+    assert classification_metrics(Y3, P3, CLASSES3)["diverged"] == 0
+    # logits are still refused even when some rows are NaN
+    with pytest.raises(ValueError, match="softmax"):
+        classification_metrics([0, 1], [[np.nan, np.nan], [0.5, 3.0]], ("a", "b"))

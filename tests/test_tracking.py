@@ -106,3 +106,10 @@ def test_write_json_atomic_maps_nan_to_null(tmp_path):
     out = write_json_atomic({"a": math.nan, "b": np.float32(1.5), "c": np.arange(2)}, tmp_path / "m.json")
     assert json.loads(out.read_text()) == {"a": None, "b": 1.5, "c": [0, 1]}
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_roc_plot_of_a_diverged_model_is_written_not_raised(tmp_path):
+    y = np.array([0, 1, 1, 0])
+    probs = np.full((4, 2), np.nan)
+    out = plot_roc_curves(y, probs, ["no_sub", "cdm"], tmp_path / "roc.png")
+    assert Path(out).read_bytes()[:8] == PNG_MAGIC

@@ -73,14 +73,19 @@ def plot_roc_curves(
     *,
     title: str = "ROC (one-vs-rest)",
 ) -> Path:
-    """One-vs-rest ROC curve of every class (from softmax probabilities) with its AUC in the legend."""
+    """One-vs-rest ROC curve of every class (from softmax probabilities) with its AUC in the legend.
+
+    A diverged model (any non-finite probability) has no ROC curve: the figure then says so instead."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
     fig = _new_figure(5.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
-    for k, name in enumerate(class_names):
+    nonfinite = int((~np.all(np.isfinite(p), axis=1)).sum()) if p.ndim == 2 else 0
+    if nonfinite:
+        ax.text(0.5, 0.5, f"diverged: {nonfinite} of {len(p)} rows non-finite\nno ROC curve", ha="center")
+    for k, name in enumerate(class_names if not nonfinite else ()):
         target = (y == k).astype(int)
         if target.min() == target.max():
             continue
@@ -92,7 +97,8 @@ def plot_roc_curves(
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
     return _save_atomic(fig, path)
 
 

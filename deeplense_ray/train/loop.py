@@ -42,6 +42,7 @@ REPORT_KEYS: tuple[str, ...] = (
     "val_auc_micro",
     "images_per_s",
     "lr",
+    "diverged",
 )
 EVAL_BATCH_SIZE = 256
 #: Largest val split [MiB of float32 images] each rank keeps in host memory after the first epoch.
@@ -381,9 +382,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         all_logits = np.concatenate([p[0] for p in parts])
         all_labels = np.concatenate([p[1] for p in parts])
         val = classification_metrics(all_labels, probabilities(all_logits), class_names)
+        train_loss = loss_sum / max(n_img, 1.0)
         metrics: dict[str, Any] = {
             "epoch": epoch,
-            "train_loss": loss_sum / max(n_img, 1.0),
+            "train_loss": train_loss,
             "train_acc": correct / max(n_img, 1.0),
             **flatten_metrics(val, "val"),
             "val_n": val["n"],
@@ -393,6 +395,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
             "resumed_from_epoch": start_epoch - 1,
+            # a diverged epoch (non-finite train loss or val outputs) is reported, never raised: Tune ranks it
+            "diverged": int(bool(val["diverged"]) or not math.isfinite(train_loss)),
         }
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 

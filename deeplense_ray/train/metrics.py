@@ -3,6 +3,11 @@
 Every number here is computed from the predictions of the *whole* split at once (never averaged per batch),
 and AUCs are computed from softmax *probabilities* (never raw logits). A class whose one-vs-rest AUC is
 undefined in a split (no positive or no negative example) gets ``nan`` and is left out of the macro mean.
+
+A diverged model (non-finite probabilities or loss) is a result, not an error: the metrics come back with
+``diverged`` = 1, every AUC ``nan``, the loss ``nan`` (or the caller's non-finite value), and accuracy, F1 and
+the confusion matrix computed with each non-finite row counted as a wrong prediction (no predicted class), so a
+hyperparameter search can rank the trial as the worst instead of crashing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ import numpy as np
 PROB_SUM_ATOL = 1e-3
 
 
-def _check_inputs(y_true: Any, probs: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(
+    y_true: Any, probs: Any, class_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (int64), probabilities (float64) and the mask of rows whose probabilities are all finite.
+
+    Shapes, labels and (on the finite rows) the probability range and row sums are checked; non-finite rows
+    are allowed (a diverged model), see :func:`classification_metrics`."""
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
     c = len(class_names)
@@ -37,21 +48,22 @@ def _check_inputs(y_true: Any, probs: Any, class_names: Sequence[str]) -> tuple[
         y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= c:
         raise ValueError(f"y_true holds labels outside [0, {c - 1}]: min {y.min()}, max {y.max()}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs holds non-finite values")
-    if p.min() < 0.0 or p.max() > 1.0 + PROB_SUM_ATOL:
-        raise ValueError(
-            f"probs must be probabilities in [0, 1] (apply softmax to logits first); got range "
-            f"[{p.min():.4g}, {p.max():.4g}]"
-        )
-    sums = p.sum(axis=1)
-    worst = int(np.argmax(np.abs(sums - 1.0)))
-    if abs(sums[worst] - 1.0) > PROB_SUM_ATOL:
-        raise ValueError(
-            f"probs rows must sum to 1 (softmax probabilities, not logits); row {worst} sums to "
-            f"{sums[worst]:.6g}"
-        )
-    return y.astype(np.int64), p
+    finite = np.all(np.isfinite(p), axis=1)
+    if finite.any():
+        pf = p[finite]
+        if pf.min() < 0.0 or pf.max() > 1.0 + PROB_SUM_ATOL:
+            raise ValueError(
+                f"probs must be probabilities in [0, 1] (apply softmax to logits first); got range "
+                f"[{pf.min():.4g}, {pf.max():.4g}]"
+            )
+        sums = np.where(finite, p.sum(axis=1), 1.0)
+        worst = int(np.argmax(np.abs(sums - 1.0)))
+        if abs(sums[worst] - 1.0) > PROB_SUM_ATOL:
+            raise ValueError(
+                f"probs rows must sum to 1 (softmax probabilities, not logits); row {worst} sums to "
+                f"{sums[worst]:.6g}"
+            )
+    return y.astype(np.int64), p, finite
 
 
 def softmax(logits: Any) -> np.ndarray:
@@ -83,36 +95,49 @@ def classification_metrics(
 
     Args:
         y_true: int labels [N] (class indices into ``class_names``).
-        probs: softmax probabilities [N, C] (rows sum to 1; logits are refused with a ValueError).
+        probs: softmax probabilities [N, C] (rows sum to 1; logits are refused with a ValueError). Rows with
+            non-finite values (a diverged model) are accepted and flag the result as diverged.
         class_names: the C class names, in label order.
         loss: mean loss over the split if the caller computed it (e.g. with label smoothing); default the mean
-            cross-entropy ``-mean(log p[y])`` computed here from ``probs`` (probabilities clipped at 1e-15).
+            cross-entropy ``-mean(log p[y])`` computed here from ``probs`` (probabilities clipped at 1e-15;
+            nan if any row is non-finite). A non-finite ``loss`` flags the result as diverged.
 
     Returns:
         dict with ``n`` (examples), ``accuracy``, ``loss``, ``auc`` {class: one-vs-rest ROC AUC or nan},
         ``auc_macro`` (mean of the defined per-class AUCs; nan if none), ``auc_micro`` (ROC AUC of all
         one-hot targets against all probabilities flattened; nan if undefined), ``f1`` {class: F1},
         ``f1_macro``, ``confusion_matrix`` (C x C list of ints, rows = true class, columns = predicted),
-        ``class_names`` (list).
+        ``class_names`` (list), ``diverged`` (1 if any probability or the loss is non-finite, else 0),
+        ``n_nonfinite`` (rows with non-finite probabilities). On such rows no class is predicted: they count
+        as wrong in accuracy and as false negatives of their true class in F1, and are absent from the
+        confusion matrix (its rows then sum to less than the class counts); every AUC is nan.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-    y, p = _check_inputs(y_true, probs, class_names)
+    y, p, finite = _check_inputs(y_true, probs, class_names)
     c = len(class_names)
     labels = list(range(c))
-    pred = p.argmax(axis=1)
+    n_nonfinite = int(len(y) - finite.sum())
+    # no predicted class (-1, never a label) for a non-finite row: it counts as a wrong prediction
+    pred = np.where(finite, np.nan_to_num(p, nan=-1.0, posinf=-1.0, neginf=-1.0).argmax(axis=1), -1)
 
-    auc = {name: one_vs_rest_auc(y, p[:, k], k) for k, name in enumerate(class_names)}
-    defined = [v for v in auc.values() if not math.isnan(v)]
-    auc_macro = float(np.mean(defined)) if defined else math.nan
-
-    onehot = np.eye(c, dtype=np.int64)[y]
-    flat = onehot.ravel()
-    auc_micro = float(roc_auc_score(flat, p.ravel())) if flat.min() != flat.max() else math.nan
+    if n_nonfinite:
+        auc = {name: math.nan for name in class_names}
+        auc_macro = auc_micro = math.nan
+    else:
+        auc = {name: one_vs_rest_auc(y, p[:, k], k) for k, name in enumerate(class_names)}
+        defined = [v for v in auc.values() if not math.isnan(v)]
+        auc_macro = float(np.mean(defined)) if defined else math.nan
+        flat = np.eye(c, dtype=np.int64)[y].ravel()
+        auc_micro = float(roc_auc_score(flat, p.ravel())) if flat.min() != flat.max() else math.nan
 
     f1 = f1_score(y, pred, labels=labels, average=None, zero_division=0.0)
     if loss is None:
-        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))))
+        if n_nonfinite:
+            loss = math.nan
+        else:
+            loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))))
+    diverged = int(n_nonfinite > 0 or not math.isfinite(float(loss)))
     return {
         "n": int(len(y)),
         "accuracy": float(accuracy_score(y, pred)),
@@ -124,14 +149,17 @@ def classification_metrics(
         "f1_macro": float(np.mean(f1)),
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).astype(int).tolist(),
         "class_names": list(class_names),
+        "diverged": diverged,
+        "n_nonfinite": n_nonfinite,
     }
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """Scalar view of :func:`classification_metrics` for reports and MLflow.
 
-    ``prefix`` 'val' gives val_loss, val_acc, val_auc_macro, val_auc_micro, val_f1_macro, val_auc_<class>,
-    val_f1_<class>. The confusion matrix is left out (it is logged as an image and in the metrics JSON).
+    ``prefix`` 'val' gives val_loss, val_acc, val_auc_macro, val_auc_micro, val_f1_macro, val_diverged (0/1),
+    val_auc_<class>, val_f1_<class>. The confusion matrix is left out (it is logged as an image and in the
+    metrics JSON).
     """
     out = {
         f"{prefix}_loss": float(metrics["loss"]),
@@ -139,6 +167,7 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]
         f"{prefix}_auc_macro": float(metrics["auc_macro"]),
         f"{prefix}_auc_micro": float(metrics["auc_micro"]),
         f"{prefix}_f1_macro": float(metrics["f1_macro"]),
+        f"{prefix}_diverged": float(metrics.get("diverged", 0)),
     }
     for name, value in metrics["auc"].items():
         out[f"{prefix}_auc_{name}"] = float(value)
