@@ -6,8 +6,8 @@ undefined in a split (no positive or no negative example) gets ``nan`` and is le
 
 A diverged model (non-finite probabilities or loss) is a result, not an error: the metrics come back with
 ``diverged`` = 1, every AUC ``nan``, the loss ``nan`` (or the caller's non-finite value), and accuracy, F1 and
-the confusion matrix computed with each non-finite row counted as a wrong prediction (no predicted class), so a
-hyperparameter search can rank the trial as the worst instead of crashing.
+the confusion matrix computed with each non-finite row counted as a wrong prediction (no predicted class), so
+a hyperparameter search can rank the trial as the worst instead of crashing.
 """
 
 from __future__ import annotations
