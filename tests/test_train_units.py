@@ -165,3 +165,25 @@ def test_predict_batches_strides_over_ranks():
     ]
     assert parts[0][1].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
     assert parts[1][1].tolist() == [1, 1, 1, 3, 3, 3]
+
+
+def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):
+    """An absurd learning rate blows the real model up: the epoch, the prediction and the metrics of the
+    loop's chain still run and say 'diverged' (the tune module ranks such a trial worst, it must not crash)."""
+    from deeplense_ray.train.loop import probabilities
+    from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+
+    torch.manual_seed(0)
+    model = build_classifier(ARCH)
+    x = torch.randn(16, 1, 16, 16)
+    y = torch.arange(16) % 2
+    batches = [{"image": x[i : i + 8], "label": y[i : i + 8]} for i in range(0, 16, 8)]
+    conf = {"optimizer": "sgd", "lr": 1e30, "weight_decay": 0.0, "momentum": 0.9}
+    opt = build_optimizer(model.parameters(), conf)
+    for _ in range(3):
+        sums = train_one_epoch(model, batches, opt, device=torch.device("cpu"))
+    logits, labels = predict_batches(model, batches, device=torch.device("cpu"))
+    assert not math.isfinite(sums["loss_sum"]) or not torch.isfinite(torch.from_numpy(logits)).all()
+    m = classification_metrics(labels, probabilities(logits), ARCH["class_names"])
+    assert m["diverged"] == 1 and math.isnan(m["auc_macro"]) and 0.0 <= m["accuracy"] <= 1.0
+    assert flatten_metrics(m, "val")["val_diverged"] == 1.0
