@@ -169,7 +169,7 @@ def test_predict_batches_strides_over_ranks():
 
 def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):
     """An absurd learning rate blows the real model up: the epoch, the prediction and the metrics of the
-    loop's chain still run and say 'diverged' (the tune module ranks such a trial worst, it must not crash)."""
+    loop's chain still run and say 'diverged' (tune ranks such a trial worst; it must not crash)."""
     from deeplense_ray.train.loop import probabilities
     from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 
