@@ -10,8 +10,10 @@ Schema (FORMAT_VERSION 1), one file per shard ``<split>/shard-00000.h5``:
 - attributes: format_version, package_version, preset (name), preset_json (the resolved preset),
   class_names (JSON list), seed (shard seed), dataset_seed, split, shard_index, rows, image_dtype.
 
-Files are encoded in memory (HDF5 core driver), hashed, then written with one sequential write + fsync to a
-temporary name in the same directory and renamed (``os.replace``): a shard is either complete or absent.
+HDF5 writes a shard straight to a temporary name in the same directory; the image chunks go in with
+``write_direct_chunk`` and a numpy Fletcher-32 (the bytes HDF5's own filter would give). The file is then
+hashed (sha256, read back from the page cache) while another thread fsyncs it, and renamed (``os.replace``):
+a shard is either complete or absent. ``encode_shard`` gives the same bytes in memory.
 No timestamps are stored (``track_times=False`` everywhere), so identical inputs give identical bytes.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -57,20 +60,42 @@ def _group_no_times(parent: h5py.Group, name: str) -> h5py.Group:
     return parent[name]
 
 
-def encode_shard(
-    images: np.ndarray,
-    labels: np.ndarray,
-    params: Mapping[str, np.ndarray],
-    attrs: Mapping[str, Any],
-) -> bytes:
-    """Encode one shard as the bytes of an HDF5 file (deterministic: same inputs, same bytes).
+def fletcher32(data: np.ndarray | bytes | memoryview) -> int:
+    """HDF5's Fletcher-32 checksum (``H5_checksum_fletcher32``) of a byte buffer, vectorised with numpy.
 
-    images: [N, 1, H, W] float32 or float16 (stored as given); labels: int64 [N]; params: name -> [N, ...];
-    attrs: scalar/str attributes (written in sorted key order).
+    HDF5 sums big-endian 16-bit words: ``sum1 += w; sum2 += sum1``, folding each sum with
+    ``(s & 0xffff) + (s >> 16)`` (which keeps it congruent mod 65535 and positive once positive). So each
+    final sum is 0 if every word is 0, else its true value mod 65535 mapped into [1, 65535]. With
+    ``i`` the word index, sum2's true value is sum((n - i) * w_i); ``i mod 65535`` is the column index
+    once the words are laid out in rows of 65535, so one column-sum pass does it. Result:
+    ``(sum2 << 16) | sum1``; the filter stores it little-endian after the chunk's bytes.
     """
-    images = np.ascontiguousarray(images)
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    n = images.shape[0]
+    if isinstance(data, np.ndarray):
+        b = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    else:
+        b = np.frombuffer(data, dtype=np.uint8)
+    if b.size % 2:
+        b = np.concatenate([b, np.zeros(1, np.uint8)])  # an odd last byte counts as the word (byte << 8)
+    w = b.view(">u2")
+    n, m = w.size, 65535
+    q = n // m
+    total = int(w.sum(dtype=np.uint64))
+    if total == 0:
+        return 0
+    cols = np.arange(m, dtype=np.uint64)
+    weighted = 0
+    if q:
+        weighted += int(w[: q * m].reshape(q, m).sum(axis=0, dtype=np.uint64) @ cols)
+    tail = w[q * m :]
+    weighted += int(tail.astype(np.uint64) @ cols[: tail.size])
+    s1 = (total - 1) % m + 1
+    s2 = ((n % m) * (total % m) - weighted) % m
+    s2 = (s2 - 1) % m + 1
+    return (s2 << 16) | s1
+
+
+def _check_shard_inputs(images: np.ndarray, labels: np.ndarray, params: Mapping[str, np.ndarray]) -> None:
+    n = images.shape[0] if images.ndim else 0
     if images.ndim != 4 or images.dtype not in (np.float32, np.float16):
         raise ValueError(f"images must be float32/float16 [N,1,H,W], got {images.dtype} {images.shape}")
     if labels.shape != (n,):
@@ -80,21 +105,128 @@ def encode_shard(
             raise ValueError(
                 f"param {name!r} must have leading axis {n}, got shape {np.asarray(value).shape}"
             )
+
+
+def _write_images(f: h5py.File, images: np.ndarray) -> None:
+    """``images`` as a chunked, Fletcher-32 dataset, written chunk by chunk with precomputed checksums.
+
+    Same bytes as ``create_dataset(data=images, fletcher32=True)`` (tested), without HDF5's byte-wise
+    checksum loop and filter-pipeline copies. The last chunk is zero padded (HDF5's fill value).
+    """
+    n, shape = images.shape[0], images.shape[1:]
+    chunk = image_chunk_rows(n, shape, images.dtype.itemsize)
+    ds = f.create_dataset(
+        "images",
+        shape=images.shape,
+        dtype=images.dtype,
+        chunks=(chunk, *shape),
+        fletcher32=True,
+        track_times=False,
+    )
+    chunk_bytes = chunk * int(np.prod(shape)) * images.dtype.itemsize
+    buf = bytearray(chunk_bytes + 4)
+    view = memoryview(buf)
+    for start in range(0, n, chunk):
+        part = np.ascontiguousarray(images[start : start + chunk])
+        raw = memoryview(part).cast("B")
+        view[: raw.nbytes] = raw
+        if raw.nbytes < chunk_bytes:
+            view[raw.nbytes : chunk_bytes] = bytes(chunk_bytes - raw.nbytes)
+        buf[chunk_bytes:] = fletcher32(view[:chunk_bytes]).to_bytes(4, "little")
+        ds.id.write_direct_chunk((start, *(0,) * len(shape)), buf, filter_mask=0)
+
+
+def _fill_shard(
+    f: h5py.File,
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+) -> None:
+    for key in sorted(attrs):
+        f.attrs[key] = attrs[key]
+    _write_images(f, images)
+    f.create_dataset("labels", data=labels, fletcher32=True, track_times=False, **_PARAM_COMPRESSION)
+    group = _group_no_times(f, "params")
+    for name in sorted(params):
+        value = np.ascontiguousarray(params[name])
+        group.create_dataset(name, data=value, fletcher32=True, track_times=False, **_PARAM_COMPRESSION)
+
+
+def encode_shard(
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+) -> bytes:
+    """Encode one shard as the bytes of an HDF5 file (deterministic: same inputs, same bytes).
+
+    images: [N, 1, H, W] float32 or float16 (stored as given); labels: int64 [N]; params: name -> [N, ...];
+    attrs: scalar/str attributes (written in sorted key order). The same bytes as :func:`write_shard`
+    puts on disk.
+    """
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    _check_shard_inputs(images, labels, params)
     # The core driver keeps the file in memory; the name is never stored in the file.
-    with h5py.File(f"shard-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False) as f:
-        for key in sorted(attrs):
-            f.attrs[key] = attrs[key]
-        chunk = image_chunk_rows(n, images.shape[1:], images.dtype.itemsize)
-        f.create_dataset(
-            "images", data=images, chunks=(chunk, *images.shape[1:]), fletcher32=True, track_times=False
-        )
-        f.create_dataset("labels", data=labels, fletcher32=True, track_times=False, **_PARAM_COMPRESSION)
-        group = _group_no_times(f, "params")
-        for name in sorted(params):
-            value = np.ascontiguousarray(params[name])
-            group.create_dataset(name, data=value, fletcher32=True, track_times=False, **_PARAM_COMPRESSION)
+    block = max(1 << 20, images.nbytes + (1 << 20))  # one allocation, no regrowth
+    with h5py.File(
+        f"shard-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False, block_size=block
+    ) as f:
+        _fill_shard(f, images, labels, params, attrs)
         f.flush()
-        return bytes(f.id.get_file_image())
+        return f.id.get_file_image()
+
+
+def write_shard(
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+    *,
+    fail_after_bytes: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[str, int]:
+    """Write one shard to ``path`` atomically and return (sha256 hex, bytes); same bytes as encode_shard.
+
+    HDF5 writes straight to a temporary file in the same directory; then the file is read back from the
+    page cache for its sha256 while another thread fsyncs it (both release the GIL); then ``os.replace``.
+    ``fail_after_bytes`` (fault injection): cut the temporary file there and raise OSError, as a crashed
+    write would; nothing is left behind. ``timings`` (if given) gets encode_s, hash_s, write_s.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    _check_shard_inputs(images, labels, params)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(p)
+    t0 = time.perf_counter()
+    try:
+        with h5py.File(tmp, "w") as f:
+            _fill_shard(f, images, labels, params, attrs)
+        t1 = time.perf_counter()
+        if fail_after_bytes is not None:
+            os.truncate(tmp, fail_after_bytes)
+            raise OSError(f"injected write failure for {p} after {fail_after_bytes} bytes")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                synced = pool.submit(os.fsync, fd)
+                digest = sha256_file(tmp)
+                t2 = time.perf_counter()
+                synced.result()
+        finally:
+            os.close(fd)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, p)
+        t3 = time.perf_counter()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if timings is not None:
+        timings.update({"encode_s": t1 - t0, "hash_s": t2 - t1, "write_s": t3 - t2})
+    return digest, size
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
