@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deeplense_ray.models import build_model, count_parameters, list_models  # noqa: E402
+from deeplense_ray.models import build_model, count_parameters, get_spec, list_models  # noqa: E402
 
 # tiny overrides used by --quick (CPU smoke test: the code path, not the numbers)
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     names = (
         list_models() if args.models == "all" else [s.strip() for s in args.models.split(",") if s.strip()]
     )
+    try:  # canonical names; an unknown one fails here, before any work, listing the valid names
+        names = [get_spec(n).name for n in names]
+    except ValueError as err:
+        raise SystemExit(f"--models: {err}") from None
     sizes = [int(s) for s in args.sizes.split(",")]
     precisions = [s.strip() for s in args.precisions.split(",")]
     bad = [p for p in precisions if p not in ("fp32", "bf16")]
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                         except ConfigTimeout as err:
                             row["status"] = f"timeout ({err})"
                         except Exception as err:  # a model that fails to compile etc. is reported, not fatal
-                            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                            msg = " | ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())
+                            row["status"] = f"error: {type(err).__name__}: {msg[:300]}"
                         finally:
                             if device.type == "cuda":
                                 torch.cuda.empty_cache()
