@@ -166,3 +166,25 @@ def test_summary_table_best_first_and_nan_never_best():
     assert table[0].split()[:3] == ["trial", "config", "epochs"]
     assert [line.split()[0] for line in table[2:]] == ["b", "a", "c"]
     assert not is_better(float("nan"), 0.1, "max") and is_better(0.2, float("nan"), "min")
+
+
+def test_diverged_epoch_reported_as_the_worst_finite_metric_and_stops_the_trial():
+    from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+    from deeplense_ray.tune.runner import DivergedStopper, as_metric, diverged_value, sanitize_result
+
+    # what the train loop reports for an epoch whose model outputs NaN
+    val = classification_metrics([0, 1, 2], [[float("nan")] * 3] * 3, ["a", "b", "c"])
+    report = {"epoch": 2, **flatten_metrics(val, "val"), "diverged": 1}
+    for metric, mode in (("val_auc_macro", "max"), ("val_loss", "min"), ("val_acc", "max")):
+        r = sanitize_result(report, metric, mode)
+        assert r[metric] == diverged_value(mode) and math.isfinite(r[metric]) and r["diverged"] == 1
+        assert r["epoch"] == 2 and DivergedStopper()("t1", r)
+    assert diverged_value("max") < 0.0 and diverged_value("min") > 1e6  # below any AUC, above any loss
+    # a NaN metric without the loop's flag is a divergence too; a finite one passes unchanged
+    assert sanitize_result({"val_loss": float("inf")}, "val_loss", "min")["diverged"] == 1
+    ok = {"epoch": 1, "val_loss": 0.9, "diverged": 0}
+    assert sanitize_result(ok, "val_loss", "min") == ok and not DivergedStopper()("t1", ok)
+    # summaries and MLflow see the stand-in value as NaN; the outcome names the epoch
+    assert math.isnan(as_metric(diverged_value("max"))) and as_metric(0.75) == 0.75
+    assert math.isnan(numeric_metrics({"val_loss": diverged_value("min")})["val_loss"])
+    assert outcome(1, 10, diverged_at=1) == ("diverged at epoch 1", "KILLED")

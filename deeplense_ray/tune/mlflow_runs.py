@@ -4,7 +4,8 @@ The driver is the only MLflow writer of a search: the parent run is created befo
 :class:`TrialRunsCallback` (a driver-side Tune callback) creates each trial's child run (tag
 ``mlflow.parentRunId``), logs its sampled hyperparameters as params, every per-epoch result as metrics
 (step = epoch) and how the trial ended (tag ``tune.outcome``: ``completed``, ``stopped by ASHA at epoch k`` or
-``failed``; run status FINISHED, KILLED or FAILED). One writer means no SQLite write contention between
+``diverged at epoch k`` (non-finite loss: reported as the worst metric, not a crash) or ``failed``; run status
+FINISHED, KILLED or FAILED). One writer means no SQLite write contention between
 trial processes, and a trial killed by ASHA still has its outcome recorded.
 """
 
@@ -23,6 +24,10 @@ TAG_OUTCOME = "tune.outcome"
 TAG_EPOCHS = "tune.epochs_run"
 TAG_SEARCH = "tune.search_name"
 TAG_ROLE = "tune.role"
+#: Result key set to 1.0 on a report whose target metric was non-finite (the trial's training diverged).
+DIVERGED_KEY = "diverged"
+#: Magnitude of the finite worst value a diverged trial reports for its metric (logged to MLflow as NaN).
+DIVERGED_VALUE = 1e30
 
 #: Result keys Tune adds itself; never logged as metrics.
 _TUNE_KEYS = frozenset(
@@ -50,21 +55,31 @@ _TUNE_KEYS = frozenset(
 )
 
 
-def outcome(epochs_run: int, max_epochs: int) -> tuple[str, str]:
-    """(tag text, MLflow run status) for a trial that ended without error after ``epochs_run`` epochs."""
+def outcome(epochs_run: int, max_epochs: int, *, diverged_at: int | None = None) -> tuple[str, str]:
+    """(tag text, MLflow run status) for a trial that ended without error after ``epochs_run`` epochs.
+
+    ``diverged_at``: first epoch whose training went non-finite (reported as the worst metric):
+    ``diverged at epoch k``, status KILLED.
+    """
+    if diverged_at is not None:
+        return f"diverged at epoch {diverged_at}", "KILLED"
     if epochs_run >= max_epochs:
         return "completed", "FINISHED"
     return f"stopped by ASHA at epoch {epochs_run}", "KILLED"
 
 
 def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The finite-or-nan numeric entries of a trial result that are training metrics (not Tune's own keys)."""
+    """The finite-or-nan numeric entries of a trial result that are training metrics (not Tune's own keys).
+
+    Non-finite values and a diverged trial's stand-in value (``|v| >= DIVERGED_VALUE``) become NaN.
+    """
     out = {}
     for k, v in result.items():
         if k in _TUNE_KEYS or k.startswith("config") or isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
-            out[k] = float(v) if math.isfinite(float(v)) else float("nan")
+            f = float(v)
+            out[k] = f if math.isfinite(f) and abs(f) < DIVERGED_VALUE else float("nan")
     return out
 
 
@@ -107,6 +122,7 @@ class TrialRunsCallback(Callback):
         self.search_name = search_name
         self.run_ids: dict[str, str] = {}
         self.epochs: dict[str, int] = {}
+        self.diverged: dict[str, int] = {}
         self._client = None
         self.trainer_storage = trainer_storage
         self._reaper = None
@@ -150,11 +166,12 @@ class TrialRunsCallback(Callback):
         return self._client
 
     def get_state(self) -> dict:
-        return {"run_ids": dict(self.run_ids), "epochs": dict(self.epochs)}
+        return {"run_ids": dict(self.run_ids), "epochs": dict(self.epochs), "diverged": dict(self.diverged)}
 
     def set_state(self, state: dict) -> None:
         self.run_ids.update(state.get("run_ids", {}))
         self.epochs.update(state.get("epochs", {}))
+        self.diverged.update(state.get("diverged", {}))
 
     # -- child runs --
     def _find_existing(self, trial_id: str) -> str | None:
@@ -199,6 +216,8 @@ class TrialRunsCallback(Callback):
         run_id = self.child_run_id(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.epochs[trial.trial_id] = max(epoch, self.epochs.get(trial.trial_id, 0))
+        if result.get(DIVERGED_KEY) == 1.0:
+            self.diverged.setdefault(trial.trial_id, epoch)
         metrics = numeric_metrics(result)
         metrics.pop("epoch", None)
         if metrics:
@@ -210,7 +229,7 @@ class TrialRunsCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.child_run_id(trial)
         epochs_run = self.epochs.get(trial.trial_id, 0)
-        text, status = outcome(epochs_run, self.max_epochs)
+        text, status = outcome(epochs_run, self.max_epochs, diverged_at=self.diverged.get(trial.trial_id))
         self.client.set_tag(run_id, TAG_OUTCOME, text)
         self.client.set_tag(run_id, TAG_EPOCHS, str(epochs_run))
         self.client.set_terminated(run_id, status=status)

@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.tune import Stopper
+
+from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
 from deeplense_ray.tune.settings import (
     DRIVER_CPUS,
     TuneSettings,
@@ -95,8 +98,24 @@ def is_better(a: float, b: float, mode: str) -> bool:
 
 
 def worst_value(mode: str) -> float:
-    """The value a diverged (NaN) metric is replaced by so that ASHA stops the trial."""
+    """The value every real metric value beats under ``mode`` (-inf for 'max', +inf for 'min')."""
     return -math.inf if mode == "max" else math.inf
+
+
+def diverged_value(mode: str) -> float:
+    """What a diverged trial reports to Tune instead of a NaN/inf metric: ``-+DIVERGED_VALUE``.
+
+    Finite on purpose: ASHA's rung cutoff interpolates a percentile of the recorded values, and with
+    -inf among them the interpolation yields NaN (inf - inf); Optuna marks a NaN trial failed and learns
+    nothing from it. Every real value beats it (AUC/accuracy lie in [0, 1]; a loss stays far below 1e30).
+    """
+    return -DIVERGED_VALUE if mode == "max" else DIVERGED_VALUE
+
+
+def as_metric(v: float) -> float:
+    """A reported metric value for summaries: NaN for a diverged report (``|v| >= DIVERGED_VALUE``)."""
+    v = float(v)
+    return math.nan if not math.isfinite(v) or abs(v) >= DIVERGED_VALUE else v
 
 
 def default_search_name(model: str) -> str:
@@ -157,19 +176,44 @@ def ensure_dataset(settings: TuneSettings, storage_path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- trial
+def sanitize_result(metrics: Mapping[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """One epoch's report as Tune should see it: a diverged epoch gets the worst finite ``metric``.
+
+    The train loop reports a diverged epoch (non-finite loss or outputs) with ``diverged`` = 1 and NaN
+    losses/AUCs instead of raising. Such a report, or one whose ``metric`` is not a finite number, gets
+    ``metric`` = :func:`diverged_value` and ``diverged`` = 1: ASHA and the searcher rank it below every real
+    trial, and :class:`DivergedStopper` ends the trial (its weights are NaN; more epochs cannot help).
+    """
+    out = dict(metrics)
+    v = out.get(metric)
+    bad_value = metric in out and (not isinstance(v, (int, float)) or not math.isfinite(float(v)))
+    if bad_value or out.get(DIVERGED_KEY) == 1:
+        out[metric] = diverged_value(mode)
+        out[DIVERGED_KEY] = 1
+    return out
+
+
 def _sanitizing_report_callback(metric: str, mode: str):
-    """A ``TuneReportCallback`` replacing a NaN/inf target metric by the worst value (a diverged trial)."""
+    """A ``TuneReportCallback`` forwarding rank 0's reports through :func:`sanitize_result`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class _Report(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metric in metrics[0]:
-                v = metrics[0][metric]
-                if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-                    metrics = [dict(metrics[0], **{metric: worst_value(mode)})] + list(metrics[1:])
+            if metrics:
+                metrics = [sanitize_result(metrics[0], metric, mode)] + list(metrics[1:])
             super().after_report(run_context, metrics, checkpoint)
 
     return _Report()
+
+
+class DivergedStopper(Stopper):
+    """Tune stopper (``RunConfig(stop=...)``): ends a trial at its first diverged report."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result.get(DIVERGED_KEY) == 1
+
+    def stop_all(self) -> bool:
+        return False
 
 
 def make_train_config(config: Mapping[str, Any]):
@@ -225,15 +269,19 @@ def _trial_summaries(results, settings: TuneSettings, param_keys, callback) -> l
         curve: list[tuple[int, float]] = []
         if df is not None and len(df) and settings.metric in df:
             ep = df["epoch"] if "epoch" in df else df["training_iteration"]
-            curve = sorted({int(e): float(v) for e, v in zip(ep, df[settings.metric])}.items())
+            curve = sorted({int(e): as_metric(v) for e, v in zip(ep, df[settings.metric])}.items())
         best_m, best_e = worst_value(mode), 0
         for e, v in curve:
             if is_better(v, best_m, mode) or best_e == 0:
                 best_m, best_e = v, e
         epochs = max((e for e, _ in curve), default=0)
         tid = trial_id_of(r)
+        diverged_at = None
+        if df is not None and DIVERGED_KEY in df and "epoch" in df:
+            bad = df[df[DIVERGED_KEY] == 1.0]
+            diverged_at = int(bad["epoch"].min()) if len(bad) else None
         text = (
-            outcome(epochs, settings.max_epochs)[0]
+            outcome(epochs, settings.max_epochs, diverged_at=diverged_at)[0]
             if r.error is None
             else f"failed: {type(r.error).__name__}"
         )
@@ -348,7 +396,7 @@ def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, int]
         p = row.get(CHECKPOINT_PATH_KEY)
         if not isinstance(p, str) or not os.path.isdir(p):
             continue
-        v = float(row[metric])
+        v = as_metric(row[metric])
         if best is None or is_better(v, best_v, mode):
             best, best_v, best_e = p, v, int(row.get("epoch", row.get("training_iteration", 0)))
     return best, best_e
@@ -381,7 +429,10 @@ def _build_tuner(settings, *, trainable, param_space, name, storage_path, concur
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=settings.seed, points_to_evaluate=points)
+        # Tune ignores max_concurrent_trials for a search_alg that is not a Searcher: cap it here
+        search_alg = BasicVariantGenerator(
+            random_state=settings.seed, points_to_evaluate=points, max_concurrent=concurrency
+        )
     return tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space=param_space,
@@ -400,6 +451,7 @@ def _build_tuner(settings, *, trainable, param_space, name, storage_path, concur
             name=name,
             storage_path=storage_path,
             callbacks=[callback],
+            stop=DivergedStopper(),
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
