@@ -1,8 +1,11 @@
 """Hyperparameter search on the real Ray runtime (CPU), real HDF5 data, real MLflow store.
 
-Tiny data (model_ii at 32x32 pixels, 20 images per class), a tiny ViT (dim 16, depth 1), 2 epochs.
-The ASHA case is seeded: with seed 6 Optuna draws lr = [1e-3, 1e-3, 10, 1e-3] for the 4 trials (2 at a
-time), so the diverging lr=10 trial reaches the epoch-1 rung after a good one and ASHA must stop it there.
+Tiny data (model_ii at 32x32 pixels, 20 images per class), a tiny ViT (dim 16, depth 1), 1-2 epochs. One
+dataset for the module, simulated by the search's own no-``--data`` path (``ensure_dataset``) and reused by
+every search here. The ASHA case is pinned: its 4 trials (2 at a time) are ``points_to_evaluate`` with
+lr = [1e-3, 1e-3, 10, 1e30], so the bad lr=10 trial starts after a good one finished and reaches the epoch-1
+rung behind it (ASHA must stop it there), and the lr=1e30 trial's weights overflow to NaN in its first epoch
+(it must end as "diverged at epoch 1" with the worst metric, not crash).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from deeplense_ray.data import DatasetConfig, build_dataset
 from deeplense_ray.tune import SearchSetupError, TuneSettings, run_search
 from deeplense_ray.tune.mlflow_runs import TAG_OUTCOME, TAG_PARENT, TAG_ROLE, TAG_TRIAL_ID
-from deeplense_ray.tune.runner import trial_statuses
+from deeplense_ray.tune.runner import dataset_dir_for, ensure_dataset, trial_statuses
 
 pytestmark = pytest.mark.slow
 
@@ -39,26 +41,33 @@ TINY_VIT = {
     "batch_size": 16,
 }
 TRAIN = {"precision": "fp32", "augment": False}
+#: The auto-simulated dataset of every search here (jobs/tune.py: --num-per-class 20 --preset-override ...).
+SIM = {"num_pix": 32, "delta_pix": 0.2, "supersampling": 1}
+NUM_PER_CLASS = 20
 
 
 @pytest.fixture(scope="module")
-def tiny_data(ray_session, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("tune_data") / "ds"
-    cfg = DatasetConfig(
-        preset="model_ii",
-        preset_overrides={"num_pix": 32, "delta_pix": 0.2, "supersampling": 1},
-        num_per_class=20,
-        seed=3,
-    )
-    build_dataset(cfg, out, progress=False, preview=False)
-    return str(out)
+def search_root(tmp_path_factory) -> Path:
+    """storage_path shared by the module's searches (so they share the simulated dataset under it)."""
+    return tmp_path_factory.mktemp("tune_searches")
 
 
-def _settings(tmp_path: Path, data: str, **kw) -> TuneSettings:
+@pytest.fixture(scope="module")
+def tiny_data(ray_session, search_root) -> str:
+    """The dataset a search without data_dir simulates into ``<storage_path>/datasets/`` (built here once)."""
+    s = TuneSettings(
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+    ).validate()
+    return ensure_dataset(s, str(search_root))
+
+
+def _settings(tmp_path: Path, root: Path, **kw) -> TuneSettings:
     base = dict(
         model="ViT",
         num_samples=4,
-        data_dir=data,
+        data_dir=None,  # the simulated dataset under ``root`` (built once by the tiny_data fixture)
+        num_per_class=NUM_PER_CLASS,
+        preset_overrides=dict(SIM),
         max_epochs=2,
         grace_period=1,
         reduction_factor=2,
@@ -67,8 +76,8 @@ def _settings(tmp_path: Path, data: str, **kw) -> TuneSettings:
         seed=6,
         experiment="tune-test",
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        storage_path=str(tmp_path / "runs"),
-        space={**TINY_VIT, "lr": tune.choice([1e-3, 10.0])},
+        storage_path=str(root),
+        space={**TINY_VIT, "lr": tune.choice([1e-3, 10.0, 1e30])},
         train_overrides=dict(TRAIN),
     )
     base.update(kw)
@@ -80,25 +89,50 @@ def _wait_cpus_free(ray, before: float, timeout: float = 60.0) -> float:
     t0 = time.time()
     free = ray.available_resources().get("CPU", 0.0)
     while time.time() - t0 < timeout and free < before - 1e-6:
-        time.sleep(1.0)
+        time.sleep(0.25)
         free = ray.available_resources().get("CPU", 0.0)
     return free
 
 
-def test_asha_stops_the_diverging_trial_and_mlflow_nests_trials(ray_session, tiny_data, tmp_path):
-    settings = _settings(tmp_path, tiny_data, name="asha")
+def test_without_data_a_small_dataset_is_simulated_once_then_reused(tiny_data, search_root):
+    from deeplense_ray.data import load_manifest, verify_dataset
+
+    s = TuneSettings(
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+    ).validate()
+    assert tiny_data == dataset_dir_for(s, str(search_root))
+    assert tiny_data.startswith(str(search_root / "datasets"))
+    assert verify_dataset(tiny_data) == [] and load_manifest(tiny_data)["image_shape"] == [1, 32, 32]
+    stamp = os.path.getmtime(os.path.join(tiny_data, "manifest.json"))
+    assert ensure_dataset(s, str(search_root)) == tiny_data  # same config: reused, not rebuilt
+    assert os.path.getmtime(os.path.join(tiny_data, "manifest.json")) == stamp
+    other = TuneSettings(**{**s.__dict__, "num_per_class": NUM_PER_CLASS + 1})
+    assert dataset_dir_for(other, str(search_root)) != tiny_data
+
+
+def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
+    ray_session, tiny_data, search_root, tmp_path
+):
+    points = [{"lr": lr} for lr in (1e-3, 1e-3, 10.0, 1e30)]
+    settings = _settings(tmp_path, search_root, name="asha", points_to_evaluate=points)
+    stamp = os.path.getmtime(os.path.join(tiny_data, "manifest.json"))
     cpus_free = _wait_cpus_free(ray_session, ray_session.cluster_resources()["CPU"], timeout=30)
     res = run_search(settings)
 
     by_lr = {}
     for t in res.trials:
         by_lr.setdefault(t.config["lr"], []).append(t)
-    assert sorted(len(v) for v in by_lr.values()) == [1, 3], "seed 6 draws lr=10 once and lr=1e-3 three times"
+    assert sorted(by_lr) == [1e-3, 10.0, 1e30] and len(by_lr[1e-3]) == 2
     bad = by_lr[10.0][0]
     assert bad.outcome == "stopped by ASHA at epoch 1" and bad.epochs_run == 1
+    nan = by_lr[1e30][0]  # a diverged trial: a result (the worst), not a crash
+    assert nan.outcome == "diverged at epoch 1" and nan.epochs_run == 1
     assert any(t.outcome == "completed" and t.epochs_run == 2 for t in by_lr[1e-3])
     assert res.best_config["hparams"]["lr"] == 1e-3
-    assert res.best_trial_id != bad.trial_id
+    assert res.best_trial_id not in (bad.trial_id, nan.trial_id)
+    # no data_dir: the search used the simulated dataset under its storage path, without rebuilding it
+    assert res.best_config["train_config"]["data_dir"] == tiny_data
+    assert os.path.getmtime(os.path.join(tiny_data, "manifest.json")) == stamp
 
     # on disk
     out = Path(res.output_dir)
@@ -106,7 +140,8 @@ def test_asha_stops_the_diverging_trial_and_mlflow_nests_trials(ray_session, tin
     assert best["trial_id"] == res.best_trial_id and best["train_config"]["model_overrides"]["dim"] == 16
     assert Path(best["best_checkpoint"]).is_dir()
     assert (out / "best_checkpoint.txt").read_text().strip() == best["best_checkpoint"]
-    assert "stopped by ASHA at epoch 1" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "stopped by ASHA at epoch 1" in summary and "diverged at epoch 1" in summary
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)
@@ -125,6 +160,9 @@ def test_asha_stops_the_diverging_trial_and_mlflow_nests_trials(ray_session, tin
         if lr == 10.0:
             assert c.data.tags[TAG_OUTCOME] == "stopped by ASHA at epoch 1" and c.info.status == "KILLED"
             assert [m.step for m in hist] == [1]
+        elif lr == 1e30:
+            assert c.data.tags[TAG_OUTCOME] == "diverged at epoch 1" and c.info.status == "KILLED"
+            assert [m.step for m in hist] == [1] and hist[0].value != hist[0].value  # logged as NaN
         elif c.data.tags[TAG_OUTCOME] == "completed":
             assert c.info.status == "FINISHED" and sorted(m.step for m in hist) == [1, 2]
     pm = parent.data.metrics
@@ -135,37 +173,34 @@ def test_asha_stops_the_diverging_trial_and_mlflow_nests_trials(ray_session, tin
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "val_curves.png", "summary.txt"} <= arts
 
-    # the stopped trial's reserved CPUs came back (no leaked placement group)
+    # the stopped trials' reserved CPUs came back (no leaked placement group)
     assert _wait_cpus_free(ray_session, cpus_free) == pytest.approx(cpus_free)
 
 
-def test_interrupted_search_resumes_without_redoing_finished_trials(ray_session, tiny_data, tmp_path):
-    """jobs/tune.py as a second driver on this cluster, SIGKILLed once a trial has finished, then resumed."""
-    settings = _settings(
-        tmp_path,
-        tiny_data,
-        name="resumable",
-        num_samples=3,
-        seed=2,
-        space={**TINY_VIT, "lr": tune.choice([1e-3, 2e-3])},
-    )
+def test_interrupted_search_resumes_without_redoing_finished_trials(
+    ray_session, tiny_data, search_root, tmp_path
+):
+    """jobs/tune.py (no --data) as a second driver on this cluster, SIGKILLed once a trial has finished,
+    then resumed: 2 trials of 1 epoch, one at a time."""
+    kw = dict(name="resumable", num_samples=2, max_epochs=1, max_concurrent=1, seed=2)
+    kw["space"] = {**TINY_VIT, "lr": tune.choice([1e-3, 2e-3])}
+    settings = _settings(tmp_path, search_root, **kw)
     argv = [
         sys.executable,
         str(ROOT / "jobs" / "tune.py"),
         "--model",
         "ViT",
         "--num_samples",
-        "3",
-        "--data",
-        tiny_data,
-        "--max-epochs",
         "2",
+        "--num-per-class",
+        str(NUM_PER_CLASS),
+        *[a for k, v in SIM.items() for a in ("--preset-override", f"{k}={v}")],
+        "--max-epochs",
+        "1",
         "--grace-period",
         "1",
-        "--reduction-factor",
-        "2",
         "--max-concurrent",
-        "2",
+        "1",
         "--metric",
         "val_loss",
         "--seed",
@@ -198,31 +233,23 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(ray_session,
             done_before = {t for t, s in trial_statuses(str(out_dir)).items() if s == "TERMINATED"}
             if done_before:
                 break
-            time.sleep(0.5)
+            time.sleep(0.25)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
     assert done_before, (tmp_path / "first.log").read_text()[-3000:]
-    assert len(trial_statuses(str(out_dir))) < 3 or not all(
+    assert len(trial_statuses(str(out_dir))) < 2 or not all(
         s == "TERMINATED" for s in trial_statuses(str(out_dir)).values()
     ), "the search finished before it was interrupted"
+    state = yaml.safe_load((out_dir / "search_state.json").read_text())
+    assert state["data_dir"] == tiny_data  # the CLI without --data found the simulated dataset
     finished = sorted(done_before)
     ckpts_before = {t: sorted(os.listdir(out_dir / "trainers" / t)) for t in finished}
 
-    res = run_search(
-        _settings(
-            tmp_path,
-            tiny_data,
-            name="resumable",
-            num_samples=3,
-            seed=2,
-            space={**TINY_VIT, "lr": tune.choice([1e-3, 2e-3])},
-            resume=True,
-        )
-    )
-    assert len(res.trials) == 3
+    res = run_search(_settings(tmp_path, search_root, **kw, resume=True))
+    assert len(res.trials) == 2
     assert set(finished) <= {t.trial_id for t in res.trials}
     for t in finished:  # not run again: same checkpoints as before the interruption
         assert sorted(os.listdir(out_dir / "trainers" / t)) == ckpts_before[t]
@@ -232,10 +259,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(ray_session,
         [res.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{res.parent_run_id}'", max_results=100
     )
     assert sorted(c.data.tags[TAG_TRIAL_ID] for c in children) == sorted(t.trial_id for t in res.trials)
-    assert all(
-        c.data.tags.get(TAG_OUTCOME) == "completed" or c.data.tags[TAG_OUTCOME].startswith("stopped by ASHA")
-        for c in children
-    )
+    assert all(c.data.tags.get(TAG_OUTCOME) == "completed" for c in children)
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
     assert _wait_cpus_free(ray_session, cpus_free) == pytest.approx(cpus_free)
 
@@ -279,25 +303,5 @@ def test_invalid_options_fail_before_any_trial(ray_session, tiny_data, tmp_path,
 
 def test_gpu_request_checked_against_cluster_before_any_trial(ray_session, tiny_data, tmp_path):
     with pytest.raises(SearchSetupError, match="the Ray cluster has 0 GPUs"):
-        run_search(_settings(tmp_path, tiny_data, name="gpu", gpus_per_trial=1.0))
+        run_search(_settings(tmp_path, tmp_path / "runs", data_dir=tiny_data, name="gpu", gpus_per_trial=1.0))
     assert not (tmp_path / "runs" / "gpu").exists()
-
-
-def test_without_data_a_small_dataset_is_simulated_once_then_reused(ray_session, tmp_path):
-    from deeplense_ray.data import load_manifest, verify_dataset
-    from deeplense_ray.tune.runner import dataset_dir_for, ensure_dataset
-
-    s = TuneSettings(
-        model="ViT",
-        num_per_class=10,
-        storage_path=str(tmp_path),
-        preset_overrides={"num_pix": 32, "delta_pix": 0.2, "supersampling": 1},
-    ).validate()
-    out = ensure_dataset(s, str(tmp_path))
-    assert out == dataset_dir_for(s, str(tmp_path)) and out.startswith(str(tmp_path / "datasets"))
-    assert verify_dataset(out) == [] and load_manifest(out)["image_shape"] == [1, 32, 32]
-    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
-    assert ensure_dataset(s, str(tmp_path)) == out  # same config: reused, not rebuilt
-    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
-    other = TuneSettings(**{**s.__dict__, "num_per_class": 12})
-    assert dataset_dir_for(other, str(tmp_path)) != out
