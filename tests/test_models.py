@@ -77,7 +77,7 @@ def test_registry_names_case_insensitive() -> None:
 
 
 # the heaviest default models (> 10 s on 2 busy cores) carry the slow marker; they still run in CI
-_HEAVY = {"TwinsSVT", "CrossFormer", "LeViT", "CCT"}
+_HEAVY = {"TwinsSVT", "CrossFormer", "Swin", "T2TViT"}
 _NAMES_MARKED = [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in EXPECTED]
 
 
