@@ -1,5 +1,6 @@
 """Distributed training end to end: real Ray runtime (2-worker DDP on CPU, gloo), real HDF5 data simulated
-by deeplense_ray.data.build_dataset, real models, a real SQLite MLflow store. Three fits (~3 min on 2 cores).
+by deeplense_ray.data.build_dataset, real models, a real SQLite MLflow store. ONE 2-worker training (a crash,
+a resume, an automatic worker restart: three Ray Train starts, three epochs) serves every check of the module.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PER_CLASS = 20  # -> 16 train / 2 val / 2 test images per class
+NUM_PIX = 16
 MODEL = "ResNetSimple"
 OVERRIDES = {"width": 8}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,11 +37,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def data_dir(ray_session, tmp_path_factory):
-    """One tiny model_ii dataset (32x32 pixels, 3 classes) shared by every fit of this module."""
-    out = tmp_path_factory.mktemp("train-data") / "model_ii_32"
+    """One tiny model_ii dataset (16x16 pixels, 3 classes) shared by every test of this module."""
+    out = tmp_path_factory.mktemp("train-data") / "model_ii_16"
     cfg = DatasetConfig(
         preset="model_ii",
-        preset_overrides={"num_pix": 32},
+        preset_overrides={"num_pix": NUM_PIX},
         num_per_class=NUM_PER_CLASS,
         shard_size=16,
         seed=5,
@@ -77,19 +80,72 @@ def _predict_test(model: torch.nn.Module, data_dir: Path) -> tuple[np.ndarray, n
     return torch.cat(labels).numpy(), probs
 
 
-def test_two_worker_ddp_run_is_tracked_and_reloadable(ray_session, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def resumed_run(ray_session, data_dir, tmp_path_factory) -> SimpleNamespace:
+    """ONE 2-worker DDP training, shared by the tests below (each Ray Train start costs ~10 s on 2 cores):
+    a crash at the start of epoch 2 (``max_failures=0``: the run fails), then ``resume=True`` with
+    ``FailureConfig(max_failures=1)`` and a worker failure injected at the start of epoch 3, which Ray retries
+    from the epoch-2 checkpoint. 3 epochs of 48 training images in all; the final result is tracked and
+    reloaded like any run. Returns the result and what the crash left behind."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("resumed-run")
+    cfg = _cfg(tmp, data_dir, epochs=3, run_name="crashy", max_failures=0)
+    with pytest.raises(Exception, match="injected failure at epoch 2"):
+        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2})
+    run_dir = tmp / "ray" / "crashy"
+    state = json.loads((run_dir / RUN_STATE_FILE).read_text())
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    crash = SimpleNamespace(
+        state=state,
+        mlflow_status=client.get_run(state["mlflow_run_id"]).info.status,
+        auc_steps=[m.step for m in client.get_metric_history(state["mlflow_run_id"], "val_auc_macro")],
+    )
+    # --resume: the newest run of this model and seed, continued from its latest (epoch-1) checkpoint
+    resumed = _cfg(tmp, data_dir, epochs=3, resume=True, max_failures=1)
+    result = run_training(resumed, extra_loop_config={"_fail_at_epoch": 3})
+    return SimpleNamespace(tmp=tmp, run_dir=run_dir, crash=crash, result=result)
+
+
+def test_crash_then_resume_continues_epochs_and_optimizer(resumed_run):
+    from mlflow.tracking import MlflowClient
+
+    crash, result, run_dir = resumed_run.crash, resumed_run.result, resumed_run.run_dir
+    assert crash.state["status"] == "failed" and crash.mlflow_status == "FAILED"
+    assert crash.auc_steps == [1]
+
+    assert result.run_name == "crashy" and result.run_id == crash.state["mlflow_run_id"]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    # epoch 1 from the first attempt, epoch 2 after --resume, epoch 3 after Ray's automatic restart
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 2]
+
+    ckpts = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    latest = max(ckpts, key=lambda p: load_training_state(p)["epoch"])
+    train_state = load_training_state(latest)
+    assert train_state["epoch"] == 3
+    # 2 ranks x 24 rows, batches of 4 per rank: 6 optimizer steps per epoch
+    steps = {int(s["step"].item()) for s in train_state["optimizer"]["state"].values()}
+    assert steps == {3 * 6}, "optimizer state was not carried over the crash and the restart"
+    assert train_state["scheduler"]["last_epoch"] == 3
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resume.config.max_failures"] == "1"
+    assert math.isfinite(result.test_metrics["loss"])
+
+
+def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    result = run_training(_cfg(tmp_path, data_dir))
-
+    result, tmp_path = resumed_run.result, resumed_run.tmp
     # per-epoch reports: every key, whole-split validation, every training image once per epoch
-    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
     for h in result.history:
         assert set(REPORT_KEYS) <= set(h)
         assert h["val_n"] == 3 * 2  # the whole val split, although each rank ran half of its batches
         assert h["train_images"] == 3 * 16  # 2 ranks x 24 rows, batches of 4 (no row dropped)
-        assert h["images_per_s"] > 0 and h["lr"] > 0
+        assert h["images_per_s"] > 0 and h["lr"] > 0 and h["diverged"] == 0
     # selection by val only: the best checkpoint is the epoch with the highest val_auc_macro
     best = max(result.history, key=lambda h: (h["val_auc_macro"], -h["val_loss"], -h["epoch"]))
     assert result.best_epoch == best["epoch"]
@@ -111,7 +167,7 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(ray_session, data_dir, tmp
     assert params["dataset.manifest_hash"] == manifest_hash(data_dir)
     assert params["package_version"] and params["git_commit"]
     for key in ("val_auc_macro", "val_loss", "train_loss", "images_per_s"):
-        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2, 3], key
     metrics = run.data.metrics
     test = result.test_metrics
     assert test["n"] == 6
@@ -142,42 +198,6 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(ray_session, data_dir, tmp
 
     state = json.loads((Path(result.run_dir) / RUN_STATE_FILE).read_text())
     assert state["status"] == "finished" and state["mlflow_run_id"] == result.run_id
-
-
-def test_crash_then_resume_continues_epochs_and_optimizer(ray_session, data_dir, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    # 1 worker keeps this cheaper; DDP is covered above. 48 rows / batch 8 = 6 optimizer steps per epoch.
-    cfg = _cfg(tmp_path, data_dir, num_workers=1, epochs=3, run_name="crashy", max_failures=0)
-    with pytest.raises(Exception, match="injected failure at epoch 2"):
-        run_training(cfg, extra_loop_config={"_fail_at_epoch": 2})
-    run_dir = tmp_path / "ray" / "crashy"
-    state = json.loads((run_dir / RUN_STATE_FILE).read_text())
-    assert state["status"] == "failed"
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
-    assert client.get_run(state["mlflow_run_id"]).info.status == "FAILED"
-    assert [m.step for m in client.get_metric_history(state["mlflow_run_id"], "val_auc_macro")] == [1]
-
-    # --resume (the newest run of this model and seed) with FailureConfig(max_failures=1): it continues from
-    # the epoch-1 checkpoint; a worker failure injected at epoch 3 is retried by Ray from the epoch-2 one.
-    resumed = _cfg(tmp_path, data_dir, num_workers=1, epochs=3, resume=True, max_failures=1)
-    result = run_training(resumed, extra_loop_config={"_fail_at_epoch": 3})
-    assert result.run_name == "crashy" and result.run_id == state["mlflow_run_id"]
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 2]
-
-    ckpts = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    latest = max(ckpts, key=lambda p: load_training_state(p)["epoch"])
-    train_state = load_training_state(latest)
-    assert train_state["epoch"] == 3
-    steps = {int(s["step"].item()) for s in train_state["optimizer"]["state"].values()}
-    assert steps == {3 * 6}, "optimizer state was not carried over the crash and the restart"
-    assert train_state["scheduler"]["last_epoch"] == 3
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_auc_macro")] == [1, 2, 3]
-    assert run.data.tags["resume.config.max_failures"] == "1"
-    assert math.isfinite(result.test_metrics["loss"])
 
 
 def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
@@ -216,29 +236,26 @@ def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
         print(json.dumps(out))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the library calls and the CLI, in two fresh processes run side by side (each spends ~10 s importing)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, json.dumps(cases)], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        subprocess.Popen([sys.executable, "jobs/train.py", "--model", "ViT", "--data", str(data_dir),
+                          "--model-override", "patch_size=5", "--storage-path", str(tmp_path / "ray")],
+                         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+    ]  # fmt: skip
+    (out_lib, err_lib), (_, err_cli) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 0, err_lib[-3000:]
+    out = json.loads(out_lib.strip().splitlines()[-1])
     assert out["ray_started"] is False
     assert out["missing"].startswith("FileNotFoundError") and str(tmp_path / "missing") in out["missing"]
     assert "manifest" in out["no_manifest"] and str(no_manifest) in out["no_manifest"]
     assert "unknown model 'ResNet99'" in out["unknown_model"] and "ResNetSimple" in out["unknown_model"]
-    assert "cannot take" in out["image_size"] and "[1, 32, 32]" in out["image_size"]
+    assert "cannot take" in out["image_size"] and "[1, 16, 16]" in out["image_size"]
     assert "patch_size=5" in out["image_size"]
     assert "1 class" in out["classes"] and str(one_class) in out["classes"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
     # the CLI says the same and exits with status 2
-    cli = subprocess.run(
-        [sys.executable, "jobs/train.py", "--model", "ViT", "--data", str(data_dir), "--model-override",
-         "patch_size=5", "--storage-path", str(tmp_path / "ray")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    assert cli.returncode == 2
-    assert "error: model 'ViT' cannot take dataset" in cli.stderr
+    assert procs[1].returncode == 2, err_cli[-3000:]
+    assert "error: model 'ViT' cannot take dataset" in err_cli

@@ -272,8 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
     ``pixel_scale`` (from the dataset manifest), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
     per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
-    raises after training that epoch, unless this attempt started at that epoch, i.e. was restored from the
-    checkpoint just before it; so each injected failure fires once)."""
+    raises as that epoch starts, after the previous epoch's report, unless this attempt started at that epoch,
+    i.e. was restored from the checkpoint just before it; so each injected failure fires once)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -332,6 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_cache: list[dict[str, torch.Tensor]] | None = None
 
     for epoch in range(start_epoch, epochs + 1):
+        if config.get("_fail_at_epoch") == epoch and start_epoch < epoch:
+            raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
         epoch_seed = derive_seed(seed, epoch, rank)
         torch.manual_seed(epoch_seed)
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
@@ -399,9 +401,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "diverged": int(bool(val["diverged"]) or not math.isfinite(train_loss)),
         }
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-        if config.get("_fail_at_epoch") == epoch and start_epoch < epoch:
-            raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
 
         if rank == 0 and mlflow_target:
             from deeplense_ray.tracking import log_metrics
