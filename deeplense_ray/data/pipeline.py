@@ -483,6 +483,25 @@ def _render_and_write(
     )
 
 
+def _settle_and_remove_tmp(out: Path, *, quiet_s: float = 1.0, timeout_s: float = 15.0) -> None:
+    """After a failed build: remove the temporary files of write tasks that Ray killed mid-write.
+
+    A write task cleans up its own temporary file on any exception, but one that Ray Data kills while the
+    execution shuts down cannot; others may still be finishing. Poll until no temporary file has appeared
+    for ``quiet_s`` (at most ``timeout_s``), removing what shows up. Complete shards are left: ``--resume``
+    verifies them.
+    """
+    deadline = time.monotonic() + timeout_s
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        if remove_stale_tmp(out):
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.1)
+    remove_stale_tmp(out)
+
+
 def build_dataset(
     cfg: DatasetConfig,
     out_dir: str | Path,
@@ -590,18 +609,22 @@ def build_dataset(
         write_manifest(out, manifest)
 
     if todo:
-        _render_and_write(
-            todo,
-            out=out,
-            preset_dict=preset_dict,
-            class_names=class_names,
-            cfg=cfg,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            progress=progress,
-            faults=faults,
-            on_complete=finalize,
-        )
+        try:
+            _render_and_write(
+                todo,
+                out=out,
+                preset_dict=preset_dict,
+                class_names=class_names,
+                cfg=cfg,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                progress=progress,
+                faults=faults,
+                on_complete=finalize,
+            )
+        except BaseException:
+            _settle_and_remove_tmp(out)
+            raise
     else:
         finalize([])
     if not manifest:
