@@ -139,7 +139,13 @@ def encode_rates(res, reps: int = 3) -> dict:
 
 
 def run_build(
-    preset: str, num_per_class: int, shard_size: int, dtype: str, workers: int, gpus: float, data_dir: Path
+    preset: str,
+    num_per_class: int,
+    shard_size: int,
+    dtype: str,
+    workers: int,
+    gpus: float,
+    data_dir: Path,
 ) -> dict:
     from deeplense_ray.data import DatasetConfig, build_dataset
 
@@ -186,12 +192,21 @@ def main(argv: list[str] | None = None) -> int:
         help="images per class (one split); large enough to amortise start-up, which is reported",
     )
     ap.add_argument("--shard-size", type=int, default=4096)
-    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument(
-        "--gpus-per-worker", type=float, default=None, help="default: 1 if CUDA is available, else 0"
+        "--workers",
+        default="1",
+        help="renderer actors; a comma list (e.g. 1,2) runs a build for each, all on the one GPU",
+    )
+    ap.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="default: 1/workers if CUDA is available (the actors share one GPU), else 0",
     )
     ap.add_argument("--dtypes", default="float32,float16")
-    ap.add_argument("--disk-mib", type=int, default=2048, help="size of the disk probe")
+    ap.add_argument(
+        "--disk-mib", type=int, default=4096, help="size of the disk probe (large: little page-cache help)"
+    )
     ap.add_argument("--raw-reps", type=int, default=5, help="shards rendered for the raw renderer rate")
     ap.add_argument("--scratch", default=None, help="directory on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", default="simulate_pipeline.json", help="JSON result path")
@@ -201,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         args.num_per_class, args.shard_size, args.disk_mib, args.raw_reps = 16, 16, 64, 2
         args.dtypes = "float32"
     cuda = torch.cuda.is_available()
-    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if cuda else 0.0)
-    device = "cuda" if gpus > 0 else "cpu"
+    worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+
+    def gpus_for(workers: int) -> float:
+        if args.gpus_per_worker is not None:
+            return args.gpus_per_worker
+        return 1.0 / workers if cuda else 0.0
+
+    device = "cuda" if gpus_for(1) > 0 else "cpu"
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dlr-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
 
@@ -217,17 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    from deeplense_ray.data.pipeline import start_local_ray
+
+    if not ray.is_initialized():  # as jobs/simulate.py starts it (workers pre-import torch on a GPU host)
+        start_local_ray(include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - t0
     builds = []
-    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        data_dir = scratch / f"ds_{dtype}"
-        builds.append(
-            run_build(args.preset, args.num_per_class, args.shard_size, dtype, args.workers, gpus, data_dir)
-        )
-        shutil.rmtree(data_dir, ignore_errors=True)
-        print(f"build {dtype}: {builds[-1]['images_per_s']:.0f} images/s", flush=True)
+    for workers in worker_counts:
+        for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+            data_dir = scratch / f"ds_{dtype}"
+            gpus = gpus_for(workers)
+            build = run_build(
+                args.preset, args.num_per_class, args.shard_size, dtype, workers, gpus, data_dir
+            )
+            build.update({"workers": workers, "gpus_per_worker": gpus})
+            builds.append(build)
+            shutil.rmtree(data_dir, ignore_errors=True)
+            print(
+                f"build {dtype}, {workers} actor(s) x {gpus:g} GPU: {build['images_per_s']:.0f} images/s",
+                flush=True,
+            )
     ray.shutdown()
 
     img_mb = raw["image_bytes_float32"] / 1e6
@@ -266,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ray.init (excluded below)':44s} {ray_start_s:12.1f}  s")
     for b in rows:
         print(
-            f"--- build_dataset {b['dtype']}: {b['images_written']} images, {b['shards_written']} shards, "
-            f"wall {b['wall_s']:.1f} s"
+            f"--- build_dataset {b['dtype']}, {b['workers']} actor(s) x {b['gpus_per_worker']:g} GPU: "
+            f"{b['images_written']} images, {b['shards_written']} shards, wall {b['wall_s']:.1f} s"
         )
         print(f"{'  end to end':44s} {b['images_per_s']:12.0f}  images/s  ({b['MB_per_s']:.0f} MB/s)")
         if "steady_images_per_s" in b:
@@ -289,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'  actor start: import/device/warm-up':44s} {a['import_s']:6.1f} {a['device_init_s']:5.1f}"
                 f" {a['warmup_s']:5.1f}  s"
             )
+        marks = "  ".join(f"{k} {v:.1f}" for k, v in b.get("startup", {}).items())
+        print(f"{'  start-up timeline [s after pipeline start]':44s} {marks}")
         for k in ("render_s", "to_arrow_s", "from_arrow_s", "encode_s", "hash_s", "write_s"):
             print(f"{'  stage ' + k + ' (summed over shards)':44s} {b[k]:12.2f}  s")
 
@@ -301,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(),
         "torch": torch.__version__,
         "ray": ray.__version__,
-        "workers": args.workers,
-        "gpus_per_worker": gpus,
+        "workers": worker_counts,
         "num_per_class": args.num_per_class,
         "shard_size": args.shard_size,
         "disk": disk,

@@ -115,9 +115,14 @@ def connect_ray(address: str | None) -> str:
     """Join/start Ray per --address; returns a description of what happened."""
     import ray
 
+    from deeplense_ray.data.pipeline import start_local_ray
+
+    if address == "local":
+        start_local_ray()
+        return "started a local Ray runtime"
     if address:
         ray.init(address=address)
-        return f"joined {address}" if address != "local" else "started a local Ray runtime"
+        return f"joined {address}"
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return f"joined RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
@@ -125,7 +130,7 @@ def connect_ray(address: str | None) -> str:
         ray.init(address="auto")
         return "joined the running local cluster"
     except (ConnectionError, RuntimeError):  # no running cluster found
-        ray.init(address="local")
+        start_local_ray()
         return "started a local Ray runtime"
 
 

@@ -20,7 +20,15 @@ from deeplense_ray.data import (
 )
 from deeplense_ray.data.config import apportion
 from deeplense_ray.data.plan import plan_shards, shard_seed, split_labels
-from deeplense_ray.data.shards import atomic_write_bytes, encode_shard, image_chunk_rows, shard_attrs
+from deeplense_ray.data.shards import (
+    atomic_write_bytes,
+    encode_shard,
+    fletcher32,
+    fletcher32_chunks,
+    image_chunk_rows,
+    shard_attrs,
+    write_shard,
+)
 
 PINNED_SEED = 3323333105444932653
 
@@ -185,6 +193,47 @@ def test_corrupted_and_truncated_shards_raise_naming_the_file(tmp_path):
     bad.write_bytes(bytes(flipped))
     with pytest.raises(ShardReadError, match="flipped.h5"):
         read_shard(bad)
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,n",
+    [(np.float32, (1, 64, 64), 100), (np.float16, (1, 64, 64), 130), (np.float32, (1, 150, 150), 23)],
+)
+def test_fletcher32_matches_hdf5s_own_filter(dtype, shape, n):
+    """Reference: the checksums HDF5's Fletcher-32 filter stores (read back with read_direct_chunk)."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(n, *shape)) * 1e3).astype(dtype)
+    x[-3:] = 0  # an all-zero stretch in the padded last chunk
+    chunk = image_chunk_rows(n, shape, np.dtype(dtype).itemsize)
+    n_chunks = -(-n // chunk)
+    with h5py.File("ref.h5", "w", driver="core", backing_store=False) as f:
+        ds = f.create_dataset("images", data=x, chunks=(chunk, *shape), fletcher32=True)
+        ref = [
+            int.from_bytes(ds.id.read_direct_chunk((k * chunk, 0, 0, 0))[1][-4:], "little")
+            for k in range(n_chunks)
+        ]
+    padded = np.zeros((n_chunks * chunk, *shape), dtype)
+    padded[:n] = x
+    assert [fletcher32(padded[k * chunk : (k + 1) * chunk]) for k in range(n_chunks)] == ref
+    assert fletcher32_chunks(torch.from_numpy(x), chunk).tolist() == ref
+    assert fletcher32(np.zeros(64, np.float32)) == 0
+
+
+def test_precomputed_image_checksums_give_the_same_file_and_are_verified(tmp_path):
+    images, labels, params, attrs = _fake_shard(n=150, h=32)
+    chunk = image_chunk_rows(150, images.shape[1:], 4)
+    digest, _ = write_shard(tmp_path / "a.h5", images, labels, params, attrs)
+    sums = fletcher32_chunks(torch.from_numpy(images), chunk).numpy()
+    digest_pre, _ = write_shard(tmp_path / "b.h5", images, labels, params, attrs, image_checksums=sums)
+    assert digest_pre == digest
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    with pytest.raises(ValueError, match="checksums"):
+        write_shard(tmp_path / "c.h5", images, labels, params, attrs, image_checksums=sums[:-1])
+    wrong = sums.copy()
+    wrong[1] ^= 1  # a checksum that does not match the bytes: the reader refuses the chunk
+    write_shard(tmp_path / "d.h5", images, labels, params, attrs, image_checksums=wrong)
+    with pytest.raises(ShardReadError, match="d.h5"):
+        read_shard(tmp_path / "d.h5")
 
 
 # --------------------------------------------------------------------------------------------- augmentation

@@ -94,6 +94,36 @@ def fletcher32(data: np.ndarray | bytes | memoryview) -> int:
     return (s2 << 16) | s1
 
 
+def fletcher32_chunks(images: Any, chunk_rows: int) -> Any:
+    """HDF5 Fletcher-32 of every ``chunk_rows``-image chunk of a torch tensor, computed where it lives.
+
+    ``images``: a contiguous torch tensor [N, ...] in its storage dtype (float32/float16), on any device;
+    the last chunk is zero padded, as HDF5 stores it. Returns an int64 tensor [ceil(N / chunk_rows)] on
+    the same device (no synchronisation), equal to :func:`fletcher32` of each chunk's bytes. The
+    renderer runs this on the GPU, so the write tasks only copy bytes (and the checksum covers the image
+    from device memory to disk).
+    """
+    import torch
+
+    n = int(images.shape[0])
+    per_image = int(images[0].numel()) * images.element_size() if n else 0
+    n_chunks = -(-n // chunk_rows)
+    raw = images.contiguous().view(torch.uint8).reshape(n, per_image)
+    if n_chunks * chunk_rows != n:
+        raw = torch.cat([raw, raw.new_zeros(n_chunks * chunk_rows - n, per_image)])
+    b = raw.reshape(n_chunks, -1, 2)  # chunk bytes are even: itemsize 2 or 4
+    m = 65535
+    words = b[..., 0].to(torch.int64) * 256 + b[..., 1].to(torch.int64)  # big-endian 16-bit words
+    n_words = words.shape[1]
+    col = torch.arange(n_words, device=words.device, dtype=torch.int64) % m
+    total = words.sum(1)  # <= 2^19 words * 65535 per 1 MiB chunk: far from int64 overflow
+    weighted = (words * col).sum(1) % m  # same for (i mod 65535) * w summed
+    s1 = torch.remainder(total - 1, m) + 1
+    s2 = torch.remainder((n_words % m) * (total % m) - weighted, m)
+    s2 = torch.remainder(s2 - 1, m) + 1
+    return torch.where(total == 0, torch.zeros_like(total), (s2 << 16) | s1)
+
+
 def _check_shard_inputs(images: np.ndarray, labels: np.ndarray, params: Mapping[str, np.ndarray]) -> None:
     n = images.shape[0] if images.ndim else 0
     if images.ndim != 4 or images.dtype not in (np.float32, np.float16):
@@ -107,14 +137,19 @@ def _check_shard_inputs(images: np.ndarray, labels: np.ndarray, params: Mapping[
             )
 
 
-def _write_images(f: h5py.File, images: np.ndarray) -> None:
+def _write_images(f: h5py.File, images: np.ndarray, checksums: np.ndarray | None = None) -> None:
     """``images`` as a chunked, Fletcher-32 dataset, written chunk by chunk with precomputed checksums.
 
     Same bytes as ``create_dataset(data=images, fletcher32=True)`` (tested), without HDF5's byte-wise
     checksum loop and filter-pipeline copies. The last chunk is zero padded (HDF5's fill value).
+    ``checksums``: the chunks' Fletcher-32 values if already known (:func:`fletcher32_chunks` on the GPU),
+    else computed here with :func:`fletcher32`.
     """
     n, shape = images.shape[0], images.shape[1:]
     chunk = image_chunk_rows(n, shape, images.dtype.itemsize)
+    n_chunks = -(-n // chunk)
+    if checksums is not None and np.shape(checksums) != (n_chunks,):
+        raise ValueError(f"expected {n_chunks} image chunk checksums, got shape {np.shape(checksums)}")
     ds = f.create_dataset(
         "images",
         shape=images.shape,
@@ -126,13 +161,14 @@ def _write_images(f: h5py.File, images: np.ndarray) -> None:
     chunk_bytes = chunk * int(np.prod(shape)) * images.dtype.itemsize
     buf = bytearray(chunk_bytes + 4)
     view = memoryview(buf)
-    for start in range(0, n, chunk):
+    for k, start in enumerate(range(0, n, chunk)):
         part = np.ascontiguousarray(images[start : start + chunk])
         raw = memoryview(part).cast("B")
         view[: raw.nbytes] = raw
         if raw.nbytes < chunk_bytes:
             view[raw.nbytes : chunk_bytes] = bytes(chunk_bytes - raw.nbytes)
-        buf[chunk_bytes:] = fletcher32(view[:chunk_bytes]).to_bytes(4, "little")
+        check = fletcher32(view[:chunk_bytes]) if checksums is None else int(checksums[k])
+        buf[chunk_bytes:] = check.to_bytes(4, "little")
         ds.id.write_direct_chunk((start, *(0,) * len(shape)), buf, filter_mask=0)
 
 
@@ -142,10 +178,11 @@ def _fill_shard(
     labels: np.ndarray,
     params: Mapping[str, np.ndarray],
     attrs: Mapping[str, Any],
+    checksums: np.ndarray | None = None,
 ) -> None:
     for key in sorted(attrs):
         f.attrs[key] = attrs[key]
-    _write_images(f, images)
+    _write_images(f, images, checksums)
     f.create_dataset("labels", data=labels, fletcher32=True, track_times=False, **_PARAM_COMPRESSION)
     group = _group_no_times(f, "params")
     for name in sorted(params):
@@ -186,6 +223,7 @@ def write_shard(
     *,
     fail_after_bytes: int | None = None,
     timings: dict[str, float] | None = None,
+    image_checksums: np.ndarray | None = None,
 ) -> tuple[str, int]:
     """Write one shard to ``path`` atomically and return (sha256 hex, bytes); same bytes as encode_shard.
 
@@ -193,6 +231,7 @@ def write_shard(
     page cache for its sha256 while another thread fsyncs it (both release the GIL); then ``os.replace``.
     ``fail_after_bytes`` (fault injection): cut the temporary file there and raise OSError, as a crashed
     write would; nothing is left behind. ``timings`` (if given) gets encode_s, hash_s, write_s.
+    ``image_checksums``: the image chunks' Fletcher-32 values, if computed already (see ``_write_images``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -204,7 +243,7 @@ def write_shard(
     t0 = time.perf_counter()
     try:
         with h5py.File(tmp, "w") as f:
-            _fill_shard(f, images, labels, params, attrs)
+            _fill_shard(f, images, labels, params, attrs, image_checksums)
         t1 = time.perf_counter()
         if fail_after_bytes is not None:
             os.truncate(tmp, fail_after_bytes)

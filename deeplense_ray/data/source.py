@@ -28,12 +28,25 @@ def _check_params(manifest: Mapping[str, Any], params: Sequence[str], data_dir: 
     return names
 
 
+IMAGE_DTYPES = ("float32", "stored")
+
+
 def _shard_blocks(
-    path: str, rows: int, block_rows: int, params: Sequence[str]
+    path: str, rows: int, block_rows: int, params: Sequence[str], image_dtype: str = "float32"
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield numpy batches of one shard, ``block_rows`` at a time (each a separate HDF5 read)."""
+    """Yield numpy batches of one shard, ``block_rows`` at a time (each a separate HDF5 read).
+
+    ``image_dtype``: "float32" converts float16 storage to float32; "stored" keeps the stored dtype.
+    """
+    as_float32 = image_dtype == "float32"
     for start in range(0, rows, block_rows):
-        part = read_shard(path, params=list(params), start=start, stop=min(start + block_rows, rows))
+        part = read_shard(
+            path,
+            params=list(params),
+            start=start,
+            stop=min(start + block_rows, rows),
+            as_float32=as_float32,
+        )
         batch = {"image": part["images"], "label": part["labels"]}
         for name, value in part["params"].items():
             batch[name] = value
@@ -48,7 +61,8 @@ def _make_datasource_class():
     class LensShardDatasource(Datasource):
         """One ReadTask per shard of one split; each task yields blocks of ``block_rows`` rows.
 
-        Columns: ``image`` float32 [1, H, W], ``label`` int64, plus the requested ``params`` columns.
+        Columns: ``image`` [1, H, W] (float32, or the stored dtype with ``image_dtype="stored"``),
+        ``label`` int64, plus the requested ``params`` columns.
         """
 
         def __init__(
@@ -58,7 +72,10 @@ def _make_datasource_class():
             *,
             params: Sequence[str] = (),
             block_rows: int = DEFAULT_BLOCK_ROWS,
+            image_dtype: str = "float32",
         ):
+            if image_dtype not in IMAGE_DTYPES:
+                raise ValueError(f"image_dtype must be one of {list(IMAGE_DTYPES)}, got {image_dtype!r}")
             root = Path(data_dir).resolve()
             manifest = load_manifest(root)
             self._paths = [str(p) for p in shard_paths(root, split, manifest)]
@@ -66,7 +83,10 @@ def _make_datasource_class():
             self._params = _check_params(manifest, params, root)
             self._block_rows = int(block_rows)
             c, h, w = manifest["image_shape"]
-            self._row_bytes = 4 * c * h * w + 8
+            stored = str(manifest.get("image_dtype", "float32"))
+            itemsize = 2 if image_dtype == "stored" and stored == "float16" else 4
+            self._row_bytes = itemsize * c * h * w + 8
+            self._image_dtype = image_dtype
             self._split = split
 
         def get_name(self) -> str:
@@ -80,10 +100,10 @@ def _make_datasource_class():
         ) -> list[ReadTask]:
             tasks = []
             for path, rows in zip(self._paths, self._rows):
-                block_rows, params = self._block_rows, self._params
+                block_rows, params, dtype = self._block_rows, self._params, self._image_dtype
 
-                def read_fn(path=path, rows=rows, block_rows=block_rows, params=params):
-                    for batch in _shard_blocks(path, rows, block_rows, params):
+                def read_fn(path=path, rows=rows, block_rows=block_rows, params=params, dtype=dtype):
+                    for batch in _shard_blocks(path, rows, block_rows, params, dtype):
                         yield BlockAccessor.batch_to_block(batch)
 
                 meta = BlockMetadata(
@@ -112,19 +132,24 @@ def read_split(
     *,
     params: Sequence[str] = (),
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    image_dtype: str = "float32",
     ray_remote_args: Mapping[str, Any] | None = None,
 ):
     """A streaming ``ray.data.Dataset`` of one split: columns ``image`` float32 [1,H,W], ``label`` int64.
 
     One read task per shard (each yielding blocks of ``block_rows`` rows); ``params`` adds simulator
-    parameter columns by name. Lazy: nothing is read until the dataset is consumed, so it can be handed
-    to a Ray Train trainer (``datasets={"train": read_split(d, "train"), "val": read_split(d, "val")}``).
+    parameter columns by name. ``image_dtype="stored"`` keeps float16 images float16 (half the bytes
+    through Ray Data; the training input path converts them on the GPU). Lazy: nothing is read until the
+    dataset is consumed, so it can be handed to a Ray Train trainer
+    (``datasets={"train": read_split(d, "train"), "val": read_split(d, "val")}``).
     The manifest and split are checked here, before any Ray work: FileNotFoundError / KeyError naming
     them. A shard that fails to read raises an error naming the file when the dataset is consumed.
     """
     import ray
 
-    source = lens_shard_datasource(data_dir, split, params=params, block_rows=block_rows)
+    source = lens_shard_datasource(
+        data_dir, split, params=params, block_rows=block_rows, image_dtype=image_dtype
+    )
     return ray.data.read_datasource(
         source,
         ray_remote_args=dict(ray_remote_args or {}),

@@ -377,6 +377,7 @@ def simulate(
     overrides: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
     compile: bool = False,
+    device_output: bool = False,
 ) -> SimResult:
     """Simulate ``n`` lens images of ``preset`` (a name, a ``Preset`` or a dict; ``overrides`` apply on top).
 
@@ -391,11 +392,14 @@ def simulate(
     consecutive groups of C images the same macro lens, source and observation. On CUDA in float32,
     Sersic presets without lens light and with point-mass subhalos render through fused Triton kernels
     (``sim/_triton.py``) when triton is installed; ``compile=True`` asks instead for the torch.compile
-    path (deflections + Sersic source fused by inductor). Returns CPU tensors; images float32.
+    path (deflections + Sersic source fused by inductor). Returns CPU tensors; images float32 (on the
+    render device instead with ``device_output=True``: for callers that post-process there, e.g. the
+    dataset writer's float16 cast and checksums).
     """
     return simulate_with_backend(
         preset, n, seed, device, classes, labels=labels, paired=paired, dtype=dtype,
         overrides=overrides, batch_size=batch_size, backend="compile" if compile else None,
+        device_output=device_output,
     )  # fmt: skip
 
 
@@ -429,6 +433,7 @@ def simulate_with_backend(
     overrides: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
     backend: str | None = None,
+    device_output: bool = False,
 ) -> SimResult:
     """``simulate`` with an explicit renderer: ``backend`` in ``BACKENDS`` or None (triton where
     ``triton_supported``, else eager). Used by the benchmark to compare the renderers."""
@@ -468,16 +473,17 @@ def simulate_with_backend(
         render_batch = _TritonBatches(pre, params, dev, seed)
     else:
         render_batch = _TorchBatches(pre, params, dev, dtype, stamps, seed, compile=backend == "compile")
-    images = torch.empty((n, 1, pre.num_pix, pre.num_pix), dtype=torch.float32)
+    out_dev = dev if device_output else torch.device("cpu")
+    images = torch.empty((n, 1, pre.num_pix, pre.num_pix), dtype=torch.float32, device=out_dev)
     with torch.inference_mode():
-        sink = _PinnedSink(images, bs) if dev.type == "cuda" else None
+        sink = _PinnedSink(images, bs) if dev.type == "cuda" and out_dev.type == "cpu" else None
         for start in range(0, n, bs):
             stop = min(n, start + bs)
             img = render_batch(start, stop)
             if sink is not None:
                 sink.put(img, start, stop)
             else:
-                images[start:stop] = img.to("cpu", torch.float32)
+                images[start:stop] = img.to(out_dev, torch.float32)
         if sink is not None:
             sink.close()
     out_params = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in params.items()}

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
+from deeplense_ray.train.ingest import device_batches
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 from deeplense_ray.train.modules import build_classifier, unwrap
 
@@ -339,13 +340,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
         lr_now = optimizer.param_groups[0]["lr"]
 
-        batches = train_shard.iter_torch_batches(
+        batches = device_batches(
+            train_shard,
             batch_size=per_worker_bs,
-            dtypes={"image": torch.float32, "label": torch.int64},
             device=device,
+            shuffle_rows=shuffle,
+            generator=torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 2)),
             drop_last=drop_last,
-            local_shuffle_buffer_size=shuffle if shuffle > 0 else None,
-            local_shuffle_seed=derive_seed(seed, epoch, rank, 2) % 2**32 if shuffle > 0 else None,
         )
         sums = train_one_epoch(
             model,

@@ -157,7 +157,11 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(run_config_callbacks),
         ),
-        datasets={"train": read_split(info.data_dir, "train"), "val": read_split(info.data_dir, "val")},
+        datasets={
+            # training images travel as stored (float16 stays float16) and become float32 on the device
+            "train": read_split(info.data_dir, "train", image_dtype="stored"),
+            "val": read_split(info.data_dir, "val"),
+        },
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
