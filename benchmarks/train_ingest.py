@@ -44,7 +44,14 @@ VARIANTS = (
     "iter_torch_batches",
     "device_batches",
     "device_batches+float16",
+    "device_batches+4096_row_blocks",
 )
+#: The dataset each variant reads: (storage dtype, Ray Data read block rows).
+SOURCES = {"f32": ("float32", 1024), "f16": ("float16", 1024), "f32big": ("float32", 4096)}
+
+
+def source_of(variant: str) -> str:
+    return "f16" if variant.endswith("float16") else "f32big" if variant.endswith("blocks") else "f32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-buffer", type=int, default=2048, help="shuffle buffer rows (as TrainConfig)")
     p.add_argument("--workers", default="1,2", help="Ray Train worker counts, e.g. 1,2")
     p.add_argument("--cpus-per-worker", type=float, default=4.0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants to run")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default="train_ingest.json")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny 32x32 dataset, 1 worker")
@@ -64,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_pix, args.num_per_class, args.batch_size = 32, 200, 32
         args.shuffle_buffer, args.workers, args.cpus_per_worker = 64, "1", 0.5
     args.worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variant_list) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     return args
 
 
@@ -104,7 +116,7 @@ def ingest_loop(config: dict[str, Any]) -> None:
     bs, buf = int(config["batch_size"]), int(config["shuffle_buffer"])
     results: dict[str, Any] = {}
     for variant in config["variants"]:
-        shard = ray.train.get_dataset_shard("f16" if variant.endswith("float16") else "f32")
+        shard = ray.train.get_dataset_shard(source_of(variant))
         passes = []
         for _ in range(2):
             gen = torch.Generator(device=device).manual_seed(rank)
@@ -139,6 +151,25 @@ def ingest_loop(config: dict[str, Any]) -> None:
         path.write_text(json.dumps(gathered))
 
 
+def producer_rate(data_dir: Path, block_rows: int) -> dict[str, Any]:
+    """Ray Data alone: rows/s of read_split's blocks arriving in the driver (no Train, no device), pass 2."""
+    from deeplense_ray.data import read_split
+
+    out = {}
+    for attempt in range(2):
+        ds = read_split(data_dir, "train", image_dtype="stored", block_rows=block_rows)
+        t0 = time.perf_counter()
+        n = sum(len(b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+        out = {
+            "block_rows": block_rows,
+            "images": n,
+            "seconds": time.perf_counter() - t0,
+            "pass": attempt + 1,
+        }
+    out["images_per_s"] = out["images"] / out["seconds"]
+    return out
+
+
 def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, tmp: Path) -> dict[str, Any]:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -152,7 +183,7 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
         train_loop_config={
             "batch_size": args.batch_size,
             "shuffle_buffer": args.shuffle_buffer,
-            "variants": list(VARIANTS),
+            "variants": list(args.variant_list),
             "result_path": str(result_path),
         },
         scaling_config=ScalingConfig(
@@ -162,8 +193,9 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
         ),
         run_config=RunConfig(name=f"ingest-w{workers}-{int(time.time())}", storage_path=str(tmp / "ray")),
         datasets={
-            "f32": read_split(data["float32"], "train", image_dtype="stored"),
-            "f16": read_split(data["float16"], "train", image_dtype="stored"),
+            name: read_split(data[dtype], "train", image_dtype="stored", block_rows=rows)
+            for name, (dtype, rows) in SOURCES.items()
+            if any(source_of(v) == name for v in args.variant_list)
         },
         dataset_config=DataConfig(datasets_to_split="all"),
     )
@@ -173,11 +205,11 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
     shape = json.loads((data["float32"] / "manifest.json").read_text())["image_shape"]
     pixels = int(shape[0]) * int(shape[1]) * int(shape[2])
     out: dict[str, Any] = {"workers": workers, "variants": {}}
-    for variant in VARIANTS:
+    for variant in args.variant_list:
         ranks = [r[variant] for r in per_rank]
         images = sum(r["images"] for r in ranks)
         seconds = max(r["seconds"] for r in ranks)
-        itemsize = image_bytes["float16" if variant.endswith("float16") else "float32"]
+        itemsize = image_bytes[SOURCES[source_of(variant)][0]]
         out["variants"][variant] = {
             "per_rank": ranks,
             "images_per_s": images / seconds,
@@ -209,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = build_datasets(args, workdir)
     report["simulate_s"] = time.perf_counter() - t0
+    report["producer"] = [producer_rate(data["float32"], rows) for rows in (1024, 4096)]
+    for p in report["producer"]:
+        print(f"Ray Data alone, {p['block_rows']}-row blocks: {p['images_per_s']:.0f} img/s", flush=True)
+    write_json(report, Path(args.out))
     report["runs"] = []
     for k in args.worker_counts:
         report["runs"].append(run_workers(args, data, k, workdir))
