@@ -12,10 +12,11 @@ steady-state figure is the median of the other epochs. Prints a table and writes
     python benchmarks/train_scaling.py --quick                       # CPU smoke test (tiny, minutes)
     python benchmarks/train_scaling.py --workers 1,2 --out train_scaling.json   # 2-GPU machine
 
-Defaults (GPU): ViT 'comparable' (~13M parameters), model_ii 64x64, 30000 images per class, 4 epochs,
-256 images per GPU per step, bf16. The table: images/s of the bare loop, Ray(1), Ray(2), images/s per GPU,
-Ray overhead (1 - Ray(1)/bare, target <= 10%) and the 2-GPU speed-up (Ray(2)/Ray(1), target >= 1.8x). JSON
-is rewritten after every phase (``complete`` false until the end), so a cut-short run leaves its numbers.
+Defaults (GPU): ViT 'comparable' (~13M parameters), model_ii 64x64 float32 (--dtype), 30000 images per
+class, 4 epochs, 256 images per GPU per step, bf16. The table: images/s of the bare loop, Ray(1), Ray(2),
+images/s per GPU, Ray overhead (1 - Ray(1)/bare, target <= 10%) and the 2-GPU speed-up (Ray(2)/Ray(1),
+target >= 1.8x). JSON is rewritten after every phase (``complete`` false until the end), so a cut-short run
+leaves its numbers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30000,
         help="images per class (80%% train): 72k training images make an epoch of seconds per GPU, "
         "long enough that per-epoch start-up costs do not dominate the steady-state rate",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="image storage of the simulated dataset (float16 halves what the input path moves)",
     )
     p.add_argument("--model", default="ViT")
     p.add_argument("--model-size", default="comparable", help="'default' or 'comparable' (~13M parameters)")
@@ -100,6 +107,7 @@ def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[Path, float
         num_per_class=args.num_per_class,
         shard_size=2048,
         seed=0,
+        dtype=args.dtype,
     )
     out = workdir / "data"
     gpus = torch.cuda.device_count()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplense_ray.train.ingest import shuffle_batches
+from deeplense_ray.train.ingest import read_block_rows, shuffle_batches
 
 
 def _stream(sizes, width=3):
@@ -70,3 +70,9 @@ def test_bad_arguments_name_the_value():
         list(shuffle_batches(_stream([10]), 0))
     with pytest.raises(ValueError, match="buffer_rows"):
         list(shuffle_batches(_stream([10]), 4, buffer_rows=-1))
+
+
+def test_read_blocks_hold_about_64_mib_of_float32_images():
+    assert read_block_rows((1, 64, 64)) == 4096  # 16 KiB per image
+    assert read_block_rows((1, 150, 150)) == 1024  # 745 by bytes, raised to the fetch size
+    assert read_block_rows((1, 16, 16)) == 8192  # capped

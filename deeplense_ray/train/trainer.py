@@ -129,6 +129,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from deeplense_ray.data import read_split
+    from deeplense_ray.train.ingest import read_block_rows
     from deeplense_ray.train.loop import train_loop_per_worker
 
     cfg = cfg.resolved()
@@ -159,7 +160,12 @@ def build_trainer(
         ),
         datasets={
             # training images travel as stored (float16 stays float16) and become float32 on the device
-            "train": read_split(info.data_dir, "train", image_dtype="stored"),
+            "train": read_split(
+                info.data_dir,
+                "train",
+                image_dtype="stored",
+                block_rows=read_block_rows(info.image_shape),
+            ),
             "val": read_split(info.data_dir, "val"),
         },
         dataset_config=DataConfig(datasets_to_split=["train"]),
