@@ -11,6 +11,9 @@ warms up). A variant is a way of turning the rank's Ray Data stream into device 
   device_batches                    deeplense_ray.train.ingest.device_batches, the current path: big pinned
                                     host batches prefetched, images as stored, shuffle buffer on the device
   device_batches+float16            the same on a float16 copy of the dataset
+  device_batches+4096_row_blocks    the same reading 4096-row blocks
+  device_batches+per_rank           ingest="per_rank": every rank streams its own shards (rank_shards)
+                                    through its own Ray Data execution, 4096-row blocks
 
 Each pass moves every image to the device and converts it to float32 (as training does); images/s per
 rank and in total (all ranks' images / the slowest rank's seconds) are reported, with MB/s of images as
@@ -45,13 +48,16 @@ VARIANTS = (
     "device_batches",
     "device_batches+float16",
     "device_batches+4096_row_blocks",
+    "device_batches+per_rank",
 )
 #: The dataset each variant reads: (storage dtype, Ray Data read block rows).
 SOURCES = {"f32": ("float32", 1024), "f16": ("float16", 1024), "f32big": ("float32", 4096)}
 
 
 def source_of(variant: str) -> str:
-    return "f16" if variant.endswith("float16") else "f32big" if variant.endswith("blocks") else "f32"
+    if variant.endswith("float16"):
+        return "f16"
+    return "f32big" if variant.endswith(("blocks", "per_rank")) else "f32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,19 +112,21 @@ def ingest_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from deeplense_ray.train.ingest import device_batches
+    from deeplense_ray.data import read_split
+    from deeplense_ray.train.ingest import device_batches, rank_shards
 
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     bs, buf = int(config["batch_size"]), int(config["shuffle_buffer"])
     results: dict[str, Any] = {}
     for variant in config["variants"]:
-        shard = ray.train.get_dataset_shard(source_of(variant))
+        per_rank = variant.endswith("per_rank")
+        shard = None if per_rank else ray.train.get_dataset_shard(source_of(variant))
         passes = []
-        for _ in range(2):
+        for attempt in range(2):
             gen = torch.Generator(device=device).manual_seed(rank)
             if variant.startswith("iter_torch_batches"):
                 batches = shard.iter_torch_batches(
@@ -127,6 +135,19 @@ def ingest_loop(config: dict[str, Any]) -> None:
                     device=device,
                     local_shuffle_buffer_size=buf if variant.endswith("host_shuffle") else None,
                     local_shuffle_seed=rank if variant.endswith("host_shuffle") else None,
+                )
+            elif per_rank:  # this rank's own Ray Data execution over the shards dealt to it
+                mine, rows = rank_shards(config["shard_rows"], rank, world, attempt)
+                own = read_split(
+                    config["f32_dir"], "train", image_dtype="stored", block_rows=4096, shards=mine
+                )
+                batches = device_batches(
+                    own.iterator(),
+                    batch_size=bs,
+                    device=device,
+                    shuffle_rows=buf,
+                    generator=gen,
+                    max_rows=rows,
                 )
             else:
                 batches = device_batches(shard, batch_size=bs, device=device, shuffle_rows=buf, generator=gen)
@@ -184,6 +205,13 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
             "batch_size": args.batch_size,
             "shuffle_buffer": args.shuffle_buffer,
             "variants": list(args.variant_list),
+            "f32_dir": str(data["float32"]),
+            "shard_rows": [
+                int(sh["rows"])
+                for sh in json.loads((data["float32"] / "manifest.json").read_text())["splits"]["train"][
+                    "shards"
+                ]
+            ],
             "result_path": str(result_path),
         },
         scaling_config=ScalingConfig(
@@ -195,7 +223,7 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
         datasets={
             name: read_split(data[dtype], "train", image_dtype="stored", block_rows=rows)
             for name, (dtype, rows) in SOURCES.items()
-            if any(source_of(v) == name for v in args.variant_list)
+            if any(source_of(v) == name and not v.endswith("per_rank") for v in args.variant_list)
         },
         dataset_config=DataConfig(datasets_to_split="all"),
     )

@@ -18,6 +18,8 @@ from typing import Any
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+#: How ranks get training data: one Ray Data stream split across ranks, or one stream per rank.
+INGEST_MODES: tuple[str, ...] = ("split", "per_rank")
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_image_minmax", "per_image_standard")
 REQUIRED_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MAX_SEED = 2**63 - 1
@@ -33,6 +35,7 @@ class DatasetInfo:
     pixel_scale: float | None  # arcsec / pixel (the preset's delta_pix)
     split_rows: dict[str, int]
     manifest_hash: str
+    train_shard_rows: tuple[int, ...] = ()  # rows of each train shard, in manifest order
 
     @property
     def in_channels(self) -> int:
@@ -75,6 +78,9 @@ def describe_dataset(data_dir: str | os.PathLike[str]) -> DatasetInfo:
         pixel_scale=pixel_scale,
         split_rows=splits,
         manifest_hash=manifest_hash(root),
+        train_shard_rows=tuple(
+            int(sh["rows"]) for sh in manifest["splits"].get("train", {}).get("shards", [])
+        ),
     )
 
 
@@ -166,6 +172,9 @@ class TrainConfig:
         max_failures: worker-group restarts Ray Train makes after a worker failure (FailureConfig).
         num_to_keep: checkpoints kept by val_auc_macro (the latest is always kept as well, for resume).
         shuffle_buffer: rows of the per-worker local shuffle buffer of the training stream (0 = off).
+        ingest: 'split' (one Ray Data stream of the train split, split across ranks by Ray Train) or
+            'per_rank' (every rank streams its own shards through its own Ray Data execution; the shards
+            are dealt anew each epoch and every rank takes the same number of rows). See train/ingest.py.
     """
 
     model: str
@@ -199,6 +208,7 @@ class TrainConfig:
     max_failures: int = 0
     num_to_keep: int = 2
     shuffle_buffer: int = 2048
+    ingest: str = "split"
 
     # ------------------------------------------------------------------ validation
     def validate_options(self) -> TrainConfig:
@@ -244,6 +254,7 @@ class TrainConfig:
             ("scheduler", SCHEDULERS),
             ("precision", PRECISIONS),
             ("normalize", NORMALIZE_MODES),
+            ("ingest", INGEST_MODES),
         ):
             v = getattr(self, name)
             if v not in allowed:
@@ -283,6 +294,12 @@ class TrainConfig:
             raise ValueError(
                 f"train split of {info.data_dir} has {info.split_rows['train']} rows, fewer than "
                 f"num_workers={self.num_workers}"
+            )
+        if self.ingest == "per_rank" and len(info.train_shard_rows) < self.num_workers:
+            raise ValueError(
+                f"ingest='per_rank' needs at least one train shard per worker: {info.data_dir} has "
+                f"{len(info.train_shard_rows)} train shard(s) for num_workers={self.num_workers} "
+                "(use ingest='split' or a smaller --shard-size)"
             )
         check_model_fits(self.model, info, size=self.model_size, overrides=self.model_overrides)
         return info

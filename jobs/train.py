@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deeplense_ray.config import (  # noqa: E402
+    INGEST_MODES,
     NORMALIZE_MODES,
     OPTIMIZERS,
     PRECISIONS,
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
     p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
     p.add_argument(
+        "--ingest",
+        choices=INGEST_MODES,
+        default=d["ingest"],
+        help="'split': one Ray Data stream split across ranks; 'per_rank': each rank streams its own shards",
+    )
+    p.add_argument(
         "--max-failures",
         type=int,
         default=d["max_failures"],
@@ -120,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         normalize=args.normalize,
         label_smoothing=args.label_smoothing,
         max_failures=args.max_failures,
+        ingest=args.ingest,
     )
 
 

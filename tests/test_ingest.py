@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplense_ray.train.ingest import read_block_rows, shuffle_batches
+from deeplense_ray.train.ingest import rank_shards, read_block_rows, shuffle_batches, take_rows
 
 
 def _stream(sizes, width=3):
@@ -76,3 +76,27 @@ def test_read_blocks_hold_about_64_mib_of_float32_images():
     assert read_block_rows((1, 64, 64)) == 4096  # 16 KiB per image
     assert read_block_rows((1, 150, 150)) == 1024  # 745 by bytes, raised to the fetch size
     assert read_block_rows((1, 16, 16)) == 8192  # capped
+
+
+def test_rank_shards_deal_disjoint_shards_and_equal_rows():
+    rows = [16, 16, 16, 7, 16]
+    for seed in range(5):
+        parts = [rank_shards(rows, r, 2, seed) for r in range(2)]
+        a, b = parts[0][0], parts[1][0]
+        assert sorted(a + b) == list(range(5)) and not set(a) & set(b)
+        take = parts[0][1]
+        assert take == parts[1][1] == min(sum(rows[i] for i in a), sum(rows[i] for i in b))
+    # the deal changes with the seed (per epoch), so no shard always falls in the unused tail
+    assert len({tuple(rank_shards(rows, 0, 2, s)[0]) for s in range(10)}) > 1
+    with pytest.raises(ValueError, match="cannot feed 3 ranks"):
+        rank_shards([4, 4], 0, 3, 0)
+    with pytest.raises(ValueError, match="rank 2"):
+        rank_shards(rows, 2, 2, 0)
+
+
+def test_take_rows_cuts_the_stream():
+    out = list(take_rows(_stream([100, 100, 100]), 250))
+    assert [len(b["label"]) for b in out] == [100, 100, 50]
+    assert torch.equal(torch.cat([b["label"] for b in out]), torch.arange(250))
+    with pytest.raises(RuntimeError, match="50 rows short of the 350"):
+        list(take_rows(_stream([100, 100, 100]), 350))

@@ -200,6 +200,19 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
     assert state["status"] == "finished" and state["mlflow_run_id"] == result.run_id
 
 
+def test_per_rank_ingest_trains_every_rank_on_its_own_shards(ray_session, data_dir, tmp_path):
+    """ingest='per_rank': each of 2 ranks streams its own shards through its own Ray Data execution.
+
+    The train split has 3 shards of 16 rows: per epoch one rank is dealt 2 shards and the other 1, and both
+    take 16 rows (4 steps of 4 images), so DDP stays in step: 32 training images per epoch."""
+    result = run_training(_cfg(tmp_path, data_dir, ingest="per_rank", run_name="per-rank"))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [h["train_images"] for h in result.history] == [32, 32]
+    for h in result.history:
+        assert h["val_n"] == 6 and 0.0 <= h["val_auc_macro"] <= 1.0 and math.isfinite(h["train_loss"])
+    assert result.test_metrics["n"] == 6
+
+
 def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
     """Each bad input is refused with a message naming it, in a fresh process where Ray never starts."""
     one_class = tmp_path / "one_class"
@@ -217,6 +230,12 @@ def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
         "unknown_model": {"model": "ResNet99", "data_dir": str(data_dir)},
         "image_size": {"model": "ViT", "data_dir": str(data_dir), "model_overrides": {"patch_size": 5}},
         "classes": {"model": "ViT", "data_dir": str(one_class)},
+        "per_rank_shards": {
+            "model": MODEL,
+            "data_dir": str(data_dir),
+            "num_workers": 4,
+            "ingest": "per_rank",
+        },
     }
     script = textwrap.dedent(
         f"""
@@ -254,6 +273,7 @@ def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
     assert "cannot take" in out["image_size"] and "[1, 16, 16]" in out["image_size"]
     assert "patch_size=5" in out["image_size"]
     assert "1 class" in out["classes"] and str(one_class) in out["classes"]
+    assert "3 train shard(s) for num_workers=4" in out["per_rank_shards"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
     # the CLI says the same and exits with status 2

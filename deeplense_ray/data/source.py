@@ -73,6 +73,7 @@ def _make_datasource_class():
             params: Sequence[str] = (),
             block_rows: int = DEFAULT_BLOCK_ROWS,
             image_dtype: str = "float32",
+            shards: Sequence[int] | None = None,
         ):
             if image_dtype not in IMAGE_DTYPES:
                 raise ValueError(f"image_dtype must be one of {list(IMAGE_DTYPES)}, got {image_dtype!r}")
@@ -80,6 +81,14 @@ def _make_datasource_class():
             manifest = load_manifest(root)
             self._paths = [str(p) for p in shard_paths(root, split, manifest)]
             self._rows = [int(s["rows"]) for s in manifest["splits"][split]["shards"]]
+            if shards is not None:  # a subset, by position in the manifest's shard list
+                bad = [i for i in shards if not 0 <= int(i) < len(self._paths)]
+                if bad:
+                    raise IndexError(
+                        f"shards {bad} out of range: split {split!r} of {root} has {len(self._paths)}"
+                    )
+                self._paths = [self._paths[int(i)] for i in shards]
+                self._rows = [self._rows[int(i)] for i in shards]
             self._params = _check_params(manifest, params, root)
             self._block_rows = int(block_rows)
             c, h, w = manifest["image_shape"]
@@ -133,14 +142,16 @@ def read_split(
     params: Sequence[str] = (),
     block_rows: int = DEFAULT_BLOCK_ROWS,
     image_dtype: str = "float32",
+    shards: Sequence[int] | None = None,
     ray_remote_args: Mapping[str, Any] | None = None,
 ):
     """A streaming ``ray.data.Dataset`` of one split: columns ``image`` float32 [1,H,W], ``label`` int64.
 
     One read task per shard (each yielding blocks of ``block_rows`` rows); ``params`` adds simulator
     parameter columns by name. ``image_dtype="stored"`` keeps float16 images float16 (half the bytes
-    through Ray Data; the training input path converts them on the GPU). Lazy: nothing is read until the
-    dataset is consumed, so it can be handed to a Ray Train trainer
+    through Ray Data; the training input path converts them on the GPU). ``shards``: only these shards, by
+    position in the manifest's list for the split (a rank's share with ``ingest="per_rank"``). Lazy:
+    nothing is read until the dataset is consumed, so it can be handed to a Ray Train trainer
     (``datasets={"train": read_split(d, "train"), "val": read_split(d, "val")}``).
     The manifest and split are checked here, before any Ray work: FileNotFoundError / KeyError naming
     them. A shard that fails to read raises an error naming the file when the dataset is consumed.
@@ -148,7 +159,7 @@ def read_split(
     import ray
 
     source = lens_shard_datasource(
-        data_dir, split, params=params, block_rows=block_rows, image_dtype=image_dtype
+        data_dir, split, params=params, block_rows=block_rows, image_dtype=image_dtype, shards=shards
     )
     return ray.data.read_datasource(
         source,

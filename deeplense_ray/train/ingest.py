@@ -12,13 +12,23 @@ launches the model's kernels (one GIL). So per rank:
   and one gather per buffer refill, instead of Ray Data's host-side local shuffle (a numpy gather per batch,
   on the CPU, holding the GIL).
 
-Reproducibility: the permutation comes from a torch generator seeded per (seed, epoch, rank); which rows a
-rank receives is decided by Ray Data's streaming split, as before.
+Two ways to give ranks their share (``TrainConfig.ingest``):
+
+- ``split`` (default): one Ray Data execution of the train split, split across ranks by Ray Train
+  (``streaming_split``); which rows a rank receives is decided by Ray Data as blocks become ready.
+- ``per_rank``: every rank runs its own Ray Data execution over its own shards (:func:`rank_shards`: the
+  shards are dealt round-robin from an order seeded per epoch; every rank stops after the same number of
+  rows, so DDP ranks take the same number of steps; up to one shard's worth of rows per rank goes unused in
+  an epoch, and a different one the next). One execution delivered about 40k 64x64 float32 images/s on a
+  2x H200 host however many ranks shared it (``benchmarks/train_ingest.py``), so this gives each rank its
+  own producer.
+
+Reproducibility: the permutation comes from a torch generator seeded per (seed, epoch, rank).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +50,43 @@ def read_block_rows(image_shape: tuple[int, ...]) -> int:
     """
     per_image = 4 * int(np.prod(image_shape))
     return int(min(8192, max(FETCH_ROWS, READ_BLOCK_BYTES // max(per_image, 1))))
+
+
+def rank_shards(shard_rows: Sequence[int], rank: int, world: int, seed: int) -> tuple[list[int], int]:
+    """This rank's shards for one epoch (``ingest="per_rank"``) and the rows every rank takes.
+
+    The shard indices are permuted with ``seed`` (vary it per epoch) and dealt round-robin: rank ``r`` gets
+    ``order[r::world]``. Every rank takes the same number of rows, the smallest total of any rank, so that
+    DDP ranks run the same number of steps. ValueError if a rank would get no shard.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, {world})")
+    if len(shard_rows) < world:
+        raise ValueError(
+            f"{len(shard_rows)} shard(s) cannot feed {world} ranks (one shard per rank at least)"
+        )
+    order = np.random.default_rng(seed).permutation(len(shard_rows))
+    totals = [int(sum(shard_rows[i] for i in order[r::world])) for r in range(world)]
+    return [int(i) for i in order[rank::world]], min(totals)
+
+
+def take_rows(batches: Iterable[Mapping[str, torch.Tensor]], rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Exactly the first ``rows`` rows of a stream of ``{"image", "label"}`` batches (the last one cut).
+
+    RuntimeError if the stream ends sooner: with ``ingest="per_rank"`` every DDP rank must take the same
+    number of steps, and a rank that stopped early would leave the others waiting in a collective.
+    """
+    left = int(rows)
+    for batch in batches:
+        n = len(batch["label"])
+        yield {k: batch[k][:left] for k in ("image", "label")} if n > left else batch
+        left -= n
+        if left <= 0:
+            return
+    if left > 0:
+        raise RuntimeError(
+            f"the training stream ended {left} rows short of the {rows} rows this rank must take"
+        )
 
 
 def shuffle_batches(
@@ -112,11 +159,14 @@ def device_batches(
     drop_last: bool = False,
     fetch_rows: int = FETCH_ROWS,
     prefetch_batches: int = PREFETCH_BATCHES,
+    max_rows: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """A rank's training batches from a Ray Data ``DataIterator`` (``ray.train.get_dataset_shard``).
+    """A rank's training batches from a Ray Data ``DataIterator`` (``ray.train.get_dataset_shard``, or
+    ``Dataset.iterator()`` of the rank's own stream).
 
     Yields ``{"image": float32 [B,1,H,W], "label": int64 [B]}`` on ``device``, shuffled on the device with
-    a buffer of ``shuffle_rows`` rows (0 = stream order). See the module docstring for why.
+    a buffer of ``shuffle_rows`` rows (0 = stream order); at most ``max_rows`` rows if given. See the
+    module docstring for why.
     """
     cuda = device.type == "cuda"
     host = shard.iter_torch_batches(
@@ -127,6 +177,8 @@ def device_batches(
         drop_last=False,
     )
     on_device = ({"image": b["image"].to(torch.float32), "label": b["label"].to(torch.int64)} for b in host)
+    if max_rows is not None:
+        on_device = take_rows(on_device, max_rows)
     yield from shuffle_batches(
         on_device, int(batch_size), buffer_rows=int(shuffle_rows), generator=generator, drop_last=drop_last
     )

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
-from deeplense_ray.train.ingest import device_batches
+from deeplense_ray.train.ingest import FETCH_ROWS, device_batches, rank_shards
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 from deeplense_ray.train.modules import build_classifier, unwrap
 
@@ -319,9 +319,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "flip": True,
             "free_rotation": bool(config.get("augment_free_rotation", False)),
         }
-    train_shard = ray.train.get_dataset_shard("train")
+    per_rank = config.get("ingest", "split") == "per_rank"
+    train_shard = None if per_rank else ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
     train_rows_per_rank = int(config.get("train_rows", 0)) // world
+    if per_rank:  # the rows every rank takes per epoch (the same in every epoch up to one shard's size)
+        train_rows_per_rank = rank_shards(shard_rows, rank, world, seed)[1]
     drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
     shuffle = int(config.get("shuffle_buffer", 0))
     mlflow_target = config.get("mlflow") or None
@@ -340,8 +344,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
         lr_now = optimizer.param_groups[0]["lr"]
 
+        stream, max_rows = train_shard, None
+        if per_rank:  # this rank's own Ray Data execution over the shards dealt to it this epoch
+            from deeplense_ray.data import read_split
+
+            mine, max_rows = rank_shards(shard_rows, rank, world, derive_seed(seed, epoch, 3))
+            stream = read_split(
+                config["data_dir"],
+                "train",
+                image_dtype="stored",
+                block_rows=int(config.get("train_block_rows", FETCH_ROWS)),
+                shards=mine,
+            ).iterator()
         batches = device_batches(
-            train_shard,
+            stream,
+            max_rows=max_rows,
             batch_size=per_worker_bs,
             device=device,
             shuffle_rows=shuffle,

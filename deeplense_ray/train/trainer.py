@@ -67,12 +67,16 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     """The dict handed to :func:`train_loop_per_worker`: the config plus what the manifest says."""
+    from deeplense_ray.train.ingest import read_block_rows
+
     d = cfg.to_dict()
     d.update(
         image_shape=list(info.image_shape),
         class_names=list(info.class_names),
         pixel_scale=info.pixel_scale,
         train_rows=int(info.split_rows["train"]),
+        train_shard_rows=list(info.train_shard_rows),
+        train_block_rows=read_block_rows(info.image_shape),
         val_rows=int(info.split_rows["val"]),
         manifest_hash=info.manifest_hash,
     )
@@ -141,6 +145,12 @@ def build_trainer(
         resources["GPU"] = float(cfg.gpus_per_worker)
     config = loop_config(cfg, info)
     config.update(dict(extra_loop_config or {}))
+    datasets = {"val": read_split(info.data_dir, "val")}
+    if cfg.ingest == "split":  # else every rank reads its own shards (train/ingest.py)
+        # training images travel as stored (float16 stays float16) and become float32 on the device
+        datasets["train"] = read_split(
+            info.data_dir, "train", image_dtype="stored", block_rows=read_block_rows(info.image_shape)
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -158,17 +168,8 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(run_config_callbacks),
         ),
-        datasets={
-            # training images travel as stored (float16 stays float16) and become float32 on the device
-            "train": read_split(
-                info.data_dir,
-                "train",
-                image_dtype="stored",
-                block_rows=read_block_rows(info.image_shape),
-            ),
-            "val": read_split(info.data_dir, "val"),
-        },
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
     )
 
 
