@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("float32", "float16"),
         help="image storage of the simulated dataset (float16 halves what the input path moves)",
     )
+    p.add_argument(
+        "--ingest",
+        default="split",
+        choices=("split", "per_rank"),
+        help="how Ray Train ranks get data (TrainConfig.ingest)",
+    )
     p.add_argument("--model", default="ViT")
     p.add_argument("--model-size", default="comparable", help="'default' or 'comparable' (~13M parameters)")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE")
@@ -332,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=str(workdir / "ray_results"),
             experiment="train-scaling",
             num_to_keep=1,
+            ingest=args.ingest,
         ).resolved()
         info = cfg.validate()
         report.update({
