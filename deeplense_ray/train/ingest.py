@@ -4,8 +4,9 @@ Ray Data reads the HDF5 shards (``deeplense_ray.data.read_split``) and ``streami
 share. What a rank does with its share decides how fast a GPU is fed, because the rank's Python thread also
 launches the model's kernels (one GIL). So per rank:
 
-- Ray Data hands over *large* host batches (``FETCH_ROWS`` rows, a whole read block), pinned when the device
-  is a GPU, prefetched ``PREFETCH_BATCHES`` ahead on its background thread: few Python round trips per image.
+- Ray Data reads ~64 MiB blocks (:func:`read_block_rows`) and hands over *large* host batches (``FETCH_ROWS``
+  rows), pinned when the device is a GPU, prefetched ``PREFETCH_BATCHES`` ahead on its background thread:
+  few Python round trips per image.
 - Images travel as stored (a float16 dataset stays float16 until it is on the device: half the bytes) and
   are converted to float32 on the device.
 - The shuffle buffer lives on the device (:func:`shuffle_batches`): rows are permuted with one ``randperm``
