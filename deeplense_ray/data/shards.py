@@ -11,7 +11,8 @@ Schema (FORMAT_VERSION 1), one file per shard ``<split>/shard-00000.h5``:
   class_names (JSON list), seed (shard seed), dataset_seed, split, shard_index, rows, image_dtype.
 
 HDF5 writes a shard straight to a temporary name in the same directory; the image chunks go in with
-``write_direct_chunk`` and a numpy Fletcher-32 (the bytes HDF5's own filter would give). The file is then
+``write_direct_chunk`` and a Fletcher-32 computed in numpy, or on the GPU by the renderer
+(``fletcher32_chunks``; the bytes HDF5's own filter would give either way). The file is then
 hashed (sha256, read back from the page cache) while another thread fsyncs it, and renamed (``os.replace``):
 a shard is either complete or absent. ``encode_shard`` gives the same bytes in memory.
 No timestamps are stored (``track_times=False`` everywhere), so identical inputs give identical bytes.
