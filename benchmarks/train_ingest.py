@@ -96,7 +96,7 @@ def build_datasets(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
             preset=args.preset,
             preset_overrides={"num_pix": args.num_pix} if args.num_pix else {},
             num_per_class=args.num_per_class,
-            shard_size=2048,
+            shard_size=64 if args.quick else 4096,  # the jobs/simulate.py default
             seed=0,
             dtype=dtype,
         )

@@ -111,7 +111,7 @@ def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[Path, float
         preset=args.preset,
         preset_overrides=overrides,
         num_per_class=args.num_per_class,
-        shard_size=16 if args.quick else 2048,  # quick: several shards, so --ingest per_rank works
+        shard_size=16 if args.quick else 4096,  # as jobs/simulate.py; quick: several shards (per_rank)
         seed=0,
         dtype=args.dtype,
     )
