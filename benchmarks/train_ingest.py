@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local Ray runtime started by this script
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from train_scaling import environment, write_json  # noqa: E402
 
@@ -195,8 +196,10 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from deeplense_ray.config import describe_dataset
     from deeplense_ray.data import read_split
 
+    info = describe_dataset(data["float32"])
     use_gpu = torch.cuda.is_available()
     result_path = tmp / f"ingest-w{workers}.json"
     trainer = TorchTrainer(
@@ -206,12 +209,7 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
             "shuffle_buffer": args.shuffle_buffer,
             "variants": list(args.variant_list),
             "f32_dir": str(data["float32"]),
-            "shard_rows": [
-                int(sh["rows"])
-                for sh in json.loads((data["float32"] / "manifest.json").read_text())["splits"]["train"][
-                    "shards"
-                ]
-            ],
+            "shard_rows": list(info.train_shard_rows),
             "result_path": str(result_path),
         },
         scaling_config=ScalingConfig(
@@ -230,8 +228,7 @@ def run_workers(args: argparse.Namespace, data: dict[str, Path], workers: int, t
     trainer.fit()
     per_rank = json.loads(result_path.read_text())
     image_bytes = {"float32": 4, "float16": 2}
-    shape = json.loads((data["float32"] / "manifest.json").read_text())["image_shape"]
-    pixels = int(shape[0]) * int(shape[1]) * int(shape[2])
+    pixels = int(np.prod(info.image_shape))
     out: dict[str, Any] = {"workers": workers, "variants": {}}
     for variant in args.variant_list:
         ranks = [r[variant] for r in per_rank]

@@ -324,8 +324,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
     train_rows_per_rank = int(config.get("train_rows", 0)) // world
-    if per_rank:  # the rows every rank takes per epoch (the same in every epoch up to one shard's size)
-        train_rows_per_rank = rank_shards(shard_rows, rank, world, seed)[1]
     drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
     shuffle = int(config.get("shuffle_buffer", 0))
     mlflow_target = config.get("mlflow") or None
@@ -349,6 +347,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from deeplense_ray.data import read_split
 
             mine, max_rows = rank_shards(shard_rows, rank, world, derive_seed(seed, epoch, 3))
+            drop_last = max_rows >= per_worker_bs  # this epoch's rows per rank (equal on every rank)
             stream = read_split(
                 config["data_dir"],
                 "train",
