@@ -136,19 +136,53 @@ def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def bare_loop(args: argparse.Namespace, cfg, info) -> dict[str, Any]:
-    """Plain PyTorch on one device: same model, step code, augmentation and precision; no Ray, no DDP."""
+def bare_loop(args: argparse.Namespace, cfg, info, world: int = 1) -> dict[str, Any]:
+    """Plain PyTorch: same model, step code, augmentation and precision; no Ray. ``world`` = 1: one device,
+    in this process, no DDP. ``world`` > 1: one process per device (torch.multiprocessing), DDP wrapped as
+    Ray's ``prepare_model`` wraps it, NCCL on GPUs (gloo on CPU); each epoch the split is permuted and dealt
+    ``order[rank::world]`` (a DistributedSampler's share), per-device batch as Ray(K). This is the
+    hardware's own scaling for the model, with every image already in host memory."""
+    import torch.multiprocessing as mp
+
+    if world == 1:
+        return _bare_worker(0, 1, args, cfg, info, None)
+    with tempfile.TemporaryDirectory(prefix="bare-ddp-") as tmp:
+        result = Path(tmp) / "result.json"
+        import socket
+
+        with socket.socket() as sock:  # a free port for the process group's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_bare_worker, args=(world, args, cfg, info, (port, str(result))), nprocs=world, join=True)
+        return json.loads(result.read_text())
+
+
+def _bare_worker(rank: int, world: int, args, cfg, info, ddp: tuple[int, str] | None) -> dict[str, Any]:
     from deeplense_ray.train.loop import autocast_dtype, build_optimizer, derive_seed, train_one_epoch
     from deeplense_ray.train.modules import build_classifier
     from deeplense_ray.train.trainer import loop_config
 
-    device = torch.device("cuda:0" if args.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(args.cpus_per_worker)))
+    cuda = args.gpus_per_worker > 0 and torch.cuda.is_available()
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # the CPU threads Ray gives a Train worker (OMP_NUM_THREADS = its CPUs): K processes with a thread per
+    # core each oversubscribe the host and slow every kernel launch
+    torch.set_num_threads(max(1, int(args.cpus_per_worker)))
+    if ddp is not None:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{ddp[0]}", rank=rank, world_size=world
+        )
     x, y = load_split(Path(info.data_dir), "train")
     conf = loop_config(cfg, info)
     torch.manual_seed(cfg.seed)
     model = build_classifier(conf).to(device)
+    if ddp is not None:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rank] if cuda else None, output_device=rank if cuda else None
+        )
     opt = build_optimizer(model.parameters(), conf)
     amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -156,32 +190,41 @@ def bare_loop(args: argparse.Namespace, cfg, info) -> dict[str, Any]:
     epochs = []
     for epoch in range(1, cfg.epochs + 1):
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
-        order = torch.randperm(len(y), generator=g)
-        n_full = len(y) // bs * bs  # drop the last partial batch, as the Ray loop does
+        order = torch.randperm(len(y), generator=g)[rank::world][: len(y) // world]
+        n_full = len(order) // bs * bs  # drop the last partial batch, as the Ray loop does
         batches = (
             {"image": x[order[i : i + bs]], "label": y[order[i : i + bs]]} for i in range(0, n_full, bs)
         )
-        gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, 0, 1))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, rank, 1))
         sums = train_one_epoch(
             model, batches, opt, device=device, amp_dtype=amp, scaler=scaler,
             augment={"rot90": True, "flip": True} if cfg.augment else None, generator=gen,
         )  # fmt: skip
-        rate = sums["images"] / sums["seconds"]
-        loss = sums["loss_sum"] / sums["images"]
+        seconds, images = sums["seconds"], sums["images"] * world
+        if ddp is not None:  # the slowest rank's seconds, all ranks' images (as the Ray loop reports)
+            t = torch.tensor([seconds], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            seconds = float(t.item())
         epochs.append(
             {
                 "epoch": epoch,
-                "images": sums["images"],
-                "seconds": sums["seconds"],
-                "images_per_s": rate,
-                "loss": loss,
+                "images": images,
+                "seconds": seconds,
+                "images_per_s": images / seconds,
+                "loss": sums["loss_sum"] / sums["images"],
             }
         )
-        print(f"  bare epoch {epoch}: {epochs[-1]['images_per_s']:.0f} img/s", flush=True)
+        if rank == 0:
+            print(f"  bare x{world} epoch {epoch}: {epochs[-1]['images_per_s']:.0f} img/s", flush=True)
+    out = {"workers": world, "device": str(device), "epochs": epochs, "images_per_s": steady(epochs)}
     del model, opt
-    if device.type == "cuda":
+    if ddp is not None:
+        torch.distributed.destroy_process_group()
+        if rank == 0:
+            Path(ddp[1]).write_text(json.dumps(out))
+    if cuda:
         torch.cuda.empty_cache()
-    return {"device": str(device), "epochs": epochs, "images_per_s": steady(epochs)}
+    return out
 
 
 def ray_run(args: argparse.Namespace, cfg, workdir: Path, workers: int) -> dict[str, Any]:
@@ -200,11 +243,16 @@ def ray_run(args: argparse.Namespace, cfg, workdir: Path, workers: int) -> dict[
     result = run_training(run_cfg)
     wall = time.perf_counter() - t0
     epochs = [
-        {k: h[k] for k in ("epoch", "images_per_s", "train_images", "train_seconds", "val_seconds") if k in h}
+        {k: h[k] for k in ("epoch", "images_per_s", "train_images", "train_seconds", "data_wait_frac",
+                           "first_batch_s", "val_seconds") if k in h}
         for h in result.history
     ]
     for e in epochs:
-        print(f"  ray x{workers} epoch {e['epoch']}: {e['images_per_s']:.0f} img/s", flush=True)
+        wait = ""
+        if "data_wait_frac" in e:
+            wait = f" (waiting for data {100 * e['data_wait_frac']:.0f}%, "
+            wait += f"first batch after {e['first_batch_s']:.2f} s)"
+        print(f"  ray x{workers} epoch {e['epoch']}: {e['images_per_s']:.0f} img/s{wait}", flush=True)
     return {
         "workers": workers,
         "global_batch": run_cfg.batch_size,
@@ -262,6 +310,13 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             summary[f"speedup_{w}_vs_bare"] = rate / bare
     if "speedup_2_vs_1" in summary:
         summary["speedup_target_met"] = bool(summary["speedup_2_vs_1"] >= TARGET_SPEEDUP_2)
+    for r in report.get("bare_ddp", []):  # the hardware's own scaling, and Ray's cost at K devices
+        w = r["workers"]
+        summary.setdefault("bare_ddp_images_per_s", {})[w] = r["images_per_s"]
+        if bare:
+            summary[f"bare_ddp_speedup_{w}_vs_1"] = r["images_per_s"] / bare
+        if w in by_w:
+            summary[f"ray_overhead_{w}"] = 1.0 - by_w[w] / r["images_per_s"]
     return summary
 
 
@@ -273,6 +328,11 @@ def table(report: dict[str, Any], unit: str) -> str:
     rows = [f"{'path':<22}{unit + 's':>8}{'img/s':>11}{'img/s/' + unit:>13}{'vs bare':>10}{'vs Ray(1)':>11}"]
     if bare:
         rows.append(f"{'bare PyTorch loop':<22}{1:>8}{bare:>11.0f}{bare:>13.0f}{'1.00x':>10}{'':>11}")
+    for r in report.get("bare_ddp", []):
+        w, rate = r["workers"], r["images_per_s"]
+        vs_bare = f"{rate / bare:.2f}x" if bare else "-"
+        name = f"bare PyTorch DDP ({w})"
+        rows.append(f"{name:<22}{w:>8}{rate:>11.0f}{rate / w:>13.0f}{vs_bare:>10}{'':>11}")
     for r in report.get("ray", []):
         w, rate = r["workers"], r["images_per_s"]
         vs_bare = f"{rate / bare:.2f}x" if bare else "-"
@@ -289,6 +349,12 @@ def table(report: dict[str, Any], unit: str) -> str:
         if "speedup_2_vs_bare" in s:
             line += f"; Ray(2) vs bare loop: {s['speedup_2_vs_bare']:.2f}x"
         rows.append(line)
+    for r in report.get("bare_ddp", []):
+        w = r["workers"]
+        if f"ray_overhead_{w}" in s:
+            rows.append(f"bare DDP speed-up, {w} {unit}s vs 1: {s[f'bare_ddp_speedup_{w}_vs_1']:.2f}x (the "
+                        f"model's own scaling); Ray overhead at {w} (1 - Ray({w})/bare DDP({w})): "
+                        f"{100 * s[f'ray_overhead_{w}']:.1f}%")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -352,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             },
             "definition": "images/s = training images / wall seconds of the epoch's training pass (data "
             "waits included, validation excluded); steady state = median over epochs 2..E; Ray overhead = "
-            "1 - Ray(1)/bare; speed-up K = Ray(K)/Ray(1) at a fixed per-device batch",
+            "1 - Ray(1)/bare; speed-up K = Ray(K)/Ray(1) at a fixed per-device batch; bare DDP(K) = K "
+            "processes of the bare loop under DDP (the model's own scaling on the hardware)",
         })  # fmt: skip
         write_json(report, out)  # partial results survive a time-out: rewritten after every phase
         if not args.skip_bare:
@@ -362,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
             phases["bare"] = time.perf_counter() - t0
             report["summary"] = summarize(report)
             write_json(report, out)
+            report["bare_ddp"] = []
+            for w in (w for w in args.worker_counts if w > 1):
+                print(f"bare PyTorch DDP, {w} processes ...", flush=True)
+                t0 = time.perf_counter()
+                report["bare_ddp"].append(bare_loop(args, cfg, info, world=w))
+                phases[f"bare_ddp_{w}"] = time.perf_counter() - t0
+                report["summary"] = summarize(report)
+                write_json(report, out)
         report["ray"] = []
         for w in args.worker_counts:
             print(f"Ray Train, {w} worker(s) ...", flush=True)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplense_ray.train.ingest import rank_shards, read_block_rows, shuffle_batches, take_rows
+from deeplense_ray.train.ingest import (
+    Background,
+    device_batches,
+    rank_shards,
+    read_block_rows,
+    shuffle_batches,
+    take_rows,
+)
 
 
 def _stream(sizes, width=3):
@@ -100,3 +107,62 @@ def test_take_rows_cuts_the_stream():
     assert torch.equal(torch.cat([b["label"] for b in out]), torch.arange(250))
     with pytest.raises(RuntimeError, match="50 rows short of the 350"):
         list(take_rows(_stream([100, 100, 100]), 350))
+
+
+def test_background_starts_at_once_keeps_order_and_stops_on_close():
+    import threading
+    import time
+
+    started = threading.Event()
+    produced = []
+
+    def source():
+        started.set()
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    bg = Background(source(), depth=3)
+    assert started.wait(5), "the source must start before the first next()"
+    time.sleep(0.2)
+    assert len(produced) <= 3 + 2  # bounded read-ahead: depth queued, one blocked in put, one in hand
+    it = iter(bg)
+    assert [next(it) for _ in range(10)] == list(range(10))
+    it.close()  # the consumer stops early (as take_rows does): the thread must end, not block forever
+    bg._thread.join(5)
+    assert not bg._thread.is_alive()
+    assert len(produced) < 100
+
+
+def test_background_raises_the_source_error_in_the_consumer():
+    def source():
+        yield 1
+        raise OSError("shard /x/train-00001.h5 unreadable")
+
+    with pytest.raises(OSError, match="train-00001"):
+        list(Background(source(), depth=2))
+
+
+def test_background_yields_everything_then_ends():
+    assert list(Background(iter(range(1000)), depth=4)) == list(range(1000))
+
+
+def test_on_input_end_fires_once_the_stream_is_drawn_before_the_buffer_drains():
+    class Shard:  # the DataIterator interface device_batches uses, over tensors already in memory
+        def iter_torch_batches(self, batch_size, **_):
+            for start in range(0, 100, batch_size):
+                yield {"image": torch.zeros(min(batch_size, 100 - start), 1, 2, 2), "label": torch.arange(
+                    start, min(start + batch_size, 100))}  # fmt: skip
+
+    fired = []
+    out = device_batches(
+        Shard(), batch_size=8, device=torch.device("cpu"), shuffle_rows=32, fetch_rows=10,
+        max_rows=90, start_now=True, on_input_end=lambda: fired.append(True),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    first = next(out)
+    assert len(first["label"]) == 8
+    rest = list(out)
+    labels = torch.cat([first["label"]] + [b["label"] for b in rest])
+    assert sorted(labels.tolist()) == list(range(90))  # max_rows cut the stream; every row once
+    assert fired == [True]

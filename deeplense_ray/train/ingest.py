@@ -20,16 +20,22 @@ Two ways to give ranks their share (``TrainConfig.ingest``):
 - ``per_rank``: every rank runs its own Ray Data execution over its own shards (:func:`rank_shards`: the
   shards are dealt round-robin from an order seeded per epoch; every rank stops after the same number of
   rows, so DDP ranks take the same number of steps; up to one shard's worth of rows per rank goes unused in
-  an epoch, and a different one the next). One execution delivered about 40k 64x64 float32 images/s on a
-  2x H200 host however many ranks shared it (``benchmarks/train_ingest.py``), so this gives each rank its
-  own producer.
+  an epoch, and a different one the next).
+
+Both modes deliver far more than training takes: on 2x H200 (``benchmarks/train_ingest.py``, 240k 64x64
+float32 images, no model) one rank got 126k img/s with ``split`` and 132k with ``per_rank``; two ranks
+143k and 102k in total. So ``split`` stays the default.
+
+Start-up: a Ray Data execution takes 0.2-0.7 s to its first batch, every epoch. The training loop hides it:
+each rank pulls its stream on a background thread (:class:`Background`) and starts the next epoch's stream
+as soon as the current one is all drawn (``device_batches(on_input_end=...)``).
 
 Reproducibility: the permutation comes from a torch generator seeded per (seed, epoch, rank).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -150,6 +156,68 @@ def shuffle_batches(
             yield {k: v[start : start + batch_size] for k, v in buf.items()}
 
 
+def _then(items: Iterable[Any], done: Callable[[], None]) -> Iterator[Any]:
+    """``items``, then ``done()`` once they are exhausted (not if the consumer stops early)."""
+    yield from items
+    done()
+
+
+class Background:
+    """Iterate ``iterable`` on a daemon thread from construction on, ``depth`` items ahead.
+
+    Lets a rank start the next epoch's Ray Data execution (seconds of start-up when the stream is short)
+    while it validates and checkpoints the current one. An exception in the thread is raised in the consumer;
+    :meth:`close` (also on garbage collection of the consuming generator) stops the thread at its next item.
+    """
+
+    _DONE = object()
+
+    def __init__(self, iterable: Iterable[Any], depth: int = PREFETCH_BATCHES):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterable,), name="dlr-ingest", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterable: Iterable[Any]) -> None:
+        try:
+            for item in iterable:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+            return
+        self._put(self._DONE)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 def device_batches(
     shard: Any,
     *,
@@ -161,25 +229,37 @@ def device_batches(
     fetch_rows: int = FETCH_ROWS,
     prefetch_batches: int = PREFETCH_BATCHES,
     max_rows: int | None = None,
+    start_now: bool = False,
+    on_input_end: Callable[[], None] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A rank's training batches from a Ray Data ``DataIterator`` (``ray.train.get_dataset_shard``, or
     ``Dataset.iterator()`` of the rank's own stream).
 
     Yields ``{"image": float32 [B,1,H,W], "label": int64 [B]}`` on ``device``, shuffled on the device with
     a buffer of ``shuffle_rows`` rows (0 = stream order); at most ``max_rows`` rows if given. See the
-    module docstring for why.
+    module docstring for why. ``start_now``: start the Ray Data execution at once and pull the stream on a
+    background thread (:class:`Background`), instead of at the first ``next()``. ``on_input_end``: called
+    once no more input will be drawn (the stream is exhausted, or ``max_rows`` are taken), on the thread
+    that pulls the stream, while the last rows still wait in the shuffle buffer and the prefetch queue: the
+    training loop starts the next epoch's stream there, so its start-up overlaps the end of this epoch.
     """
     cuda = device.type == "cuda"
-    host = shard.iter_torch_batches(
+    host: Iterable[Any] = shard.iter_torch_batches(
         batch_size=max(int(fetch_rows), int(batch_size)),
         device=device,
         pin_memory=cuda,
         prefetch_batches=int(prefetch_batches),
         drop_last=False,
     )
-    on_device = ({"image": b["image"].to(torch.float32), "label": b["label"].to(torch.int64)} for b in host)
+    on_device: Iterable[dict[str, torch.Tensor]] = (
+        {"image": b["image"].to(torch.float32), "label": b["label"].to(torch.int64)} for b in host
+    )
     if max_rows is not None:
         on_device = take_rows(on_device, max_rows)
-    yield from shuffle_batches(
+    if on_input_end is not None:
+        on_device = _then(on_device, on_input_end)
+    if start_now:
+        on_device = Background(on_device, depth=prefetch_batches)
+    return shuffle_batches(
         on_device, int(batch_size), buffer_rows=int(shuffle_rows), generator=generator, drop_last=drop_last
     )

@@ -18,7 +18,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,11 @@ def train_one_epoch(
     """One pass over ``batches`` ({"image": [B,1,H,W], "label": [B]}); returns this rank's sums.
 
     Shared by the Ray Train loop and the bare-PyTorch benchmark loop, so both time the same step.
-    Returns {"loss_sum", "correct", "images", "seconds"} (sums over this rank's batches; seconds is the wall
-    time of the pass including waiting for data, synchronised with the device at the end).
+    Returns {"loss_sum", "correct", "images", "seconds", "data_wait_s", "first_batch_s"} (sums over this
+    rank's batches; seconds is the wall time of the pass including waiting for data, synchronised with the
+    device at the end; data_wait_s is the part spent in ``next(batches)``: the host time the input path took
+    from the step, high when training is input-bound; first_batch_s: until the first batch arrived, the
+    input's start-up).
     """
     from deeplense_ray.data.augment import augment_batch
 
@@ -161,8 +164,17 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
+    data_wait, first_batch = 0.0, None
     t0 = time.perf_counter()
-    for batch in batches:
+    stream = iter(batches)
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(stream, None)
+        data_wait += time.perf_counter() - t_wait
+        if first_batch is None:
+            first_batch = time.perf_counter() - t0
+        if batch is None:
+            break
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).long()
         if augment is not None:
@@ -189,6 +201,8 @@ def train_one_epoch(
         "correct": float(correct.item()),
         "images": float(images),
         "seconds": time.perf_counter() - t0,
+        "data_wait_s": data_wait,
+        "first_batch_s": float(first_batch or 0.0),
     }
 
 
@@ -334,6 +348,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cache_val = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
     val_cache: list[dict[str, torch.Tensor]] | None = None
 
+    started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, already streaming
+
+    def epoch_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's training batches of ``epoch`` on the device (see train/ingest.py), streaming from
+        now on, on a background thread. When the epoch's input is all drawn (its last rows still in the
+        shuffle buffer and prefetch queue), the next epoch's stream is started: the Ray Data execution's
+        start-up, which is most of a second, then overlaps the end of this epoch, validation and the
+        checkpoint instead of stalling the next training pass. (With ``ingest="split"`` the next epoch of
+        ``streaming_split`` can only begin once every rank has drawn all of this one, which is this point.)"""
+
+        def start_next() -> None:
+            if epoch < epochs:
+                started[epoch + 1] = epoch_batches(epoch + 1)
+
+        stream, max_rows, drop = train_shard, None, drop_last
+        if per_rank:  # this rank's own Ray Data execution over the shards dealt to it this epoch
+            from deeplense_ray.data import read_split
+
+            mine, max_rows = rank_shards(shard_rows, rank, world, derive_seed(seed, epoch, 3))
+            drop = max_rows >= per_worker_bs  # this epoch's rows per rank (equal on every rank)
+            stream = read_split(
+                config["data_dir"],
+                "train",
+                image_dtype="stored",
+                block_rows=int(config.get("train_block_rows", FETCH_ROWS)),
+                shards=mine,
+            ).iterator()
+        return device_batches(
+            stream,
+            max_rows=max_rows,
+            batch_size=per_worker_bs,
+            device=device,
+            shuffle_rows=shuffle,
+            generator=torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 2)),
+            drop_last=drop,
+            start_now=True,
+            on_input_end=start_next,
+        )
+
     for epoch in range(start_epoch, epochs + 1):
         if config.get("_fail_at_epoch") == epoch and start_epoch < epoch:
             raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
@@ -342,28 +395,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
         lr_now = optimizer.param_groups[0]["lr"]
 
-        stream, max_rows = train_shard, None
-        if per_rank:  # this rank's own Ray Data execution over the shards dealt to it this epoch
-            from deeplense_ray.data import read_split
-
-            mine, max_rows = rank_shards(shard_rows, rank, world, derive_seed(seed, epoch, 3))
-            drop_last = max_rows >= per_worker_bs  # this epoch's rows per rank (equal on every rank)
-            stream = read_split(
-                config["data_dir"],
-                "train",
-                image_dtype="stored",
-                block_rows=int(config.get("train_block_rows", FETCH_ROWS)),
-                shards=mine,
-            ).iterator()
-        batches = device_batches(
-            stream,
-            max_rows=max_rows,
-            batch_size=per_worker_bs,
-            device=device,
-            shuffle_rows=shuffle,
-            generator=torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 2)),
-            drop_last=drop_last,
-        )
+        batches = started.pop(epoch, None) or epoch_batches(epoch)
         sums = train_one_epoch(
             model,
             batches,
@@ -379,6 +411,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             [sums["loss_sum"], sums["correct"], sums["images"]], device
         )
         train_seconds = _all_reduce_max(sums["seconds"], device)
+        data_wait = _all_reduce_max(sums["data_wait_s"], device)  # the slowest-fed rank sets the pace
+        first_batch = _all_reduce_max(sums["first_batch_s"], device)
         scheduler.step()
 
         t_val = time.perf_counter()
@@ -411,6 +445,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": n_img / max(train_seconds, 1e-9),
             "train_images": n_img,
             "train_seconds": train_seconds,
+            "data_wait_frac": data_wait / max(train_seconds, 1e-9),
+            "first_batch_s": first_batch,
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
             "resumed_from_epoch": start_epoch - 1,
