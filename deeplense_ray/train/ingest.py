@@ -165,9 +165,10 @@ def _then(items: Iterable[Any], done: Callable[[], None]) -> Iterator[Any]:
 class Background:
     """Iterate ``iterable`` on a daemon thread from construction on, ``depth`` items ahead.
 
-    Lets a rank start the next epoch's Ray Data execution (seconds of start-up when the stream is short)
-    while it validates and checkpoints the current one. An exception in the thread is raised in the consumer;
-    :meth:`close` (also on garbage collection of the consuming generator) stops the thread at its next item.
+    Lets a rank start the next epoch's Ray Data execution (0.2-0.7 s to its first batch) while it finishes,
+    validates and checkpoints the current one. An exception in the thread is raised in the consumer;
+    :meth:`close` (also when the consuming generator is closed or collected) stops the thread at its next
+    item.
     """
 
     _DONE = object()
