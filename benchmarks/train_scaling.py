@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -148,8 +149,6 @@ def bare_loop(args: argparse.Namespace, cfg, info, world: int = 1) -> dict[str, 
         return _bare_worker(0, 1, args, cfg, info, None)
     with tempfile.TemporaryDirectory(prefix="bare-ddp-") as tmp:
         result = Path(tmp) / "result.json"
-        import socket
-
         with socket.socket() as sock:  # a free port for the process group's rendezvous
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
-from deeplense_ray.train.ingest import FETCH_ROWS, device_batches, rank_shards
+from deeplense_ray.train.ingest import device_batches, rank_shards
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 from deeplense_ray.train.modules import build_classifier, unwrap
 
@@ -372,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 config["data_dir"],
                 "train",
                 image_dtype="stored",
-                block_rows=int(config.get("train_block_rows", FETCH_ROWS)),
+                block_rows=int(config["train_block_rows"]),
                 shards=mine,
             ).iterator()
         return device_batches(

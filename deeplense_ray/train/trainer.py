@@ -133,7 +133,6 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from deeplense_ray.data import read_split
-    from deeplense_ray.train.ingest import read_block_rows
     from deeplense_ray.train.loop import train_loop_per_worker
 
     cfg = cfg.resolved()
@@ -149,7 +148,7 @@ def build_trainer(
     if cfg.ingest == "split":  # else every rank reads its own shards (train/ingest.py)
         # training images travel as stored (float16 stays float16) and become float32 on the device
         datasets["train"] = read_split(
-            info.data_dir, "train", image_dtype="stored", block_rows=read_block_rows(info.image_shape)
+            info.data_dir, "train", image_dtype="stored", block_rows=config["train_block_rows"]
         )
     return TorchTrainer(
         train_loop_per_worker,
