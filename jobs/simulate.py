@@ -112,26 +112,11 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
 
 
 def connect_ray(address: str | None) -> str:
-    """Join/start Ray per --address; returns a description of what happened."""
-    import ray
+    """Join/start Ray per --address (deeplense_ray.runtime.connect); returns what happened."""
+    from deeplense_ray.data.pipeline import WORKER_PRELOAD_MODULES
+    from deeplense_ray.runtime import connect
 
-    from deeplense_ray.data.pipeline import start_local_ray
-
-    if address == "local":
-        start_local_ray()
-        return "started a local Ray runtime"
-    if address:
-        ray.init(address=address)
-        return f"joined {address}"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return f"joined RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
-    try:
-        ray.init(address="auto")
-        return "joined the running local cluster"
-    except (ConnectionError, RuntimeError):  # no running cluster found
-        start_local_ray()
-        return "started a local Ray runtime"
+    return connect(address, preload_modules=WORKER_PRELOAD_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from deeplense_ray.data import build_dataset, manifest_hash
+    from deeplense_ray.runtime import RayConnectError
 
-    how = connect_ray(args.address)
+    try:
+        how = connect_ray(args.address)
+    except RayConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     gpus = args.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

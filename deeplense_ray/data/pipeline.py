@@ -464,11 +464,10 @@ def _steady_state(written: list[dict[str, Any]], t0: float) -> dict[str, Any]:
 #: Modules the renderer actors and write tasks import, pre-imported by every Ray worker of a local runtime
 #: started on a GPU machine (see :func:`start_local_ray`).
 WORKER_PRELOAD_MODULES = ("torch", "h5py", "ray.data", "deeplense_ray.sim", "deeplense_ray.data.pipeline")
-PRELOAD_ENV = "RAY_preload_python_modules"
 
 
-def start_local_ray(**init_kwargs: Any) -> None:
-    """Start a fresh local Ray runtime for dataset builds (``ray.init(address="local", ...)``).
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a fresh local Ray runtime for dataset builds (:func:`deeplense_ray.runtime.start_local_ray`).
 
     On a machine with a GPU, the runtime's workers import torch, h5py, ray.data and the simulator as they
     start (Ray's ``preload_python_modules``, given through the ``RAY_preload_python_modules`` environment
@@ -477,23 +476,16 @@ def start_local_ray(**init_kwargs: Any) -> None:
     (measured on an H100 host: 3.6 s of torch import in the actor). On a CPU-only machine, where the
     renderer itself is the bottleneck and cores are few, workers start light.
     """
-    import ray
-    import torch
+    from deeplense_ray.runtime import start_local_ray as start
 
-    if torch.cuda.is_available() and PRELOAD_ENV not in os.environ:
-        os.environ[PRELOAD_ENV] = ",".join(WORKER_PRELOAD_MODULES)
-    ray.init(address="local", **init_kwargs)
+    return start(preload_modules=WORKER_PRELOAD_MODULES, **init_kwargs)
 
 
 def _ensure_ray() -> None:
-    import ray
+    """Join $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local runtime, unless Ray is up."""
+    from deeplense_ray.runtime import connect
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # e.g. inside `ray job submit`: join that cluster
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        start_local_ray(log_to_driver=False)
+    connect(join_running=False, preload_modules=WORKER_PRELOAD_MODULES, log_to_driver=False)
 
 
 def _render_and_write(

@@ -482,15 +482,15 @@ class _Plan:
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Join ``address`` / $RAY_ADDRESS, else start a local runtime with the dashboard (see RAY_NOTES)."""
-    import ray
+    """Join ``address`` / $RAY_ADDRESS, else start a local runtime with the dashboard (see RAY_NOTES).
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], configure_logging=False)
-    else:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    Through :func:`deeplense_ray.runtime.connect`: a dead address fails within seconds (RayConnectError), a
+    local runtime listens on 127.0.0.1 with explicit auth.
+    """
+    from deeplense_ray.runtime import connect
+
+    connect(address, join_running=False, include_dashboard=True, dashboard_host="127.0.0.1",
+            configure_logging=False)
 
 
 def plan_search(settings: TuneSettings) -> _Plan:

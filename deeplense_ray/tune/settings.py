@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deeplense_ray.runtime import DATA_RESERVE_CPUS, check_cpu_room
+
 #: Metrics the training loop reports every epoch that a search may optimise, with their natural mode.
 METRIC_MODES: dict[str, str] = {
     "val_auc_macro": "max",
@@ -26,8 +28,6 @@ SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
 SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
 #: CPUs held by each trial's driver function (it only builds the TorchTrainer, calls fit and waits).
 DRIVER_CPUS: float = 0.1
-#: CPUs left free for Ray Data read tasks feeding the trials when the cluster has room to spare.
-DATA_RESERVE_CPUS: float = 1.0
 
 
 @dataclass
@@ -254,12 +254,13 @@ def check_cluster_resources(settings: TuneSettings, cluster: Mapping[str, float]
             f"cluster has {gpus:g} GPUs"
         )
     need_cpu = DRIVER_CPUS + c * k
-    if need_cpu + DATA_RESERVE_CPUS > cpus + 1e-9:
-        raise ValueError(
-            f"a trial needs {need_cpu:g} CPUs ({DRIVER_CPUS:g} for its driver + cpus_per_trial={c:g} x "
-            f"workers_per_trial={k}) plus {DATA_RESERVE_CPUS:g} free for its Ray Data readers, but the Ray "
-            f"cluster has {cpus:g} CPUs; lower cpus_per_trial (fractions are allowed) or workers_per_trial"
-        )
+    check_cpu_room(
+        cluster,
+        need_cpu,
+        what="a trial",
+        detail=f"{DRIVER_CPUS:g} for its driver + cpus_per_trial={c:g} x workers_per_trial={k}",
+        fix="lower cpus_per_trial (fractions are allowed) or workers_per_trial",
+    )
     fit = max(1, math.floor((cpus - DATA_RESERVE_CPUS + 1e-9) / need_cpu))
     if g > 0:
         fit = min(fit, math.floor((gpus + 1e-9) / (g * k)))

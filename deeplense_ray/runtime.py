@@ -1,0 +1,200 @@
+"""The Ray runtime of a job: join a live cluster, or start a private local one (loopback, explicit auth).
+
+Every job (simulate, train, tune, demo) connects through :func:`connect`:
+
+- ``address="local"`` starts a fresh local runtime; ``address=<host:port>`` (or ``auto``, or $RAY_ADDRESS)
+  joins that cluster and fails within seconds, naming the address, when nothing answers there;
+- ``address=None`` joins $RAY_ADDRESS, else (``join_running=True``) the cluster recorded by the last
+  ``ray start`` on this machine (``<ray temp dir>/ray_current_cluster``) when its GCS answers, else starts a
+  local runtime. A record left behind by a killed cluster is reported and skipped: ``ray.init`` itself would
+  retry the dead GCS for many minutes.
+
+A local runtime started here listens on 127.0.0.1 only (GCS, raylet, dashboard, workers) and uses token
+authentication with a token private to the process (``RAY_AUTH_TOKEN``, never written to ~/.ray), unless
+``RAY_AUTH_MODE`` is set, which always wins. Joining a cluster sets ``RAY_AUTH_MODE`` explicitly too: token
+when a token is given ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), else disabled.
+
+:func:`check_cpu_room` is the one check that a training job leaves CPUs for the Ray Data read tasks that feed
+it (used by jobs/train.py and by the tune settings): with every CPU held by training workers the readers are
+never scheduled and the job waits forever.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+#: Seconds one TCP connect to a GCS may take before the cluster counts as unreachable.
+PROBE_TIMEOUT_S = 5.0
+#: CPUs left free for the Ray Data read tasks that feed training workers.
+DATA_RESERVE_CPUS: float = 1.0
+#: Ray reads this at import: 0 makes a node started by ``ray.init`` keep 127.0.0.1 as its address (Ray
+#: otherwise replaces a loopback ``_node_ip_address`` by the machine's routable address).
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_PRELOAD_ENV = "RAY_preload_python_modules"
+
+
+class RayConnectError(RuntimeError):
+    """The Ray cluster to join does not answer (the message names the address and where it came from)."""
+
+
+def check_cpu_room(cluster: Mapping[str, float], need: float, *, what: str, detail: str, fix: str) -> None:
+    """ValueError unless ``need`` CPUs plus :data:`DATA_RESERVE_CPUS` fit the cluster's CPUs.
+
+    With every CPU held by training processes the Ray Data read tasks feeding them are never scheduled and
+    the job waits forever ("backpressured: ResourceBudget").
+
+    Args:
+        cluster: ``ray.cluster_resources()`` (key 'CPU').
+        need: CPUs the job's training processes hold at once; what: who needs them (``"a trial"``);
+        detail: how ``need`` is made up; fix: what to change.
+    """
+    cpus = float(cluster.get("CPU", 0.0))
+    if need + DATA_RESERVE_CPUS > cpus + 1e-9:
+        raise ValueError(
+            f"{what} needs {need:g} CPUs ({detail}) plus {DATA_RESERVE_CPUS:g} free for its Ray Data "
+            f"readers, but the Ray cluster has {cpus:g} CPUs; {fix}"
+        )
+
+
+def local_cpus(need: float = 0.0) -> int:
+    """Logical CPUs for a local runtime: the machine's cores, raised so ``need`` + the data readers fit.
+
+    Logical CPUs are Ray's bookkeeping; the work runs as threads on the real cores either way.
+    """
+    return max(os.cpu_count() or 1, int(-(-(need + DATA_RESERVE_CPUS) // 1)))
+
+
+def gcs_unreachable(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if a TCP connect to ``address`` (``host:port``, optionally ``ray://``) succeeds, else why not."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # not host:port (e.g. a name Ray resolves itself): let ray.init decide
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def recorded_cluster_file() -> Path:
+    """Where ``ray start`` records the GCS address of the latest cluster on this machine."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def set_auth_mode(*, local: bool) -> str:
+    """Set ``RAY_AUTH_MODE`` (and for a local runtime a private token) explicitly; return what was chosen."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if mode is None:
+        token_file = (Path.home() / ".ray" / "auth_token").is_file()
+        mode = "token" if local or has_token or token_file else "disabled"
+        os.environ["RAY_AUTH_MODE"] = mode
+    if local and mode == "token" and not has_token:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this process and the runtime it starts only
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray caches the mode it read at import; this process must see the one set here
+    return f"auth {mode}"
+
+
+def start_local_ray(*, preload_modules: Sequence[str] = (), **init_kwargs: Any) -> str:
+    """Start a fresh local Ray runtime on 127.0.0.1 with explicit auth; return a description.
+
+    ``preload_modules``: on a machine with a GPU, modules every Ray worker imports as it starts (Ray's
+    ``RAY_preload_python_modules``; a user setting wins). ``init_kwargs`` go to ``ray.init``.
+    """
+    import ray
+    import torch
+    from ray._private import ray_constants
+
+    if preload_modules and torch.cuda.is_available() and _PRELOAD_ENV not in os.environ:
+        os.environ[_PRELOAD_ENV] = ",".join(preload_modules)
+    auth = set_auth_mode(local=True)
+    saved_env, saved_flag = os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_ENV] = "0"  # for the processes ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read the variable at import
+    try:
+        ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = saved_env
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return f"started a local Ray runtime on {LOOPBACK} ({cpus:g} logical CPUs, {auth})"
+
+
+def _join(address: str, source: str, init_kwargs: Mapping[str, Any]) -> str:
+    import ray
+
+    why = gcs_unreachable(address)
+    if why is not None:
+        raise RayConnectError(
+            f"no Ray cluster answers at {address} ({source}): {why}. Start it, or pass --address local "
+            "for a fresh local runtime"
+        )
+    auth = set_auth_mode(local=False)
+    ray.init(address=address, **init_kwargs)
+    return f"joined {address} ({source}, {auth})"
+
+
+def connect(
+    address: str | None = None,
+    *,
+    join_running: bool = True,
+    num_cpus: int | None = None,
+    preload_modules: Sequence[str] = (),
+    **init_kwargs: Any,
+) -> str:
+    """Join or start Ray per ``address`` (see the module docstring); return a one-line description.
+
+    Args:
+        address: None, ``"local"``, ``"auto"`` or a cluster address (``host:port``, ``ray://host:port``).
+        join_running: with ``address=None`` and no $RAY_ADDRESS, join the cluster ``ray start`` recorded on
+            this machine if it answers (False: always start a local runtime).
+        num_cpus: logical CPUs of a local runtime (None: Ray's default, the machine's cores).
+        preload_modules: see :func:`start_local_ray`.
+        init_kwargs: more ``ray.init`` arguments (e.g. ``log_to_driver=False``).
+
+    Raises:
+        RayConnectError: an address given by --address or $RAY_ADDRESS does not answer.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "using the Ray runtime already initialised in this process"
+    local_kwargs = dict(init_kwargs, preload_modules=preload_modules)
+    if num_cpus is not None:
+        local_kwargs["num_cpus"] = num_cpus
+    if address == "local":
+        return start_local_ray(**local_kwargs)
+    env_address = os.environ.get("RAY_ADDRESS")
+    if address is None and env_address:
+        address, source = env_address, "RAY_ADDRESS"
+    else:
+        source = "--address"
+    if address == "auto" or (address is None and join_running):
+        record = recorded_cluster_file()
+        recorded = record.read_text().strip() if record.is_file() else ""
+        if address == "auto" and not recorded:
+            raise RayConnectError(f"--address auto: no running Ray cluster is recorded in {record}")
+        if not recorded:
+            return start_local_ray(**local_kwargs)
+        why = gcs_unreachable(recorded)
+        if why is not None and address is None:
+            how = start_local_ray(**local_kwargs)
+            return f"the Ray cluster recorded in {record} ({recorded}) does not answer ({why}); {how}"
+        address, source = recorded, f"recorded in {record}"
+    if address is None:
+        return start_local_ray(**local_kwargs)
+    return _join(address, source, init_kwargs)
