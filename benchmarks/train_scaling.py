@@ -360,7 +360,7 @@ def table(report: dict[str, Any], unit: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from deeplense_ray.config import TrainConfig, parse_override
+    from deeplense_ray.config import TrainConfig, parse_overrides
 
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             cpus_per_worker=args.cpus_per_worker,
             precision=args.precision,
             model_size=args.model_size,
-            model_overrides=dict(parse_override(o) for o in args.model_override),
+            model_overrides=parse_overrides(args.model_override, "--model-override"),
             tracking_uri=f"sqlite:///{workdir}/mlflow.db",
             storage_path=str(workdir / "ray_results"),
             experiment="train-scaling",

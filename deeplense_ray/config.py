@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,21 +348,52 @@ class TrainConfig:
         return cls(**dict(data))
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` -> (key, value) with value parsed as YAML (ints, floats, bools, lists; else a string).
-
-    ValueError naming the text when it has no '='.
-    """
+def yaml_load(text: str) -> Any:
+    """YAML as PyYAML's safe loader reads it, except that 1e-1 and 3E5 are floats (YAML 1.1, which PyYAML
+    follows, wants a dot, 1.0e-1, and reads 1e-1 as a string). Raises yaml.YAMLError."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value typed as YAML: 3 -> int, 1e-1 / 0.1 -> float, true -> bool, [2, 2] -> (2, 2), a
+    mapping -> dict; anything else (or text that is not valid YAML) stays the string. Empty text -> ''."""
+    import yaml
+
+    if not str(text).strip():
+        return ""
+    try:
+        value = yaml_load(str(text))
+    except yaml.YAMLError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_override(text: str, flag: str = "override") -> tuple[str, Any]:
+    """``"key=value"`` -> (key, :func:`parse_value` of value). ValueError naming ``flag`` and the text when it
+    has no '=' or no key. The one KEY=VALUE parser of every job and benchmark."""
     key, sep, raw = str(text).partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"bad override {text!r}: expected KEY=VALUE, e.g. depth=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, list):
-        value = tuple(value)
-    return key, value
+        raise ValueError(f"bad {flag} {text!r}: expected KEY=VALUE, e.g. depth=2")
+    return key, parse_value(raw.strip())
+
+
+def parse_overrides(items: Iterable[str], flag: str = "override") -> dict[str, Any]:
+    """``["k=v", ...]`` -> {k: value} with :func:`parse_override`; a key given twice is a ValueError."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item, flag)
+        if key in out:
+            raise ValueError(f"{flag} {key!r} is given twice")
+        out[key] = value
+    return out

@@ -115,13 +115,15 @@ MIN_LOGICAL_CPUS = 4
 
 
 def start_ray() -> bool:
-    """A local Ray runtime (dashboard on 127.0.0.1, see RAY_NOTES); False if one was already up."""
+    """A local Ray runtime on 127.0.0.1 (dashboard too, see RAY_NOTES); False if one was already up."""
     import ray
+
+    from deeplense_ray.runtime import start_local_ray
 
     if ray.is_initialized():
         return False
-    ray.init(address="local", num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=False)
+    start_local_ray(num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=True,
+                    dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=False)
     return True
 
 

@@ -27,6 +27,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
+from deeplense_ray.config import parse_overrides  # noqa: E402
 from deeplense_ray.data.config import STORAGE_DTYPES, DatasetConfig, load_preset_yaml, parse_splits  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default=None, help="simulator preset name (default model_ii, or the config's)"
     )
     ap.add_argument("--config", default=None, help="YAML file: 'preset: NAME' plus preset fields to override")
+    ap.add_argument(
+        "--preset-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preset field, e.g. num_pix=32 or sigma_bkg=1e-2 (repeatable; wins over --config)",
+    )
     ap.add_argument(
         "--num-per-class",
         type=int,
@@ -83,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
         if base is not None and yaml_base is not None and base != yaml_base:
             raise ValueError(f"--preset {base!r} contradicts 'preset: {yaml_base}' in {args.config}")
         base = base or yaml_base or overrides.get("name")
+    overrides = {**overrides, **parse_overrides(args.preset_override, "--preset-override")}
     if args.num_per_class is None:
         raise ValueError("--num-per-class is required")
     if args.out is None:

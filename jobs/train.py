@@ -25,7 +25,7 @@ from deeplense_ray.config import (  # noqa: E402
     PRECISIONS,
     SCHEDULERS,
     TrainConfig,
-    parse_override,
+    parse_overrides,
 )
 
 _DEFAULTS = {
@@ -96,11 +96,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["max_failures"],
         help="worker-group restarts after a worker failure (Ray FailureConfig)",
     )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray address; 'local' starts a fresh local runtime (default: $RAY_ADDRESS, else the cluster "
+        "`ray start` recorded on this machine if it answers, else a local runtime with enough logical CPUs)",
+    )
     return p
 
 
+def connect_for(cfg: TrainConfig, address: str | None) -> str:
+    """Join/start Ray for ``cfg`` (deeplense_ray.runtime.connect) and check that its workers fit; returns
+    what happened. A local runtime gets enough logical CPUs for the workers plus the Ray Data readers; a
+    joined cluster without them is a ValueError saying what to change (else training would wait forever),
+    unless the request holds GPUs the cluster does not have yet (an autoscaling cluster will add nodes).
+    RayConnectError when the cluster to join does not answer."""
+    import ray
+
+    from deeplense_ray.runtime import check_cpu_room, connect, local_cpus
+
+    need = cfg.num_workers * float(cfg.cpus_per_worker)
+    how = connect(address, num_cpus=local_cpus(need))
+    cluster = ray.cluster_resources()
+    if cfg.num_workers * float(cfg.gpus_per_worker) > float(cluster.get("GPU", 0.0)) + 1e-9:
+        return how  # GPUs the cluster does not have yet: an autoscaling cluster adds nodes (with CPUs)
+    check_cpu_room(
+        cluster,
+        need,
+        what="training",
+        detail=f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker:g}",
+        fix="lower --num-workers or --cpus-per-worker (fractions are allowed), or use --address local",
+    )
+    return how
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = dict(parse_override(text) for text in args.model_override)
+    overrides = parse_overrides(args.model_override, "--model-override")
     return TrainConfig(
         model=args.model,
         data_dir=args.data,
@@ -137,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args).resolved()
         cfg.validate()  # before Ray starts
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from deeplense_ray.runtime import RayConnectError
+
+    try:
+        print(f"train: {connect_for(cfg, args.address)}", flush=True)
+    except (RayConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

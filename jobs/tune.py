@@ -28,6 +28,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
+from deeplense_ray.config import parse_overrides, parse_value  # noqa: E402
 from deeplense_ray.tune.settings import METRIC_MODES, SEARCH_ALGORITHMS, TuneSettings  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -101,36 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse_value(text: str) -> Any:
-    """A YAML scalar: 3 -> int, 1e-3 -> float, true -> bool, else the string."""
-    import yaml
-
-    v = yaml.safe_load(text)
-    if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string; accept it as a float
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def settings_from_args(args: argparse.Namespace) -> TuneSettings:
     """TuneSettings from the parsed flags (no Ray). ValueError naming the bad value."""
     from ray import tune
 
-    space: dict[str, Any] = {k: parse_value(v) for k, v in parse_pairs(args.fix, "--fix").items()}
-    for k, v in parse_pairs(args.choice, "--choice").items():
-        values = [parse_value(x) for x in v.split(",") if x.strip()]
+    space: dict[str, Any] = parse_overrides(args.fix, "--fix")
+    for k, v in parse_overrides(args.choice, "--choice").items():
+        if isinstance(v, tuple):  # --choice depth=[2, 4]
+            values = list(v)
+        elif isinstance(v, str):  # --choice lr=1e-3,3e-3
+            values = [parse_value(x) for x in v.split(",") if x.strip()]
+        else:
+            values = [v]
         if not values:
             raise ValueError(f"--choice {k}=: no values")
         if k in space:
@@ -143,9 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         data_dir=args.data,
         preset=args.preset,
         num_per_class=args.num_per_class,
-        preset_overrides={
-            k: parse_value(v) for k, v in parse_pairs(args.preset_override, "--preset-override").items()
-        },
+        preset_overrides=parse_overrides(args.preset_override, "--preset-override"),
         max_epochs=args.max_epochs,
         grace_period=args.grace_period,
         reduction_factor=int(rf) if float(rf).is_integer() else rf,
@@ -163,9 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         storage_path=args.storage_path,
         name=args.name,
         resume=args.resume,
-        train_overrides={
-            k: parse_value(v) for k, v in parse_pairs(args.train_override, "--train-override").items()
-        },
+        train_overrides=parse_overrides(args.train_override, "--train-override"),
         space=space,
         model_size=args.model_size,
     )

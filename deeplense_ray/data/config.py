@@ -158,11 +158,13 @@ def load_preset_yaml(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     """
     import yaml
 
+    from deeplense_ray.config import yaml_load
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {p} is not valid YAML: {exc}") from None
     if data is None:
