@@ -137,7 +137,12 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            shape, _, dtype = np.lib.format._read_array_header(fh, version)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(fh)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: unreadable .npy file: {exc}") from None
     return tuple(shape), dtype
