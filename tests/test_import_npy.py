@@ -55,8 +55,9 @@ def _rows(data_dir: Path) -> dict[str, tuple[np.ndarray, int, float]]:
         files = iter(sources[split])
         for shard in info["shards"]:
             part = read_shard(data_dir / shard["path"], params=True)
+            masses = part["params"]["axion_mass"]
             for j in range(len(part["labels"])):
-                out[next(files)] = (part["images"][j], int(part["labels"][j]), part["params"]["axion_mass"][j])
+                out[next(files)] = (part["images"][j], int(part["labels"][j]), masses[j])
     return out
 
 
@@ -134,9 +135,9 @@ def test_cli_imports_and_refuses_a_folder_without_classes(tmp_path):
     write_deeplense(src, {"train/axion": 4, "train/no_sub": 4, "test/axion": 2, "test/no_sub": 2})
     (tmp_path / "empty").mkdir()
     cmd = [sys.executable, "jobs/import_npy.py", "--quiet"]
-    ok = subprocess.run([*cmd, str(src), "--out", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
-    bad = subprocess.run([*cmd, str(tmp_path / "empty"), "--out", str(tmp_path / "e")], cwd=REPO,
-                         capture_output=True, text=True)  # fmt: skip
+    run = dict(cwd=REPO, capture_output=True, text=True)
+    ok = subprocess.run([*cmd, str(src), "--out", str(tmp_path / "d")], **run)
+    bad = subprocess.run([*cmd, str(tmp_path / "empty"), "--out", str(tmp_path / "e")], **run)
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads(ok.stdout)
     assert summary["class_names"] == ["no_sub", "axion"] and sum(summary["splits"].values()) == 12
