@@ -65,10 +65,34 @@ def angular_diameter_distance_z1z2(
     return comoving_distance(z2, h0=h0, om0=om0, z0=z1) / (1.0 + z2)
 
 
+def luminosity_distance(z: float, *, h0: float = DEFAULT_H0, om0: float = DEFAULT_OM0) -> float:
+    """Luminosity distance to redshift ``z`` [Mpc] (flat universe: (1 + z) D_C)."""
+    return comoving_distance(z, h0=h0, om0=om0) * (1.0 + z)
+
+
+#: how lensing distances are taken: "angular_diameter" (correct) or "luminosity" (the published DeepLense
+#: sets: D_l, D_s luminosity distances and D_ls = D_s - D_l, see PHYSICS.md)
+DISTANCE_KINDS = ("angular_diameter", "luminosity")
+
+
 def lensing_distances(
-    z_lens: float, z_source: float, *, h0: float = DEFAULT_H0, om0: float = DEFAULT_OM0
+    z_lens: float,
+    z_source: float,
+    *,
+    h0: float = DEFAULT_H0,
+    om0: float = DEFAULT_OM0,
+    distances: str = "angular_diameter",
 ) -> tuple[float, float, float]:
-    """(D_l, D_s, D_ls) angular-diameter distances [Mpc]."""
+    """(D_l, D_s, D_ls) [Mpc]: angular-diameter distances, or with ``distances="luminosity"`` the
+    published DeepLense recipe's luminosity distances D_l, D_s and D_ls = D_s - D_l."""
+    if distances == "luminosity":
+        d_l = luminosity_distance(z_lens, h0=h0, om0=om0)
+        d_s = luminosity_distance(z_source, h0=h0, om0=om0)
+        if not d_s > d_l:
+            raise ValueError(f"need z_source > z_lens, got z_lens={z_lens!r}, z_source={z_source!r}")
+        return d_l, d_s, d_s - d_l
+    if distances != "angular_diameter":
+        raise ValueError(f"distances = {distances!r} is not one of {list(DISTANCE_KINDS)}")
     d_l = angular_diameter_distance(z_lens, h0=h0, om0=om0)
     d_s = angular_diameter_distance(z_source, h0=h0, om0=om0)
     d_ls = angular_diameter_distance_z1z2(z_lens, z_source, h0=h0, om0=om0)
@@ -86,10 +110,19 @@ def einstein_radius_point_mass(
 
 
 def point_mass_theta_e_coefficient(
-    z_lens: float, z_source: float, *, h0: float = DEFAULT_H0, om0: float = DEFAULT_OM0
+    z_lens: float,
+    z_source: float,
+    *,
+    h0: float = DEFAULT_H0,
+    om0: float = DEFAULT_OM0,
+    distances: str = "angular_diameter",
 ) -> float:
-    """theta_E of a 1 Msun point mass [arcsec]; theta_E(M) = this * sqrt(M / Msun)."""
-    d_l, d_s, d_ls = lensing_distances(z_lens, z_source, h0=h0, om0=om0)
+    """theta_E of a 1 Msun point mass [arcsec]; theta_E(M) = this * sqrt(M / Msun).
+
+    ``distances``: see ``lensing_distances`` ("luminosity" gives 1.2815" for 1e12 Msun at z 0.5 / 1.0,
+    the published DeepLense main lens; the correct angular-diameter value is 1.665").
+    """
+    d_l, d_s, d_ls = lensing_distances(z_lens, z_source, h0=h0, om0=om0, distances=distances)
     theta2 = 4.0 * GM_SUN_OVER_C2_M * d_ls / (d_l * d_s * MPC_M)
     return math.sqrt(theta2) / ARCSEC
 

@@ -148,6 +148,35 @@ def alpha_line_segment(
     return cos_a * a_u - sin_a * a_v, sin_a * a_u + cos_a * a_v
 
 
+def point_chain(
+    theta_E_tot: Tensor, half_length: Tensor, angle: Tensor, center_x: Tensor, center_y: Tensor, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A vortex as the published DeepLense sets drew it: ``n`` equal point masses at positions
+    linspace(-half_length, half_length, n) [arcsec] along position angle ``angle`` [rad] through
+    (center_x, center_y). Parameters [B] (or [B, 1]); returns (theta_E, x, y) each [B, n], with
+    theta_E = theta_E_tot / sqrt(n) [arcsec] (theta_E^2 is proportional to the mass)."""
+    col = lambda t: t.reshape(-1, 1)  # noqa: E731
+    t = torch.linspace(-1.0, 1.0, int(n), dtype=theta_E_tot.dtype, device=theta_E_tot.device)
+    s = col(half_length) * t
+    a = col(angle)
+    te = (col(theta_E_tot) / math.sqrt(n)).expand(-1, int(n))
+    return te, col(center_x) + s * torch.cos(a), col(center_y) + s * torch.sin(a)
+
+
+def alpha_point_chain(
+    x: Tensor,
+    y: Tensor,
+    theta_E_tot: Tensor,
+    half_length: Tensor,
+    angle: Tensor,
+    center_x: Tensor,
+    center_y: Tensor,
+    n: int,
+) -> tuple[Tensor, Tensor]:
+    """Deflection [B, P] of ``point_chain`` (n equal point masses of total theta_E_tot^2 on a segment)."""
+    return alpha_point_masses_sum(x, y, *point_chain(theta_E_tot, half_length, angle, center_x, center_y, n))
+
+
 # ----------------------------------------------------------------------------- NFW / truncated NFW
 
 

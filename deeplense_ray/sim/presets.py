@@ -31,12 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .cosmology import DISTANCE_KINDS
+
 Range = tuple[float, float]
 
 KNOWN_CLASSES = ("no_sub", "axion", "cdm")
 SOURCE_KINDS = ("sersic", "real_galaxy")
-NOISE_KINDS = ("none", "snr", "instrument")
+NOISE_KINDS = ("none", "snr", "instrument", "deeplense_i", "deeplense_x2")
 SUBHALO_PROFILES = ("point_mass", "tnfw")
+VORTEX_PROFILES = ("segment", "point_chain")
 COUNT_UNITS = ("e-", "ADU")
 
 
@@ -58,11 +61,15 @@ class Preset:
     z_source: float = 1.0
     H0: float = 70.0
     Om0: float = 0.3
+    einstein_radius_distances: str = "angular_diameter"  # or "luminosity" (the published sets' flaw)
     # macro lens (SIE + external shear), class independent
     theta_E: Range = (1.2, 1.8)  # arcsec
-    lens_q: Range = (0.6, 1.0)  # axis ratio; orientation uniform in [0, pi)
+    lens_mass: float | None = None  # Msun: if set, theta_E = point-mass Einstein radius of it (fixed)
+    lens_q: Range = (0.6, 1.0)  # axis ratio
+    lens_orientation: Range = (0.0, math.pi)  # rad: phi of (e1, e2)
     lens_center: Range = (-0.1, 0.1)  # arcsec, x and y each
-    shear_gamma: Range = (0.0, 0.05)  # |gamma|; angle uniform
+    shear_gamma: Range = (0.0, 0.05)  # |gamma|
+    shear_orientation: Range = (0.0, math.pi)  # rad: gamma1 = |gamma| cos 2phi, gamma2 = |gamma| sin 2phi
     # lens light (optional Sersic at the lens centre, same ellipticity as the mass)
     lens_light: bool = False
     lens_light_R_sersic: Range = (0.6, 1.2)
@@ -76,6 +83,7 @@ class Preset:
     source_R_sersic: Range = (0.2, 0.3)
     source_n_sersic: Range = (0.8, 1.5)
     source_q: Range = (0.5, 1.0)
+    source_orientation: Range = (0.0, math.pi)  # rad: phi of the source's (e1, e2)
     source_size: Range = (0.8, 1.4)  # real galaxies: full width of the stamp [arcsec]
     source_amp: Range = (1.0, 1.0)  # 'none' noise: Sersic amp [flux/arcsec^2]
     source_mag: Range = (21.0, 23.0)  # 'instrument' noise
@@ -102,6 +110,9 @@ class Preset:
     axion_log10_mass: Range = (-24.0, -22.0)  # log10 eV
     vortex_mass: float = 3e10  # Msun
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
+    vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
+    vortex_points: int = 100
+
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -146,6 +157,66 @@ _EUCLID = dict(
     source_mag=(21.0, 23.0),
 )
 
+
+def _q_orientation(e1: float, e2: float) -> tuple[Range, Range]:
+    """(q, phi) as fixed ranges giving lenstronomy ellipticity (e1, e2) (inverse of phi_q2_ellipticity)."""
+    c = math.hypot(e1, e2)
+    q, phi = (1.0 - c) / (1.0 + c), 0.5 * math.atan2(e2, e1)
+    return (q, q), (phi, phi)
+
+
+_LENS_Q, _LENS_PHI = _q_orientation(0.1, 0.0)
+_SOURCE_Q, _SOURCE_PHI = _q_orientation(-0.1, 0.1)
+
+#: The published DeepLense Model I/II/III recipe (DeepLenseSim, PHYSICS.md), flaws included: one fixed macro
+#: lens (SIE theta_E(1e12 Msun) from LUMINOSITY distances, e1 0.1, e2 0, centre 0, shear gamma1 0.05),
+#: fixed Sersic source shape at a random position, exactly 25 point-mass subhalos with dN/dm ~ m^-0.9,
+#: the vortex as 100 equal point masses, no supersampling.
+_PUBLISHED = dict(
+    supersampling=1,
+    einstein_radius_distances="luminosity",
+    lens_mass=1e12,
+    lens_q=_LENS_Q,
+    lens_orientation=_LENS_PHI,
+    lens_center=(0.0, 0.0),
+    shear_gamma=(0.05, 0.05),
+    shear_orientation=(0.0, 0.0),
+    source_offset=(-0.35, 0.35),
+    source_R_sersic=(0.25, 0.25),
+    source_n_sersic=(1.0, 1.0),
+    source_q=_SOURCE_Q,
+    source_orientation=_SOURCE_PHI,
+    subhalo_profile="point_mass",
+    subhalo_count=(25, 25),
+    subhalo_mass=(1e6, 1e10),
+    subhalo_mass_slope=0.9,
+    subhalo_radius=(0.25, 2.0),
+    axion_log10_mass=(-24.0, -22.0),
+    vortex_mass=3e10,
+    vortex_half_length_ref=0.03,
+    vortex_profile="point_chain",
+    vortex_points=100,
+)
+
+#: Euclid VIS as the installed lenstronomy has it now (``SimulationAPI/ObservationConfig/Euclid.py``, updated
+#: 2026-04-06: 4 x 566 s, sky 22.3 mag/arcsec^2, zero point 25.72, seeing 0.16", read noise 4.2 e-, gain 3.1,
+#: 0.101"/px); ``_EUCLID`` keeps the 2022 values the published DeepLense Model II used.
+_EUCLID_VIS_NOW = {**_EUCLID, "exposure_time_single": 566.0, "sky_brightness": 22.3, "zero_point": 25.72}
+
+#: Substructure and PSF numerics of the physical presets: the paltas / Wagner-Carena et al. 2022 prior
+#: (Sigma_sub ~ N(2e-3, 1.1e-3) there; U(0, 4e-3) here has the same mean and a 1.15e-3 spread), slope 1.9,
+#: m_pivot 1e10, within 3 theta_E, DG19 tNFW; rendered masses 10^8.5-1e10 (paltas: 1e7-1e10; the lighter
+#: ones, 96% of the number and 42% of the mass, each perturb the arcs by < 0.1 sigma at these resolutions
+#: and would make rendering ~20x slower; docs/simulator.md). PSF convolved on the supersampled grid.
+_PHYSICAL_SUB = dict(
+    subhalo_profile="tnfw",
+    sigma_sub=(0.0, 4e-3),
+    subhalo_mass=(10**8.5, 1e10),
+    subhalo_mass_slope=1.9,
+    subhalo_concentration_model="dg19",
+    supersampling_convolution=True,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -179,6 +250,43 @@ PRESETS: dict[str, Preset] = {
             class_names=("no_sub", "cdm"),
             source_kind="real_galaxy",
             **_EUCLID,
+        ),
+        # as published: lenstronomy ImageModel, amp 20, Model I's noise recipe (integer counts)
+        Preset(
+            name="deeplense_model_i",
+            num_pix=150,
+            delta_pix=0.05,
+            psf_fwhm=0.087,
+            psf_truncation=3.0,
+            noise="deeplense_i",
+            source_amp=(20.0, 20.0),
+            log10_exposure_time=(3.0, 3.5),
+            sigma_bkg=0.01,
+            **_PUBLISHED,
+        ),
+        # as published: SimAPI Euclid VIS (lenstronomy 2022), magnitude 20, stored image = 2 x model, no noise
+        Preset(
+            name="deeplense_model_ii",
+            **{k: v for k, v in _EUCLID.items() if k not in ("noise", "theta_E", "source_mag")},
+            noise="deeplense_x2",
+            source_mag=(20.0, 20.0),
+            **_PUBLISHED,
+        ),
+        # as Model II with HST WFC3 F160W (GAUSSIAN PSF)
+        Preset(
+            name="deeplense_model_iii",
+            num_pix=64,
+            delta_pix=0.08,
+            psf_fwhm=0.08,
+            noise="deeplense_x2",
+            exposure_time_single=5400.0,
+            num_exposures=1,
+            sky_brightness=22.3,
+            zero_point=25.96,
+            read_noise=4.0,
+            gain=2.5,
+            source_mag=(20.0, 20.0),
+            **_PUBLISHED,
         ),
     )
 }
@@ -247,7 +355,7 @@ def validate_preset(p: Preset) -> Preset:
     """Check every field; ValueError naming the field, the value and what is allowed."""
     if not isinstance(p.name, str) or not p.name:
         _fail("name", p.name, "a non-empty string")
-    for name in ("num_pix", "supersampling", "num_exposures"):
+    for name in ("num_pix", "supersampling", "num_exposures", "vortex_points"):
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, int):
             _fail(name, v, "an integer")
@@ -257,6 +365,10 @@ def validate_preset(p: Preset) -> Preset:
         _fail("supersampling", p.supersampling, "an integer in [1, 16]")
     if not p.num_exposures >= 1:
         _fail("num_exposures", p.num_exposures, "an integer >= 1")
+    if not 2 <= p.vortex_points <= 10000:
+        _fail("vortex_points", p.vortex_points, "an integer in [2, 10000]")
+    if p.lens_mass is not None and (not _finite(p.lens_mass) or p.lens_mass <= 0):
+        _fail("lens_mass", p.lens_mass, "null or a finite mass > 0 [Msun]")
     positive = (
         "delta_pix",
         "psf_truncation",
@@ -299,6 +411,8 @@ def validate_preset(p: Preset) -> Preset:
         ("source_kind", SOURCE_KINDS),
         ("noise", NOISE_KINDS),
         ("subhalo_profile", SUBHALO_PROFILES),
+        ("vortex_profile", VORTEX_PROFILES),
+        ("einstein_radius_distances", DISTANCE_KINDS),
         ("count_unit", COUNT_UNITS),
     ):
         if getattr(p, name) not in allowed:
@@ -329,6 +443,9 @@ def validate_preset(p: Preset) -> Preset:
     _in_range("subhalo_count", p.subhalo_count, 0, 10000)
     for name in (
         "lens_center",
+        "lens_orientation",
+        "shear_orientation",
+        "source_orientation",
         "source_offset",
         "log10_exposure_time",
         "source_mag",
@@ -338,6 +455,14 @@ def validate_preset(p: Preset) -> Preset:
         _in_range(name, getattr(p, name), -inf, inf)
     if p.source_kind == "sersic" and p.source_library is not None:
         _fail("source_library", p.source_library, "null unless source_kind is 'real_galaxy'")
+    if p.noise == "deeplense_i" and p.source_kind != "sersic":
+        _fail("noise", p.noise, "'deeplense_i' only with source_kind 'sersic' (source_amp is its Sersic amp)")
+    if p.einstein_radius_distances == "luminosity" and p.subhalo_profile != "point_mass":
+        _fail(
+            "einstein_radius_distances",
+            p.einstein_radius_distances,
+            "'luminosity' only with point-mass subhalos (it sets point-mass Einstein radii)",
+        )
     return p
 
 

@@ -19,6 +19,8 @@ from .light import sersic_amp_from_flux, sersic_b_n
 from .presets import Preset
 
 _F64 = torch.float64
+#: noise modes whose source brightness is a magnitude (converted with the zero point, 1 e-/s)
+MAGNITUDE_NOISE = ("instrument", "deeplense_x2")
 
 
 def _u(g: torch.Generator, n: int, rng: tuple[float, float], *shape: int) -> Tensor:
@@ -63,15 +65,23 @@ def draw_parameters(
     m = -(-n // C) if paired else n  # number of independent macro draws
     p: dict[str, Tensor] = {}
 
+    coef = cosmology.point_mass_theta_e_coefficient(
+        preset.z_lens, preset.z_source, h0=preset.H0, om0=preset.Om0,
+        distances=preset.einstein_radius_distances,
+    )  # fmt: skip
+
     # ---- macro lens (SIE + shear), class independent
-    p["theta_E"] = _u(g, m, preset.theta_E)
+    if preset.lens_mass is None:
+        p["theta_E"] = _u(g, m, preset.theta_E)
+    else:
+        p["theta_E"] = torch.full((m,), coef * math.sqrt(preset.lens_mass), dtype=_F64)
     q = _u(g, m, preset.lens_q)
-    phi = _u(g, m, (0.0, math.pi))
+    phi = _u(g, m, preset.lens_orientation)
     p["e1"], p["e2"] = phi_q_to_ellipticity(phi, q)
     p["center_x"] = _u(g, m, preset.lens_center)
     p["center_y"] = _u(g, m, preset.lens_center)
     gam = _u(g, m, preset.shear_gamma)
-    gphi = _u(g, m, (0.0, math.pi))
+    gphi = _u(g, m, preset.shear_orientation)
     p["gamma1"], p["gamma2"] = gam * torch.cos(2 * gphi), gam * torch.sin(2 * gphi)
 
     # ---- source
@@ -81,7 +91,7 @@ def draw_parameters(
         p["source_R_sersic"] = _u(g, m, preset.source_R_sersic)
         p["source_n_sersic"] = _u(g, m, preset.source_n_sersic)
         sq = _u(g, m, preset.source_q)
-        sphi = _u(g, m, (0.0, math.pi))
+        sphi = _u(g, m, preset.source_orientation)
         p["source_e1"], p["source_e2"] = phi_q_to_ellipticity(sphi, sq)
         # peak surface brightness per unit amp (lenstronomy smoothing R = 1e-4)
         rs, ns = p["source_R_sersic"], p["source_n_sersic"]
@@ -95,17 +105,22 @@ def draw_parameters(
 
     # ---- brightness and observation
     d2 = preset.delta_pix**2
-    if preset.noise == "instrument":
+    if preset.noise in MAGNITUDE_NOISE:
         mag = _u(g, m, preset.source_mag)
         p["source_mag"] = mag
         flux = 10.0 ** (-0.4 * (mag - preset.zero_point))  # e-/s
+    if preset.noise == "instrument":
         p["exposure_time"] = torch.full((m,), preset.exposure_time_single * preset.num_exposures, dtype=_F64)
         sky = 10.0 ** (-0.4 * (preset.sky_brightness - preset.zero_point)) * d2
         p["background_rate"] = torch.full((m,), sky, dtype=_F64)
         p["read_noise_rms"] = torch.full(
             (m,), math.sqrt(preset.num_exposures) * preset.read_noise, dtype=_F64
         )
-    else:
+    elif preset.noise == "deeplense_i":
+        # the published Model I recipe: a fixed lenstronomy Sersic amp, exposure time for the noise
+        p["exposure_time"] = 10.0 ** _u(g, m, preset.log10_exposure_time)
+        amp, flux = _u(g, m, preset.source_amp), None
+    elif preset.noise != "deeplense_x2":
         if preset.noise == "snr":
             t = 10.0 ** _u(g, m, preset.log10_exposure_time)
             snr = _u(g, m, preset.target_snr)
@@ -132,7 +147,7 @@ def draw_parameters(
     if preset.lens_light:
         p["lens_light_R_sersic"] = _u(g, m, preset.lens_light_R_sersic)
         p["lens_light_n_sersic"] = _u(g, m, preset.lens_light_n_sersic)
-        if preset.noise == "instrument":
+        if preset.noise in MAGNITUDE_NOISE:
             lmag = _u(g, m, preset.lens_light_mag)
             lflux = 10.0 ** (-0.4 * (lmag - preset.zero_point))
             p["lens_light_amp"] = sersic_amp_from_flux(
@@ -157,9 +172,6 @@ def draw_parameters(
         is_cdm = labels == name_of.index("cdm")
     if "axion" in name_of:
         is_axion = labels == name_of.index("axion")
-    coef = cosmology.point_mass_theta_e_coefficient(
-        preset.z_lens, preset.z_source, h0=preset.H0, om0=preset.Om0
-    )
 
     K = preset.max_subhalos
     if K > 0:

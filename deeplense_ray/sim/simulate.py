@@ -10,10 +10,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .lens import alpha_line_segment, alpha_point_masses_sum, alpha_shear, alpha_sie, alpha_tnfw
+from .lens import (
+    alpha_line_segment,
+    alpha_point_chain,
+    alpha_point_masses_sum,
+    alpha_shear,
+    alpha_sie,
+    alpha_tnfw,
+    point_chain,
+)
 from .light import pixelated_source, sersic_elliptical
 from .presets import Preset, resolve_preset
 from .render import (
+    add_deeplense_model_i_noise,
     add_poisson_gaussian_noise,
     bin_supersampled,
     convolve_gaussian,
@@ -176,9 +185,7 @@ class Renderer:
         sersic = pre.source_kind == "sersic"
         if self.dense:
             hot = {k: col[k] for k in _hot_keys(pre)}
-            out = self._dense(
-                x, y, hot, pre.subhalo_profile, sersic, pre.max_subhalos > 0, "axion" in pre.class_names
-            )
+            out = self._dense(x, y, hot, pre.subhalo_profile, sersic, pre.max_subhalos > 0, _vortex_kind(pre))
             if sersic:
                 sb = out
             else:
@@ -221,14 +228,15 @@ class Renderer:
             idx = torch.nonzero(count > 0).squeeze(1)
             for s in range(0, idx.numel(), self.sub_chunk):
                 ii = idx[s : s + self.sub_chunk]
-                sub = {k: p[k][ii] for k in _SUB_KEYS[pre.subhalo_profile]}
+                kb = int(count[ii].max())  # slots past the chunk's largest count are zero padding
+                sub = {k: p[k][ii, :kb] for k in _SUB_KEYS[pre.subhalo_profile]}
                 sx, sy = _subhalo_alpha(x, y, sub, pre.subhalo_profile)
                 ax = ax.index_add(0, ii, sx)
                 ay = ay.index_add(0, ii, sy)
         if "vortex_theta_E" in p:
             ii = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
             if ii.numel():
-                vx, vy = _vortex_alpha(x, y, {k: col[k][ii] for k in _VORTEX_KEYS})
+                vx, vy = _vortex_alpha(x, y, {k: col[k][ii] for k in _VORTEX_KEYS}, _vortex_kind(pre))
                 ax = ax.index_add(0, ii, vx)
                 ay = ay.index_add(0, ii, vy)
         return x - ax, y - ay
@@ -245,7 +253,7 @@ class Renderer:
                 col,
                 pre.subhalo_profile,
                 pre.max_subhalos > 0,
-                "axion" in pre.class_names,
+                _vortex_kind(pre),
                 pre.num_pix,
                 pre.supersampling,
                 pre.delta_pix,
@@ -310,10 +318,18 @@ def _subhalo_alpha(x: Tensor, y: Tensor, sub: Mapping[str, Tensor], profile: str
     return sx.sum(-2), sy.sum(-2)
 
 
-def _vortex_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    return alpha_line_segment(
-        x, y, c["vortex_theta_E"], c["vortex_half_length"], c["vortex_angle"], c["center_x"], c["center_y"]
-    )
+def _vortex_kind(pre: Preset) -> tuple[str, int] | None:
+    """(vortex_profile, vortex_points) when the preset has axion images, else None."""
+    return (pre.vortex_profile, pre.vortex_points) if "axion" in pre.class_names else None
+
+
+def _vortex_alpha(
+    x: Tensor, y: Tensor, c: Mapping[str, Tensor], kind: tuple[str, int]
+) -> tuple[Tensor, Tensor]:
+    args = (c["vortex_theta_E"], c["vortex_half_length"], c["vortex_angle"], c["center_x"], c["center_y"])
+    if kind[0] == "point_chain":
+        return alpha_point_chain(x, y, *args, kind[1])
+    return alpha_line_segment(x, y, *args)
 
 
 def _sersic_source(bx: Tensor, by: Tensor, c: Mapping[str, Tensor]) -> Tensor:
@@ -336,27 +352,35 @@ def _dense_binned(
     c: dict[str, Tensor],
     profile: str,
     with_sub: bool,
-    with_vortex: bool,
+    vortex: tuple[str, int] | None,
     num_pix: int,
     ss: int,
     delta_pix: float,
 ) -> Tensor:
     """``_dense_hot_path`` for Sersic sources followed by binning to flux per pixel [B, N, N]."""
-    sb = _dense_hot_path(x, y, c, profile, True, with_sub, with_vortex)
+    sb = _dense_hot_path(x, y, c, profile, True, with_sub, vortex)
     return bin_supersampled(sb, num_pix, ss, delta_pix)
 
 
 def _dense_hot_path(
-    x: Tensor, y: Tensor, c: dict[str, Tensor], profile: str, sersic: bool, with_sub: bool, with_vortex: bool
+    x: Tensor,
+    y: Tensor,
+    c: dict[str, Tensor],
+    profile: str,
+    sersic: bool,
+    with_sub: bool,
+    vortex: tuple[str, int] | None,
 ):
-    """Macro lens + every image's substructure (zero-padded) + Sersic source: the part torch.compile fuses."""
+    """Macro lens + every image's substructure (zero-padded) + Sersic source: the part torch.compile fuses.
+
+    ``vortex``: None (no axion class) or (vortex_profile, vortex_points)."""
     ax, ay = _macro_alpha(x, y, c)
     if with_sub:
         sub = {k: c[k] for k in _SUB_KEYS[profile]}
         sx, sy = _subhalo_alpha(x, y, sub, profile)
         ax, ay = ax + sx, ay + sy
-    if with_vortex:
-        vx, vy = _vortex_alpha(x, y, c)
+    if vortex is not None:
+        vx, vy = _vortex_alpha(x, y, c, vortex)
         ax, ay = ax + vx, ay + vy
     bx, by = x - ax, y - ay
     if sersic:
@@ -513,12 +537,7 @@ class _TorchBatches:
             )
             for k, v in self.params.items()
         }
-        img = self.render(pb)
-        if pre.noise != "none":
-            img = _add_noise_blocks(img, pb, self.seed, start)
-        if pre.count_unit == "ADU":
-            img = img / pre.gain
-        return img
+        return _observe(self.render(pb), pb, pre, self.seed, start)
 
 
 class _TritonBatches:
@@ -537,9 +556,10 @@ class _TritonBatches:
         if self.has_vortex:
             keys += list(_VORTEX_KEYS[:3])
         keys += ["subhalo_count"]
-        if pre.noise != "none":
-            keys += ["exposure_time", "background_rate", "read_noise_rms"]
+        keys += list(NOISE_KEYS[pre.noise])
         self.K = pre.max_subhalos
+        # a 'point_chain' vortex is rendered as vortex_points more point-mass slots after the subhalos
+        self.chain = pre.vortex_points if self.has_vortex and pre.vortex_profile == "point_chain" else 0
         cols = [params[k].reshape(-1, 1) for k in keys]
         if self.K > 0:
             cols += [params["subhalo_theta_E"], params["subhalo_x"], params["subhalo_y"]]
@@ -567,20 +587,50 @@ class _TritonBatches:
             te2 = (te * te).contiguous()
             sx = t[:, nk + K : nk + 2 * K].contiguous()
             sy = t[:, nk + 2 * K : nk + 3 * K].contiguous()
-        sc = tk.derive_scalars(p, has_vortex=self.has_vortex)
+        if self.chain:
+            te2, sx, sy, p = _append_point_chain(te2, sx, sy, p, self.K, self.chain)
+        sc = tk.derive_scalars(p, has_vortex=self.has_vortex and not self.chain)
         img = tk.render_sersic(
             sc, te2, sx, sy, self.coord, num_pix=pre.num_pix, supersampling=pre.supersampling,
-            delta_pix=pre.delta_pix, has_vortex=self.has_vortex,
+            delta_pix=pre.delta_pix, has_vortex=self.has_vortex and not self.chain,
         )  # fmt: skip
         if self.kernel is not None:
             img = tk.psf_separable(img, self.kernel)
-        img = img.unsqueeze(1)
-        if pre.noise != "none":
-            nz = {k: p[k].contiguous() for k in ("exposure_time", "background_rate", "read_noise_rms")}
-            img = _add_noise_blocks(img, nz, self.seed, start)
-        if pre.count_unit == "ADU":
-            img = img / pre.gain
-        return img
+        nz = {k: p[k].contiguous() for k in NOISE_KEYS[pre.noise]}
+        return _observe(img.unsqueeze(1), nz, pre, self.seed, start)
+
+
+def _append_point_chain(te2, sx, sy, p: dict[str, Tensor], K: int, n: int):
+    """Point-mass slots (theta_E^2, x, y [B, K + n]) with each image's point-chain vortex after its K
+    subhalo slots; the slot count of an image with a vortex becomes K + n (zero-mass slots add nothing)."""
+    te, cx, cy = point_chain(
+        p["vortex_theta_E"], p["vortex_half_length"], p["vortex_angle"], p["center_x"], p["center_y"], n
+    )
+    parts = [(te * te, cx, cy)] if K == 0 else [(te2, sx, sy), (te * te, cx, cy)]
+    te2, sx, sy = (torch.cat(c, dim=1).contiguous() for c in zip(*parts))
+    count = torch.where(p["vortex_theta_E"] > 0, float(K + n), p["subhalo_count"])
+    return te2, sx, sy, {**p, "subhalo_count": count}
+
+
+def _observe(img: Tensor, pb: Mapping[str, Tensor], pre: Preset, seed: int, start: int) -> Tensor:
+    """Noise-free flux per pixel [B, 1, N, N] -> the stored image: the preset's noise, then its units."""
+    if pre.noise == "deeplense_x2":
+        return img + img  # the published Model II/III sets stored image_model + image_model, no noise
+    if pre.noise != "none":
+        img = _add_noise_blocks(img, pb, seed, start, pre)
+    if pre.count_unit == "ADU":
+        img = img / pre.gain
+    return img
+
+
+#: per-image parameters each noise mode reads
+NOISE_KEYS = {
+    "none": (),
+    "deeplense_x2": (),
+    "snr": ("exposure_time", "background_rate", "read_noise_rms"),
+    "instrument": ("exposure_time", "background_rate", "read_noise_rms"),
+    "deeplense_i": ("exposure_time",),
+}
 
 
 class _PinnedSink:
@@ -615,13 +665,16 @@ class _PinnedSink:
         self._drain()
 
 
-def _add_noise_blocks(img: Tensor, pb: Mapping[str, Tensor], seed: int, start: int) -> Tensor:
+def _add_noise_blocks(img: Tensor, pb: Mapping[str, Tensor], seed: int, start: int, pre: Preset) -> Tensor:
     out = torch.empty_like(img)
     block = noise_block(img.device)
     for s in range(0, img.shape[0], block):
         e = min(img.shape[0], s + block)
         g = torch.Generator(device=img.device).manual_seed(_noise_seed(seed, (start + s) // block))
-        out[s:e] = add_poisson_gaussian_noise(
-            img[s:e], pb["exposure_time"][s:e], pb["background_rate"][s:e], pb["read_noise_rms"][s:e], g
-        )
+        if pre.noise == "deeplense_i":
+            out[s:e] = add_deeplense_model_i_noise(img[s:e], pb["exposure_time"][s:e], pre.sigma_bkg, g)
+        else:
+            out[s:e] = add_poisson_gaussian_noise(
+                img[s:e], pb["exposure_time"][s:e], pb["background_rate"][s:e], pb["read_noise_rms"][s:e], g
+            )
     return out
