@@ -30,6 +30,25 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _plain(x: Any) -> Any:
+    """``x`` with only tensors, Python scalars, strings, None, lists, tuples and dicts inside (numpy scalars
+    and arrays converted), so that ``torch.load(..., weights_only=True)`` reads it back."""
+    if isinstance(x, torch.Tensor) or x is None or type(x) in (bool, int, float, str):
+        return x
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return (tuple if isinstance(x, tuple) else list)(_plain(v) for v in x)
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # a numpy scalar
+        return x.item()
+    if hasattr(x, "__array__"):  # a numpy array
+        return torch.as_tensor(x)
+    for t in (bool, int, float, str):  # subclasses, e.g. an IntEnum
+        if isinstance(x, t):
+            return t(x)
+    raise TypeError(f"training state holds a {type(x).__name__}, which weights_only loading refuses")
+
+
 def _json_safe(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _json_safe(v) for k, v in x.items()}
@@ -61,7 +80,7 @@ def save_checkpoint(
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_torch_save(state_dict, directory / MODEL_FILE)
     _atomic_torch_save(
-        {
+        _plain({
             "format": CHECKPOINT_FORMAT,
             "epoch": int(epoch),
             "optimizer": optimizer.state_dict(),
@@ -69,7 +88,7 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "history": [dict(h) for h in history],
             "seed": int(config["seed"]),
-        },
+        }),
         directory / STATE_FILE,
     )
     meta = {
@@ -110,9 +129,11 @@ def read_meta(checkpoint: Any) -> dict[str, Any]:
 
 
 def load_training_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """{"model": state_dict, "epoch", "optimizer", "scheduler", "scaler", "history"} (tensors on CPU)."""
+    """{"model": state_dict, "epoch", "optimizer", "scheduler", "scaler", "history"} (tensors on CPU).
+
+    Both files are read with ``weights_only=True``: tensors and plain data only, never arbitrary pickles."""
     d = Path(checkpoint_dir)
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
     state["model"] = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
     return state
 
