@@ -316,7 +316,7 @@ def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
     import torch
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     return [dict(h) for h in state.get("history", [])]
 
 
