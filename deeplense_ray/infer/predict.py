@@ -161,8 +161,6 @@ def _predict_with_ray(
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(progress)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
@@ -181,9 +179,12 @@ def _predict_with_ray(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=int(actors)),
         num_gpus=float(gpus_per_actor),
     )
-    parts: list[dict[str, np.ndarray]] = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(batch)
+    ctx = ray.data.DataContext.get_current()
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, bool(progress)
+    try:
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    finally:
+        ctx.enable_progress_bars = shown
     columns = {k: np.concatenate([p[k] for p in parts]) for k in ("source", "index", "label", "probs", "pos")}
     order = np.argsort(columns.pop("pos"), kind="stable")
     columns = {k: v[order] for k, v in columns.items()}
