@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deeplense_ray.config import DatasetInfo, TrainConfig
 from deeplense_ray.train.checkpoint import (
     STATE_FILE,
@@ -279,37 +277,13 @@ def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str,
     }
 
 
-def _log_model(
-    tracking_uri: str, run_id: str, model: Any, image_shape: Sequence[int], num_classes: int
-) -> str:
-    """mlflow.pytorch.log_model into the run (fluent API needs the global URI: set, then restored)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
+def _log_model(tracking_uri: str, run_id: str, checkpoint: Any, data_dir: str) -> str:
+    """The best checkpoint's model into the run: the pytorch flavor plus a pyfunc returning class
+    probabilities, a signature, an input example from the data and the architecture in its metadata
+    (deeplense_ray/tracking/models.py)."""
+    from deeplense_ray.tracking.models import example_images, log_checkpoint_model
 
-    import deeplense_ray
-
-    c, h, w = (int(v) for v in image_shape)
-    signature = infer_signature(np.zeros((1, c, h, w), np.float32), np.zeros((1, num_classes), np.float32))
-    requirements = [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"deeplense-ray=={deeplense_ray.__version__}",
-        "vit-pytorch",
-        "einops",
-        "numpy",
-    ]
-    from deeplense_ray.tracking import use_tracking_uri
-
-    with use_tracking_uri(tracking_uri):
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=MODEL_ARTIFACT,
-                signature=signature,
-                pip_requirements=requirements,
-                serialization_format="pickle",
-            )
-    return info.model_uri
+    return log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example_images(data_dir))
 
 
 def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
@@ -480,8 +454,7 @@ def run_training(
             )
             client.log_artifacts(run_id, tmp)
             artifact_names = [p.name for p in paths]
-        model = load_model_from_checkpoint(best)
-        model_uri = _log_model(uri, run_id, model, info.image_shape, info.num_classes)
+        model_uri = _log_model(uri, run_id, best, info.data_dir)
         client.set_tag(run_id, "best_checkpoint", str(best.path))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
