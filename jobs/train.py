@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray address; 'local' starts a fresh local runtime (default: $RAY_ADDRESS, else the cluster "
         "`ray start` recorded on this machine if it answers, else a local runtime with enough logical CPUs)",
     )
+    p.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="register the logged model in the MLflow Model Registry as a new version of NAME",
+    )
     return p
 
 
@@ -167,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args).resolved()
         cfg.validate()  # before Ray starts
+        if args.register is not None:
+            from deeplense_ray.tracking.models import check_registered_name
+
+            check_registered_name(args.register)
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -192,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         "test": {k: result.test_metrics[k] for k in ("accuracy", "auc_macro", "auc_micro", "loss", "auc")},
         "model_uri": result.model_uri,
     }
+    if args.register is not None:
+        from deeplense_ray.tracking.models import register_model
+
+        version = register_model(result.model_uri, args.register, result.tracking_uri)
+        summary["registered_model"] = f"models:/{args.register.strip()}/{version}"
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
