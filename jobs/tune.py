@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="TrainConfig field for every trial, e.g. optimizer=sgd, precision=fp32 (repeatable)",
     )
     a("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a new local runtime)")
+    a(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="log the best trial's model to the search run, register it as NAME, alias 'champion'",
+    )
     return ap
 
 
@@ -154,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args).validate()
+        if args.register is not None:
+            from deeplense_ray.tracking.models import check_registered_name
+
+            check_registered_name(args.register)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -183,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best config:     {os.path.join(result.output_dir, 'best_config.yaml')}")
     print(f"best checkpoint: {result.best_checkpoint}")
     print(f"MLflow parent run {result.parent_run_id} (experiment {result.experiment_id})")
+    if args.register is not None and result.best_checkpoint:
+        import json
+
+        from deeplense_ray.tracking.models import register_checkpoint
+        from deeplense_ray.tune.runner import STATE_FILE
+
+        state = json.loads(Path(result.output_dir, STATE_FILE).read_text())
+        _, version = register_checkpoint(
+            result.best_checkpoint,
+            args.register,
+            tracking_uri=state["tracking_uri"],
+            run_id=result.parent_run_id,
+            data_dir=state["data_dir"],
+        )
+        print(f"registered model: models:/{args.register.strip()}@champion (version {version})")
     return 0
 
 

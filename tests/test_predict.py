@@ -21,7 +21,7 @@ import torch
 from deeplense_ray.infer import InputError, load_classifier, run_prediction
 from deeplense_ray.infer.npy_import import import_npy
 from deeplense_ray.tracking import get_or_create_experiment, use_tracking_uri
-from deeplense_ray.tracking.models import log_checkpoint_model, register_model
+from deeplense_ray.tracking.models import register_checkpoint
 from deeplense_ray.train.checkpoint import save_checkpoint
 from deeplense_ray.train.metrics import classification_metrics
 from deeplense_ray.train.modules import build_classifier
@@ -63,11 +63,13 @@ def store(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(uri).create_run(get_or_create_experiment("test-predict", uri))
-    model_uri = log_checkpoint_model(ckpt, uri, run.info.run_id)
-    version = register_model(model_uri, "lens", uri, alias="champion")
     npy = root / "npy"
     write_deeplense(npy, {"test/axion": 4, "test/cdm": 4, "test/no_sub": 4}, seed=7)
-    return {"root": root, "ckpt": ckpt, "uri": uri, "run_id": run.info.run_id, "version": version, "npy": npy}
+    # what jobs/tune.py --register does with the best checkpoint (input example from a dataset)
+    data = root / "data"
+    import_npy(npy, data, fractions={"train": 0.5, "val": 0.25, "test": 0.25}, progress=False)
+    _, version = register_checkpoint(ckpt, "lens", tracking_uri=uri, run_id=run.info.run_id, data_dir=data)
+    return {"ckpt": ckpt, "uri": uri, "run_id": run.info.run_id, "version": version, "npy": npy, "data": data}
 
 
 def _images(paths) -> np.ndarray:
@@ -106,7 +108,7 @@ def test_registry_pyfunc_gives_the_probabilities_of_predict(store, tmp_path):
     np.testing.assert_allclose(served.to_numpy(), table[PROBS].to_numpy(), rtol=0, atol=1e-6)
     assert info.signature.inputs.inputs[0].shape == (-1, 1, SIZE, SIZE)
     assert [c.name for c in info.signature.outputs.inputs] == CLASSES
-    assert info.saved_input_example_info is not None
+    assert info.saved_input_example_info is not None and store["version"] == "1"
     assert info.metadata["deeplense"]["arch"]["normalize"] == "per_image_standard"
     # runs:/ and the checkpoint directory load the same model with the same preprocessing
     for uri in (f"runs:/{store['run_id']}/model", str(store["ckpt"])):
@@ -123,8 +125,7 @@ def test_dataset_metrics_are_logged_as_their_own_run(store, tmp_path):
     written table, and an MLflow run with the ROC and confusion plots; Parquet output."""
     from mlflow.tracking import MlflowClient
 
-    data = tmp_path / "data"
-    import_npy(store["npy"], data, fractions={"train": 0.5, "val": 0.25, "test": 0.25}, progress=False)
+    data = store["data"]
     out = tmp_path / "p.parquet"
     res = run_prediction(
         str(store["ckpt"]), data, out, tracking_uri=store["uri"], splits=["test"], progress=False

@@ -219,3 +219,20 @@ def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> Pr
 
     wrapper = mlflow.pytorch._load_pyfunc(path, model_config=dict(model_config or {}))
     return ProbabilityModel(wrapper.get_raw_model(), wrapper.device)
+
+
+def register_checkpoint(
+    checkpoint: Any,
+    name: str,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    alias: str | None = "champion",
+) -> tuple[str, str]:
+    """Log a checkpoint's model into run ``run_id`` (e.g. a search's parent run; an input example from
+    ``data_dir``) and register it as a new version of ``name`` with ``alias``; (model URI, version)."""
+    name = check_registered_name(name)
+    example = example_images(data_dir) if data_dir is not None else None
+    model_uri = log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example)
+    return model_uri, register_model(model_uri, name, tracking_uri, alias=alias)
