@@ -21,7 +21,7 @@ import torch
 from deeplense_ray.infer import InputError, load_classifier, run_prediction
 from deeplense_ray.infer.npy_import import import_npy
 from deeplense_ray.tracking import get_or_create_experiment, use_tracking_uri
-from deeplense_ray.tracking.models import register_checkpoint
+from deeplense_ray.tracking.models import register_checkpoint, register_model
 from deeplense_ray.train.checkpoint import save_checkpoint
 from deeplense_ray.train.metrics import classification_metrics
 from deeplense_ray.train.modules import build_classifier
@@ -78,6 +78,11 @@ def _images(paths) -> np.ndarray:
         a = np.load(p, allow_pickle=True)
         out.append(np.asarray(a[0] if a.dtype == object else a, np.float32).reshape(1, SIZE, SIZE))
     return np.stack(out)
+
+
+def _by_stem(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by their source file's name without suffix (to match .npy and FITS copies)."""
+    return table.assign(k=table["source"].map(lambda s: Path(s).stem)).sort_values("k")
 
 
 def test_registry_pyfunc_gives_the_probabilities_of_predict(store, tmp_path):
@@ -166,8 +171,7 @@ def test_fits_files_and_globs(store, tmp_path):
     )
     assert a.labelled and b.labelled and a.num_images == b.num_images == 12
     ta, tb = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
-    key = lambda t: t["source"].map(lambda s: Path(s).stem)  # noqa: E731
-    ta, tb = ta.assign(k=key(ta)).sort_values("k"), tb.assign(k=key(tb)).sort_values("k")
+    ta, tb = _by_stem(ta), _by_stem(tb)
     np.testing.assert_allclose(ta[PROBS].to_numpy(), tb[PROBS].to_numpy(), atol=1e-6)
     # one stacked file: [N, H, W] holds N images, numbered by index
     np.save(tmp_path / "stack.npy", images[:, 0])
@@ -242,3 +246,39 @@ def test_cli_prints_a_summary_and_exits_2_on_a_bad_image(store, tmp_path):
     assert summary["images"] == 12 and summary["labelled"] and summary["mlflow_run_id"]
     assert bad.returncode == 2 and str(tmp_path / "in" / "big.npy") in bad.stderr
     assert not (tmp_path / "q.csv").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_import_train_register_predict(ray_session, tmp_path):
+    """The three commands' libraries in a row: a DeepLense-layout .npy set imported, a tiny model trained on
+    it with Ray Train (CPU), registered (what --register does), then predicted from the registry on the
+    HDF5 test split, on the .npy class folders and on the same images as FITS: one set of numbers."""
+    from astropy.io import fits
+
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.train import run_training
+
+    src = tmp_path / "Model_II"
+    write_deeplense(src, {f"{s}/{c}": n for s, n in (("train", 8), ("test", 2)) for c in CLASSES}, seed=11)
+    data = tmp_path / "data"
+    import_npy(src, data, val_fraction=0.25, progress=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrainConfig(model="ResNetSimple", data_dir=str(data), epochs=1, batch_size=6, num_workers=1,
+                      model_overrides={"width": 4}, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                      shuffle_buffer=0, experiment="e2e")  # fmt: skip
+    result = run_training(cfg)
+    assert register_model(result.model_uri, "e2e", uri) == "1"
+    kw = dict(tracking_uri=uri, progress=False)
+    h5 = run_prediction("models:/e2e/1", data, tmp_path / "h5.csv", splits=["test"], **kw)
+    assert h5.metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+    assert h5.metrics["auc_macro"] == pytest.approx(result.test_metrics["auc_macro"], nan_ok=True)
+    npy = run_prediction("models:/e2e/1", src / "test", tmp_path / "npy.csv", log_mlflow=False, **kw)
+    for p in (src / "test").rglob("*.npy"):
+        target = tmp_path / "fits" / p.parent.name / (p.stem + ".fits")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fits.PrimaryHDU(_images([p])[0, 0]).writeto(target)
+    fit = run_prediction("models:/e2e/1", tmp_path / "fits", tmp_path / "fits.csv", log_mlflow=False, **kw)
+    assert npy.num_images == fit.num_images == h5.num_images == 6
+    by_stem = [_by_stem(pd.read_csv(tmp_path / f)) for f in ("npy.csv", "fits.csv")]
+    np.testing.assert_allclose(by_stem[0][PROBS].to_numpy(), by_stem[1][PROBS].to_numpy(), atol=1e-6)
+    assert npy.metrics["accuracy"] == pytest.approx(h5.metrics["accuracy"])
