@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,14 +158,31 @@ def test_epoch_learns_and_checkpoint_round_trips(tmp_path, one_thread):
         load_model_from_checkpoint(tmp_path / "nope")
 
 
-def test_predict_batches_strides_over_ranks():
-    model = build_classifier(ARCH).eval()
-    batches = [{"image": torch.randn(3, 1, 16, 16), "label": torch.full((3,), i)} for i in range(5)]
-    parts = [
-        predict_batches(model, batches, device=torch.device("cpu"), rank=r, world_size=2) for r in (0, 1)
-    ]
-    assert parts[0][1].tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
-    assert parts[1][1].tolist() == [1, 1, 1, 3, 3, 3]
+@pytest.mark.parametrize("rows", [[5, 1], [4096, 4096, 17], [3, 9, 2, 7, 7, 1], [10]])
+def test_val_shards_dealt_to_ranks_give_every_row_once_in_shard_order(rows):
+    """Any number of ranks: each shard goes to one rank, and the gathered predictions, in whatever rank
+    order they arrive, are the single-process predictions of the split in shard order."""
+    from deeplense_ray.train.ingest import deal_shards
+    from deeplense_ray.train.loop import merge_shard_predictions
+
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(n, 3)).astype(np.float32) for n in rows]
+    labels = [rng.integers(0, 3, n) for n in rows]
+    for world in range(1, 6):
+        mine = [deal_shards(rows, r, world) for r in range(world)]
+        assert sorted(i for m in mine for i in m) == list(range(len(rows)))
+        if world <= len(rows):  # greedy by size: no rank holds more than the fair share plus one shard
+            assert max(sum(rows[i] for i in m) for m in mine) <= sum(rows) / world + max(rows)
+        parts = [{i: (logits[i], labels[i]) for i in m} for m in mine]
+        x, y = merge_shard_predictions(parts[::-1], rows)
+        assert np.array_equal(x, np.concatenate(logits)) and np.array_equal(y, np.concatenate(labels))
+    with pytest.raises(RuntimeError, match="evaluated by two ranks"):
+        merge_shard_predictions([{0: (logits[0], labels[0])}, {0: (logits[0], labels[0])}], rows)
+    if len(rows) > 1:
+        with pytest.raises(RuntimeError, match=r"shards \[1.*\] missing"):
+            merge_shard_predictions([{0: (logits[0], labels[0])}], rows)
+    with pytest.raises(RuntimeError, match="fewer or more rows"):
+        merge_shard_predictions([{i: (logits[i][:1], labels[i][:1]) for i in range(len(rows))}], rows)
 
 
 def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):

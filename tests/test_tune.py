@@ -110,11 +110,49 @@ def test_without_data_a_small_dataset_is_simulated_once_then_reused(tiny_data, s
     assert dataset_dir_for(other, str(search_root)) != tiny_data
 
 
+def test_a_search_waits_for_another_one_building_the_same_dataset(tiny_data, search_root):
+    """Two searches without data_dir and with one dataset config share its directory: while one builds it
+    (holding ``<dir>.lock``), the other waits and touches none of its files, then reuses the dataset."""
+    import fcntl
+    import threading
+
+    from deeplense_ray.data import verify_dataset
+
+    s = TuneSettings(
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+    ).validate()
+    out = Path(tiny_data)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    in_flight = out / "train" / ".shard-00000.h5.tmp-other-search"  # a write of the search building it
+    got: list[str] = []
+    with open(f"{out}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other search is building the dataset
+        in_flight.write_bytes(b"half a shard")
+        (out / "manifest.json").rename(out / "manifest.json.aside")  # ... which has no manifest yet
+        second = threading.Thread(target=lambda: got.append(ensure_dataset(s, str(search_root))))
+        second.start()
+        second.join(3.0)
+        assert second.is_alive() and not got, "the second search did not wait for the first"
+        assert in_flight.read_bytes() == b"half a shard"
+        in_flight.unlink()  # the other search finishes its dataset and releases the lock
+        (out / "manifest.json.aside").rename(out / "manifest.json")
+    second.join(60)
+    assert got == [tiny_data] and verify_dataset(out) == []
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
 def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     ray_session, tiny_data, search_root, tmp_path
 ):
     points = [{"lr": lr} for lr in (1e-3, 1e-3, 10.0, 1e30)]
-    settings = _settings(tmp_path, search_root, name="asha", points_to_evaluate=points)
+    # one checkpoint kept per trial (plus the latest): the best by the searched metric, val_loss
+    settings = _settings(
+        tmp_path,
+        search_root,
+        name="asha",
+        points_to_evaluate=points,
+        train_overrides={**TRAIN, "num_to_keep": 1},
+    )
     stamp = os.path.getmtime(os.path.join(tiny_data, "manifest.json"))
     cpus_free = _wait_cpus_free(ray_session, ray_session.cluster_resources()["CPU"], timeout=30)
     res = run_search(settings)
@@ -139,6 +177,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best["trial_id"] == res.best_trial_id and best["train_config"]["model_overrides"]["dim"] == 16
     assert Path(best["best_checkpoint"]).is_dir()
+    assert best["checkpoint_epoch"] == best["best_epoch"]  # test metrics of the epoch the search names
     assert (out / "best_checkpoint.txt").read_text().strip() == best["best_checkpoint"]
     summary = (out / "summary.txt").read_text()
     assert "stopped by ASHA at epoch 1" in summary and "diverged at epoch 1" in summary

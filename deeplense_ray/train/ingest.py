@@ -77,6 +77,36 @@ def rank_shards(shard_rows: Sequence[int], rank: int, world: int, seed: int) -> 
     return [int(i) for i in order[rank::world]], min(totals)
 
 
+def deal_shards(shard_rows: Sequence[int], rank: int, world: int) -> list[int]:
+    """The shards (positions in the manifest's list) that ``rank`` evaluates: each shard goes to exactly one
+    rank, so every validation row is counted once whatever the number of ranks.
+
+    Largest shard first, each to the rank holding the fewest rows so far (ties: the lower shard position,
+    the lower rank), so ranks get about equal rows; a pure function of the shard sizes and ``world``. A rank
+    gets no shard when there are fewer shards than ranks. Returns the positions in ascending order.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, {world})")
+    load = [0] * world
+    mine = []
+    for i in sorted(range(len(shard_rows)), key=lambda i: (-int(shard_rows[i]), i)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += int(shard_rows[i])
+        if owner == rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def shard_batches(path: str, rows: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``{"image": float32 [B,1,H,W], "label": int64 [B]}`` batches of one shard file, in row order (host
+    memory; each batch one HDF5 read)."""
+    from deeplense_ray.data.shards import read_shard
+
+    for start in range(0, int(rows), int(batch_size)):
+        part = read_shard(path, start=start, stop=min(start + int(batch_size), int(rows)))
+        yield {"image": torch.from_numpy(part["images"]), "label": torch.from_numpy(part["labels"])}
+
+
 def take_rows(batches: Iterable[Mapping[str, torch.Tensor]], rows: int) -> Iterator[dict[str, torch.Tensor]]:
     """Exactly the first ``rows`` rows of a stream of ``{"image", "label"}`` batches (the last one cut).
 

@@ -1,10 +1,14 @@
 """The ONE per-worker training loop (Ray Train V2 ``TorchTrainer``), reused by the tune module.
 
 Per epoch every rank: trains on its share of the ``train`` stream (``get_dataset_shard("train")``, split by
-Ray Data, augmented on the worker device), evaluates the *whole* ``val`` split (every rank streams the full
-split and runs the forward pass on batches ``i % world_size == rank``; predictions are gathered with
-``all_gather_object``, so every rank holds identical whole-split metrics, whatever the number of workers),
-then calls ``ray.train.report`` (a barrier; only rank 0 attaches a checkpoint).
+Ray Data, augmented on the worker device), evaluates the *whole* ``val`` split (the val shards are dealt to
+the ranks by :func:`~deeplense_ray.train.ingest.deal_shards`, a pure function of the shard sizes, so every row
+is evaluated by exactly one rank; each rank reads its shards from HDF5 in row order, and the predictions are
+gathered with ``all_gather_object`` and put back in shard order, so every rank holds the whole-split metrics a
+single process would compute, whatever the number of workers), then calls ``ray.train.report`` (a barrier;
+only rank 0 attaches a checkpoint), and only then does rank 0 log the epoch to MLflow: an epoch is logged once
+its checkpoint is persisted, and on a restore the epochs of the checkpoint's history that MLflow lacks (a
+crash between the report and the log) are logged from the history, so every epoch is logged once.
 
 Randomness: model initialisation is seeded with ``seed``; at the start of every epoch the dropout RNG and the
 augmentation generator are re-seeded from ``(seed, epoch, rank)`` and the shuffle buffer from
@@ -18,7 +22,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
-from deeplense_ray.train.ingest import device_batches, rank_shards
+from deeplense_ray.train.ingest import deal_shards, device_batches, rank_shards, shard_batches
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 from deeplense_ray.train.modules import build_classifier, unwrap
 
@@ -46,8 +50,11 @@ REPORT_KEYS: tuple[str, ...] = (
     "diverged",
 )
 EVAL_BATCH_SIZE = 256
-#: Largest val split [MiB of float32 images] each rank keeps in host memory after the first epoch.
+#: Largest share of the val split [MiB of float32 images] a rank keeps in host memory after the first epoch.
 VAL_CACHE_MB = 512
+#: Where ``_fail_at_epoch`` raises (fault injection for tests): as the epoch starts, after its checkpoint is
+#: written but before it is reported, or after the report but before the epoch is logged to MLflow.
+FAIL_POINTS = ("start", "before_report", "after_report")
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -213,16 +220,12 @@ def predict_batches(
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    rank: int = 0,
-    world_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32 [N, C]) and labels (int64 [N]) of the batches ``i % world_size == rank``."""
+    """Logits (float32 [N, C]) and labels (int64 [N]) of every batch, in order."""
     model.eval()
     logits_out: list[np.ndarray] = []
     labels_out: list[np.ndarray] = []
-    for i, batch in enumerate(batches):
-        if i % world_size != rank:
-            continue
+    for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(x)
@@ -231,6 +234,31 @@ def predict_batches(
     if not logits_out:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(logits_out), np.concatenate(labels_out)
+
+
+def merge_shard_predictions(
+    parts: Iterable[Mapping[int, tuple[np.ndarray, np.ndarray]]], shard_rows: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ranks' predictions ({shard position: (logits, labels)} each) as one split in shard order.
+
+    RuntimeError if a shard was evaluated by two ranks, by none, or not for all of its rows: every row must
+    count exactly once.
+    """
+    merged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for part in parts:
+        for pos, pred in part.items():
+            if pos in merged:
+                raise RuntimeError(f"val shard {pos} was evaluated by two ranks")
+            merged[pos] = pred
+    missing = [i for i in range(len(shard_rows)) if i not in merged]
+    short = [i for i, (_, y) in merged.items() if i < len(shard_rows) and len(y) != int(shard_rows[i])]
+    if missing or short or len(merged) != len(shard_rows):
+        raise RuntimeError(
+            f"val predictions do not cover the split once: shards {missing} missing, shards {short} with "
+            f"fewer or more rows than the manifest's {list(shard_rows)}"
+        )
+    order = [merged[i] for i in range(len(shard_rows)) if len(merged[i][1])]
+    return np.concatenate([p[0] for p in order]), np.concatenate([p[1] for p in order])
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -282,13 +310,32 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
+def log_missing_epochs(tracking_uri: str, run_id: str, history: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Log the epochs of a restored checkpoint's ``history`` that the MLflow run lacks (step = epoch).
+
+    An epoch is logged after its checkpoint report; a crash between the two leaves it unlogged, and the
+    restored run starts after it. Epochs already logged are left alone, so this is idempotent. Returns the
+    epochs it logged.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking import log_metrics
+
+    logged = {m.step for m in MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "epoch")}
+    missing = [dict(h) for h in history if int(h["epoch"]) not in logged]
+    for h in missing:
+        log_metrics(tracking_uri, run_id, h, step=int(h["epoch"]))
+    return [int(h["epoch"]) for h in missing]
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
     ``pixel_scale`` (from the dataset manifest), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
     per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
-    raises as that epoch starts, after the previous epoch's report, unless this attempt started at that epoch,
-    i.e. was restored from the checkpoint just before it; so each injected failure fires once)."""
+    raises in that epoch at ``_fail_point`` (one of :data:`FAIL_POINTS`, default "start"); at "start" and
+    "before_report" only if this attempt did not start at that epoch, i.e. was not restored from the
+    checkpoint just before it; so each injected failure fires once)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -308,6 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_classifier(config)
 
     start_epoch, history, state = 1, [], None
+    mlflow_target = config.get("mlflow") or None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -315,6 +363,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
+        if rank == 0 and mlflow_target:
+            log_missing_epochs(mlflow_target["tracking_uri"], mlflow_target["run_id"], history)
+
+    fail_epoch, fail_point = config.get("_fail_at_epoch"), str(config.get("_fail_point", "start"))
+    if fail_point not in FAIL_POINTS:
+        raise ValueError(f"_fail_point must be one of {list(FAIL_POINTS)}, got {fail_point!r}")
+
+    def inject_failure(point: str, epoch: int) -> None:
+        if fail_epoch == epoch and fail_point == point and (point == "after_report" or start_epoch < epoch):
+            raise RuntimeError(f"injected failure at epoch {epoch}, {point} (fault injection for tests)")
 
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model.parameters(), config)
@@ -335,18 +393,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
     per_rank = config.get("ingest", "split") == "per_rank"
     train_shard = None if per_rank else ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
     train_rows_per_rank = int(config.get("train_rows", 0)) // world
     drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
     shuffle = int(config.get("shuffle_buffer", 0))
-    mlflow_target = config.get("mlflow") or None
-    # The val split is streamed whole by every rank; if it is small it is kept in host memory after the first
-    # epoch instead of being re-read (one Ray Data execution per rank per epoch costs seconds of start-up).
+    # The val shards are dealt to the ranks (each row evaluated once); a rank's share, if small, is kept in
+    # host memory after the first epoch instead of being re-read.
+    from deeplense_ray.data.manifest import load_manifest, shard_paths
+
+    manifest = load_manifest(config["data_dir"])
+    val_rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
+    val_paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
+    my_val = deal_shards(val_rows, rank, world)
+    eval_batch = int(config.get("eval_batch_size") or EVAL_BATCH_SIZE)
     c, h, w = (int(v) for v in config["image_shape"])
-    val_bytes = int(config.get("val_rows", 0)) * 4 * c * h * w
+    val_bytes = sum(val_rows[i] for i in my_val) * 4 * c * h * w
     cache_val = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
-    val_cache: list[dict[str, torch.Tensor]] | None = None
+    val_cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
 
     started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, already streaming
 
@@ -388,8 +451,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
 
     for epoch in range(start_epoch, epochs + 1):
-        if config.get("_fail_at_epoch") == epoch and start_epoch < epoch:
-            raise RuntimeError(f"injected failure at epoch {epoch} (fault injection for tests)")
+        inject_failure("start", epoch)
         epoch_seed = derive_seed(seed, epoch, rank)
         torch.manual_seed(epoch_seed)
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
@@ -418,22 +480,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_val = time.perf_counter()
         _sync_buffers(unwrap(model))
         if val_cache is None:
-            val_batches = val_shard.iter_torch_batches(
-                batch_size=int(config.get("eval_batch_size") or EVAL_BATCH_SIZE),
-                dtypes={"image": torch.float32, "label": torch.int64},
-                device="cpu",
-            )
+            val_batches: Mapping[int, Iterable[dict[str, torch.Tensor]]] = {
+                i: shard_batches(val_paths[i], val_rows[i], eval_batch) for i in my_val
+            }
             if cache_val:
-                val_cache = [dict(b) for b in val_batches]
+                val_cache = {i: list(b) for i, b in val_batches.items()}
                 val_batches = val_cache
         else:
             val_batches = val_cache
-        logits, labels = predict_batches(
-            unwrap(model), val_batches, device=device, amp_dtype=amp_dtype, rank=rank, world_size=world
-        )
-        parts = [p for p in _gather((logits, labels), world) if len(p[1])]
-        all_logits = np.concatenate([p[0] for p in parts])
-        all_labels = np.concatenate([p[1] for p in parts])
+        mine = {
+            i: predict_batches(unwrap(model), b, device=device, amp_dtype=amp_dtype)
+            for i, b in val_batches.items()
+        }
+        all_logits, all_labels = merge_shard_predictions(_gather(mine, world), val_rows)
         val = classification_metrics(all_labels, probabilities(all_logits), class_names)
         train_loss = loss_sum / max(n_img, 1.0)
         metrics: dict[str, Any] = {
@@ -455,11 +514,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-        if rank == 0 and mlflow_target:
-            from deeplense_ray.tracking import log_metrics
-
-            log_metrics(mlflow_target["tracking_uri"], mlflow_target["run_id"], metrics, step=epoch)
-
         with tempfile.TemporaryDirectory(prefix="dlr-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
@@ -476,4 +530,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     confusion=val["confusion_matrix"],
                 )
                 ckpt = Checkpoint.from_directory(tmp)
+            inject_failure("before_report", epoch)
             ray.train.report(metrics, checkpoint=ckpt)
+        inject_failure("after_report", epoch)
+        if rank == 0 and mlflow_target:  # after the report: a logged epoch has its checkpoint
+            from deeplense_ray.tracking import log_metrics
+
+            log_metrics(mlflow_target["tracking_uri"], mlflow_target["run_id"], metrics, step=epoch)

@@ -33,6 +33,7 @@ from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 
 RUN_STATE_FILE = "deeplense_run.json"
 SCORE_ATTRIBUTE = "val_auc_macro"
+SCORE_MODE = "max"
 MODEL_ARTIFACT = "model"
 
 
@@ -75,7 +76,6 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
         train_rows=int(info.split_rows["train"]),
         train_shard_rows=list(info.train_shard_rows),
         train_block_rows=read_block_rows(info.image_shape),
-        val_rows=int(info.split_rows["val"]),
         manifest_hash=info.manifest_hash,
     )
     return d
@@ -118,16 +118,20 @@ def build_trainer(
     run_name: str | None = None,
     extra_loop_config: Mapping[str, Any] | None = None,
     info: DatasetInfo | None = None,
+    score_metric: str = SCORE_ATTRIBUTE,
+    score_mode: str = SCORE_MODE,
 ):
     """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` on ``cfg``.
 
     Validates ``cfg`` first (unless ``info`` from an earlier ``cfg.validate()`` is passed). Datasets: the
-    ``train`` and ``val`` splits from :func:`deeplense_ray.data.read_split`; only ``train`` is split across
-    workers (``val`` is evaluated whole, see the loop). Checkpoints: ``num_to_keep`` best by val_auc_macro
+    ``train`` split from :func:`deeplense_ray.data.read_split`, split across workers (with
+    ``ingest="per_rank"`` none: each rank reads its own shards); the val split is read by the ranks
+    themselves, each shard by one rank (see the loop). Checkpoints: :func:`checkpoint_config`, the
+    ``num_to_keep`` best by ``score_metric`` (``score_mode`` 'max' or 'min'; a search passes its own metric)
     plus the latest. ``run_config_callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Tune's
     ``TuneReportCallback()``); ``extra_loop_config`` is merged into the loop config (e.g. ``mlflow``).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from deeplense_ray.data import read_split
@@ -142,7 +146,7 @@ def build_trainer(
         resources["GPU"] = float(cfg.gpus_per_worker)
     config = loop_config(cfg, info)
     config.update(dict(extra_loop_config or {}))
-    datasets = {"val": read_split(info.data_dir, "val")}
+    datasets = {}
     if cfg.ingest == "split":  # else every rank reads its own shards (train/ingest.py)
         # training images travel as stored (float16 stays float16) and become float32 on the device
         datasets["train"] = read_split(
@@ -157,16 +161,24 @@ def build_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=cfg.storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.num_to_keep,
-                checkpoint_score_attribute=SCORE_ATTRIBUTE,
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=checkpoint_config(cfg.num_to_keep, score_metric, score_mode),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(run_config_callbacks),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
+    )
+
+
+def checkpoint_config(num_to_keep: int, metric: str = SCORE_ATTRIBUTE, mode: str = SCORE_MODE):
+    """Ray Train's ``CheckpointConfig``: the ``num_to_keep`` best checkpoints by the reported ``metric``
+    (``mode`` 'max' or 'min'; an epoch whose metric is NaN ranks last) are kept, and the latest one."""
+    from ray.train import CheckpointConfig
+
+    if mode not in ("max", "min"):
+        raise ValueError(f"checkpoint score mode must be 'max' or 'min', got {mode!r}")
+    return CheckpointConfig(
+        num_to_keep=num_to_keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
     )
 
 
@@ -223,23 +235,28 @@ def _evaluate_remote(checkpoint: Any, data_dir: str, split: str) -> dict[str, An
     return evaluate_checkpoint(checkpoint, data_dir, split, return_predictions=True)
 
 
-def _score(metrics: Mapping[str, Any]) -> tuple[float, float, int]:
-    auc = metrics.get(SCORE_ATTRIBUTE)
-    auc = float(auc) if auc is not None and not math.isnan(float(auc)) else -math.inf
+def _score(metrics: Mapping[str, Any], metric: str, mode: str) -> tuple[float, float, int]:
+    """Sort key, larger is better: ``metric`` (negated for 'min'; NaN or missing ranks last), then the lower
+    val_loss, then the earlier epoch."""
+    sign = 1.0 if mode == "max" else -1.0
+    value = metrics.get(metric)
+    value = sign * float(value) if value is not None and not math.isnan(float(value)) else -math.inf
     loss = metrics.get("val_loss")
     loss = float(loss) if loss is not None and not math.isnan(float(loss)) else math.inf
-    return auc, -loss, -int(metrics.get("epoch", 0))
+    return value, -loss, -int(metrics.get("epoch", 0))
 
 
-def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
-    """(Checkpoint, metrics) with the highest val_auc_macro among the kept checkpoints (ties: lower val_loss,
-    then the earlier epoch)."""
+def best_checkpoint(
+    result: Any, metric: str = SCORE_ATTRIBUTE, mode: str = SCORE_MODE
+) -> tuple[Any, dict[str, Any]]:
+    """(Checkpoint, metrics) with the best ``metric`` (``mode`` 'max' or 'min') among the kept checkpoints
+    (ties: lower val_loss, then the earlier epoch)."""
     candidates = list(result.best_checkpoints or [])
     if not candidates:
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
         return result.checkpoint, dict(result.metrics or {})
-    ckpt, metrics = max(candidates, key=lambda cm: _score(cm[1]))
+    ckpt, metrics = max(candidates, key=lambda cm: _score(cm[1], metric, mode))
     return ckpt, dict(metrics)
 
 
@@ -488,6 +505,7 @@ __all__ = [
     "TrainResult",
     "best_checkpoint",
     "build_trainer",
+    "checkpoint_config",
     "default_run_name",
     "evaluate_checkpoint",
     "find_resumable_run",

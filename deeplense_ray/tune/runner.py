@@ -20,8 +20,10 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,15 +156,35 @@ def dataset_dir_for(settings: TuneSettings, storage_path: str) -> str:
     return os.path.join(storage_path, "datasets", f"{settings.preset}-n{settings.num_per_class}-{h}")
 
 
+@contextmanager
+def dataset_lock(data_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<data_dir>.lock`` (``fcntl.flock``; the kernel releases it if the process
+    dies). Searches without data_dir share one auto-simulated dataset per config: under this lock one of
+    them builds it and the others wait, then reuse it, instead of building into the same directory at once
+    and deleting each other's temporary files."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+    with open(f"{data_dir}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another search building the dataset {data_dir}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_dataset(settings: TuneSettings, storage_path: str) -> str:
-    """``settings.data_dir``, or a small simulated ``settings.preset`` dataset (built once, then reused)."""
+    """``settings.data_dir``, or a small simulated ``settings.preset`` dataset (built once, then reused; a
+    search finding another one building it waits for it, see :func:`dataset_lock`)."""
     if settings.data_dir is not None:
         return os.path.abspath(settings.data_dir)
     from deeplense_ray.data import DatasetConfig, build_dataset, verify_dataset
 
     out = dataset_dir_for(settings, storage_path)
-    if os.path.isfile(os.path.join(out, "manifest.json")) and not verify_dataset(out):
-        return out
     cfg = DatasetConfig(
         preset=settings.preset,
         preset_overrides=dict(settings.preset_overrides),
@@ -170,8 +192,10 @@ def ensure_dataset(settings: TuneSettings, storage_path: str) -> str:
         seed=settings.data_seed,
     )
     cfg.validate()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    build_dataset(cfg, out, resume=os.path.isdir(out), progress=False)
+    with dataset_lock(out):
+        if os.path.isfile(os.path.join(out, "manifest.json")) and not verify_dataset(out):
+            return out
+        build_dataset(cfg, out, resume=os.path.isdir(out), progress=False)
     return out
 
 
@@ -235,7 +259,7 @@ def train_trial(config: dict[str, Any]) -> None:
     ``config`` holds the sampled hyperparameters (flat keys of the search space) and ``config['_search']``:
     the fixed TrainConfig fields ("train"), the model's hyperparameter defaults ("hparams"), "metric", "mode"
     and "trainer_storage" (where each trial's Ray Train run lives; named by the trial id, so a resumed trial
-    finds its own checkpoints).
+    finds its own checkpoints). The trial's checkpoints are kept by "metric" and "mode".
     """
     import ray.tune
 
@@ -254,6 +278,10 @@ def train_trial(config: dict[str, Any]) -> None:
             make_recorder(fixed["trainer_storage"], str(trial_id)),
         ],
         run_name=str(trial_id),
+        # keep the trial's best checkpoints by the search's own metric, so the epoch the search names as
+        # best still has its checkpoint when the search evaluates it on the test split
+        score_metric=fixed["metric"],
+        score_mode=fixed["mode"],
     )
     trainer.fit()
 
@@ -761,6 +789,7 @@ def _finish(
         client.log_param(parent_run_id, f"best.{k}", str(v)[:500])
     client.log_metric(parent_run_id, f"best_{settings.metric}", best_t.best_metric)
     client.log_metric(parent_run_id, "best_epoch", best_t.best_epoch)
+    client.log_metric(parent_run_id, "test_checkpoint_epoch", ckpt_epoch)  # the epoch the test metrics are of
     for k, v in _scalar_metrics(test_metrics).items():
         client.log_metric(parent_run_id, f"test_{k}", v)
     client.set_tag(parent_run_id, "tune.best_trial_id", best_t.trial_id)
