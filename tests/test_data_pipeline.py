@@ -137,6 +137,16 @@ def test_resume_after_crash_keeps_good_shards(reference, tmp_path):
     assert stats["shards_written"] == 0 and stats["shards_kept"] == 5
     assert _files(out) == _files(ref)
 
+    # A resume that crashes keeps the manifest (every shard's sha256) until a build replaces it.
+    manifest = (out / "manifest.json").read_bytes()
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(Exception, match="injected write failure"):
+        build_dataset(CFG, out, resume=True, progress=False, faults={"val/0": 99}, preview=False)
+    assert (out / "manifest.json").read_bytes() == manifest
+    build_dataset(CFG, out, resume=True, progress=False, stats=stats)
+    assert stats["shards_written"] == 1 and stats["shards_kept"] == 4
+    assert _files(out) == _files(ref)
+
 
 def test_verify_and_readers_name_corrupted_shards(reference, tmp_path):
     out = tmp_path / "ds"
