@@ -136,12 +136,44 @@ def test_ray_start_flags_parse_with_ray_cli():
         start.make_context("start", ["--dashboard-hots=127.0.0.1"])
 
 
+def _mlflow_server_args(command: str) -> list[str]:
+    """The arguments of the `mlflow server` in a shell command (up to the output redirection)."""
+    m = re.search(r"\bmlflow server\b(.*?)(?:>|;|&&|$)", command, flags=re.S)
+    assert m, f"no 'mlflow server' in {command!r}"
+    return shlex.split(m.group(1))
+
+
 def test_mlflow_server_on_head_with_shared_artifacts():
     raw = _raw()
     server = next(c for c in raw["head_start_ray_commands"] if "mlflow server" in c)
     assert re.search(r"--backend-store-uri sqlite:////\S+", server)
     assert re.search(r"--artifacts-destination /mnt/shared/\S+", server)
     assert "--port 5000" in server
+
+
+def test_mlflow_server_private_address_and_password():
+    """Not 0.0.0.0 without auth: the head's private address, MLflow's basic-auth app with the cluster secret
+    as the admin password, and every node logging with those credentials. Parsed by MLflow's own CLI."""
+    from mlflow.cli import server as mlflow_server
+
+    raw = _raw()
+    token_remote = next(r for r, local in raw["file_mounts"].items() if local.endswith(".ray/auth_token"))
+    command = next(c for c in raw["head_start_ray_commands"] if "mlflow server" in c)
+    params = mlflow_server.make_context("server", _mlflow_server_args(command)).params
+    assert params["host"] in ("127.0.0.1", "$HEAD_IP"), f"MLflow server host {params['host']!r}"
+    if params["host"] == "$HEAD_IP":  # the private address, which only cluster nodes reach
+        assert "HEAD_IP=$(hostname -I | awk '{print $1}');" in command
+    assert params["app_name"] == "basic-auth", "the MLflow server must ask for a password"
+    env = command.split("mlflow server")[0]
+    assert f'MLFLOW_AUTH_ADMIN_PASSWORD="$(cat {token_remote})"' in env
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in env  # the auth app refuses to start without one
+    assert any(re.search(r"pip install .*mlflow\[auth\]", c) for c in raw["head_setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in raw[key] if "ray start" in c).split("ray start")[0]
+        assert "MLFLOW_TRACKING_USERNAME=admin" in start, key
+        assert f'MLFLOW_TRACKING_PASSWORD="$(cat {token_remote})"' in start, key
+    with pytest.raises(Exception, match="basic-authx"):  # the CLI check is live
+        mlflow_server.make_context("server", ["--app-name", "basic-authx"])
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
