@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs, else 0"
     )
     p.add_argument(
-        "--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local runtime)"
+        "--address",
+        default=None,
+        help="Ray address for large inputs; 'local' starts a fresh runtime (default: $RAY_ADDRESS, else the "
+        "cluster `ray start` recorded on this machine if it answers, else a local runtime)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deeplense_ray.infer.predict import run_prediction
+    from deeplense_ray.runtime import RayConnectError
 
     try:
         result = run_prediction(
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RayConnectError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {

@@ -159,8 +159,9 @@ def _predict_with_ray(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    from deeplense_ray.runtime import connect
+
+    connect(address, log_to_driver=False)  # joins $RAY_ADDRESS / a running cluster, else starts one
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
