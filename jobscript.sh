@@ -15,11 +15,13 @@
 #   sbatch --nodes=4 --gpus-per-node=4 jobscript.sh                # 4 nodes x 4 GPUs, one Ray cluster
 #   sbatch --export=ALL,NUM_PER_CLASS=20000,MODEL=CvT,NUM_SAMPLES=32 jobscript.sh
 #   sbatch --export=ALL,SIMULATE=0,DATA_DIR=/shared/ds/model_ii jobscript.sh     # tune on an existing dataset
+#   sbatch --export=ALL,DRY_RUN=1 jobscript.sh     # print the Ray nodes and step commands; start nothing
 #
 # Every variable below can be set with `sbatch --export=ALL,NAME=value` (or exported before sbatch).
 # Results (dataset, Ray Train/Tune storage, MLflow store, Ray token) go to RUN_DIR, which must be on storage
 # that every node sees (the submit directory usually is). The GPUs are the allocation's: Ray gets, per node,
-# the devices SLURM put in CUDA_VISIBLE_DEVICES (or SLURM_GPUS_ON_NODE); an allocation without GPUs runs on CPU.
+# the devices SLURM put in CUDA_VISIBLE_DEVICES (or SLURM_GPUS_ON_NODE); the train step takes one worker per GPU
+# of the allocation (simulate and tune find the GPUs in the Ray cluster); an allocation without GPUs runs on CPU.
 set -euo pipefail
 
 # ---- where things are -------------------------------------------------------------------------------------
@@ -35,6 +37,7 @@ set -euo pipefail
 : "${SIMULATE:=1}"                                   # jobs/simulate.py -> DATA_DIR
 : "${TRAIN:=0}"                                      # jobs/train.py on DATA_DIR (one model, MODEL)
 : "${TUNE:=1}"                                       # jobs/tune.py on DATA_DIR (ASHA + Optuna over MODEL)
+: "${DRY_RUN:=0}"                                    # 1 = print the Ray nodes and step commands, start nothing
 
 # ---- simulate ------------------------------------------------------------------------------------------------
 : "${PRESET:=model_ii}"                              # simulation preset (deeplense_ray.sim.list_presets())
@@ -49,6 +52,7 @@ set -euo pipefail
 : "${MODEL:=CvT}"                                    # model name (deeplense_ray.models.list_models())
 : "${EPOCHS:=10}"                                    # train step: epochs
 : "${TRAIN_WORKERS:=}"                               # train step: Ray Train workers ('' = one per GPU, or 1)
+: "${TRAIN_GPUS_PER_WORKER:=}"                       # train step: GPUs per worker ('' = 1 with GPUs, else 0)
 : "${TRAIN_ARGS:=}"                                  # train step: extra flags
 : "${NUM_SAMPLES:=10}"                               # tune step: trials
 : "${MAX_EPOCHS:=10}"                                # tune step: epochs per trial (ASHA max_t)
@@ -95,7 +99,7 @@ die() { log "ERROR: $*" >&2; exit 1; }
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit with 'sbatch jobscript.sh'"
 [[ -f "$PROJECT_DIR/jobs/simulate.py" ]] || die "PROJECT_DIR=$PROJECT_DIR has no jobs/simulate.py"
 case "$RAY_AUTH_MODE" in token|disabled) ;; *) die "RAY_AUTH_MODE=$RAY_AUTH_MODE (use token or disabled)";; esac
-for v in SIMULATE TRAIN TUNE; do
+for v in SIMULATE TRAIN TUNE DRY_RUN; do
     [[ "${!v}" == 0 || "${!v}" == 1 ]] || die "$v=${!v} (use 1 to run the step, 0 to skip it)"
 done
 if [[ -n "$VENV" ]]; then
@@ -139,7 +143,7 @@ export RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
     echo "# deeplense-ray jobscript settings, job $SLURM_JOB_ID on ${NODES[*]}, $(date -Is)"
     for v in PROJECT_DIR VENV RUN_DIR DATA_DIR STORAGE_PATH MLFLOW_TRACKING_URI EXPERIMENT SIMULATE TRAIN TUNE \
              PRESET NUM_PER_CLASS SHARD_SIZE SEED SIM_WORKERS GPUS_PER_WORKER SIMULATE_ARGS MODEL EPOCHS \
-             TRAIN_WORKERS TRAIN_ARGS NUM_SAMPLES MAX_EPOCHS GRACE_PERIOD GPUS_PER_TRIAL CPUS_PER_TRIAL \
+             TRAIN_WORKERS TRAIN_GPUS_PER_WORKER TRAIN_ARGS NUM_SAMPLES MAX_EPOCHS GRACE_PERIOD GPUS_PER_TRIAL CPUS_PER_TRIAL \
              WORKERS_PER_TRIAL MAX_CONCURRENT TUNE_ARGS RAY_AUTH_MODE RAY_ADDRESS RAY_PORT RAY_DASHBOARD_PORT \
              RAY_TEMP_DIR; do
         printf '%s=%q\n' "$v" "${!v}"
@@ -147,6 +151,16 @@ export RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
 } > "$RUN_DIR/job_settings.env"
 
 # ---- one Ray node per SLURM node -----------------------------------------------------------------------------
+node_gpus() {   # GPUs of this node in the job: RAY_NUM_GPUS, else the devices in CUDA_VISIBLE_DEVICES, else
+                # SLURM_GPUS_ON_NODE, else 0
+    if [[ -n "${RAY_NUM_GPUS:-}" ]]; then
+        echo "$RAY_NUM_GPUS"
+    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != NoDevFiles ]]; then
+        awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES"
+    else
+        echo "${SLURM_GPUS_ON_NODE:-0}"
+    fi
+}
 # Runs inside `srun` on each node: counts the node's CPUs and GPUs, runs `ray start --block` and passes it a
 # SIGTERM on SIGTERM (scancel signals every process of the step) or SIGUSR1 (which srun forwards to its tasks;
 # srun turns its own SIGTERM into SIGKILL), so Ray stops every process it started before the step ends.
@@ -157,14 +171,8 @@ ray_node() {
         cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
         [[ "$cpus" -ge 4 ]] || cpus=4
     fi
-    local gpus="${RAY_NUM_GPUS:-}"
-    if [[ -z "$gpus" ]]; then
-        if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != NoDevFiles ]]; then
-            gpus=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
-        else
-            gpus="${SLURM_GPUS_ON_NODE:-0}"
-        fi
-    fi
+    local gpus
+    gpus="$(node_gpus)"
     local common=(--num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats
         --node-manager-port="$RAY_NODE_MANAGER_PORT" --object-manager-port="$RAY_OBJECT_MANAGER_PORT"
         --dashboard-agent-grpc-port="$RAY_AGENT_GRPC_PORT" --dashboard-agent-listen-port="$RAY_AGENT_LISTEN_PORT"
@@ -186,7 +194,7 @@ ray_node() {
     echo "[ray_node] $role on $(hostname -s) $([[ $stopping == 1 ]] && echo stopped || echo "exited ($rc)")"
     return "$rc"
 }
-export -f ray_node
+export -f ray_node node_gpus
 export RAY_HEAD_IP RAY_PORT RAY_DASHBOARD_PORT RAY_CLIENT_PORT RAY_NODE_MANAGER_PORT RAY_OBJECT_MANAGER_PORT
 export RAY_AGENT_GRPC_PORT RAY_AGENT_LISTEN_PORT RAY_METRICS_PORT RAY_RUNTIME_ENV_AGENT_PORT
 export RAY_MIN_WORKER_PORT RAY_MAX_WORKER_PORT
@@ -245,6 +253,48 @@ node_srun() {   # node_srun <index> <role>: one long-running step holding the wh
         --nodelist="${NODES[$1]}" bash -c "ray_node $2" &
     RAY_PIDS+=($!)
 }
+# ---- the step commands (built before Ray starts; DRY_RUN=1 prints them and stops here) ----------------------
+opt() { [[ -n "$2" ]] && printf '%s\n%s\n' "$1" "$2"; return 0; }   # "--flag value" only when value is set
+# The allocation's GPUs: this node's (node_gpus) on every node of the job. The train step takes them all,
+# TRAIN_GPUS_PER_WORKER (default 1) per worker; simulate and tune see them in the Ray cluster.
+TOTAL_GPUS=$(awk -v g="$(node_gpus)" -v n="${#NODES[@]}" 'BEGIN {print g * n}')
+if [[ -z "$TRAIN_GPUS_PER_WORKER" ]]; then
+    TRAIN_GPUS_PER_WORKER=$(awk -v t="$TOTAL_GPUS" 'BEGIN {print (t > 0) ? 1 : 0}')
+fi
+if [[ -z "$TRAIN_WORKERS" ]]; then
+    TRAIN_WORKERS=$(awk -v t="$TOTAL_GPUS" -v g="$TRAIN_GPUS_PER_WORKER" \
+        'BEGIN {w = (g > 0) ? int(t / g + 1e-9) : 1; print (w > 0) ? w : 1}')
+fi
+mapfile -t sim_opts < <(opt --workers "$SIM_WORKERS"; opt --gpus-per-worker "$GPUS_PER_WORKER")
+# A requeued or restarted job finishes the dataset it started (same settings) instead of refusing it.
+resume=(); [[ -d "$DATA_DIR" && -n "$(ls -A "$DATA_DIR" 2>/dev/null)" ]] && resume=(--resume)
+# shellcheck disable=SC2206
+SIMULATE_CMD=(python -u jobs/simulate.py --address "$RAY_ADDRESS" --preset "$PRESET"
+    --num-per-class "$NUM_PER_CLASS" --shard-size "$SHARD_SIZE" --seed "$SEED" --out "$DATA_DIR"
+    "${resume[@]}" "${sim_opts[@]}" $SIMULATE_ARGS)
+# shellcheck disable=SC2206
+TRAIN_CMD=(python -u jobs/train.py --address "$RAY_ADDRESS" --model "$MODEL" --data "$DATA_DIR"
+    --epochs "$EPOCHS" --seed "$SEED" --experiment "$EXPERIMENT" --tracking-uri "$MLFLOW_TRACKING_URI"
+    --storage-path "$STORAGE_PATH" --num-workers "$TRAIN_WORKERS" --gpus-per-worker "$TRAIN_GPUS_PER_WORKER"
+    $TRAIN_ARGS)
+mapfile -t tune_opts < <(opt --grace-period "$GRACE_PERIOD"; opt --gpus-per-trial "$GPUS_PER_TRIAL"
+    opt --cpus-per-trial "$CPUS_PER_TRIAL"; opt --workers-per-trial "$WORKERS_PER_TRIAL"
+    opt --max-concurrent "$MAX_CONCURRENT")
+# shellcheck disable=SC2206
+TUNE_CMD=(python -u jobs/tune.py --address "$RAY_ADDRESS" --model "$MODEL" --data "$DATA_DIR"
+    --num-samples "$NUM_SAMPLES" --max-epochs "$MAX_EPOCHS" --seed "$SEED" --experiment "$EXPERIMENT"
+    --tracking-uri "$MLFLOW_TRACKING_URI" --storage-path "$STORAGE_PATH" "${tune_opts[@]}" $TUNE_ARGS)
+if [[ "$DRY_RUN" == 1 ]]; then
+    for ((n = 0; n < ${#NODES[@]}; n++)); do
+        log "dry run: Ray $([[ $n == 0 ]] && echo head || echo worker) on ${NODES[$n]}: gpus=$(node_gpus)"
+    done
+    if [[ "$SIMULATE" == 1 ]]; then log "dry run: step simulate: $(printf '%q ' "${SIMULATE_CMD[@]}")"; fi
+    if [[ "$TRAIN" == 1 ]]; then log "dry run: step train: $(printf '%q ' "${TRAIN_CMD[@]}")"; fi
+    if [[ "$TUNE" == 1 ]]; then log "dry run: step tune: $(printf '%q ' "${TUNE_CMD[@]}")"; fi
+    log "dry run: nothing started"
+    exit 0
+fi
+
 log "job $SLURM_JOB_ID: ${#NODES[@]} node(s) ${NODES[*]}; head $HEAD_NODE at $RAY_ADDRESS (auth $RAY_AUTH_MODE)"
 log "results in $RUN_DIR"
 node_srun 0 head
@@ -303,33 +353,9 @@ run_step() {
     [[ $rc == 0 ]] || die "step $name failed with status $rc"
     log "step $name done"
 }
-opt() { [[ -n "$2" ]] && printf '%s\n%s\n' "$1" "$2"; return 0; }   # "--flag value" only when value is set
-
-if [[ "$SIMULATE" == 1 ]]; then
-    mapfile -t sim_opts < <(opt --workers "$SIM_WORKERS"; opt --gpus-per-worker "$GPUS_PER_WORKER")
-    # A requeued or restarted job finishes the dataset it started (same settings) instead of refusing it.
-    resume=(); [[ -d "$DATA_DIR" && -n "$(ls -A "$DATA_DIR" 2>/dev/null)" ]] && resume=(--resume)
-    # shellcheck disable=SC2086
-    run_step simulate python -u jobs/simulate.py --address "$RAY_ADDRESS" --preset "$PRESET" \
-        --num-per-class "$NUM_PER_CLASS" --shard-size "$SHARD_SIZE" --seed "$SEED" --out "$DATA_DIR" \
-        "${resume[@]}" "${sim_opts[@]}" $SIMULATE_ARGS
-fi
-if [[ "$TRAIN" == 1 ]]; then
-    mapfile -t train_opts < <(opt --num-workers "$TRAIN_WORKERS")
-    # shellcheck disable=SC2086
-    run_step train python -u jobs/train.py --model "$MODEL" --data "$DATA_DIR" --epochs "$EPOCHS" \
-        --seed "$SEED" --experiment "$EXPERIMENT" --tracking-uri "$MLFLOW_TRACKING_URI" \
-        --storage-path "$STORAGE_PATH" "${train_opts[@]}" $TRAIN_ARGS
-fi
-if [[ "$TUNE" == 1 ]]; then
-    mapfile -t tune_opts < <(opt --grace-period "$GRACE_PERIOD"; opt --gpus-per-trial "$GPUS_PER_TRIAL"
-        opt --cpus-per-trial "$CPUS_PER_TRIAL"; opt --workers-per-trial "$WORKERS_PER_TRIAL"
-        opt --max-concurrent "$MAX_CONCURRENT")
-    # shellcheck disable=SC2086
-    run_step tune python -u jobs/tune.py --model "$MODEL" --data "$DATA_DIR" --num-samples "$NUM_SAMPLES" \
-        --max-epochs "$MAX_EPOCHS" --seed "$SEED" --experiment "$EXPERIMENT" \
-        --tracking-uri "$MLFLOW_TRACKING_URI" --storage-path "$STORAGE_PATH" "${tune_opts[@]}" $TUNE_ARGS
-fi
+if [[ "$SIMULATE" == 1 ]]; then run_step simulate "${SIMULATE_CMD[@]}"; fi
+if [[ "$TRAIN" == 1 ]]; then run_step train "${TRAIN_CMD[@]}"; fi
+if [[ "$TUNE" == 1 ]]; then run_step tune "${TUNE_CMD[@]}"; fi
 
 log "all steps done; results in $RUN_DIR"
 log "dataset: $DATA_DIR   MLflow: $MLFLOW_TRACKING_URI (experiment $EXPERIMENT)"

@@ -185,3 +185,42 @@ def test_bad_settings_fail_before_ray(slurm, job_dir):
     assert info["JobState"] == "FAILED", info
     assert f"SIMULATE=0 but DATA_DIR={missing} has no manifest.json" in log, log
     assert "Ray cluster up" not in log and not os.path.exists(job_dir / "r")
+
+
+def _dry_run(slurm, job_dir: Path, name: str, **env: str) -> str:
+    """DRY_RUN=1 (all three steps) with ``env`` in the submitting environment; the job's log."""
+    out = job_dir / f"{name}-%j.out"
+    gpu_vars = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")
+    submit_env = {k: v for k, v in slurm.env.items() if k not in gpu_vars}
+    submit_env.update(env)
+    options = [_exports(job_dir, DRY_RUN=1, TRAIN=1), f"--output={out}"]
+    job_id = int(slurm.run("sbatch", "--parsable", *options, str(REPO / "jobscript.sh"), cwd=REPO,
+                           env=submit_env).stdout.strip().split(";")[0])
+    info = slurm.wait_job(job_id, timeout=120)
+    log = _log(info)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
+    assert "dry run: nothing started" in log and "Ray cluster up" not in log, log
+    assert not (job_dir / "r").exists(), "a dry run must not start Ray"
+    return log
+
+
+def _step(log: str, name: str) -> str:
+    lines = [x for x in log.splitlines() if f"dry run: step {name}: " in x]
+    assert len(lines) == 1, log
+    return lines[0].split(f"dry run: step {name}: ", 1)[1]
+
+
+def test_dry_run_steps_request_the_allocations_gpus(slurm, job_dir):
+    """The commands the job runs take the allocation's GPUs: the Ray node advertises them and the train step
+    asks for one worker per GPU (it used to train on CPU on GPU nodes)."""
+    log = _dry_run(slurm, job_dir, "cvd", CUDA_VISIBLE_DEVICES="0,1")
+    assert "dry run: Ray head on " in log and ": gpus=2" in log, log
+    train = _step(log, "train")
+    assert "--num-workers 2 --gpus-per-worker 1" in train, train
+    assert "jobs/train.py --address " in train and "jobs/tune.py --address " in _step(log, "tune")
+
+    log = _dry_run(slurm, job_dir, "sgon", SLURM_GPUS_ON_NODE="4")
+    assert ": gpus=4" in log and "--num-workers 4 --gpus-per-worker 1" in _step(log, "train"), log
+
+    log = _dry_run(slurm, job_dir, "cpu")  # no GPUs in the allocation: one CPU worker
+    assert ": gpus=0" in log and "--num-workers 1 --gpus-per-worker 0" in _step(log, "train"), log
