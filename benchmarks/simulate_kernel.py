@@ -4,8 +4,11 @@
     python benchmarks/simulate_kernel.py --out runs/bench_sim_gpu.json                  # GPU (< 2 min)
     python benchmarks/simulate_kernel.py --lenstronomy-only --out runs/lenstronomy.json # lenstronomy alone
 
-Configurations: model_ii (64x64) and model_i (150x150), supersampling 1 and 2, 25 point-mass subhalos,
-Gaussian PSF and Poisson + Gaussian noise. For each it measures, in images/s:
+Configurations: model_ii (64x64) and model_i (150x150), supersampling 1 and 2, Gaussian PSF and Poisson +
+Gaussian noise, and the substructure of ``--population``: ``default`` (the presets as they are: the normalised
+paltas / DG19 tNFW population, mean ~86 subhalos per cdm image for model_ii, PSF on the supersampled grid; the
+mean count per cdm image is recorded as ``mean_subhalo_count_cdm``) or ``legacy25`` (25 point masses, PSF
+after binning: the configuration of the 2026-11-22 numbers). For each it measures, in images/s:
 - ``draw``: drawing all parameters on CPU (vectorised);
 - ``render_<backend>``: the noise-free renderer (PSF included) with parameters already on the device, every
   image cdm; backends ``eager`` (torch, subhalos only for cdm images), ``compile`` (torch.compile of the
@@ -76,29 +79,60 @@ def _param_batch(pre, bs, dev):
 
 
 def _triton_render_fn(pre, pd, dev):
+    """The Triton kernels alone (render, PSF, binning after a supersampled PSF); parameters on the device."""
     from deeplense_ray.sim import _triton as tk
     from deeplense_ray.sim.render import gaussian_kernel_1d
+    from deeplense_ray.sim.simulate import _TNFW_KERNEL_KEYS, _psf_pixel, _ss_convolution
 
     coord = tk.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
-    kern = gaussian_kernel_1d(pre.psf_fwhm, pre.delta_pix, truncation=pre.psf_truncation).to(dev)
-    te2 = (pd["subhalo_theta_E"] ** 2).contiguous()
+    kern = gaussian_kernel_1d(pre.psf_fwhm, _psf_pixel(pre), truncation=pre.psf_truncation).to(dev)
+    te2 = sx = sy = tn = tcount = None
+    if pre.subhalo_profile == "tnfw":
+        kb = tk.tnfw_slots(int(pd["subhalo_count"].max()), pre.max_subhalos)
+        tn = tk.tnfw_table(*(pd[k][:, :kb] for k in _TNFW_KERNEL_KEYS))
+        tcount = pd["subhalo_count"].to(torch.int32)
+        pd = {**pd, "subhalo_count": torch.zeros_like(pd["subhalo_count"])}
+    else:
+        te2, sx, sy = (pd["subhalo_theta_E"] ** 2).contiguous(), pd["subhalo_x"], pd["subhalo_y"]
+    ss, n = pre.supersampling, pre.num_pix
+    conv = _ss_convolution(pre)
+    n_out, ss_k, d_k = (n * ss, 1, pre.delta_pix / ss) if conv else (n, ss, pre.delta_pix)
 
     def fn():
         sc = tk.derive_scalars(pd, has_vortex=True)
         img = tk.render_sersic(
-            sc, te2, pd["subhalo_x"], pd["subhalo_y"], coord, num_pix=pre.num_pix,
-            supersampling=pre.supersampling, delta_pix=pre.delta_pix, has_vortex=True,
+            sc, te2, sx, sy, coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k, has_vortex=True,
+            tnfw=tn, tnfw_count=tcount,
         )  # fmt: skip
-        return tk.psf_separable(img, kern)
+        img = tk.psf_separable(img, kern)
+        return img.reshape(-1, n, ss, n, ss).sum(dim=(2, 4)) if conv else img
 
     return fn
 
 
-def bench_config(name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, batch_size=None):
+#: ``--population legacy25``: the substructure and PSF numerics the earlier numbers were measured with
+LEGACY25 = {
+    "sigma_sub": None,
+    "subhalo_count": [25, 25],
+    "subhalo_profile": "point_mass",
+    "subhalo_mass": [1e6, 1e10],
+    "supersampling_convolution": False,
+}
+
+
+def _population(population: str) -> dict:
+    return dict(LEGACY25) if population == "legacy25" else {}
+
+
+def bench_config(
+    name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, batch_size=None, population="default"
+):
     """One row: draw, render-only per backend, whole simulate() per backend (images/s)."""
-    pre = resolve_preset(name, {"supersampling": ss, "subhalo_count": [25, 25]})
+    pre = resolve_preset(name, {"supersampling": ss, **_population(population)})
     row = {"preset": name, "supersampling": ss, "num_pix": pre.num_pix, "device": str(dev)}
     row.update({"n_default": n_fast, "n_other": n_slow, "render_batch": render_bs, "batch_size": batch_size})
+    row.update(population=population, subhalo_profile=pre.subhalo_profile, sigma_sub=pre.sigma_sub)
+    row.update(subhalo_mass=list(pre.subhalo_mass), supersampling_convolution=pre.supersampling_convolution)
     lab = resolve_labels(pre, n_fast, None, None)
     t = _timeit(
         lambda: draw_parameters(pre, lab, torch.Generator().manual_seed(0), paired=False),
@@ -106,6 +140,11 @@ def bench_config(name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, 
         repeats,
     )
     row["draw"] = n_fast / t
+    cdm = draw_parameters(pre, resolve_labels(pre, n_fast, ["cdm"], None), torch.Generator().manual_seed(0),
+                          paired=False)["subhalo_count"].double()  # fmt: skip
+    row["mean_subhalo_count_cdm"] = float(cdm.mean())
+    row["max_subhalo_count_cdm"] = int(cdm.max())
+    row["subhalo_slots"] = pre.max_subhalos
     backends = ["eager"] + (["compile"] if do_compile else [])
     if triton_supported(pre, dev, torch.float32):
         backends.append("triton")
@@ -144,11 +183,11 @@ def bench_config(name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, 
     return row
 
 
-def profile_default(dev, out_dir: Path, n: int) -> None:
+def profile_default(dev, out_dir: Path, n: int, population: str = "default") -> None:
     """torch.profiler table (CPU + CUDA time per op) of one default simulate() call, model_ii ss=2 cdm."""
     from torch.profiler import ProfilerActivity, profile
 
-    pre = resolve_preset("model_ii", {"supersampling": 2, "subhalo_count": [25, 25]})
+    pre = resolve_preset("model_ii", {"supersampling": 2, **_population(population)})
     simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"])  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -172,7 +211,7 @@ def bench_lenstronomy(name, ss, n_images, seed=0):
         from lenstronomy.Util.simulation_util import data_configure_simple
     except ImportError:
         return None
-    pre = resolve_preset(name, {"supersampling": ss, "subhalo_count": [25, 25], "noise": "none"})
+    pre = resolve_preset(name, {"supersampling": ss, **LEGACY25, "noise": "none"})  # 25 POINT_MASS
     res = simulate(pre, n_images, seed, device="cpu", classes=["cdm"])
     data = ImageData(**data_configure_simple(pre.num_pix, pre.delta_pix, inverse=False))
     model = ImageModel(
@@ -244,7 +283,8 @@ _COLS = [
 
 def _fmt_row(row) -> str:
     vals = " ".join(f"{row.get(c, float('nan')):>15.0f}" for c in _COLS)
-    return f"{row['preset']:<9} ss={row['supersampling']}  {vals}"
+    sub = f"   <N_sub cdm> {row.get('mean_subhalo_count_cdm', float('nan')):.1f}"
+    return f"{row['preset']:<9} ss={row['supersampling']}  {vals}{sub}"
 
 
 _DEFAULT_LENS_JSON = Path(__file__).with_name("simulate_kernel_lenstronomy.json")
@@ -275,6 +315,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lenstronomy-only", action="store_true", help="only time lenstronomy (CPU)")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ap.add_argument(
+        "--population", choices=["default", "legacy25"], default="default",
+        help="substructure: the presets' own (normalised tNFW) or the earlier 25 point masses",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/bench_simulate_kernel.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 is for lenstronomy only
@@ -302,9 +346,11 @@ def main(argv=None) -> int:
                     n_fast = n_slow = render_bs = args.n or 256
                 sizes = (n_fast, n_slow, render_bs)
                 comp = do_compile and ss in args.compile_ss
-                rows.append(bench_config(name, ss, dev, *sizes, repeats, comp, args.batch_size))
+                rows.append(
+                    bench_config(name, ss, dev, *sizes, repeats, comp, args.batch_size, args.population)
+                )
         if args.profile is not None:
-            profile_default(dev, args.profile, 16384 if gpu else 64)
+            profile_default(dev, args.profile, 16384 if gpu else 64, args.population)
     lens_json = args.lenstronomy_json
     if lens_json is None and args.lenstronomy_images is None and not args.lenstronomy_only:
         try:
@@ -342,6 +388,7 @@ def main(argv=None) -> int:
         "compile": do_compile,
         "host": host,
         "units": "images per second (lenstronomy: ms per image on one core)",
+        "population": args.population,
         "columns": list(_COLS),
         "results": rows,
         "lenstronomy": lens_rows,

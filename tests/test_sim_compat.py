@@ -18,7 +18,9 @@ from lenstronomy.LightModel.light_model import LightModel  # noqa: E402
 from lenstronomy.Util.simulation_util import data_configure_simple  # noqa: E402
 
 
-def lenstronomy_reference(lens_list, kw_lens, src_list, kw_src, num_pix, delta_pix, ss, fwhm, kw_ll=None):
+def lenstronomy_reference(
+    lens_list, kw_lens, src_list, kw_src, num_pix, delta_pix, ss, fwhm, kw_ll=None, *, ss_conv=False
+):
     data = ImageData(**data_configure_simple(num_pix, delta_pix, inverse=False))
     psf = PSF("GAUSSIAN", fwhm=fwhm, truncation=5) if fwhm else PSF("NONE")
     model = ImageModel(
@@ -27,7 +29,7 @@ def lenstronomy_reference(lens_list, kw_lens, src_list, kw_src, num_pix, delta_p
         lens_model_class=LensModel(lens_list),
         source_model_class=LightModel(src_list),
         lens_light_model_class=LightModel(["SERSIC_ELLIPSE"] if kw_ll else []),
-        kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False},
+        kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": ss_conv},
     )
     return model.image(kw_lens, kw_src, kwargs_lens_light=kw_ll)
 
@@ -166,12 +168,18 @@ def _kwargs_from_params(p, i, K):
 
 def test_simulate_noise_free_matches_lenstronomy():
     """The batched renderer (not only the compat path) reproduces lenstronomy for drawn no_sub/cdm images."""
-    over = {"num_pix": 40, "noise": "none", "source_amp": [5.0, 10.0], "subhalo_count": [5, 8]}
+    # point-mass subhalos (the normalised tNFW population is checked in test_sim_substructure.py); the PSF
+    # on the supersampled grid as model_ii has it (lenstronomy supersampling_convolution=True)
+    pm = {"sigma_sub": None, "subhalo_profile": "point_mass", "subhalo_mass": [1e6, 1e10]}
+    over = {"num_pix": 40, "noise": "none", "source_amp": [5.0, 10.0], "subhalo_count": [5, 8], **pm}
     res = simulate("model_ii", 4, seed=3, device="cpu", classes=["no_sub", "cdm"], overrides=over)
     pre = res.preset
+    assert pre.supersampling_convolution
     for i in range(4):
         cfg = _kwargs_from_params(res.params, i, pre.max_subhalos)
-        ref = lenstronomy_reference(*cfg, pre.num_pix, pre.delta_pix, pre.supersampling, pre.psf_fwhm)
+        ref = lenstronomy_reference(
+            *cfg, pre.num_pix, pre.delta_pix, pre.supersampling, pre.psf_fwhm, ss_conv=True
+        )
         assert _rel_l2(res.images[i, 0].numpy(), ref) <= 1e-3, i
     assert int(res.params["subhalo_count"][1]) >= 5 and int(res.params["subhalo_count"][0]) == 0
     # with lens light (Sersic at the lens centre with the lens ellipticity), instrument units
@@ -181,7 +189,13 @@ def test_simulate_noise_free_matches_lenstronomy():
         seed=8,
         device="cpu",
         classes=["cdm"],
-        overrides={"num_pix": 40, "noise": "none", "lens_light": True},
+        overrides={
+            "num_pix": 40,
+            "noise": "none",
+            "lens_light": True,
+            "supersampling_convolution": False,
+            **pm,
+        },
     )
     pre = res.preset
     for i in range(2):

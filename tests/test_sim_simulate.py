@@ -57,10 +57,12 @@ def test_result_layout_labels_and_class_masks():
         assert v.shape[0] == 9, k
     assert r.params["subhalo_mass"].shape == (9, K)
     cdm, axion, none = r.labels == 2, r.labels == 1, r.labels == 0
-    assert (r.params["subhalo_count"][cdm] == 25).all() and (r.params["subhalo_count"][~cdm] == 0).all()
+    count = r.params["subhalo_count"]
+    assert (count[cdm] > 0).all() and (count[~cdm] == 0).all()  # Poisson, mean ~100 per cdm image here
     m = r.params["subhalo_mass"][cdm]
-    assert float(m.min()) >= 1e6 * (1 - 1e-6) and float(m.max()) <= 1e10 * (1 + 1e-6)
-    assert (r.params["subhalo_mass"][~cdm] == 0).all()
+    filled = torch.arange(K)[None, :] < count[cdm][:, None]
+    assert (m[filled] >= 10**8.5 * (1 - 1e-6)).all() and float(m.max()) <= 1e10 * (1 + 1e-6)
+    assert (m[~filled] == 0).all() and (r.params["subhalo_mass"][~cdm] == 0).all()
     am = r.params["axion_mass"]
     assert (am[~axion] == 0).all() and ((am[axion] >= 1e-24 * 0.999) & (am[axion] <= 1e-22 * 1.001)).all()
     hl = r.params["vortex_half_length"][axion].double()

@@ -1,9 +1,9 @@
 """Fused Triton kernels for the CUDA fast path of ``simulate`` (optional: used only when triton imports).
 
-``render_sersic`` computes, in ONE kernel per batch, what ``Renderer`` computes for Sersic sources without
-lens light: SIE + external shear + the image's point-mass subhalos + its vortex, ray shooting on the
-supersampled grid, the elliptical Sersic source, and binning to flux per pixel. The supersampled image
-never touches memory; subhalos and vortices are evaluated only for the images that have them.
+``render_sersic`` computes, in ONE kernel per batch, what ``Renderer`` computes for Sersic sources
+without lens light: SIE + external shear + the image's point-mass or truncated-NFW subhalos + its vortex,
+ray shooting on the supersampled grid, the elliptical Sersic source, and binning to flux per pixel. The
+supersampled image never touches memory; subhalos and vortices are evaluated only for the images with them.
 ``psf_separable`` is the separable Gaussian PSF with edge replication (scipy ``mode='nearest'``) as two
 element-wise tap sums. Every output element is computed by the same code whatever the batch size, so the
 bytes of an image do not depend on how images are batched.
@@ -12,6 +12,8 @@ The per-image scalars are derived in torch (``derive_scalars``) and passed as on
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -103,6 +105,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         te2_ptr,  # [B, K] subhalo theta_E^2
         sx_ptr,  # [B, K]
         sy_ptr,  # [B, K]
+        tn_ptr,  # [B, KT, TNFW_FIELDS] tNFW subhalos (``tnfw_table``)
+        tcount_ptr,  # [B] int32: tNFW subhalos per image
         coord_ptr,  # [N*SS] sub-pixel centre coordinates [arcsec]
         scale,  # delta_pix^2 / SS^2
         N: tl.constexpr,
@@ -111,6 +115,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         NC: tl.constexpr,
         HAS_SUB: tl.constexpr,
         HAS_VORTEX: tl.constexpr,
+        HAS_TNFW: tl.constexpr,
+        KT: tl.constexpr,  # slots per image of tn_ptr
         BLOCK: tl.constexpr,
     ):
         NB: tl.constexpr = (N * N + BLOCK - 1) // BLOCK
@@ -179,6 +185,37 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
                             say += w * ddy
                     ax += sax
                     ay += say
+                if HAS_TNFW:
+                    tax = tl.zeros([BLOCK], dtype=tl.float32)
+                    tay = tl.zeros([BLOCK], dtype=tl.float32)
+                    tbase = img.to(tl.int64) * KT * 8
+                    nt = tl.load(tcount_ptr + img)
+                    for k in range(KT):
+                        if k < nt:  # uniform per program: each image stops at its own count
+                            o = tn_ptr + tbase + k * 8
+                            ddx = x - tl.load(o)
+                            ddy = y - tl.load(o + 1)
+                            inv_rs = tl.load(o + 2)
+                            tau = tl.load(o + 3)
+                            t2m1 = tl.load(o + 4)
+                            b2 = tl.load(o + 5)
+                            ct = tl.load(o + 6)
+                            amp = tl.load(o + 7)
+                            X = tl.maximum(tl.sqrt(ddx * ddx + ddy * ddy) * inv_rs, 1e-3)
+                            X2 = X * X
+                            d = X2 - 1.0
+                            sd = tl.sqrt(tl.abs(d))
+                            ssafe = tl.where(sd < 1e-4, 1.0, sd)
+                            far = tl.where(d > 0, _atan(ssafe), tl.log((1.0 + ssafe) / X)) / ssafe
+                            F = tl.where(sd < 1e-4, 1.0 - d / 3.0 + d * d / 5.0, far)
+                            sq = tl.sqrt(tau * tau + X2)
+                            L = tl.log(X / (tau + sq))
+                            g = (t2m1 + 2.0 * X2) * F + ct + sq * (L * b2 - 3.141592653589793)
+                            w = amp * g / X2
+                            tax += w * ddx
+                            tay += w * ddy
+                    ax += tax
+                    ay += tay
                 if HAS_VORTEX:
                     if v_mu > 0:
                         u = v_cos * dx + v_sin * dy
@@ -241,6 +278,29 @@ def sub_pixel_coords(num_pix: int, delta_pix: float, ss: int, device) -> Tensor:
     return coord.to(device=device, dtype=torch.float32)
 
 
+def tnfw_table(x: Tensor, y: Tensor, Rs: Tensor, alpha_Rs: Tensor, r_trunc: Tensor) -> Tensor:
+    """Per-subhalo constants [B, K, 8] float32 of the kernel's lenstronomy TNFW (``lens.alpha_tnfw``):
+    (x, y, 1/Rs, tau, tau^2-1, (tau^2-1)/tau, pi tau + (tau^2-1) ln tau, A), tau = r_trunc/Rs, A = alpha_Rs /
+    (Rs (1 + ln 1/2)) tau^2/(tau^2+1)^2; the kernel adds A g(X)/X^2 (dx, dy) with
+    g = (tau^2-1+2X^2) F(X) + pi tau + (tau^2-1) ln tau + s (ln(X/(tau+s)) (tau^2-1)/tau - pi),
+    s = sqrt(tau^2+X^2).
+    Inputs [B, K] (zero-padded slots: alpha_Rs = 0), computed in float64."""
+    f64 = torch.float64
+    rs = Rs.to(f64).clamp_min(1e-6)
+    tau = (r_trunc.to(f64).clamp_min(1e-6)) / rs
+    t2 = tau * tau
+    amp = alpha_Rs.to(f64) / (rs * (1.0 + math.log(0.5))) * t2 / (t2 + 1.0) ** 2
+    cols = (x.to(f64), y.to(f64), 1.0 / rs, tau, t2 - 1.0, (t2 - 1.0) / tau,
+            math.pi * tau + (t2 - 1.0) * torch.log(tau), amp)  # fmt: skip
+    return torch.stack(cols, dim=-1).to(torch.float32).contiguous()
+
+
+def tnfw_slots(largest_count: int, capacity: int, *, step: int = 32) -> int:
+    """tNFW slots given to the kernel for a batch: its largest count rounded up to ``step`` (at most the
+    capacity), so a few compiled variants serve every batch."""
+    return min(int(capacity), -(-int(largest_count) // step) * step)
+
+
 def render_sersic(
     scalars: Tensor,
     te2: Tensor | None,
@@ -252,9 +312,13 @@ def render_sersic(
     supersampling: int,
     delta_pix: float,
     has_vortex: bool,
+    tnfw: Tensor | None = None,
+    tnfw_count: Tensor | None = None,
     block: int = 256,
 ) -> Tensor:
-    """Noise-free, PSF-free flux per pixel [B, N, N] float32 (see module docstring)."""
+    """Noise-free, PSF-free flux per pixel [B, N, N] float32 (see module docstring). ``tnfw`` [B, KT, 8]
+    (``tnfw_table``) with ``tnfw_count`` [B] int32 adds truncated-NFW subhalos (each image loops over its own
+    count; KT is compiled in, so callers round it up to a few sizes: ``tnfw_slots``)."""
     B = scalars.shape[0]
     N, ss = int(num_pix), int(supersampling)
     out = torch.empty((B, N, N), device=scalars.device, dtype=torch.float32)
@@ -262,10 +326,16 @@ def render_sersic(
     if not has_sub:
         te2 = sub_x = sub_y = scalars  # never read
     K = te2.shape[1] if has_sub else 0
+    has_tnfw = tnfw is not None and tnfw.shape[1] > 0
+    if not has_tnfw:
+        tnfw, tnfw_count = scalars, scalars  # never read
+    KT = int(tnfw.shape[1]) if has_tnfw else 0
     nb = -(-N * N // block)
     _render_kernel[(B * nb,)](
-        out, scalars, te2, sub_x, sub_y, coord, float(delta_pix * delta_pix / (ss * ss)),
-        N=N, SS=ss, K=K, NC=NCOL, HAS_SUB=has_sub, HAS_VORTEX=bool(has_vortex), BLOCK=block,
+        out, scalars, te2, sub_x, sub_y, tnfw, tnfw_count, coord,
+        float(delta_pix * delta_pix / (ss * ss)),
+        N=N, SS=ss, K=K, NC=NCOL, HAS_SUB=has_sub, HAS_VORTEX=bool(has_vortex), HAS_TNFW=has_tnfw, KT=KT,
+        BLOCK=block,
     )  # fmt: skip
     return out
 

@@ -6,7 +6,12 @@ Msun, magnitudes AB, times in seconds. The macro lens and the source are drawn f
 distribution; the class only decides the substructure:
 
 - ``no_sub``: none;
-- ``cdm``: ``subhalo_count`` point-mass (or tNFW) subhalos, masses dN/dm ~ m^-subhalo_mass_slope in
+- ``cdm``: with ``sigma_sub`` set (the physical presets), a normalised population (paltas / DG19, see
+  ``sim/substructure.py``): d^2N/(dm dA) = (Sigma_sub / m_pivot)(m / m_pivot)^-subhalo_mass_slope, Sigma_sub
+  uniform in ``sigma_sub`` [kpc^-2] per image, m in ``subhalo_mass``, Poisson counts within
+  ``subhalo_area_radius`` x theta_E, positions uniform in that disk, tNFW with the DG19 concentration and
+  truncation (``subhalo_concentration_model="dg19"``) or point masses; with ``sigma_sub`` null (legacy,
+  the published recipe) ``subhalo_count`` subhalos, masses dN/dm ~ m^-subhalo_mass_slope in
   ``subhalo_mass``, radius uniform in ``subhalo_radius`` around the lens centre, angle uniform;
 - ``axion``: a uniform line segment (vortex) through the lens centre at a random angle, total mass
   ``vortex_mass``, half length ``vortex_half_length_ref * (1e-22 eV / m_axion)``,
@@ -39,6 +44,7 @@ KNOWN_CLASSES = ("no_sub", "axion", "cdm")
 SOURCE_KINDS = ("sersic", "real_galaxy")
 NOISE_KINDS = ("none", "snr", "instrument", "deeplense_i", "deeplense_x2")
 SUBHALO_PROFILES = ("point_mass", "tnfw")
+CONCENTRATION_MODELS = ("fixed", "dg19")
 VORTEX_PROFILES = ("segment", "point_chain")
 COUNT_UNITS = ("e-", "ADU")
 
@@ -54,6 +60,7 @@ class Preset:
     psf_fwhm: float | None  # arcsec; None = no PSF
     supersampling: int = 2
     psf_truncation: float = 5.0  # in sigma
+    supersampling_convolution: bool = False  # PSF on the supersampled grid, then binned (lenstronomy's name)
     class_names: tuple[str, ...] = KNOWN_CLASSES
     paired: bool = False
     # cosmology (flat LCDM)
@@ -107,12 +114,22 @@ class Preset:
     subhalo_radius: Range = (0.25, 2.0)  # arcsec from the lens centre
     subhalo_concentration: float = 15.0  # tNFW only: c = r200/Rs
     subhalo_truncation: float = 5.0  # tNFW only: r_trunc = this * Rs
+    # normalised population (sigma_sub set; sim/substructure.py): paltas / Wagner-Carena et al. 2022 values
+    sigma_sub: Range | None = None  # Sigma_sub [kpc^-2], uniform per image; null: subhalo_count (legacy)
+    subhalo_m_pivot: float = 1e10  # Msun
+    subhalo_area_radius: float = 3.0  # subhalos within this x theta_E of the lens centre
+    subhalo_concentration_model: str = "fixed"  # "fixed": subhalo_concentration/_truncation; "dg19"
+    subhalo_c0: float = 17.0  # dg19: c = c0 (1+z)^zeta (nu/nu_ref)^-beta x 10^N(0, scatter)
+    subhalo_conc_zeta: float = -0.25
+    subhalo_conc_beta: float = 0.7
+    subhalo_conc_m_ref: float = 1e8  # Msun
+    subhalo_conc_scatter: float = 0.13  # dex
+    subhalo_host_m200: float = 1e13  # Msun: line-of-sight depth r200/2 for the DG19 truncation
     axion_log10_mass: Range = (-24.0, -22.0)  # log10 eV
     vortex_mass: float = 3e10  # Msun
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
     vortex_points: int = 100
-
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -121,7 +138,13 @@ class Preset:
 
     @property
     def max_subhalos(self) -> int:
-        return int(self.subhalo_count[1]) if "cdm" in self.class_names else 0
+        if "cdm" not in self.class_names:
+            return 0
+        if self.sigma_sub is None:
+            return int(self.subhalo_count[1])
+        from .substructure import subhalo_capacity
+
+        return subhalo_capacity(self)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -227,8 +250,9 @@ PRESETS: dict[str, Preset] = {
             psf_fwhm=0.087,
             noise="snr",
             theta_E=(1.2, 1.8),
+            **_PHYSICAL_SUB,
         ),
-        Preset(name="model_ii", **_EUCLID),
+        Preset(name="model_ii", **_EUCLID_VIS_NOW, **_PHYSICAL_SUB),
         Preset(
             name="model_iii",
             num_pix=64,
@@ -244,12 +268,14 @@ PRESETS: dict[str, Preset] = {
             theta_E=(0.9, 1.5),
             subhalo_radius=(0.25, 1.8),
             source_mag=(22.0, 24.0),
+            **_PHYSICAL_SUB,
         ),
         Preset(
             name="real_galaxy_tiny",
             class_names=("no_sub", "cdm"),
             source_kind="real_galaxy",
-            **_EUCLID,
+            **_EUCLID_VIS_NOW,
+            **_PHYSICAL_SUB,
         ),
         # as published: lenstronomy ImageModel, amp 20, Model I's noise recipe (integer counts)
         Preset(
@@ -308,7 +334,7 @@ def get_preset(name: str) -> Preset:
 # ------------------------------------------------------------------------------------------- validation
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Preset)}
-_RANGE_FIELDS = {n for n, f in _FIELDS.items() if f.type in ("Range", "tuple[int, int]")}
+_RANGE_FIELDS = {n for n, f in _FIELDS.items() if f.type in ("Range", "tuple[int, int]", "Range | None")}
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -321,6 +347,8 @@ def _finite(x: Any) -> bool:
 
 def _coerce(name: str, value: Any) -> Any:
     """Lists -> tuples, ints stay ints; type errors name the field."""
+    if name == "sigma_sub" and value is None:
+        return None
     if name in _RANGE_FIELDS:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             _fail(name, value, "a [low, high] pair of finite numbers")
@@ -411,13 +439,14 @@ def validate_preset(p: Preset) -> Preset:
         ("source_kind", SOURCE_KINDS),
         ("noise", NOISE_KINDS),
         ("subhalo_profile", SUBHALO_PROFILES),
+        ("subhalo_concentration_model", CONCENTRATION_MODELS),
         ("vortex_profile", VORTEX_PROFILES),
         ("einstein_radius_distances", DISTANCE_KINDS),
         ("count_unit", COUNT_UNITS),
     ):
         if getattr(p, name) not in allowed:
             _fail(name, getattr(p, name), f"one of {list(allowed)}")
-    for name in ("paired", "lens_light"):
+    for name in ("paired", "lens_light", "supersampling_convolution"):
         if not isinstance(getattr(p, name), bool):
             _fail(name, getattr(p, name), "true or false")
     if p.source_library is not None and (not isinstance(p.source_library, str) or not p.source_library):
@@ -441,6 +470,7 @@ def validate_preset(p: Preset) -> Preset:
     ):
         _in_range(name, getattr(p, name), 0.0, inf, lo_open=True)
     _in_range("subhalo_count", p.subhalo_count, 0, 10000)
+    _validate_population(p)
     for name in (
         "lens_center",
         "lens_orientation",
@@ -464,6 +494,32 @@ def validate_preset(p: Preset) -> Preset:
             "'luminosity' only with point-mass subhalos (it sets point-mass Einstein radii)",
         )
     return p
+
+
+def _validate_population(p: Preset) -> None:
+    """Fields of the normalised subhalo population (checked whatever sigma_sub is: overrides fail early)."""
+    positive = (
+        "subhalo_m_pivot", "subhalo_area_radius", "subhalo_c0", "subhalo_conc_m_ref", "subhalo_host_m200",
+    )  # fmt: skip
+    for name in positive:
+        v = getattr(p, name)
+        if not _finite(v) or v <= 0:
+            _fail(name, v, "a finite number > 0")
+    for name in ("subhalo_conc_zeta", "subhalo_conc_beta"):
+        if not _finite(getattr(p, name)):
+            _fail(name, getattr(p, name), "a finite number")
+    if not _finite(p.subhalo_conc_scatter) or p.subhalo_conc_scatter < 0:
+        _fail("subhalo_conc_scatter", p.subhalo_conc_scatter, "a finite number >= 0 [dex]")
+    if p.sigma_sub is None:
+        return
+    _in_range("sigma_sub", p.sigma_sub, 0.0, 1.0)  # kpc^-2; a negative Sigma_sub fails here
+    lo, hi = p.subhalo_mass
+    if not lo < hi:
+        _fail("subhalo_mass", list(p.subhalo_mass), "m_min < m_max when sigma_sub is set")
+    if p.subhalo_concentration_model == "dg19" and not (1e5 <= lo and hi <= 1e12):
+        _fail("subhalo_mass", list(p.subhalo_mass), "masses in [1e5, 1e12] Msun with dg19 concentrations")
+    if "cdm" in p.class_names and p.max_subhalos > 100_000:
+        _fail("sigma_sub", list(p.sigma_sub), f"<= 100000 subhalos per image (got {p.max_subhalos} slots)")
 
 
 def resolve_preset(

@@ -73,6 +73,19 @@ def convolve_gaussian(images: Tensor, kernel_1d: Tensor) -> Tensor:
     return v.reshape(shape)
 
 
+def convolve_supersampled(
+    sb: Tensor, kernel_1d: Tensor, num_pix: int, supersampling: int, delta_pix: float
+) -> Tensor:
+    """Surface brightness [B, (N ss)^2] -> flux per pixel [B, N, N], the PSF applied on the supersampled grid
+    before binning (lenstronomy ``supersampling_convolution=True``): sub-pixel flux sb (delta_pix/ss)^2,
+    ``convolve_gaussian`` with ``kernel_1d`` built for pixels of delta_pix/ss, then summed over each pixel's
+    ss x ss sub-pixels. As ss grows this tends to the pixel integral of the PSF-convolved sky."""
+    B, ss = sb.shape[0], int(supersampling)
+    fine = sb.reshape(B, num_pix * ss, num_pix * ss) * (delta_pix / ss) ** 2
+    fine = convolve_gaussian(fine, kernel_1d)
+    return fine.reshape(B, num_pix, ss, num_pix, ss).sum(dim=(2, 4))
+
+
 def add_poisson_gaussian_noise(
     images: Tensor,
     exposure_time: Tensor,

@@ -17,6 +17,7 @@ from . import cosmology
 from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .presets import Preset
+from .substructure import draw_subhalos
 
 _F64 = torch.float64
 #: noise modes whose source brightness is a magnitude (converted with the zero point, 1 e-/s)
@@ -174,7 +175,12 @@ def draw_parameters(
         is_axion = labels == name_of.index("axion")
 
     K = preset.max_subhalos
-    if K > 0:
+    if K > 0 and preset.sigma_sub is not None:
+        # normalised population (sim/substructure.py), drawn for cdm images only from its own generator,
+        # seeded by one draw of the main stream (so the axion draws below do not depend on the labels)
+        g_sub = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        p.update(draw_subhalos(preset, p["theta_E"], p["center_x"], p["center_y"], is_cdm, g_sub))
+    elif K > 0:
         lo, hi = preset.subhalo_count
         count = torch.randint(int(lo), int(hi) + 1, (n,), generator=g)
         mass = power_law_masses(

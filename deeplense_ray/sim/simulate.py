@@ -26,6 +26,7 @@ from .render import (
     add_poisson_gaussian_noise,
     bin_supersampled,
     convolve_gaussian,
+    convolve_supersampled,
     gaussian_kernel_1d,
     pixel_grid,
 )
@@ -160,9 +161,10 @@ class Renderer:
         self.x, self.y = pixel_grid(
             preset.num_pix, preset.delta_pix, preset.supersampling, device=device, dtype=dtype
         )
+        self.ss_conv = _ss_convolution(preset)
         self.kernel = (
             gaussian_kernel_1d(
-                preset.psf_fwhm, preset.delta_pix, truncation=preset.psf_truncation, dtype=dtype
+                preset.psf_fwhm, _psf_pixel(preset), truncation=preset.psf_truncation, dtype=dtype
             ).to(device)
             if preset.psf_fwhm is not None
             else None
@@ -244,6 +246,10 @@ class Renderer:
     def __call__(self, p: Mapping[str, Tensor]) -> Tensor:
         """Flux per pixel [B, 1, N, N] from parameters already on the device (1-D [B] or [B, K])."""
         pre = self.preset
+        if self.ss_conv:  # PSF on the supersampled grid, then binned
+            return convolve_supersampled(
+                self.lensed_surface_brightness(p), self.kernel, pre.num_pix, pre.supersampling, pre.delta_pix
+            ).unsqueeze(1)
         if self.dense and pre.source_kind == "sersic" and not pre.lens_light:
             # one fused function from parameters to binned flux (the supersampled image never hits memory)
             col = {k: (p[k][:, None] if p[k].dim() == 1 else p[k]) for k in _hot_keys(pre)}
@@ -281,6 +287,7 @@ _SUB_KEYS = {
     "point_mass": ("subhalo_theta_E", "subhalo_x", "subhalo_y"),
     "tnfw": ("subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc", "subhalo_x", "subhalo_y"),
 }
+_TNFW_KERNEL_KEYS = ("subhalo_x", "subhalo_y", "subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc")
 _VORTEX_KEYS = ("vortex_theta_E", "vortex_half_length", "vortex_angle", "center_x", "center_y")
 
 
@@ -414,7 +421,7 @@ def simulate(
     ``labels`` (int64 [n], indices into the preset's class_names) fix the classes; otherwise they are
     balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the preset's) gives
     consecutive groups of C images the same macro lens, source and observation. On CUDA in float32,
-    Sersic presets without lens light and with point-mass subhalos render through fused Triton kernels
+    Sersic presets without lens light render through fused Triton kernels
     (``sim/_triton.py``) when triton is installed; ``compile=True`` asks instead for the torch.compile
     path (deflections + Sersic source fused by inductor). Returns CPU tensors; images float32 (on the
     render device instead with ``device_output=True``: for callers that post-process there, e.g. the
@@ -440,8 +447,17 @@ def triton_supported(preset: Preset, device: torch.device, dtype: torch.dtype) -
         and dtype == torch.float32
         and preset.source_kind == "sersic"
         and not preset.lens_light
-        and (preset.max_subhalos == 0 or preset.subhalo_profile == "point_mass")
     )
+
+
+def _ss_convolution(pre: Preset) -> bool:
+    """Whether the PSF is applied on the supersampled grid (``supersampling_convolution``, ss > 1, a PSF)."""
+    return pre.supersampling_convolution and pre.supersampling > 1 and pre.psf_fwhm is not None
+
+
+def _psf_pixel(pre: Preset) -> float:
+    """Pixel [arcsec] the PSF kernel is built for (a sub-pixel with supersampled convolution)."""
+    return pre.delta_pix / pre.supersampling if _ss_convolution(pre) else pre.delta_pix
 
 
 def simulate_with_backend(
@@ -561,14 +577,19 @@ class _TritonBatches:
         # a 'point_chain' vortex is rendered as vortex_points more point-mass slots after the subhalos
         self.chain = pre.vortex_points if self.has_vortex and pre.vortex_profile == "point_chain" else 0
         cols = [params[k].reshape(-1, 1) for k in keys]
-        if self.K > 0:
+        self.pm = self.K > 0 and pre.subhalo_profile == "point_mass"
+        if self.pm:
             cols += [params["subhalo_theta_E"], params["subhalo_x"], params["subhalo_y"]]
+        # tNFW subhalos go per batch, cut to the batch's largest count (a population pads to its capacity)
+        self.tnfw = [params[k] for k in _TNFW_KERNEL_KEYS] if self.K > 0 and not self.pm else None
+        self.count = params["subhalo_count"]
         table = torch.cat([c.to(torch.float32) for c in cols], dim=1)
         self.table = table.pin_memory()
         self.keys = keys
         self.coord = _triton.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
+        self.ss_conv = _ss_convolution(pre)
         self.kernel = (
-            gaussian_kernel_1d(pre.psf_fwhm, pre.delta_pix, truncation=pre.psf_truncation).to(
+            gaussian_kernel_1d(pre.psf_fwhm, _psf_pixel(pre), truncation=pre.psf_truncation).to(
                 device=dev, dtype=torch.float32
             )
             if pre.psf_fwhm is not None
@@ -580,22 +601,37 @@ class _TritonBatches:
         t = self.table[start:stop].to(self.dev, non_blocking=True)
         nk = len(self.keys)
         p = {k: t[:, i] for i, k in enumerate(self.keys)}
-        te2 = sx = sy = None
-        if self.K > 0:
+        te2 = sx = sy = tn = tcount = None
+        if self.tnfw is not None:
+            kb = tk.tnfw_slots(int(self.count[start:stop].max()), self.K)
+            if kb > 0:
+                f = torch.stack([v[start:stop, :kb].to(torch.float32) for v in self.tnfw]).to(self.dev)
+                tn = tk.tnfw_table(*f)
+                tcount = self.count[start:stop].to(self.dev, torch.int32)
+            p = {**p, "subhalo_count": torch.zeros_like(p["subhalo_count"])}  # the point-mass loop's count
+        if self.pm:
             K = self.K
             te = t[:, nk : nk + K]
             te2 = (te * te).contiguous()
             sx = t[:, nk + K : nk + 2 * K].contiguous()
             sy = t[:, nk + 2 * K : nk + 3 * K].contiguous()
         if self.chain:
-            te2, sx, sy, p = _append_point_chain(te2, sx, sy, p, self.K, self.chain)
+            te2, sx, sy, p = _append_point_chain(te2, sx, sy, p, self.K if self.pm else 0, self.chain)
         sc = tk.derive_scalars(p, has_vortex=self.has_vortex and not self.chain)
+        ss = pre.supersampling
+        # with supersampled convolution the kernel renders every sub-pixel as a pixel of delta_pix / ss
+        n_out, ss_k, d_k = (pre.num_pix, ss, pre.delta_pix)
+        if self.ss_conv:
+            n_out, ss_k, d_k = pre.num_pix * ss, 1, pre.delta_pix / ss
         img = tk.render_sersic(
-            sc, te2, sx, sy, self.coord, num_pix=pre.num_pix, supersampling=pre.supersampling,
-            delta_pix=pre.delta_pix, has_vortex=self.has_vortex and not self.chain,
+            sc, te2, sx, sy, self.coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k,
+            has_vortex=self.has_vortex and not self.chain, tnfw=tn, tnfw_count=tcount,
         )  # fmt: skip
         if self.kernel is not None:
             img = tk.psf_separable(img, self.kernel)
+        if self.ss_conv:
+            n = pre.num_pix
+            img = img.reshape(-1, n, ss, n, ss).sum(dim=(2, 4))
         nz = {k: p[k].contiguous() for k in NOISE_KEYS[pre.noise]}
         return _observe(img.unsqueeze(1), nz, pre, self.seed, start)
 
