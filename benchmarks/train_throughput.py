@@ -5,7 +5,7 @@ script runs ``--warmup`` then ``--steps`` AdamW training steps on a fixed random
 3 classes) and reports training images/s and peak allocated GPU memory. Prints a table and writes JSON
 (rewritten atomically after every configuration, so a run cut short still leaves its numbers).
 
-Needs only torch, einops, vit-pytorch and numpy (no Ray). Examples:
+Needs only torch, einops and numpy (no Ray). Examples:
 
     python benchmarks/train_throughput.py --quick --out /tmp/tp.json          # CPU smoke test
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json --compile on

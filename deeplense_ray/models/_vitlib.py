@@ -1,32 +1,16 @@
-"""Import vit-pytorch submodules even where ``torchvision`` is missing.
+"""The vit-pytorch architectures, from the copy vendored in ``deeplense_ray/models/_vendor/vit_pytorch``.
 
-``vit_pytorch/__init__.py`` imports ``vit_pytorch.dino``, which imports torchvision; the architectures used
-here (vit, vit_for_small_dataset, cvt, cait, cct, twins_svt, levit, cross_vit, pit, t2t, crossformer) need
-only torch and einops. When the package import fails for that reason, the package is registered as a bare
-namespace (its ``__init__`` not executed) so that its submodules import normally.
+See that package's docstring for the version, the licence and why it is vendored instead of declared.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 import types
+
+_VENDORED = "deeplense_ray.models._vendor.vit_pytorch"
 
 
 def import_vit_module(name: str) -> types.ModuleType:
-    """Return ``vit_pytorch.<name>``."""
-    try:
-        return importlib.import_module(f"vit_pytorch.{name}")
-    except ModuleNotFoundError as err:
-        if err.name is None or not err.name.startswith("torchvision"):
-            raise
-    spec = importlib.util.find_spec("vit_pytorch")
-    if spec is None or spec.submodule_search_locations is None:  # pragma: no cover - vit-pytorch missing
-        raise ModuleNotFoundError("vit-pytorch is not installed (pip install vit-pytorch)")
-    pkg = types.ModuleType("vit_pytorch")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    pkg.__file__ = spec.origin
-    sys.modules["vit_pytorch"] = pkg
-    return importlib.import_module(f"vit_pytorch.{name}")
+    """Return the vendored ``vit_pytorch.<name>`` (e.g. ``"cvt"``, ``"vit_for_small_dataset"``)."""
+    return importlib.import_module(f"{_VENDORED}.{name}")

@@ -55,7 +55,6 @@ def model_requirements() -> list[str]:
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"deeplense-ray=={deeplense_ray.__version__}",
-        "vit-pytorch",
         "einops",
         "numpy",
         "pandas",
