@@ -1,0 +1,350 @@
+"""Detectability of dark-matter substructure: cdm-vs-no_sub AUC against the subhalo normalisation Sigma_sub.
+
+On one GPU, for each subhalo profile (tNFW, point mass) and each Sigma_sub scale s (the model_ii prior
+Sigma_sub ~ U(0, 4e-3) kpc^-2 becomes U(0, 4e-3 s)), and each seed: simulate a balanced no_sub / axion / cdm
+training and test set of the model_ii preset in GPU memory (``simulate(device_output=True)``, no disk), train
+each model (``deeplense_ray.models`` registry; the project's ``train_one_epoch`` / ``predict_batches``, bf16
+autocast on CUDA, AdamW + cosine, random 90-degree rotations and flips, per-image standardisation) and
+measure on the test set:
+- ``auc_cdm``: ROC AUC of cdm against no_sub (score logit_cdm - logit_no_sub, no_sub and cdm test images);
+- ``auc_axion_bins``: ROC AUC of axion against no_sub per log10 m_axion bin (logit_axion - logit_no_sub);
+- ``accuracy`` (3 classes), the mean subhalo count and projected subhalo mass fraction of the cdm test images.
+Reports mean +- std over seeds per point, prints a table, writes JSON and a PNG (AUC against the scale, one
+line per model and profile) and logs both to MLflow when mlflow imports (``--tracking-uri``, default
+``sqlite:///<out dir>/mlflow.db``; ``--no-mlflow`` to skip).
+
+    python benchmarks/detectability.py --quick --out /tmp/det.json            # CPU smoke test (~1 min)
+    python benchmarks/detectability.py --out benchmarks/results/detectability_h200.json   # one H200, ~8 min
+
+Each (profile, scale, seed) data set is simulated once and used by every model; the data seeds derive from
+(seed, profile, scale index), so models see the same images. ``--time-budget`` stops starting new points
+once exceeded (what ran is saved; the JSON lists what was skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeplense_ray.data.augment import normalize_batch  # noqa: E402
+from deeplense_ray.models import build_model, count_parameters  # noqa: E402
+from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
+from deeplense_ray.train.loop import (  # noqa: E402
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    derive_seed,
+    predict_batches,
+    train_one_epoch,
+)
+
+PROFILES = ("tnfw", "point_mass")
+QUICK_MODEL_OVERRIDES = {"ResNet18": {"width": 8}, "ViT": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64}}
+
+
+def _batches(images, labels, batch_size, generator=None):
+    """Batches {"image", "label"} of device tensors, shuffled by ``generator`` (None: in order)."""
+    n = images.shape[0]
+    order = torch.randperm(n, generator=generator, device="cpu") if generator is not None else torch.arange(n)
+    order = order.to(images.device)
+    for s in range(0, n, batch_size):
+        idx = order[s : s + batch_size]
+        yield {"image": images.index_select(0, idx), "label": labels.index_select(0, idx)}
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    return float(roc_auc_score(y, np.r_[pos, neg]))
+
+
+def make_data(preset, n_per_class: int, seed: int, device: torch.device):
+    """Standardised images [3n, 1, H, W] on ``device``, labels, and the CPU params of one simulate() call."""
+    res = simulate(preset, 3 * n_per_class, seed, device=device, device_output=True)
+    x = normalize_batch(res.images.to(device), "per_image_standard")
+    return x, res.labels.to(device), res.params
+
+
+def evaluate(
+    model, x, y, params, class_names, *, device, amp_dtype, batch_size, axion_bins
+) -> dict[str, Any]:
+    logits, labels = predict_batches(model, _batches(x, y, batch_size), device=device, amp_dtype=amp_dtype)
+    c = {name: class_names.index(name) for name in class_names}
+    no_sub = labels == c["no_sub"]
+    cdm = labels == c["cdm"]
+    s_cdm = logits[:, c["cdm"]] - logits[:, c["no_sub"]]
+    out: dict[str, Any] = {
+        "accuracy": float((logits.argmax(1) == labels).mean()),
+        "auc_cdm": _auc(s_cdm[cdm], s_cdm[no_sub]),
+    }
+    if "axion" in c:
+        s_ax = logits[:, c["axion"]] - logits[:, c["no_sub"]]
+        log_m = np.log10(np.maximum(params["axion_mass"].double().numpy(), 1e-300))
+        ax = labels == c["axion"]
+        out["auc_axion"] = _auc(s_ax[ax], s_ax[no_sub])
+        out["auc_axion_bins"] = [
+            _auc(s_ax[ax & (log_m >= lo) & (log_m < hi)], s_ax[no_sub])
+            for lo, hi in zip(axion_bins[:-1], axion_bins[1:])
+        ]
+    cnt = params["subhalo_count"].double().numpy()[cdm]
+    out["mean_subhalo_count_cdm"] = float(cnt.mean()) if cnt.size else math.nan
+    if "subhalo_mass_fraction_arc" in params:
+        out["mean_fsub_arc_cdm"] = float(params["subhalo_mass_fraction_arc"].double().numpy()[cdm].mean())
+    return out
+
+
+def train_model(name, x, y, *, args, seed, device, amp_dtype, num_classes, image_size):
+    torch.manual_seed(seed)
+    over = QUICK_MODEL_OVERRIDES.get(name, {}) if args.quick else {}
+    model = build_model(name, image_size, 1, num_classes, pixel_scale=args.pixel_scale, **over).to(device)
+    cfg = {
+        "optimizer": "adamw", "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs,
+        "warmup_epochs": min(1, args.epochs - 1), "scheduler": "cosine",
+    }  # fmt: skip
+    opt = build_optimizer(model.parameters(), cfg)
+    sched = build_scheduler(opt, cfg)
+    g_shuffle = torch.Generator().manual_seed(seed)
+    g_aug = torch.Generator(device=device).manual_seed(seed)
+    images_seen, t_train = 0, 0.0
+    for _ in range(args.epochs):
+        r = train_one_epoch(
+            model, _batches(x, y, args.batch_size, g_shuffle), opt, device=device, amp_dtype=amp_dtype,
+            augment={"rot90": True, "flip": True}, generator=g_aug,
+        )  # fmt: skip
+        sched.step()
+        images_seen += int(r["images"])
+        t_train += r["seconds"]
+    return model, {
+        "params": count_parameters(model),
+        "train_s": t_train,
+        "train_img_s": images_seen / t_train,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = result["config"]["sigma_sub_default_mean"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for pt in result["points"].values():
+        groups.setdefault((pt["model"], pt["profile"]), []).append(pt)
+    for (model, profile), pts in sorted(groups.items()):
+        pts = sorted(pts, key=lambda p: p["scale"])
+        xs = [base * p["scale"] for p in pts]
+        m = [p["auc_cdm"]["mean"] for p in pts]
+        s = [p["auc_cdm"]["std"] for p in pts]
+        style = "-o" if profile == "tnfw" else "--s"
+        axes[0].errorbar(xs, m, yerr=s, fmt=style, capsize=3, label=f"{model}, {profile}")
+        if pts[0].get("auc_axion_bins"):
+            centres = result["config"]["axion_bin_centres"]
+            mid = pts[len(pts) // 2]
+            bins = mid["auc_axion_bins"]
+            axes[1].errorbar(
+                centres, [b["mean"] for b in bins], yerr=[b["std"] for b in bins], fmt=style, capsize=3,
+                label=f"{model}, {profile} (x{mid['scale']:g})",
+            )  # fmt: skip
+    axes[0].set_xscale("log")
+    axes[0].axhline(0.5, color="grey", lw=0.8)
+    axes[0].set_xlabel(r"mean $\Sigma_{\rm sub}$ [kpc$^{-2}$] (model_ii prior x scale)")
+    axes[0].set_ylabel("cdm vs no_sub test AUC")
+    axes[0].set_title(f"model_ii, {result['config']['train_per_class']} train/class, mean +- std over seeds")
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(0.5, color="grey", lw=0.8)
+    axes[1].set_xlabel(r"log$_{10}$ m$_{\rm axion}$ [eV]")
+    axes[1].set_ylabel("axion vs no_sub test AUC")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_mlflow(result: dict[str, Any], png: Path, out: Path, tracking_uri: str | None) -> str | None:
+    try:
+        import mlflow  # noqa: F401
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return None
+    from deeplense_ray.tracking import get_or_create_experiment, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, base_dir=out.parent)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(get_or_create_experiment("detectability", uri), run_name=out.stem)
+    rid = run.info.run_id
+    for k, v in result["config"].items():
+        client.log_param(rid, k, json.dumps(v) if not isinstance(v, str) else v)
+    for key, pt in result["points"].items():
+        client.log_metric(rid, f"auc_cdm_mean.{key}", pt["auc_cdm"]["mean"])
+        client.log_metric(rid, f"auc_cdm_std.{key}", pt["auc_cdm"]["std"])
+    client.log_artifact(rid, str(png))
+    client.log_artifact(rid, str(out))
+    client.set_terminated(rid)
+    return uri
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="cdm / axion detectability against Sigma_sub (one GPU)")
+    ap.add_argument("--preset", default="model_ii")
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])
+    ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
+    ap.add_argument("--models", nargs="+", default=["ResNet18", "ViT"])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--train-per-class", type=int, default=6144)
+    ap.add_argument("--test-per-class", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--axion-bins", type=int, default=4, help="equal log10 m_axion bins over the prior")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds; stop starting new points after")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--no-mlflow", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("runs/detectability.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.scales, args.seeds = args.scales[:2] if len(args.scales) > 2 else args.scales, min(args.seeds, 2)
+        args.train_per_class, args.test_per_class, args.epochs, args.batch_size = 48, 32, 1, 32
+        args.axion_bins = 2
+    if args.seeds < 1 or args.epochs < 1 or args.train_per_class < 1 or args.test_per_class < 2:
+        raise SystemExit(f"bad sizes: seeds={args.seeds} epochs={args.epochs} train/test per class "
+                         f"{args.train_per_class}/{args.test_per_class}")  # fmt: skip
+    if any(not (s > 0 and math.isfinite(s)) for s in args.scales):
+        raise SystemExit(f"--scales must be positive numbers, got {args.scales}")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = autocast_dtype(args.precision, dev)
+    # --quick: 32x32 without supersampling, so the CPU smoke test takes about a minute
+    base = resolve_preset(args.preset, {"num_pix": 32, "supersampling": 1} if args.quick else None)
+    if base.sigma_sub is None or "cdm" not in base.class_names or "no_sub" not in base.class_names:
+        raise SystemExit(f"preset {args.preset!r} needs sigma_sub and the classes no_sub and cdm")
+    lo_ax, hi_ax = base.axion_log10_mass
+    bins = np.linspace(lo_ax, hi_ax, args.axion_bins + 1)
+    bins[-1] += 1e-9
+    args.pixel_scale = base.delta_pix
+    config = {
+        "preset": args.preset, "scales": args.scales, "profiles": args.profiles, "models": args.models,
+        "seeds": args.seeds, "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "precision": args.precision, "normalize": "per_image_standard", "augment": "rot90+flip",
+        "sigma_sub_default": list(base.sigma_sub), "sigma_sub_default_mean": float(np.mean(base.sigma_sub)),
+        "subhalo_mass": list(base.subhalo_mass), "axion_bins": bins.tolist(),
+        "axion_bin_centres": (0.5 * (bins[1:] + bins[:-1])).tolist(), "quick": args.quick,
+        "num_pix": base.num_pix, "supersampling": base.supersampling,
+    }  # fmt: skip
+    print(f"device={dev} torch={torch.__version__} config={json.dumps(config)}", flush=True)
+    t_start = time.perf_counter()
+    raw: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    sim_s = 0.0
+    for p_i, profile in enumerate(args.profiles):
+        for s_i, scale in enumerate(args.scales):
+            over = {
+                "sigma_sub": [base.sigma_sub[0] * scale, base.sigma_sub[1] * scale],
+                "subhalo_profile": profile,
+            }
+            pre = resolve_preset(base, over)
+            for seed in range(args.seeds):
+                if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                    skipped.append(f"{profile}/x{scale:g}/seed{seed}")
+                    continue
+                t0 = time.perf_counter()
+                xtr, ytr, _ = make_data(pre, args.train_per_class, derive_seed(seed, p_i, s_i, 0), dev)
+                xte, yte, pte = make_data(pre, args.test_per_class, derive_seed(seed, p_i, s_i, 1), dev)
+                sim_s += time.perf_counter() - t0
+                for name in args.models:
+                    model, info = train_model(
+                        name, xtr, ytr, args=args, seed=derive_seed(seed, 7), device=dev, amp_dtype=amp,
+                        num_classes=pre.num_classes, image_size=pre.num_pix,
+                    )  # fmt: skip
+                    ev = evaluate(
+                        model, xte, yte, pte, pre.class_names, device=dev, amp_dtype=amp,
+                        batch_size=4 * args.batch_size, axion_bins=bins,
+                    )  # fmt: skip
+                    key = f"{name}/{profile}/x{scale:g}"
+                    raw.setdefault(key, {"model": name, "profile": profile, "scale": scale, "runs": []})
+                    raw[key]["runs"].append({"seed": seed, **ev, **info})
+                    print(
+                        f"{key:<28} seed {seed}: auc_cdm {ev['auc_cdm']:.3f}  acc {ev['accuracy']:.3f}  "
+                        f"<N_sub> {ev['mean_subhalo_count_cdm']:.0f}  "
+                        f"f_sub {ev.get('mean_fsub_arc_cdm', 0):.4f}  "
+                        f"train {info['train_s']:.1f} s  [{time.perf_counter() - t_start:.0f} s]",
+                        flush=True,
+                    )
+                    del model
+                del xtr, ytr, xte, yte
+    points = {}
+    for key, r in raw.items():
+        runs = r["runs"]
+        pt = {k: r[k] for k in ("model", "profile", "scale")}
+        pt["sigma_sub_mean"] = config["sigma_sub_default_mean"] * r["scale"]
+        for m in ("auc_cdm", "auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm"):
+            if m in runs[0]:
+                pt[m] = _summary([x[m] for x in runs])
+        if "auc_axion_bins" in runs[0]:
+            pt["auc_axion_bins"] = [
+                _summary([x["auc_axion_bins"][b] for x in runs]) for b in range(len(bins) - 1)
+            ]
+        pt["runs"] = runs
+        points[key] = pt
+    wall = time.perf_counter() - t_start
+    result = {
+        "config": config,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "host": {"hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M")},
+        "wall_s": wall,
+        "simulate_s": sim_s,
+        "skipped": skipped,
+        "points": points,
+    }
+    print(f"\n{'model/profile/scale':<28} {'Sigma_sub':>10} {'AUC cdm':>15} {'AUC axion':>15} {'<N_sub>':>8}")
+    for key, pt in points.items():
+        a, ax = pt["auc_cdm"], pt.get("auc_axion", {"mean": math.nan, "std": math.nan})
+        print(
+            f"{key:<28} {pt['sigma_sub_mean']:>10.2e} {a['mean']:>8.3f} +- {a['std']:.3f} "
+            f"{ax['mean']:>8.3f} +- {ax['std']:.3f} {pt['mean_subhalo_count_cdm']['mean']:>8.0f}"
+        )
+    print(f"wall {wall:.0f} s (simulation {sim_s:.0f} s); skipped {len(skipped)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_suffix(".png")
+    plot(result, png)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} and {png}")
+    if not args.no_mlflow:
+        uri = log_mlflow(result, png, args.out, args.tracking_uri)
+        print(f"MLflow: {uri}" if uri else "MLflow not importable: not logged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
