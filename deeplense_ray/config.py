@@ -102,7 +102,7 @@ def check_model_fits(
     from deeplense_ray.models import build_model, list_models
 
     names = {m.lower(): m for m in list_models()}
-    if not isinstance(model, str) or model.lower() not in names:
+    if not isinstance(model, str) or (model.lower() not in names and not model.lower().startswith("timm:")):
         raise ValueError(f"unknown model {model!r}; valid models: {', '.join(list_models())}")
     c, h, w = info.image_shape
     what = (

@@ -334,8 +334,60 @@ def list_models() -> list[str]:
     return [s.name for s in _SPECS]
 
 
+TIMM_PREFIX = "timm:"
+
+
+class _TimmClassifier(nn.Module):
+    """A timm backbone without its head (``num_classes=0``: pooled features) + this project's classifier head
+    (dropout, linear), as ResNet18's."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(int(backbone.num_features), num_classes))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    """Spec of ``timm:<architecture>`` (any timm model, untrained, ``in_chans`` = the data's channels).
+
+    ValueError naming the model when timm is not importable or does not know the architecture."""
+    arch = name[len(TIMM_PREFIX) :].strip()
+    if not arch:
+        raise ValueError(f"model {name!r}: give a timm architecture after 'timm:', e.g. timm:densenet201")
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or a timm that cannot import beside this torch
+        raise ValueError(
+            f"model {name!r} needs timm, which is not importable here ({type(exc).__name__}: {exc}); install "
+            f"timm matching this torch, or use one of: {', '.join(list_models())}"
+        ) from exc
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:6]}*")[:10]
+        raise ValueError(f"model {name!r}: timm has no architecture {arch!r}; similar names: {close}")
+
+    def build(image_size: int, in_channels: int, num_classes: int, pixel_scale: float | None, hp: dict):
+        hp = dict(hp)
+        dropout = float(hp.pop("dropout"))
+        backbone = timm.create_model(arch, pretrained=False, in_chans=in_channels, num_classes=0, **hp)
+        return _TimmClassifier(backbone, num_classes, dropout)
+
+    return ModelSpec(
+        name=f"{TIMM_PREFIX}{arch}",
+        build=build,
+        hparams={"dropout": 0.0, "drop_rate": 0.0},
+        source=f"timm {arch} (pretrained=False) + own head",
+        size_rule="timm's own",
+    )
+
+
 def get_spec(name: str) -> ModelSpec:
-    """Spec for ``name`` (case-insensitive); ValueError listing valid names if unknown."""
+    """Spec for ``name`` (case-insensitive; ``timm:<arch>`` = any timm architecture where timm is importable);
+    ValueError listing valid names if unknown."""
+    if isinstance(name, str) and name.lower().startswith(TIMM_PREFIX):
+        return _timm_spec(name)
     spec = _BY_LOWER.get(str(name).lower()) if isinstance(name, str) else None
     if spec is None:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
