@@ -1,0 +1,307 @@
+"""Run a study: every model x seed as one tracked training (``run_training``), then one report.
+
+Runs are the trials of a Ray Tune grid over a function trainable (:func:`study_trial`), each calling the
+project's ``deeplense_ray.train.run_training`` with one Ray Train worker (fractional GPUs pack small models on
+a GPU). A finished run writes ``runs/<model>-s<seed>.json`` (its test metrics, parameter count, images/s) and
+``.npz`` (test labels and probabilities for the ROC curves) atomically: that directory is the study's state. A
+resumed study (``resume=True``) runs only the pairs without a result; a run killed mid-training continues from
+its latest checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
+
+On disk (``<storage_path>/<name>/``): ``study_state.json`` (settings, dataset, MLflow ids), ``runs/``,
+``trainers/`` (each run's Ray Train directory and checkpoints), ``dataset/`` (with ``simulate``), Tune's
+directories ``tune-<attempt>/``, and the report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``,
+``roc_study.png``). MLflow: a parent run per study (tag ``study.role=study``) holding the report, and the
+training runs nested under it (tag ``mlflow.parentRunId``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deeplense_ray.study.settings import StudySettings, slug
+
+STATE_FILE = "study_state.json"
+RUNS_DIR = "runs"
+TRAINERS_DIR = "trainers"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+class StudySetupError(ValueError):
+    """A bad option or input found before any training started."""
+
+
+class StudyIncomplete(RuntimeError):
+    """Some runs failed; the finished ones are kept and ``resume=True`` runs only the rest."""
+
+
+@dataclass
+class StudyResult:
+    name: str
+    output_dir: str
+    parent_run_id: str
+    experiment_id: str
+    data_dir: str
+    table: list[dict[str, Any]]
+    markdown: str
+    runs: list[dict[str, Any]]
+    artifacts: list[str] = field(default_factory=list)
+    ran_now: list[str] = field(default_factory=list)
+
+
+def run_key(model: str, seed: int) -> str:
+    return f"{slug(model)}-s{seed}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- trial
+def _images_per_s(client, run_id: str) -> float:
+    """Training images/s of a run: the median over epochs 2.. of its logged ``images_per_s`` (epoch 1 holds
+    start-up), or epoch 1's with a single epoch."""
+    import numpy as np
+
+    hist = sorted(client.get_metric_history(run_id, "images_per_s"), key=lambda m: m.step)
+    values = [m.value for m in hist if m.step >= 2] or [m.value for m in hist]
+    return float(np.median(values)) if values else float("nan")
+
+
+def _evaluate(best: str, data_dir: str, cpus: float, gpus: float) -> dict[str, Any]:
+    import ray
+
+    from deeplense_ray.train import evaluate_checkpoint
+
+    def ev(b: str, d: str) -> dict[str, Any]:
+        return evaluate_checkpoint(b, d, "test", return_predictions=True)
+
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus))(ev).remote(best, data_dir))
+
+
+def study_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one (model, seed) of the study, trained by ``run_training`` (or continued /
+    only evaluated when an earlier attempt got that far), then its result files written."""
+    import numpy as np
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.models import count_parameters
+    from deeplense_ray.train import RUN_STATE_FILE, load_model_from_checkpoint, run_training
+
+    job, fixed = config["job"], config["_study"]
+    model, seed = job["model"], int(job["seed"])
+    key = run_key(model, seed)
+    if [model, seed] in [list(x) for x in fixed["fail_runs"]]:
+        raise RuntimeError(f"injected failure of run {key} (StudySettings.fail_runs)")
+    storage = Path(fixed["trainer_storage"])
+    fields = dict(fixed["train"][model], seed=seed, storage_path=str(storage), run_name=key,
+                  tracking_uri=fixed["tracking_uri"])  # fmt: skip
+    state_file = storage / key / RUN_STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state is not None and state.get("status") == "finished":  # trained; its result was not written
+        run_id, best = state["mlflow_run_id"], state["best_checkpoint"]
+    else:
+        if state is None and (storage / key).exists():  # nothing recorded yet: start it over
+            shutil.rmtree(storage / key)
+        result = run_training(TrainConfig(**fields, resume=state is not None))
+        run_id, best = result.run_id, result.best_checkpoint
+    client = MlflowClient(tracking_uri=fixed["tracking_uri"])
+    client.set_tag(run_id, TAG_PARENT, fixed["parent_run_id"])
+    client.set_tag(run_id, "study.name", fixed["name"])
+    client.set_tag(run_id, "study.run", key)
+    test = _evaluate(
+        best, fixed["data_dir"], fields.get("cpus_per_worker", 1.0), fields.get("gpus_per_worker", 0)
+    )
+    params = count_parameters(load_model_from_checkpoint(best))
+    out = Path(fixed["runs_dir"])
+    tmp = out / f".{key}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, y_true=np.asarray(test["y_true"]), probs=np.asarray(test["probs"]))
+    os.replace(tmp, out / f"{key}.npz")
+    row = {
+        "model": model,
+        "seed": seed,
+        "run_id": run_id,
+        "checkpoint": str(best),
+        "params": int(params),
+        "images_per_s": _images_per_s(client, run_id),
+        "epochs": int(fields["epochs"]),
+        "accuracy": float(test["accuracy"]),
+        "auc_macro": float(test["auc_macro"]),
+        **{f"auc_{c}": float(v) for c, v in test["auc"].items()},
+    }
+    from deeplense_ray.tracking import write_json_atomic
+
+    write_json_atomic(row, out / f"{key}.json")  # last: its presence marks the run finished
+    ray.tune.report({"auc_macro": row["auc_macro"], "accuracy": row["accuracy"]})
+
+
+# ----------------------------------------------------------------------------------------------- study
+def _resources(s: StudySettings, cluster: dict[str, float], pending: int) -> tuple[float, float, int]:
+    """(GPUs, CPUs) per run and runs at once; ValueError when one run cannot fit the cluster."""
+    from deeplense_ray.runtime import DATA_RESERVE_CPUS, check_cpu_room
+    from deeplense_ray.tune.settings import DRIVER_CPUS
+
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    g = float(s.gpus_per_run) if s.gpus_per_run is not None else (0.25 if gpus > 0 else 0.0)
+    if g > gpus + 1e-9:
+        raise ValueError(f"gpus_per_run={g:g}, but the Ray cluster has {gpus:g} GPUs")
+    room = cpus - DATA_RESERVE_CPUS - DRIVER_CPUS
+    c = float(s.cpus_per_run) if s.cpus_per_run is not None else max(0.25, min(1.0, math.floor(room * 4) / 4))
+    check_cpu_room(cluster, DRIVER_CPUS + c, what="a run", detail=f"{DRIVER_CPUS:g} + cpus_per_run={c:g}",
+                   fix="lower cpus_per_run (fractions are allowed)")  # fmt: skip
+    fit = max(1, math.floor((cpus - DATA_RESERVE_CPUS + 1e-9) / (DRIVER_CPUS + c)))
+    if g > 0:
+        fit = min(fit, math.floor((gpus + 1e-9) / g))
+    fit = max(1, min(fit, pending))
+    if s.max_concurrent is not None:
+        fit = min(fit, s.max_concurrent)
+    return g, c, fit
+
+
+def _newest_study(storage: Path) -> str:
+    found = sorted((p.stat().st_mtime, p.parent.name) for p in storage.glob(f"*/{STATE_FILE}"))
+    if not found:
+        raise ValueError(f"nothing to resume: no */{STATE_FILE} under {storage}")
+    return found[-1][1]
+
+
+def _prepare(settings: StudySettings) -> tuple[StudySettings, Path, dict[str, Any] | None]:
+    """Validated settings, the study directory and its saved state (resume). No cluster work."""
+    storage = Path(settings.storage_path).expanduser().resolve()
+    if settings.resume:
+        name = settings.name or _newest_study(storage)
+        state_file = storage / name / STATE_FILE
+        if not state_file.is_file():
+            raise ValueError(f"nothing to resume: {state_file} does not exist")
+        state = json.loads(state_file.read_text())
+        saved = dict(state["settings"], resume=True, name=name, fail_runs=settings.fail_runs)
+        saved["models"] = tuple(saved["models"])
+        s = StudySettings(**saved).validate()
+        return s, storage / name, state
+    s = settings.validate()
+    name = s.name or time.strftime("study-%Y%m%d-%H%M%S")
+    out = storage / name
+    if out.exists():
+        raise ValueError(f"study directory {out} already exists: pass resume=True (--resume) or another name")
+    if s.data_dir is not None:
+        _check_data(s, str(Path(s.data_dir).expanduser().resolve()))
+    return dataclasses.replace(s, name=name), out, None
+
+
+def _check_data(s: StudySettings, data_dir: str) -> None:
+    """Every model's TrainConfig against the dataset (exists, splits, the model takes its images)."""
+    from deeplense_ray.config import TrainConfig
+
+    for model in s.models:
+        TrainConfig(**StudySettings.train_fields(s, model, seed=0, data_dir=data_dir)).validate()
+
+
+def _ensure_dataset(s: StudySettings, out: Path) -> str:
+    if s.data_dir is not None:
+        return str(Path(s.data_dir).expanduser().resolve())
+    from deeplense_ray.data import build_dataset, verify_dataset
+    from deeplense_ray.tune.runner import dataset_lock
+
+    data = out / "dataset"
+    with dataset_lock(str(data)):
+        if not ((data / "manifest.json").is_file() and not verify_dataset(data)):
+            build_dataset(StudySettings.dataset_config(s).validate(), str(data), resume=data.is_dir(),
+                          progress=False)  # fmt: skip
+    return str(data)
+
+
+def run_study(settings: StudySettings, *, address: str | None = None) -> StudyResult:
+    """Run (or resume) a study and write its report; see the module docstring.
+
+    Raises StudySetupError (a ValueError naming the value) before any training for bad options, models or
+    data; StudyIncomplete after the grid when some runs failed (the finished ones are kept)."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from deeplense_ray.tracking import get_or_create_experiment, log_params, resolve_tracking_uri
+    from deeplense_ray.tune.runner import connect_ray
+    from deeplense_ray.tune.settings import DRIVER_CPUS
+
+    try:
+        s, out, state = _prepare(settings)
+    except (ValueError, FileNotFoundError) as exc:
+        raise StudySetupError(str(exc)) from exc
+    connect_ray(address)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUNS_DIR).mkdir(exist_ok=True)
+    data_dir = _ensure_dataset(s, out)
+    try:
+        _check_data(s, data_dir)
+        pending = [(m, seed) for m in s.models for seed in range(s.seeds)
+                   if not (out / RUNS_DIR / f"{run_key(m, seed)}.json").is_file()]  # fmt: skip
+        gpus, cpus, concurrency = _resources(s, ray.cluster_resources(), max(1, len(pending)))
+    except (ValueError, FileNotFoundError) as exc:
+        raise StudySetupError(str(exc)) from exc
+
+    uri = state["tracking_uri"] if state else resolve_tracking_uri(s.tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    if state is None:
+        exp_id = get_or_create_experiment(s.experiment, uri)
+        parent = client.create_run(exp_id, run_name=s.name, tags={"study.role": "study"}).info.run_id
+        settings_doc = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("fail_runs", "resume")}
+        settings_doc["models"] = list(s.models)
+        log_params(uri, parent, {"study": {k: v for k, v in settings_doc.items() if k != "model_configs"},
+                                 "dataset": {"data_dir": data_dir}})  # fmt: skip
+        state = {"settings": settings_doc, "tracking_uri": uri, "experiment_id": exp_id,
+                 "parent_run_id": parent, "data_dir": data_dir, "attempts": 0}  # fmt: skip
+    else:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+    state["attempts"] = int(state.get("attempts", 0)) + 1
+    _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+    if pending:
+        train = {}
+        for m in s.models:
+            f = StudySettings.train_fields(s, m, seed=0, data_dir=data_dir)
+            f.update(gpus_per_worker=gpus, cpus_per_worker=cpus)
+            f.pop("seed")
+            train[m] = f
+        fixed = {
+            "train": train, "tracking_uri": uri, "parent_run_id": state["parent_run_id"], "name": s.name,
+            "data_dir": data_dir, "trainer_storage": str(out / TRAINERS_DIR), "runs_dir": str(out / RUNS_DIR),
+            "fail_runs": [list(x) for x in s.fail_runs],
+        }  # fmt: skip
+        jobs = [{"model": m, "seed": seed} for m, seed in pending]
+        tuner = tune.Tuner(
+            tune.with_resources(study_trial, {"CPU": DRIVER_CPUS}),
+            param_space={"job": tune.grid_search(jobs), "_study": fixed},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=f"tune-{state['attempts']}",
+                storage_path=str(out),
+                verbose=1,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),  # fmt: skip
+        )
+        tuner.fit()
+    missing = [run_key(m, seed) for m in s.models for seed in range(s.seeds)
+               if not (out / RUNS_DIR / f"{run_key(m, seed)}.json").is_file()]  # fmt: skip
+    if missing:
+        client.set_terminated(state["parent_run_id"], status="FAILED")
+        raise StudyIncomplete(
+            f"study {s.name!r}: runs {missing} did not finish (see {out}); the others are kept: continue "
+            f"with resume=True (--resume --name {s.name} --storage-path {out.parent})"
+        )
+    from deeplense_ray.study.report import write_report
+
+    result = write_report(s, out, client=client, state=state)
+    result.ran_now = [run_key(m, seed) for m, seed in pending]
+    client.set_terminated(state["parent_run_id"], status="FINISHED")
+    return result
