@@ -168,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    from deeplense_ray.runtime import RayConnectError
     from deeplense_ray.tune import run_search
     from deeplense_ray.tune.runner import SearchSetupError
 
     try:
         result = run_search(settings, address=args.address)
-    except SearchSetupError as exc:
+    except (SearchSetupError, RayConnectError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print()
