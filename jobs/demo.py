@@ -85,12 +85,6 @@ def tracking_uri(p: dict[str, Path]) -> str:
     return f"sqlite:///{p['db']}"
 
 
-def mlflow_ui_command(p: dict[str, Path], port: int = 5000) -> str:
-    exe = Path(sys.executable).with_name("mlflow")
-    return (f"{exe if exe.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri(p)} "
-            f"--artifacts-destination {p['artifacts']} --host 127.0.0.1 --port {port}")
-
-
 def setup_ray_auth(p: dict[str, Path]) -> None:
     """Token auth on, set explicitly, with the demo's own token file (never ~/.ray/auth_token)."""
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
@@ -167,6 +161,25 @@ def results_table(result) -> str:
     return "\n".join(lines)
 
 
+def done_lines(result, s: DemoSettings, p: dict[str, Path], seconds: float) -> list[str]:
+    """The demo's last lines: a chance warning if any, where everything is, the MLflow UI command."""
+    from deeplense_ray.tracking.console import human_bytes, where_lines
+
+    return ["", *result.warnings, *where_lines(
+        f"[demo] done in {seconds:.0f} s. Results:",
+        [
+            ("dataset", f"{p['data']}  (manifest.json, <split>/shard-*.h5, preview.png)"),
+            ("search", f"{result.output_dir}  (best_config.yaml, summary, trial curves; "
+                       f"{human_bytes(result.disk_bytes)} on disk)"),
+            ("best checkpoint", result.best_checkpoint),
+            ("MLflow store", f"{tracking_uri(p)}  (experiment {s.experiment!r})"),
+            ("parent run", result.parent_run_id),
+            ("best model", result.model_uri),
+        ],
+        tracking_uri=tracking_uri(p),
+    )]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="demo_output", help="results directory (default ./demo_output)")
@@ -206,14 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started:
             ray.shutdown()
-    print(f"""
-[demo] done in {time.perf_counter() - t0:.0f} s. Results:
-  dataset          {p['data']}  (manifest.json, <split>/shard-*.h5, preview.png)
-  search           {result.output_dir}  (best_config.yaml, summary, trial curves)
-  best checkpoint  {result.best_checkpoint}
-  MLflow store     {tracking_uri(p)}  (experiment {s.experiment!r}, parent run {result.parent_run_id})
-Open the MLflow UI, then http://127.0.0.1:5000 :
-  {mlflow_ui_command(p)}""")
+    print("\n".join(done_lines(result, s, p, time.perf_counter() - t0)), flush=True)
     return 0
 
 

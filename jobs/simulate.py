@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", metavar="DIR", default=None, help="check a dataset against its manifest and exit"
     )
     ap.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    ap.add_argument("--verbose", action="store_true", help="forward the workers' output (Ray's own logs)")
     ap.add_argument("--no-preview", action="store_true", help="do not write DIR/preview.png")
     return ap
 
@@ -120,12 +121,32 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
     return cfg
 
 
-def connect_ray(address: str | None) -> str:
+def check_resume_dir(out: Path) -> None:
+    """``--resume`` only continues a dataset of this project: a non-empty directory without its
+    ``manifest.json``, build marker or split folders of shards is refused, naming what it holds."""
+    from deeplense_ray.data.manifest import MANIFEST_NAME
+    from deeplense_ray.data.pipeline import BUILDING_NAME
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / MANIFEST_NAME).is_file() or (out / BUILDING_NAME).is_file():
+        return
+    if any(out.glob("*/shard-*.h5")):
+        return
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+    raise ValueError(
+        f"--resume: {out} is not a dataset of this project (no {MANIFEST_NAME}, no {BUILDING_NAME}, no "
+        f"<split>/shard-*.h5); it holds: {shown}. Use an empty or new --out, or --overwrite"
+    )
+
+
+def connect_ray(address: str | None, **init_kwargs) -> str:
     """Join/start Ray per --address (deeplense_ray.runtime.connect); returns what happened."""
     from deeplense_ray.data.pipeline import WORKER_PRELOAD_MODULES
     from deeplense_ray.runtime import connect
 
-    return connect(address, preload_modules=WORKER_PRELOAD_MODULES)
+    return connect(address, preload_modules=WORKER_PRELOAD_MODULES, **init_kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         check_out_dir(Path(args.out).resolve(), resume=args.resume, overwrite=args.overwrite)
         if args.resume:
+            check_resume_dir(Path(args.out).resolve())
             from deeplense_ray.data.pipeline import _check_resume_config, resolved_config
             from deeplense_ray.sim import resolve_preset
 
@@ -165,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     from deeplense_ray.runtime import RayConnectError
 
     try:
-        how = connect_ray(args.address)
+        # the driver's own progress bar stays (long step); the workers' output only with --verbose
+        how = connect_ray(args.address, **({} if args.verbose else {"log_to_driver": False}))
     except RayConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     wall = time.perf_counter() - t0
     rows = sum(s["rows"] for s in manifest["splits"].values())
+    print("\n".join(done_lines(Path(args.out).resolve(), manifest, wall)), flush=True)
     print(
         json.dumps(
             {
@@ -204,6 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def done_lines(out: Path, manifest: dict, wall: float) -> list[str]:
+    """Where the dataset is and how to use it (printed just before the job's last line, its JSON report)."""
+    from deeplense_ray.tracking.console import where_lines
+
+    rows = {k: v["rows"] for k, v in manifest["splits"].items()}
+    return ["", *where_lines(
+        f"simulated {sum(rows.values())} images {rows} in {wall:.0f} s. Results:",
+        [
+            ("dataset", out),
+            ("manifest", out / "manifest.json"),
+            ("preview", out / "preview.png" if (out / "preview.png").is_file() else None),
+            ("check it", f"python jobs/simulate.py --verify {out}"),
+            ("train on it", f"python jobs/train.py --model ResNetSimple --data {out}"),
+        ],
+    )]
 
 
 if __name__ == "__main__":

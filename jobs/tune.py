@@ -103,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--register",
         default=None,
         metavar="NAME",
-        help="log the best trial's model to the search run, register it as NAME, alias 'champion'",
+        help="register the best trial's model (logged to the search run) as NAME, alias 'champion'",
+    )
+    a("--verbose", action="store_true", help="Ray's own output too (Tune tables, worker logs, progress bars)")
+    a(
+        "--keep-checkpoints",
+        default="best",
+        choices=("best", "trials"),
+        help="after the search keep the best trial's best checkpoint (best, default) or each trial's best",
     )
     return ap
 
@@ -153,7 +160,41 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         train_overrides=parse_overrides(args.train_override, "--train-override"),
         space=space,
         model_size=args.model_size,
+        verbose=args.verbose,
+        keep_checkpoints=args.keep_checkpoints,
     )
+
+
+def summary_lines(result, registered: str | None = None) -> list[str]:
+    """What the search prints last: the trial table, the best trial, its test metrics, where everything is."""
+    from deeplense_ray.tracking.console import human_bytes, where_lines
+
+    lines = ["", f"search {result.name}: {len(result.trials)} trials, metric {result.metric} ({result.mode})",
+             result.summary_table,
+             f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
+             f"at epoch {result.best_epoch}"]
+    if result.test_metrics:
+        keys = ("accuracy", "auc_macro", "auc_micro", "loss")
+        shown = ", ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys if k in result.test_metrics)
+        ci = result.test_metrics.get("auc_macro_ci")
+        interval = f" (auc_macro 95% interval [{ci[0]:.4f}, {ci[1]:.4f}])" if ci else ""
+        lines.append(f"test metrics of its best checkpoint: {shown}{interval}")
+    lines += result.warnings
+    lines += where_lines(
+        "Results:",
+        [
+            ("dataset", result.data_dir),
+            ("search", f"{result.output_dir} ({human_bytes(result.disk_bytes)} on disk)"),
+            ("best config", os.path.join(result.output_dir, "best_config.yaml")),
+            ("best checkpoint", result.best_checkpoint),
+            ("MLflow store", result.tracking_uri),
+            ("parent run", f"{result.parent_run_id} (experiment {result.experiment_id})"),
+            ("best model", result.model_uri),
+            ("registered", registered),
+        ],
+        tracking_uri=result.tracking_uri,
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,38 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SearchSetupError, RayConnectError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print()
-    print(f"search {result.name}: {len(result.trials)} trials, metric {result.metric} ({result.mode})")
-    print(result.summary_table)
-    print(
-        f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
-        f"at epoch {result.best_epoch}"
-    )
-    if result.test_metrics:
-        shown = {
-            k: v
-            for k, v in result.test_metrics.items()
-            if k in ("accuracy", "auc_macro", "auc_micro", "loss")
-        }
-        print("test metrics of its best checkpoint: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    print(f"best config:     {os.path.join(result.output_dir, 'best_config.yaml')}")
-    print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"MLflow parent run {result.parent_run_id} (experiment {result.experiment_id})")
-    if args.register is not None and result.best_checkpoint:
-        import json
+    registered = None
+    if args.register is not None and result.model_uri:
+        from deeplense_ray.tracking.models import register_model
 
-        from deeplense_ray.tracking.models import register_checkpoint
-        from deeplense_ray.tune.runner import STATE_FILE
-
-        state = json.loads(Path(result.output_dir, STATE_FILE).read_text())
-        _, version = register_checkpoint(
-            result.best_checkpoint,
-            args.register,
-            tracking_uri=state["tracking_uri"],
-            run_id=result.parent_run_id,
-            data_dir=state["data_dir"],
-        )
-        print(f"registered model: models:/{args.register.strip()}@champion (version {version})")
+        version = register_model(result.model_uri, args.register, result.tracking_uri, alias="champion")
+        registered = f"models:/{args.register.strip()}@champion (version {version})"
+    print("\n".join(summary_lines(result, registered)), flush=True)
     return 0
 
 

@@ -154,6 +154,34 @@ def classification_metrics(
     }
 
 
+def bootstrap_auc_ci(
+    y_true: Any, probs: Any, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the macro one-vs-rest AUC (resampling the examples, seeded).
+
+    Resamples in which a class has no positive or no negative example leave that class out of their macro
+    mean, as :func:`classification_metrics` does; (nan, nan) if the AUC is undefined (a diverged model,
+    one class only).
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if len(y) < 2 or p.ndim != 2 or not np.isfinite(p).all():
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(n_boot)):
+        idx = rng.integers(0, len(y), len(y))
+        aucs = [one_vs_rest_auc(y[idx], p[idx, k], k) for k in range(p.shape[1])]
+        defined = [a for a in aucs if not math.isnan(a)]
+        if defined:
+            values.append(float(np.mean(defined)))
+    if not values:
+        return math.nan, math.nan
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """Scalar view of :func:`classification_metrics` for reports and MLflow.
 
@@ -169,6 +197,9 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]
         f"{prefix}_f1_macro": float(metrics["f1_macro"]),
         f"{prefix}_diverged": float(metrics.get("diverged", 0)),
     }
+    if metrics.get("auc_macro_ci") is not None:  # (low, high) from bootstrap_auc_ci (test evaluations)
+        low, high = metrics["auc_macro_ci"]
+        out[f"{prefix}_auc_macro_ci_low"], out[f"{prefix}_auc_macro_ci_high"] = float(low), float(high)
     for name, value in metrics["auc"].items():
         out[f"{prefix}_auc_{name}"] = float(value)
     for name, value in metrics["f1"].items():

@@ -29,6 +29,7 @@ from typing import Any
 
 from ray.tune import Stopper
 
+from deeplense_ray.tracking.console import tune_verbosity
 from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
 from deeplense_ray.tune.settings import (
     DRIVER_CPUS,
@@ -79,6 +80,11 @@ class SearchResult:
     test_metrics: dict[str, Any]
     trials: list[TrialSummary]
     summary_table: str
+    tracking_uri: str = ""
+    data_dir: str = ""
+    model_uri: str | None = None
+    disk_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -195,7 +201,12 @@ def ensure_dataset(settings: TuneSettings, storage_path: str) -> str:
     with dataset_lock(out):
         if os.path.isfile(os.path.join(out, "manifest.json")) and not verify_dataset(out):
             return out
+        n = settings.num_per_class * 3
+        print(f"[search] simulating a {settings.preset} dataset ({settings.num_per_class} images per class) "
+              f"into {out} ...", flush=True)
+        t0 = time.time()
         build_dataset(cfg, out, resume=os.path.isdir(out), progress=False)
+        print(f"[search] dataset ready ({n} images, {time.time() - t0:.0f} s)", flush=True)
     return out
 
 
@@ -430,6 +441,25 @@ def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, int]
     return best, best_e
 
 
+def console_callbacks(settings: TuneSettings, storage_path: str, name: str) -> list:
+    """The driver-side callbacks of what a researcher sees and keeps: one line per trial start, epoch and
+    end (:class:`~deeplense_ray.tracking.console.SearchConsole`), and an ended trial's checkpoints pruned to
+    its best (:class:`~deeplense_ray.tune.disk.CheckpointPruner`)."""
+    from deeplense_ray.tracking.console import SearchConsole
+    from deeplense_ray.tune.disk import CheckpointPruner
+
+    mode = settings.resolved_mode
+    return [
+        SearchConsole(
+            metric=settings.metric,
+            mode=mode,
+            max_epochs=settings.max_epochs,
+            num_samples=settings.num_samples,
+        ),
+        CheckpointPruner(os.path.join(storage_path, name, "trainers"), settings.metric, mode),
+    ]
+
+
 def _build_tuner(settings, *, trainable, param_space, name, storage_path, concurrency, callback, resources):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -478,9 +508,9 @@ def _build_tuner(settings, *, trainable, param_space, name, storage_path, concur
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage_path,
-            callbacks=[callback],
+            callbacks=[callback, *console_callbacks(settings, storage_path, name)],
             stop=DivergedStopper(),
-            verbose=1,
+            verbose=tune_verbosity(settings.verbose),
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -509,16 +539,19 @@ class _Plan:
     base_train: dict[str, Any] = field(default_factory=dict)
 
 
-def connect_ray(address: str | None = None) -> None:
+def connect_ray(address: str | None = None, *, verbose: bool = False) -> None:
     """Join ``address`` / $RAY_ADDRESS, else start a local runtime with the dashboard (see RAY_NOTES).
 
     Through :func:`deeplense_ray.runtime.connect`: a dead address fails within seconds (RayConnectError), a
-    local runtime listens on 127.0.0.1 with explicit auth.
+    local runtime listens on 127.0.0.1 with explicit auth. Not ``verbose``: the workers' output (Ray Data
+    progress bars, Train's start-up messages) stays in their log files (:func:`~deeplense_ray.tracking.
+    console.quiet_ray`).
     """
     from deeplense_ray.runtime import connect
+    from deeplense_ray.tracking.console import quiet_ray
 
     connect(address, join_running=False, include_dashboard=True, dashboard_host="127.0.0.1",
-            configure_logging=False)
+            configure_logging=False, **quiet_ray(verbose))
 
 
 def plan_search(settings: TuneSettings) -> _Plan:
@@ -597,6 +630,8 @@ def prepare_cluster_work(settings: TuneSettings, plan: _Plan, cluster: Mapping[s
         storage_path=os.path.join(plan.output_dir, "trainers"),
         model_size=settings.model_size,
     )
+    # a running trial keeps its best checkpoint by the search metric and the latest (for resume)
+    plan.base_train.setdefault("num_to_keep", 1)
     TrainConfig(**plan.base_train).validate()
     return plan
 
@@ -622,7 +657,7 @@ def run_search(
         plan = plan_search(settings)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise SearchSetupError(exc.args[0] if exc.args else str(exc)) from exc
-    connect_ray(address)
+    connect_ray(address, verbose=settings.verbose)
     try:
         plan = prepare_cluster_work(settings, plan, ray.cluster_resources())
     except (ValueError, KeyError, FileNotFoundError) as exc:
@@ -757,7 +792,8 @@ def _finish(
     if ckpt is not None:
         from deeplense_ray.train import evaluate_checkpoint
 
-        test_metrics = dict(evaluate_checkpoint(ckpt, data_dir, split="test"))
+        test_metrics = dict(evaluate_checkpoint(ckpt, data_dir, split="test", return_predictions=True))
+    predictions = {k: test_metrics.pop(k) for k in ("y_true", "probs") if k in test_metrics}
     table = format_summary(trials, settings.metric, mode)
     train_cfg = dict(base_train)
     from deeplense_ray.tune.spaces import split_trial_config
@@ -779,6 +815,7 @@ def _finish(
         "best_checkpoint": ckpt,
         "checkpoint_epoch": ckpt_epoch,
         "test_metrics": _plain(_scalar_metrics(test_metrics)),
+        "test_auc_macro_ci": _plain(test_metrics.get("auc_macro_ci")),
     }
     atomic_write_text(os.path.join(output_dir, BEST_CONFIG_FILE), yaml.safe_dump(best_doc, sort_keys=False))
     atomic_write_text(os.path.join(output_dir, BEST_CHECKPOINT_FILE), (ckpt or "") + "\n")
@@ -803,6 +840,33 @@ def _finish(
     for f in (BEST_CONFIG_FILE, SUMMARY_FILE):
         client.log_artifact(parent_run_id, os.path.join(output_dir, f))
     client.log_artifact(parent_run_id, curves)
+    _log_trial_curves(client, results, trials, settings.metric)
+    warnings: list[str] = []
+    model_uri = None
+    if ckpt is not None:
+        from deeplense_ray.tracking.console import chance_warning
+        from deeplense_ray.tracking.models import example_images, log_checkpoint_model
+
+        ci = test_metrics.get("auc_macro_ci")
+        if ci is not None:
+            client.log_metric(parent_run_id, "test_auc_macro_ci_low", float(ci[0]))
+            client.log_metric(parent_run_id, "test_auc_macro_ci_high", float(ci[1]))
+        w = chance_warning("test AUC (macro)", test_metrics.get("auc_macro", math.nan), ci)
+        if w:
+            warnings.append(w)
+            client.set_tag(parent_run_id, "warning.chance", w)
+        _log_test_plots(client, parent_run_id, test_metrics, predictions, ckpt)
+        model_uri = log_checkpoint_model(ckpt, plan.tracking_uri, parent_run_id,
+                                         input_example=example_images(data_dir))
+        client.set_tag(parent_run_id, "tune.best_model_uri", model_uri)
+    if settings.keep_checkpoints == "best":
+        from deeplense_ray.tune.disk import prune_to_best_trial
+
+        prune_to_best_trial(os.path.join(output_dir, "trainers"), best_t.trial_id)
+    from deeplense_ray.tracking.console import dir_size
+
+    disk = dir_size(output_dir)
+    client.log_metric(parent_run_id, "disk_bytes", disk)
     client.set_terminated(parent_run_id, status="FINISHED")
     return SearchResult(
         name=name,
@@ -819,7 +883,67 @@ def _finish(
         test_metrics=test_metrics,
         trials=trials,
         summary_table=table,
+        tracking_uri=plan.tracking_uri,
+        data_dir=data_dir,
+        model_uri=model_uri,
+        disk_bytes=disk,
+        warnings=warnings,
     )
+
+
+def _log_trial_curves(client, results, trials: list[TrialSummary], metric: str) -> None:
+    """Every trial's child run: its loss and validation curves (``curves.png``), and its best epoch by the
+    search metric (metric ``best_<metric>``, ``best_epoch``; tag ``tune.best_epoch``), the same "best" as the
+    summary table and the parent run."""
+    import tempfile
+
+    from deeplense_ray.tracking import plot_curves as plot_run_curves
+
+    for r, t in zip(results, trials):
+        if not t.child_run_id:
+            continue
+        if math.isfinite(t.best_metric):
+            client.log_metric(t.child_run_id, f"best_{metric}", t.best_metric)
+        client.log_metric(t.child_run_id, "best_epoch", t.best_epoch)
+        client.set_tag(t.child_run_id, "tune.best_epoch", str(t.best_epoch))
+        df = r.metrics_dataframe
+        if df is None or not len(df) or "epoch" not in df:
+            continue
+        history = [{k: as_metric(v) for k, v in row.items() if isinstance(v, (int, float))}
+                   for row in df.to_dict("records")]
+        with tempfile.TemporaryDirectory(prefix="dlr-trial-") as tmp:
+            path = plot_run_curves(history, os.path.join(tmp, "curves.png"))
+            client.log_artifact(t.child_run_id, str(path))
+
+
+def _log_test_plots(
+    client, run_id: str, test: Mapping[str, Any], predictions: Mapping[str, Any], ckpt
+) -> None:
+    """The best checkpoint on the test split, into the search's parent run: ``roc_test.png``,
+    ``confusion_test.png``, ``curves.png`` (its trial's loss and metric curves) and ``metrics_test.json``."""
+    import tempfile
+
+    from deeplense_ray.tracking import plot_confusion_matrix, plot_roc_curves, write_json_atomic
+    from deeplense_ray.train.checkpoint import load_training_state
+
+    names = list(test.get("class_names", []))
+    with tempfile.TemporaryDirectory(prefix="dlr-search-") as tmp:
+        if "y_true" in predictions and names:
+            plot_roc_curves(predictions["y_true"], predictions["probs"], names,
+                            os.path.join(tmp, "roc_test.png"), title="ROC, test split (best trial)")
+        if "confusion_matrix" in test and names:
+            plot_confusion_matrix(test["confusion_matrix"], names, os.path.join(tmp, "confusion_test.png"),
+                                  title="confusion matrix, test (best trial)")
+        try:
+            history = load_training_state(ckpt).get("history", [])
+        except (OSError, KeyError, RuntimeError):
+            history = []
+        if history:
+            from deeplense_ray.tracking import plot_curves as plot_run_curves
+
+            plot_run_curves(history, os.path.join(tmp, "curves.png"))
+        write_json_atomic(dict(test), os.path.join(tmp, "metrics_test.json"))
+        client.log_artifacts(run_id, tmp)
 
 
 def _scalar_metrics(m: Mapping[str, Any]) -> dict[str, float]:

@@ -62,6 +62,11 @@ class TuneSettings:
         model_size: the ``size`` passed to ``build_model`` for every trial.
         scheduler: 'asha' (early stopping) or 'fifo' (every trial runs max_epochs; for baselines).
         points_to_evaluate: configurations (search-space keys -> values) the searcher tries first.
+        verbose: Ray's own output as well (Tune's status tables and per-trial config boxes, the workers'
+            logs and Ray Data progress bars); default off: one line per trial start, epoch and end.
+        keep_checkpoints: what stays on disk after the search: 'best' (the best trial's best checkpoint
+            only) or 'trials' (each trial's best checkpoint). While a trial runs it keeps its best and its
+            latest (for resume); an ended trial keeps its best only.
     """
 
     model: str
@@ -92,6 +97,8 @@ class TuneSettings:
     model_size: str = "default"
     scheduler: str = "asha"
     points_to_evaluate: list[dict[str, Any]] | None = None
+    verbose: bool = False
+    keep_checkpoints: str = "best"
 
     @property
     def resolved_mode(self) -> str:
@@ -151,6 +158,12 @@ class TuneSettings:
             or not all(isinstance(p, Mapping) for p in self.points_to_evaluate)
         ):
             raise ValueError("points_to_evaluate must be a list of mappings (search-space key -> value)")
+        from deeplense_ray.tune.disk import KEEP_CHOICES
+
+        if self.keep_checkpoints not in KEEP_CHOICES:
+            raise ValueError(
+                f"keep_checkpoints={self.keep_checkpoints!r} must be one of {', '.join(KEEP_CHOICES)}"
+            )
         if self.search not in SEARCH_ALGORITHMS:
             raise ValueError(f"unknown search {self.search!r}; valid: {', '.join(SEARCH_ALGORITHMS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
