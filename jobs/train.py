@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="register the logged model in the MLflow Model Registry as a new version of NAME",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="Ray's own output too (worker logs, Ray Data progress bars)"
+    )
     return p
 
 
-def connect_for(cfg: TrainConfig, address: str | None) -> str:
+def connect_for(cfg: TrainConfig, address: str | None, *, verbose: bool = False) -> str:
     """Join/start Ray for ``cfg`` (deeplense_ray.runtime.connect) and check that its workers fit; returns
     what happened. A local runtime gets enough logical CPUs for the workers plus the Ray Data readers; a
     joined cluster without them is a ValueError saying what to change (else training would wait forever),
@@ -120,9 +123,10 @@ def connect_for(cfg: TrainConfig, address: str | None) -> str:
     import ray
 
     from deeplense_ray.runtime import check_cpu_room, connect, local_cpus
+    from deeplense_ray.tracking.console import quiet_ray
 
     need = cfg.num_workers * float(cfg.cpus_per_worker)
-    how = connect(address, num_cpus=local_cpus(need))
+    how = connect(address, num_cpus=local_cpus(need), **quiet_ray(verbose))
     cluster = ray.cluster_resources()
     if cfg.num_workers * float(cfg.gpus_per_worker) > float(cluster.get("GPU", 0.0)) + 1e-9:
         return how  # GPUs the cluster does not have yet: an autoscaling cluster adds nodes (with CPUs)
@@ -184,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     from deeplense_ray.runtime import RayConnectError
 
     try:
-        print(f"train: {connect_for(cfg, args.address)}", flush=True)
+        print(f"train: {connect_for(cfg, args.address, verbose=args.verbose)}", flush=True)
     except (RayConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from deeplense_ray.train import run_training
 
-    result = run_training(cfg)
+    result = run_training(cfg, progress=True)
     summary = {
         "mlflow_run_id": result.run_id,
         "tracking_uri": result.tracking_uri,
@@ -208,7 +212,40 @@ def main(argv: list[str] | None = None) -> int:
         version = register_model(result.model_uri, args.register, result.tracking_uri)
         summary["registered_model"] = f"models:/{args.register.strip()}/{version}"
     print(json.dumps(summary, indent=2, default=str))
+    print("\n".join(done_lines(result, cfg, summary.get("registered_model"))), flush=True)
     return 0
+
+
+def done_lines(result, cfg: TrainConfig, registered: str | None = None) -> list[str]:
+    """The last lines of a training run: a chance warning if any, then where its results are."""
+    from deeplense_ray.tracking.console import chance_warning, mlflow_run_url, where_lines
+
+    test = result.test_metrics
+    warning = chance_warning("test AUC (macro)", test.get("auc_macro"), test.get("auc_macro_ci"))
+    ci = test.get("auc_macro_ci")
+    interval = f" (95% interval [{ci[0]:.4f}, {ci[1]:.4f}])" if ci and None not in ci else ""
+    nan = float("nan")
+    return [
+        "",
+        f"best epoch {result.best_epoch}: val_auc_macro {result.best_val.get('val_auc_macro', nan):.4f}; "
+        f"test accuracy {test.get('accuracy', nan):.4f}, auc_macro {test.get('auc_macro', nan):.4f}"
+        f"{interval}",
+        *([warning] if warning else []),
+        *where_lines(
+            "Results:",
+            [
+                ("dataset", cfg.data_dir),
+                ("run directory", result.run_dir),
+                ("best checkpoint", result.best_checkpoint),
+                ("MLflow store", result.tracking_uri),
+                ("MLflow run", f"{result.run_id} (experiment {result.experiment_id})"),
+                ("run page", mlflow_run_url(result.experiment_id, result.run_id)),
+                ("model", result.model_uri),
+                ("registered", registered),
+            ],
+            tracking_uri=result.tracking_uri,
+        ),
+    ]
 
 
 if __name__ == "__main__":

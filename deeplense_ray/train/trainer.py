@@ -29,7 +29,7 @@ from deeplense_ray.train.checkpoint import (
     load_model_from_checkpoint,
     read_meta,
 )
-from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+from deeplense_ray.train.metrics import bootstrap_auc_ci, classification_metrics, flatten_metrics
 
 RUN_STATE_FILE = "deeplense_run.json"
 SCORE_ATTRIBUTE = "val_auc_macro"
@@ -224,6 +224,7 @@ def evaluate_checkpoint(
     logits, labels = predict_batches(model, ({"image": x, "label": y} for x, y in loader), device=dev)
     probs = probabilities(logits)
     out = classification_metrics(labels, probs, info.class_names)
+    out["auc_macro_ci"] = list(bootstrap_auc_ci(labels, probs))  # 95% bootstrap interval: is it chance?
     out["split"] = split
     if return_predictions:
         out["y_true"] = labels
@@ -409,8 +410,12 @@ def run_training(
     *,
     extra_loop_config: Mapping[str, Any] | None = None,
     run_config_callbacks: Iterable[Any] = (),
+    progress: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` end to end (see the module docstring) and return what it produced.
+
+    ``progress``: print one line per epoch (loss, validation metrics, images/s, elapsed, ETA) while it trains
+    (:class:`deeplense_ray.tracking.console.RunWatcher`, reading the epochs rank 0 logs to the MLflow run).
 
     Everything is validated before Ray starts (ValueError / FileNotFoundError naming the value or file).
     Uses the current Ray runtime if initialised, else ``ray.init()`` (which joins RAY_ADDRESS if set).
@@ -437,7 +442,13 @@ def run_training(
                 **dict(extra_loop_config or {}),
             },
         )
-        result = trainer.fit()
+        if progress:
+            from deeplense_ray.tracking.console import RunWatcher
+
+            with RunWatcher(uri, run_id, max_epochs=cfg.epochs):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         best, best_metrics = best_checkpoint(result)
@@ -459,6 +470,11 @@ def run_training(
             {**flat_test, "best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_val.items()}},
             step=best_epoch,
         )
+        from deeplense_ray.tracking.console import chance_warning
+
+        warning = chance_warning("test AUC (macro)", test.get("auc_macro"), test.get("auc_macro_ci"))
+        if warning:  # the interval includes 0.5: say so where the result is read
+            client.set_tag(run_id, "warning.chance", warning)
         with tempfile.TemporaryDirectory(prefix="dlr-artifacts-") as tmp:
             paths = _write_artifacts(
                 Path(tmp),
