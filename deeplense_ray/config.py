@@ -37,6 +37,7 @@ class DatasetInfo:
     split_rows: dict[str, int]
     manifest_hash: str
     train_shard_rows: tuple[int, ...] = ()  # rows of each train shard, in manifest order
+    sim_preset: dict[str, Any] | None = None  # online simulation (--simulate): the resolved preset
 
     @property
     def in_channels(self) -> int:
@@ -176,10 +177,16 @@ class TrainConfig:
         ingest: 'split' (one Ray Data stream of the train split, split across ranks by Ray Train) or
             'per_rank' (every rank streams its own shards through its own Ray Data execution; the shards
             are dealt anew each epoch and every rank takes the same number of rows). See train/ingest.py.
+        simulate: online simulation (train/online.py): a preset name; every rank renders fresh training
+            images on its own device each epoch (``images_per_epoch`` in all, whole global batches), in
+            chunks of ``sim_chunk_batches`` per-worker batches (the next one rendered on a background thread
+            if ``sim_prefetch``). Validation and test: ``val_size`` / ``test_size`` images rendered once from
+            their own seeds, or the val/test splits of ``data_dir`` when it is given. ``sim_overrides``:
+            preset fields (e.g. num_pix) on top of the preset. None: train on ``data_dir``.
     """
 
     model: str
-    data_dir: str
+    data_dir: str | None = None
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-4
@@ -210,13 +217,22 @@ class TrainConfig:
     num_to_keep: int = 2
     shuffle_buffer: int = 2048
     ingest: str = "split"
+    simulate: str | None = None
+    sim_overrides: dict[str, Any] = field(default_factory=dict)
+    images_per_epoch: int = 8192
+    val_size: int = 1024
+    test_size: int = 1024
+    sim_chunk_batches: int = 16
+    sim_prefetch: bool = True
 
     # ------------------------------------------------------------------ validation
     def validate_options(self) -> TrainConfig:
         """Check every option value (no file access); ValueError naming the field and value. Returns self."""
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a model name, got {self.model!r}")
-        if not isinstance(self.data_dir, (str, os.PathLike)) or not str(self.data_dir):
+        if self.simulate is not None:
+            self._validate_simulate_options()
+        elif not isinstance(self.data_dir, (str, os.PathLike)) or not str(self.data_dir):
             raise ValueError(f"data_dir must be a directory path, got {self.data_dir!r}")
         for name, lo in (("epochs", 1), ("batch_size", 1), ("num_workers", 1), ("num_to_keep", 1)):
             v = getattr(self, name)
@@ -278,10 +294,77 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         return self
 
+    def _validate_simulate_options(self) -> None:
+        if not isinstance(self.simulate, str) or not self.simulate:
+            raise ValueError(f"simulate must be a preset name, got {self.simulate!r}")
+        if self.data_dir is not None and (
+            not isinstance(self.data_dir, (str, os.PathLike)) or not str(self.data_dir)
+        ):
+            raise ValueError(f"data_dir must be a directory path or None, got {self.data_dir!r}")
+        if not isinstance(self.sim_overrides, Mapping):
+            raise ValueError(f"sim_overrides must be a mapping, got {type(self.sim_overrides).__name__}")
+        for name in ("images_per_epoch", "val_size", "test_size", "sim_chunk_batches"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if _is_int(self.batch_size) and self.images_per_epoch < self.batch_size:
+            raise ValueError(
+                f"images_per_epoch={self.images_per_epoch} must be >= batch_size={self.batch_size} "
+                "(an epoch is whole global batches)"
+            )
+        if not isinstance(self.sim_prefetch, bool):
+            raise ValueError(f"sim_prefetch must be true or false, got {self.sim_prefetch!r}")
+
+    def simulated_info(self) -> DatasetInfo:
+        """The 'dataset' of an online run (``simulate``): the resolved preset's image shape and classes, the
+        rows of an epoch and of the fixed val/test sets (or of ``data_dir``'s, which must match the preset),
+        and a hash of all that (resume refuses another). ValueError naming a bad preset name or override."""
+        from deeplense_ray.train.online import resolve_sim_preset, sim_hash
+
+        pre = resolve_sim_preset(str(self.simulate), self.sim_overrides)
+        preset = pre.to_dict()
+        rows = {"train": int(self.images_per_epoch), "val": int(self.val_size), "test": int(self.test_size)}
+        where, data_hash = f"simulate:{pre.name}", None
+        if self.data_dir is not None:
+            data = describe_dataset(self.data_dir)
+            for split in ("val", "test"):
+                if data.split_rows.get(split, 0) < 1:
+                    raise ValueError(f"dataset {data.data_dir} has no {split!r} rows to evaluate on")
+            if tuple(data.image_shape) != tuple(pre.image_shape) or data.class_names != pre.class_names:
+                raise ValueError(
+                    f"dataset {data.data_dir} (image shape {list(data.image_shape)}, classes "
+                    f"{list(data.class_names)}) does not match preset {pre.name!r} with overrides "
+                    f"{dict(self.sim_overrides)} (image shape {list(pre.image_shape)}, classes "
+                    f"{list(pre.class_names)}): its val/test splits cannot evaluate this run"
+                )
+            rows.update(val=data.split_rows["val"], test=data.split_rows["test"])
+            where, data_hash = data.data_dir, data.manifest_hash
+        return DatasetInfo(
+            data_dir=where,
+            image_shape=tuple(int(v) for v in pre.image_shape),  # type: ignore[arg-type]
+            class_names=tuple(pre.class_names),
+            pixel_scale=float(pre.delta_pix),
+            split_rows=rows,
+            manifest_hash=sim_hash(
+                preset,
+                images_per_epoch=self.images_per_epoch,
+                sim_chunk_batches=self.sim_chunk_batches,
+                val_size=rows["val"],
+                test_size=rows["test"],
+                data_manifest_hash=data_hash,
+            ),
+            sim_preset=preset,
+        )
+
     def validate(self) -> DatasetInfo:
         """Check options, the dataset (dir, manifest, splits train/val/test non-empty) and that the model
-        takes the dataset's images and classes. All before any Ray work. Returns the dataset description."""
+        takes the dataset's images and classes. All before any Ray work. Returns the dataset description.
+        With ``simulate``: the preset and its overrides instead (see :meth:`simulated_info`)."""
         self.validate_options()
+        if self.simulate is not None:
+            info = self.simulated_info()
+            check_model_fits(self.model, info, size=self.model_size, overrides=self.model_overrides)
+            return info
         info = describe_dataset(self.data_dir)
         for split in REQUIRED_SPLITS:
             if info.split_rows.get(split, 0) < 1:
@@ -313,15 +396,16 @@ class TrainConfig:
 
         base = Path(base_dir if base_dir is not None else os.getcwd()).resolve()
         names = {m.lower(): m for m in list_models()}
-        data = Path(self.data_dir).expanduser()
+        data = Path(self.data_dir).expanduser() if self.data_dir is not None else None
         storage = Path(self.storage_path).expanduser() if self.storage_path else Path("ray_results")
         return dataclasses.replace(
             self,
             model=names.get(str(self.model).lower(), self.model),
-            data_dir=str(data if data.is_absolute() else (base / data).resolve()),
+            data_dir=None if data is None else str(data if data.is_absolute() else (base / data).resolve()),
             storage_path=str(storage if storage.is_absolute() else (base / storage).resolve()),
             tracking_uri=resolve_tracking_uri(self.tracking_uri, base_dir=base),
             model_overrides=dict(self.model_overrides),
+            sim_overrides=dict(self.sim_overrides),
         )
 
     @property
@@ -336,6 +420,7 @@ class TrainConfig:
         """JSON/YAML-safe dict of all fields."""
         d = dataclasses.asdict(self)
         d["model_overrides"] = dict(self.model_overrides)
+        d["sim_overrides"] = dict(self.sim_overrides)
         return d
 
     @classmethod

@@ -2,6 +2,10 @@
 """Train a classifier on a simulated lens dataset with Ray Train, tracked in MLflow (thin CLI).
 
     python jobs/train.py --model ViT --data data/model_ii --epochs 20 --num-workers 2 --gpus-per-worker 1
+    python jobs/train.py --model ViT --simulate model_ii --images-per-epoch 65536 --gpus-per-worker 1
+
+With --simulate PRESET every rank renders fresh training images on its own device each epoch (no dataset);
+validation and test are fixed sets rendered from their own seeds, or the val/test splits of --data if given.
 
 Everything is validated before Ray starts: a missing data directory or manifest, an unknown model or one that
 cannot take the dataset's images or classes exits with status 2 and a message naming the value.
@@ -39,7 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--model", required=True, help="model name (deeplense_ray.models.list_models())")
-    p.add_argument("--data", required=True, help="dataset directory (manifest.json inside; jobs/simulate.py)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset directory (manifest.json inside; jobs/simulate.py); with --simulate: val/test from it",
+    )
+    sim = p.add_argument_group("online simulation (train on fresh images every step)")
+    sim.add_argument("--simulate", default=None, metavar="PRESET", help="render training images on each rank")
+    sim.add_argument("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override")
+    sim.add_argument(
+        "--sim-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
+    )
+    sim.add_argument("--images-per-epoch", type=int, default=d["images_per_epoch"])
+    sim.add_argument("--val-size", type=int, default=d["val_size"], help="simulated val images (no --data)")
+    sim.add_argument("--test-size", type=int, default=d["test_size"], help="simulated test images")
+    sim.add_argument(
+        "--sim-chunk-batches",
+        type=int,
+        default=d["sim_chunk_batches"],
+        help="per-worker batches rendered per simulate() call",
+    )
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="GLOBAL batch, split over workers")
     p.add_argument("--lr", type=float, default=d["lr"])
@@ -140,8 +167,31 @@ def connect_for(cfg: TrainConfig, address: str | None, *, verbose: bool = False)
     return how
 
 
+def sim_overrides_from_args(args: argparse.Namespace) -> dict:
+    """--sim-config (a YAML of preset fields; its 'preset: NAME' must agree with --simulate) plus
+    --sim-override; ValueError naming the file or value. Empty without --simulate (an error if given)."""
+    if args.simulate is None:
+        if args.sim_config or args.sim_override:
+            raise ValueError("--sim-config / --sim-override need --simulate PRESET")
+        if args.data is None:
+            raise ValueError("give --data DIR (a dataset) or --simulate PRESET (online simulation)")
+        return {}
+    overrides: dict = {}
+    if args.sim_config is not None:
+        from deeplense_ray.data.config import load_preset_yaml
+
+        base, overrides = load_preset_yaml(args.sim_config)
+        if base is not None and base != args.simulate:
+            raise ValueError(
+                f"--simulate {args.simulate!r} differs from 'preset: {base}'"
+                f" in {args.sim_config}"
+            )
+    return {**overrides, **parse_overrides(args.sim_override, "--sim-override")}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = parse_overrides(args.model_override, "--model-override")
+    sim_overrides = sim_overrides_from_args(args)
     return TrainConfig(
         model=args.model,
         data_dir=args.data,
@@ -169,6 +219,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         label_smoothing=args.label_smoothing,
         max_failures=args.max_failures,
         ingest=args.ingest,
+        simulate=args.simulate,
+        sim_overrides=sim_overrides,
+        images_per_epoch=args.images_per_epoch,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        sim_chunk_batches=args.sim_chunk_batches,
     )
 
 

@@ -392,24 +392,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "free_rotation": bool(config.get("augment_free_rotation", False)),
         }
     per_rank = config.get("ingest", "split") == "per_rank"
-    train_shard = None if per_rank else ray.train.get_dataset_shard("train")
+    sim = config.get("simulate") is not None  # online simulation: each rank renders its images (no dataset)
+    train_shard = None if per_rank or sim else ray.train.get_dataset_shard("train")
     shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
     train_rows_per_rank = int(config.get("train_rows", 0)) // world
     drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
     shuffle = int(config.get("shuffle_buffer", 0))
     # The val shards are dealt to the ranks (each row evaluated once); a rank's share, if small, is kept in
-    # host memory after the first epoch instead of being re-read.
-    from deeplense_ray.data.manifest import load_manifest, shard_paths
-
-    manifest = load_manifest(config["data_dir"])
-    val_rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
-    val_paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
-    my_val = deal_shards(val_rows, rank, world)
+    # host memory after the first epoch instead of being re-read. Online (``simulate``) without a dataset:
+    # the fixed val set's chunks are the shards, each rendered once on this rank's device and kept.
     eval_batch = int(config.get("eval_batch_size") or EVAL_BATCH_SIZE)
+    val_cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
+    if sim and not config.get("data_dir"):
+        from deeplense_ray.train.online import eval_batches, eval_chunks
+
+        val_rows = eval_chunks(int(config["val_size"]))
+        my_val = deal_shards(val_rows, rank, world)
+        val_cache = eval_batches(
+            config["sim_preset"], "val", seed=seed, size=int(config["val_size"]), positions=my_val,
+            device=device, batch_size=eval_batch,
+        )  # fmt: skip
+    else:
+        from deeplense_ray.data.manifest import load_manifest, shard_paths
+
+        manifest = load_manifest(config["data_dir"])
+        val_rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
+        val_paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
+        my_val = deal_shards(val_rows, rank, world)
     c, h, w = (int(v) for v in config["image_shape"])
     val_bytes = sum(val_rows[i] for i in my_val) * 4 * c * h * w
     cache_val = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
-    val_cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
 
     started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, already streaming
 
@@ -420,6 +432,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start-up, which is most of a second, then overlaps the end of this epoch, validation and the
         checkpoint instead of stalling the next training pass. (With ``ingest="split"`` the next epoch of
         ``streaming_split`` can only begin once every rank has drawn all of this one, which is this point.)"""
+
+        if sim:  # online: this rank renders its own images of this epoch (train/online.py)
+            from deeplense_ray.train.online import online_batches, steps_per_epoch
+
+            return online_batches(
+                config["sim_preset"],
+                seed=seed,
+                epoch=epoch,
+                rank=rank,
+                num_batches=steps_per_epoch(int(config["images_per_epoch"]), int(config["batch_size"])),
+                batch_size=per_worker_bs,
+                device=device,
+                chunk_batches=int(config["sim_chunk_batches"]),
+                prefetch=bool(config.get("sim_prefetch", True)),
+            )
 
         def start_next() -> None:
             if epoch < epochs:
@@ -509,6 +536,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
             "resumed_from_epoch": start_epoch - 1,
+            **({"images_seen": (history[-1].get("images_seen", 0) if history else 0) + n_img} if sim else {}),
             # a diverged epoch (non-finite train loss or val outputs) is reported, never raised: Tune ranks it
             "diverged": int(bool(val["diverged"]) or not math.isfinite(train_loss)),
         }

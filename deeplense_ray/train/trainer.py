@@ -78,6 +78,8 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
         train_block_rows=read_block_rows(info.image_shape),
         manifest_hash=info.manifest_hash,
     )
+    if info.sim_preset is not None:  # online simulation: the resolved preset travels to the workers
+        d["sim_preset"] = dict(info.sim_preset)
     return d
 
 
@@ -147,7 +149,7 @@ def build_trainer(
     config = loop_config(cfg, info)
     config.update(dict(extra_loop_config or {}))
     datasets = {}
-    if cfg.ingest == "split":  # else every rank reads its own shards (train/ingest.py)
+    if cfg.ingest == "split" and cfg.simulate is None:  # else every rank reads its own shards or renders
         # training images travel as stored (float16 stays float16) and become float32 on the device
         datasets["train"] = read_split(
             info.data_dir, "train", image_dtype="stored", block_rows=config["train_block_rows"]
@@ -236,6 +238,36 @@ def _evaluate_remote(checkpoint: Any, data_dir: str, split: str) -> dict[str, An
     return evaluate_checkpoint(checkpoint, data_dir, split, return_predictions=True)
 
 
+def _evaluate_simulated_remote(checkpoint: Any, preset: Mapping[str, Any], seed: int, size: int):
+    from deeplense_ray.train.online import evaluate_simulated
+
+    return evaluate_simulated(checkpoint, preset, "test", seed=seed, size=size, return_predictions=True)
+
+
+def _simulation_params(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """What an online run logs about its images so it can be repeated: preset, overrides, seeds, sizes."""
+    from deeplense_ray.train.online import EVAL_CHUNK, STREAMS, steps_per_epoch
+
+    steps = steps_per_epoch(cfg.images_per_epoch, cfg.batch_size)
+    evaluate_on = cfg.data_dir or "simulated"
+    return {
+        "preset": cfg.simulate,
+        "overrides": dict(cfg.sim_overrides),
+        "seed": cfg.seed,
+        "train_seeds": f"derive_seed(seed, {STREAMS['train']}, epoch, rank, chunk)",
+        "val_test_seeds": (
+            f"derive_seed(seed, {STREAMS['val']}|{STREAMS['test']}, chunk of {EVAL_CHUNK})"
+            if cfg.data_dir is None
+            else f"splits of {cfg.data_dir}"
+        ),
+        "evaluate_on": evaluate_on,
+        "images_per_epoch": steps * cfg.batch_size,
+        "images_total": steps * cfg.batch_size * cfg.epochs,
+        "chunk_batches": cfg.sim_chunk_batches,
+        "preset_resolved": dict(info.sim_preset or {}),
+    }
+
+
 def _score(metrics: Mapping[str, Any], metric: str, mode: str) -> tuple[float, float, int]:
     """Sort key, larger is better: ``metric`` (negated for 'min'; NaN or missing ranks last), then the lower
     val_loss, then the earlier epoch."""
@@ -280,7 +312,9 @@ def _versions() -> dict[str, str]:
 
 
 def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str, Any]:
+    sim = {"simulation": _simulation_params(cfg, info)} if cfg.simulate is not None else {}
     return {
+        **sim,
         "config": cfg.to_dict(),
         "dataset": {
             "manifest_hash": info.manifest_hash,
@@ -295,13 +329,21 @@ def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str,
     }
 
 
-def _log_model(tracking_uri: str, run_id: str, checkpoint: Any, data_dir: str) -> str:
+def _log_model(
+    tracking_uri: str, run_id: str, checkpoint: Any, data_dir: str | None, sim_preset: Any = None
+) -> str:
     """The best checkpoint's model into the run: the pytorch flavor plus a pyfunc returning class
-    probabilities, a signature, an input example from the data and the architecture in its metadata
-    (deeplense_ray/tracking/models.py)."""
+    probabilities, a signature, an input example from the data (an online run without data: one image of
+    its preset) and the architecture in its metadata (deeplense_ray/tracking/models.py)."""
     from deeplense_ray.tracking.models import example_images, log_checkpoint_model
 
-    return log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example_images(data_dir))
+    if data_dir is not None:
+        example = example_images(data_dir)
+    else:
+        from deeplense_ray.sim import simulate
+
+        example = simulate(sim_preset, 1, 0, "cpu").images.numpy()
+    return log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example)
 
 
 def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
@@ -458,7 +500,11 @@ def run_training(
         # The test split, once, with the best checkpoint (a task with one worker's resources: GPU if any).
         gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
         task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
-        test = ray.get(task.remote(best, info.data_dir, "test"))
+        if cfg.simulate is not None and cfg.data_dir is None:  # the fixed simulated test set
+            task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_simulated_remote)
+            test = ray.get(task.remote(best, info.sim_preset, cfg.seed, cfg.test_size))
+        else:
+            test = ray.get(task.remote(best, cfg.data_dir or info.data_dir, "test"))
 
         flat_test = flatten_metrics(test, "test")
         best_val = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
@@ -487,7 +533,7 @@ def run_training(
             )
             client.log_artifacts(run_id, tmp)
             artifact_names = [p.name for p in paths]
-        model_uri = _log_model(uri, run_id, best, info.data_dir)
+        model_uri = _log_model(uri, run_id, best, cfg.data_dir, info.sim_preset)
         client.set_tag(run_id, "best_checkpoint", str(best.path))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:

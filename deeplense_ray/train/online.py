@@ -1,0 +1,259 @@
+"""Online simulation: each training rank renders fresh images on its device, never the same image twice.
+
+Streams (all seeds from :func:`~deeplense_ray.train.loop.derive_seed`, so a run is a pure function of its
+config and seed):
+
+- training: rank ``r`` renders its share of epoch ``e`` in chunks; chunk ``k`` is
+  ``simulate(preset, n, seed=derive_seed(seed, TRAIN_STREAM, e, r, k))`` on the rank's device (output on the
+  device), shuffled within the chunk by a permutation from the same seed, and cut into batches. The epoch
+  index drives the seeds, so a run resumed at epoch e continues the same stream; ranks and epochs never share
+  a seed. The stream of a rank depends on the number of workers (each rank draws its own images).
+- validation / test: fixed sets of ``val_size`` / ``test_size`` images in chunks of :data:`EVAL_CHUNK`
+  (chunk ``i`` from ``derive_seed(seed, VAL_STREAM|TEST_STREAM, i)``), rendered once; the chunks are dealt to
+  the ranks like the val shards of a dataset (:func:`~deeplense_ray.train.ingest.deal_shards`), so every image
+  is evaluated once whatever the number of workers. Their seeds never equal a training seed, so the sets are
+  disjoint from training (and from each other) in their parameter draws.
+
+The images are the device's bytes: the same seed gives the same images on the same device type (CPU and CUDA
+differ in the noise generator and float rounding; see docs/simulator.md).
+
+Overlap: the next chunk is rendered on a background thread (on CUDA in its own stream) while the current one
+trains; the queue holds one chunk, so at most two chunks live on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+#: Stream tags mixed into the seeds (the issue number, then the split): training, validation, test.
+TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 1501, 1502, 1503
+STREAMS = {"train": TRAIN_STREAM, "val": VAL_STREAM, "test": TEST_STREAM}
+#: Images per validation / test chunk (the unit dealt to ranks).
+EVAL_CHUNK = 512
+#: Default images per training chunk, in per-worker batches.
+CHUNK_BATCHES = 16
+
+
+def resolve_sim_preset(name: str, overrides: Mapping[str, Any] | None = None):
+    """The validated ``Preset`` for ``--simulate NAME`` plus overrides; ValueError naming the bad name or
+    value (an unknown preset lists the valid ones)."""
+    from deeplense_ray.sim import resolve_preset
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"simulate must be a preset name, got {name!r}")
+    try:
+        return resolve_preset(name, dict(overrides or {}) or None)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"simulate preset {name!r} with overrides {dict(overrides or {})}: {exc}") from None
+
+
+def sim_hash(preset: Mapping[str, Any], **settings: Any) -> str:
+    """sha256 of the resolved preset and the stream settings (the online run's 'manifest hash': a resume with
+    another preset, override or set size is refused)."""
+    blob = json.dumps({"preset": dict(preset), **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def chunk_seed(seed: int, epoch: int, rank: int, chunk: int) -> int:
+    """Seed of training chunk ``chunk`` of ``rank`` in ``epoch``."""
+    from deeplense_ray.train.loop import derive_seed
+
+    return derive_seed(seed, TRAIN_STREAM, epoch, rank, chunk)
+
+
+def eval_seed(seed: int, split: str, chunk: int) -> int:
+    """Seed of chunk ``chunk`` of the fixed ``split`` ('val' or 'test') set."""
+    from deeplense_ray.train.loop import derive_seed
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    return derive_seed(seed, STREAMS[split], chunk)
+
+
+def eval_chunks(n: int, chunk: int = EVAL_CHUNK) -> list[int]:
+    """Sizes of the chunks of a fixed set of ``n`` images (all ``chunk`` but the last)."""
+    return [min(chunk, n - s) for s in range(0, int(n), chunk)]
+
+
+def steps_per_epoch(images_per_epoch: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: whole global batches (every rank takes the same number)."""
+    return max(1, int(images_per_epoch) // int(batch_size))
+
+
+def render(
+    preset: Any, n: int, seed: int, device: torch.device, *, shuffle: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images [n,1,H,W] float32 and labels [n] int64 of ``preset`` on ``device`` (classes balanced),
+    rows permuted by a generator seeded with ``seed`` if ``shuffle``. Plain (not inference) tensors."""
+    from deeplense_ray.sim import simulate
+
+    res = simulate(preset, int(n), int(seed), device, device_output=True)
+    images, labels = res.images, res.labels.to(device)
+    if shuffle:
+        perm = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed))).to(device)
+        return images[perm], labels[perm]
+    return images.clone(), labels.clone()
+
+
+def online_batches(
+    preset: Any,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    num_batches: int,
+    batch_size: int,
+    device: torch.device,
+    chunk_batches: int = CHUNK_BATCHES,
+    prefetch: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's ``num_batches`` training batches of ``epoch`` ({"image", "label"} on ``device``),
+    rendered in chunks of ``chunk_batches`` batches (chunk k from :func:`chunk_seed`). With ``prefetch`` the
+    next chunk is rendered on a background thread (on CUDA in a side stream) while this one is consumed; the
+    images are the same bytes either way."""
+    sizes = [min(chunk_batches, num_batches - s) * batch_size for s in range(0, num_batches, chunk_batches)]
+
+    def make(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return render(preset, sizes[k], chunk_seed(seed, epoch, rank, k), device, shuffle=True)
+
+    def cut(x: torch.Tensor, y: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(0, int(y.shape[0]), batch_size):
+            yield {"image": x[s : s + batch_size], "label": y[s : s + batch_size]}
+
+    if not prefetch:
+        for k in range(len(sizes)):
+            yield from cut(*make(k))
+        return
+
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            if cuda:
+                torch.cuda.set_device(device)
+            with torch.cuda.stream(side) if cuda else nullcontext():
+                for k in range(len(sizes)):
+                    x, y = make(k)
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    while not stop.is_set():
+                        try:
+                            q.put((x, y, event), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put((exc, None, None))
+
+    thread = threading.Thread(target=produce, name=f"online-sim-r{rank}-e{epoch}", daemon=True)
+    thread.start()
+    try:
+        for _ in range(len(sizes)):
+            x, y, event = q.get()
+            if isinstance(x, BaseException):
+                raise RuntimeError(f"online simulation failed on rank {rank}, epoch {epoch}: {x}") from x
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                x.record_stream(current)
+                y.record_stream(current)
+            yield from cut(x, y)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def eval_batches(
+    preset: Any,
+    split: str,
+    *,
+    seed: int,
+    size: int,
+    positions: Sequence[int],
+    device: torch.device,
+    batch_size: int,
+) -> dict[int, list[dict[str, torch.Tensor]]]:
+    """The chunks ``positions`` of the fixed ``split`` set of ``size`` images, rendered on ``device`` and cut
+    into batches: {chunk position: [batches]} (kept by the caller for every epoch)."""
+    sizes = eval_chunks(size)
+    out: dict[int, list[dict[str, torch.Tensor]]] = {}
+    for i in positions:
+        x, y = render(preset, sizes[i], eval_seed(seed, split, i), device, shuffle=False)
+        out[i] = [
+            {"image": x[s : s + batch_size], "label": y[s : s + batch_size]}
+            for s in range(0, sizes[i], batch_size)
+        ]
+    return out
+
+
+def evaluate_simulated(
+    checkpoint: Any,
+    preset: Any,
+    split: str,
+    *,
+    seed: int,
+    size: int,
+    batch_size: int = 256,
+    device: str | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a checkpoint's model on the fixed simulated ``split`` set (fp32; device default cuda if
+    available, else cpu): what :func:`~deeplense_ray.train.trainer.evaluate_checkpoint` is for a dataset."""
+    import numpy as np
+
+    from deeplense_ray.sim import resolve_preset
+    from deeplense_ray.train.checkpoint import load_model_from_checkpoint, read_meta
+    from deeplense_ray.train.loop import predict_batches, probabilities
+    from deeplense_ray.train.metrics import classification_metrics
+
+    pre = resolve_preset(preset)
+    arch = read_meta(checkpoint)["arch"]
+    if list(arch["class_names"]) != list(pre.class_names):
+        raise ValueError(f"checkpoint classes {arch['class_names']} differ from preset {pre.name!r} classes")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model_from_checkpoint(checkpoint).to(dev)
+    chunks = eval_batches(
+        pre, split, seed=seed, size=size, positions=range(len(eval_chunks(size))), device=dev,
+        batch_size=batch_size,
+    )  # fmt: skip
+    logits, labels = predict_batches(model, (b for i in sorted(chunks) for b in chunks[i]), device=dev)
+    probs = probabilities(logits)
+    out = classification_metrics(np.asarray(labels), probs, list(pre.class_names))
+    out["split"] = split
+    if return_predictions:
+        out["y_true"] = labels
+        out["probs"] = probs
+    return out
+
+
+__all__ = [
+    "EVAL_CHUNK",
+    "STREAMS",
+    "chunk_seed",
+    "eval_batches",
+    "eval_chunks",
+    "eval_seed",
+    "evaluate_simulated",
+    "online_batches",
+    "render",
+    "resolve_sim_preset",
+    "sim_hash",
+    "steps_per_epoch",
+]

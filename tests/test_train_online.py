@@ -1,0 +1,135 @@
+"""Online simulation (train/online.py): streams reproducible and disjoint, val/test fixed, a 2-worker Ray
+Train run rendering its own images (real Ray, renderer and SQLite MLflow store), errors before Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeplense_ray.config import TrainConfig
+from deeplense_ray.train.online import eval_batches, eval_chunks, online_batches, resolve_sim_preset
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "deeplense_model_i"  # cheapest preset on CPU
+OVERRIDES = {"num_pix": 16}
+CPU = torch.device("cpu")
+
+
+def _pre():
+    return resolve_sim_preset(PRESET, OVERRIDES)
+
+
+def _stream(*, epoch=1, rank=0, seed=3, prefetch=True, num_batches=3, chunk_batches=2):
+    return list(
+        online_batches(
+            _pre(), seed=seed, epoch=epoch, rank=rank, num_batches=num_batches, batch_size=8, device=CPU,
+            chunk_batches=chunk_batches, prefetch=prefetch,
+        )
+    )  # fmt: skip
+
+
+def _rows(batches) -> set[bytes]:
+    return {img.numpy().tobytes() for b in batches for img in b["image"]}
+
+
+def test_same_seed_same_batches_with_or_without_prefetch():
+    a, b = _stream(prefetch=True), _stream(prefetch=False)
+    assert [tuple(x["image"].shape) for x in a] == [(8, 1, 16, 16)] * 3
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    assert not torch.equal(a[0]["image"], _stream(seed=4)[0]["image"])
+    # shuffled within a chunk: the labels of a batch are not the renderer's 0, 1, 2, 0, ... order
+    assert any(x["label"].tolist() != [i % 3 for i in range(8)] for x in a)
+    assert a[0]["image"].requires_grad is False and not a[0]["image"].is_inference()
+
+
+def test_rank_and_epoch_streams_disjoint():
+    r0, r1, e2 = _rows(_stream(rank=0)), _rows(_stream(rank=1)), _rows(_stream(epoch=2))
+    assert len(r0) == len(r1) == len(e2) == 24  # no image repeats within a stream
+    assert not r0 & r1 and not r0 & e2 and not r1 & e2
+
+
+def test_val_test_fixed_and_disjoint_from_training():
+    assert eval_chunks(1100) == [512, 512, 76]
+    size = 20
+    val = eval_batches(_pre(), "val", seed=3, size=size, positions=[0], device=CPU, batch_size=8)
+    again = eval_batches(_pre(), "val", seed=3, size=size, positions=[0], device=CPU, batch_size=8)
+    test = eval_batches(_pre(), "test", seed=3, size=size, positions=[0], device=CPU, batch_size=8)
+    assert [len(b["label"]) for b in val[0]] == [8, 8, 4]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(val[0], again[0], strict=True))
+    v, t = _rows(val[0]), _rows(test[0])
+    train = _rows(_stream(epoch=1)) | _rows(_stream(epoch=2)) | _rows(_stream(rank=1))
+    assert len(v) == len(t) == size and not v & t and not v & train and not t & train
+    with pytest.raises(ValueError, match="'train'"):
+        eval_batches(_pre(), "train", seed=3, size=size, positions=[0], device=CPU, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"simulate": "model_zz"}, "unknown preset 'model_zz'.*model_ii"),
+        ({"sim_overrides": {"num_pix": -3}}, "num_pix"),
+        ({"sim_overrides": {"no_such_field": 1}}, "no_such_field"),
+        ({"images_per_epoch": 4}, "images_per_epoch=4 must be >= batch_size=8"),
+        ({"val_size": 0}, "val_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_preset_or_override_is_a_clear_error(kw, match):
+    base = dict(model="ResNetSimple", simulate=PRESET, sim_overrides=OVERRIDES, batch_size=8)
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**base, **kw}).validate()
+
+
+def test_job_rejects_a_wrong_preset_before_ray(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs/train.py"), "--model", "ResNetSimple", "--simulate", "model_zz"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown preset 'model_zz'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.slow
+def test_two_worker_online_run(ray_session, tmp_path):
+    """2 ranks on CPU (gloo) render their own training images each epoch; the fixed val/test sets are
+    evaluated once per epoch / at the end; MLflow records the preset, overrides, seeds and images seen."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.train import run_training
+
+    cfg = TrainConfig(
+        model="ResNetSimple",
+        model_overrides={"width": 8},
+        simulate=PRESET,
+        sim_overrides=OVERRIDES,
+        images_per_epoch=48,
+        val_size=24,
+        test_size=18,
+        sim_chunk_batches=2,
+        epochs=2,
+        batch_size=16,
+        lr=3e-3,
+        num_workers=2,
+        cpus_per_worker=1,
+        seed=11,
+        storage_path=str(tmp_path / "ray"),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="online",
+    )
+    result = run_training(cfg)
+    assert [int(h["epoch"]) for h in result.history] == [1, 2]
+    assert [h["images_seen"] for h in result.history] == [48, 96]
+    assert all(h["val_n"] == 24 for h in result.history)
+    assert result.test_metrics["n"] == 18
+    run = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id)
+    params = run.data.params
+    assert params["simulation.preset"] == PRESET
+    assert params["simulation.overrides.num_pix"] == "16" and params["config.simulate"] == PRESET
+    assert params["simulation.seed"] == "11" and "epoch, rank, chunk" in params["simulation.train_seeds"]
+    assert run.data.metrics["images_seen"] == 96
+    assert run.info.status == "FINISHED"
