@@ -1,15 +1,17 @@
 """Run a study: every model x seed as one tracked training (``run_training``), then one report.
 
-Runs are the trials of a Ray Tune grid over a function trainable (:func:`study_trial`), each calling the
-project's ``deeplense_ray.train.run_training`` with one Ray Train worker (fractional GPUs pack small models on
-a GPU). A finished run writes ``runs/<model>-s<seed>.json`` (its test metrics, parameter count, images/s) and
-``.npz`` (test labels and probabilities for the ROC curves) atomically: that directory is the study's state. A
-resumed study (``resume=True``) runs only the pairs without a result; a run killed mid-training continues from
-its latest checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
+Runs are parallel Ray tasks (:func:`study_run`, at most ``concurrency`` at once), each calling the project's
+``deeplense_ray.train.run_training`` with one Ray Train worker (fractional GPUs pack small models on a GPU).
+Plain tasks rather than Tune trials: a Tune trial's placement group captures the test-evaluation task that
+``run_training`` starts after ``fit``, and that task cannot fit in the trial's bundle. A finished run writes
+``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz`` (test labels and
+probabilities for the ROC curves) atomically: that directory is the study's state. A resumed study
+(``resume=True``) runs only the pairs without a result; a run killed mid-training continues from its latest
+checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
 
 On disk (``<storage_path>/<name>/``): ``study_state.json`` (settings, dataset, MLflow ids), ``runs/``,
-``trainers/`` (each run's Ray Train directory and checkpoints), ``dataset/`` (with ``simulate``), Tune's
-directories ``tune-<attempt>/``, and the report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``,
+``trainers/`` (each run's Ray Train directory and checkpoints), ``dataset/`` (with ``simulate``), and the
+report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``,
 ``roc_study.png``). MLflow: a parent run per study (tag ``study.role=study``) holding the report, and the
 training runs nested under it (tag ``mlflow.parentRunId``).
 """
@@ -88,18 +90,17 @@ def _evaluate(best: str, data_dir: str, cpus: float, gpus: float) -> dict[str, A
     return ray.get(ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus))(ev).remote(best, data_dir))
 
 
-def study_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one (model, seed) of the study, trained by ``run_training`` (or continued /
-    only evaluated when an earlier attempt got that far), then its result files written."""
+def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """One (model, seed) of the study, trained by ``run_training`` (or continued / only evaluated when an
+    earlier attempt got that far), then its result files written; returns its result row."""
     import numpy as np
-    import ray.tune
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.config import TrainConfig
     from deeplense_ray.models import count_parameters
-    from deeplense_ray.train import RUN_STATE_FILE, load_model_from_checkpoint, run_training
+    from deeplense_ray.train import load_model_from_checkpoint, run_training
+    from deeplense_ray.train.trainer import RUN_STATE_FILE
 
-    job, fixed = config["job"], config["_study"]
     model, seed = job["model"], int(job["seed"])
     key = run_key(model, seed)
     if [model, seed] in [list(x) for x in fixed["fail_runs"]]:
@@ -143,7 +144,7 @@ def study_trial(config: dict[str, Any]) -> None:
     from deeplense_ray.tracking import write_json_atomic
 
     write_json_atomic(row, out / f"{key}.json")  # last: its presence marks the run finished
-    ray.tune.report({"auc_macro": row["auc_macro"], "accuracy": row["accuracy"]})
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- study
@@ -221,6 +222,33 @@ def _ensure_dataset(s: StudySettings, out: Path) -> str:
     return str(data)
 
 
+def _run_all(pending: list[tuple[str, int]], fixed: dict[str, Any], concurrency: int) -> dict[str, str]:
+    """Every pending (model, seed) as a Ray task, at most ``concurrency`` at once; returns failures by key
+    (a failed run is reported and the others go on)."""
+    import sys
+
+    import ray
+
+    from deeplense_ray.tune.settings import DRIVER_CPUS
+
+    task = ray.remote(num_cpus=DRIVER_CPUS, max_retries=0)(study_run)
+    todo, running, failed = list(pending), {}, {}
+    while todo or running:
+        while todo and len(running) < concurrency:
+            m, seed = todo.pop(0)
+            running[task.remote({"model": m, "seed": seed}, fixed)] = run_key(m, seed)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(ready[0])
+        try:
+            row = ray.get(ready[0])
+            print(f"study run {key}: test accuracy {row['accuracy']:.4f}, macro AUC {row['auc_macro']:.4f}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        except Exception as exc:  # one failed run does not stop the others
+            failed[key] = f"{type(exc).__name__}: {exc}"
+            print(f"study run {key} failed: {failed[key][:2000]}", file=sys.stderr, flush=True)
+    return failed
+
+
 def run_study(settings: StudySettings, *, address: str | None = None) -> StudyResult:
     """Run (or resume) a study and write its report; see the module docstring.
 
@@ -228,11 +256,9 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
     data; StudyIncomplete after the grid when some runs failed (the finished ones are kept)."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     from deeplense_ray.tracking import get_or_create_experiment, log_params, resolve_tracking_uri
     from deeplense_ray.tune.runner import connect_ray
-    from deeplense_ray.tune.settings import DRIVER_CPUS
 
     try:
         s, out, state = _prepare(settings)
@@ -278,19 +304,7 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
             "data_dir": data_dir, "trainer_storage": str(out / TRAINERS_DIR), "runs_dir": str(out / RUNS_DIR),
             "fail_runs": [list(x) for x in s.fail_runs],
         }  # fmt: skip
-        jobs = [{"model": m, "seed": seed} for m, seed in pending]
-        tuner = tune.Tuner(
-            tune.with_resources(study_trial, {"CPU": DRIVER_CPUS}),
-            param_space={"job": tune.grid_search(jobs), "_study": fixed},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
-            run_config=tune.RunConfig(
-                name=f"tune-{state['attempts']}",
-                storage_path=str(out),
-                verbose=1,
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),  # fmt: skip
-        )
-        tuner.fit()
+        _run_all(pending, fixed, concurrency)
     missing = [run_key(m, seed) for m in s.models for seed in range(s.seeds)
                if not (out / RUNS_DIR / f"{run_key(m, seed)}.json").is_file()]  # fmt: skip
     if missing:
