@@ -178,11 +178,12 @@ class TrainConfig:
             'per_rank' (every rank streams its own shards through its own Ray Data execution; the shards
             are dealt anew each epoch and every rank takes the same number of rows). See train/ingest.py.
         simulate: online simulation (train/online.py): a preset name; every rank renders fresh training
-            images on its own device each epoch (``images_per_epoch`` in all, whole global batches), in
-            chunks of ``sim_chunk_batches`` per-worker batches (the next one rendered on a background thread
-            if ``sim_prefetch``). Validation and test: ``val_size`` / ``test_size`` images rendered once from
-            their own seeds, or the val/test splits of ``data_dir`` when it is given. ``sim_overrides``:
-            preset fields (e.g. num_pix) on top of the preset. None: train on ``data_dir``.
+            images on its own device each epoch (``images_per_epoch`` in all, rounded down to whole global
+            batches, at least one), in chunks of ``sim_chunk_batches`` per-worker batches (the next one
+            rendered on a background thread if ``sim_prefetch``). Validation and test: ``val_size`` /
+            ``test_size`` images rendered once from their own seeds, or the val/test splits of ``data_dir``
+            when it is given. ``sim_overrides``: preset fields (e.g. num_pix) on top of the preset. None:
+            train on ``data_dir``.
     """
 
     model: str
@@ -307,11 +308,6 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if _is_int(self.batch_size) and self.images_per_epoch < self.batch_size:
-            raise ValueError(
-                f"images_per_epoch={self.images_per_epoch} must be >= batch_size={self.batch_size} "
-                "(an epoch is whole global batches)"
-            )
         if not isinstance(self.sim_prefetch, bool):
             raise ValueError(f"sim_prefetch must be true or false, got {self.sim_prefetch!r}")
 

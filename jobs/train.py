@@ -176,17 +176,10 @@ def sim_overrides_from_args(args: argparse.Namespace) -> dict:
         if args.data is None:
             raise ValueError("give --data DIR (a dataset) or --simulate PRESET (online simulation)")
         return {}
-    overrides: dict = {}
-    if args.sim_config is not None:
-        from deeplense_ray.data.config import load_preset_yaml
+    from deeplense_ray.train.online import merge_sim_overrides
 
-        base, overrides = load_preset_yaml(args.sim_config)
-        if base is not None and base != args.simulate:
-            raise ValueError(
-                f"--simulate {args.simulate!r} differs from 'preset: {base}'"
-                f" in {args.sim_config}"
-            )
-    return {**overrides, **parse_overrides(args.sim_override, "--sim-override")}
+    cli = parse_overrides(args.sim_override, "--sim-override")
+    return merge_sim_overrides(args.simulate, args.sim_config, cli)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -8,7 +8,9 @@ Thin CLI over deeplense_ray.tune.run_search. Examples:
     python jobs/tune.py --model ResNetSimple --num-samples 4 --fix width=16 --choice lr=1e-3,3e-3
 
 Without --data a small dataset of --preset (default model_ii) is simulated first into
-<storage-path>/datasets/ (or reused from there when one with the same config exists).
+<storage-path>/datasets/ (or reused from there when one with the same config exists). With --simulate PRESET
+no dataset is written: every trial's workers render fresh training images (online simulation, as
+jobs/train.py --simulate), validated and tested on fixed simulated sets or on the splits of --data.
 Bad options (unknown model or metric, num_samples < 1, more GPUs per trial than the cluster has, ...) fail
 before any trial starts, naming the value, with exit status 2.
 """
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="preset field of the simulated dataset, e.g. num_pix=32 (repeatable)",
     )
+    a("--simulate", default=None, metavar="PRESET", help="online simulation in every trial (no dataset)")
+    a("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override (with --simulate)")
+    for flag in ("--images-per-epoch", "--val-size", "--test-size"):
+        a(flag, type=int, default=None, help="online simulation (default: jobs/train.py's)")
     a("--max-epochs", type=int, default=10, help="epochs of a trial ASHA does not stop (default 10)")
     a("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default 1)")
     a("--reduction-factor", type=float, default=2, help="ASHA reduction factor (default 2)")
@@ -133,13 +139,24 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
             raise ValueError(f"{k!r} is given with both --fix and --choice")
         space[k] = tune.choice(values)
     rf = args.reduction_factor
+    preset_overrides = parse_overrides(args.preset_override, "--preset-override")
+    train_overrides = parse_overrides(args.train_override, "--train-override")
+    online = {k: getattr(args, k) for k in ("images_per_epoch", "val_size", "test_size")}
+    if args.simulate is None and (args.sim_config or any(v is not None for v in online.values())):
+        raise ValueError("--sim-config, --images-per-epoch, --val-size, --test-size need --simulate PRESET")
+    if args.simulate is not None:
+        from deeplense_ray.train.online import merge_sim_overrides
+
+        preset_overrides = merge_sim_overrides(args.simulate, args.sim_config, preset_overrides)
+    train_overrides.update({k: v for k, v in online.items() if v is not None})
     return TuneSettings(
         model=args.model,
         num_samples=args.num_samples,
         data_dir=args.data,
-        preset=args.preset,
+        preset=args.simulate or args.preset,
+        simulate=args.simulate is not None,
         num_per_class=args.num_per_class,
-        preset_overrides=parse_overrides(args.preset_override, "--preset-override"),
+        preset_overrides=preset_overrides,
         max_epochs=args.max_epochs,
         grace_period=args.grace_period,
         reduction_factor=int(rf) if float(rf).is_integer() else rf,
@@ -157,7 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         storage_path=args.storage_path,
         name=args.name,
         resume=args.resume,
-        train_overrides=parse_overrides(args.train_override, "--train-override"),
+        train_overrides=train_overrides,
         space=space,
         model_size=args.model_size,
         verbose=args.verbose,
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             from deeplense_ray.tracking.models import check_registered_name
 
             check_registered_name(args.register)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -74,7 +74,7 @@ def test_val_test_fixed_and_disjoint_from_training():
         ({"simulate": "model_zz"}, "unknown preset 'model_zz'.*model_ii"),
         ({"sim_overrides": {"num_pix": -3}}, "num_pix"),
         ({"sim_overrides": {"no_such_field": 1}}, "no_such_field"),
-        ({"images_per_epoch": 4}, "images_per_epoch=4 must be >= batch_size=8"),
+        ({"images_per_epoch": 4.5}, "images_per_epoch must be an integer >= 1, got 4.5"),
         ({"val_size": 0}, "val_size must be an integer >= 1, got 0"),
     ],
 )
@@ -133,3 +133,46 @@ def test_two_worker_online_run(ray_session, tmp_path):
     assert params["simulation.seed"] == "11" and "epoch, rank, chunk" in params["simulation.train_seeds"]
     assert run.data.metrics["images_seen"] == 96
     assert run.info.status == "FINISHED"
+
+
+def test_tune_rejects_a_wrong_override_before_ray(tmp_path):
+    """jobs/tune.py --simulate: a bad preset override fails at the settings, before Ray starts."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs/tune.py"), "--model", "ResNetSimple", "--simulate", PRESET,
+         "--preset-override", "num_pix=-3", "--storage-path", str(tmp_path / "t")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "num_pix" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_tune_trials_train_online(ray_session, tmp_path):
+    """jobs/tune.py --simulate: every trial renders its training images (no dataset written); the best
+    checkpoint is tested on the fixed simulated test set."""
+    from ray import tune
+
+    from deeplense_ray.tune import TuneSettings, run_search
+
+    settings = TuneSettings(
+        model="ResNetSimple",
+        num_samples=2,
+        simulate=True,
+        preset=PRESET,
+        preset_overrides=dict(OVERRIDES),
+        max_epochs=1,
+        max_concurrent=2,
+        scheduler="fifo",
+        seed=2,
+        experiment="online-tune",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        storage_path=str(tmp_path / "searches"),
+        space={"width": 8, "batch_size": 16, "weight_decay": 1e-4, "lr": tune.choice([1e-3, 3e-3])},
+        train_overrides={"images_per_epoch": 32, "val_size": 24, "test_size": 12, "precision": "fp32"},
+    )
+    res = run_search(settings)
+    assert len(res.trials) == 2 and all(t.epochs_run == 1 for t in res.trials)
+    assert res.test_metrics["n"] == 12
+    assert res.best_config["train_config"]["simulate"] == PRESET
+    assert not (tmp_path / "searches" / "datasets").exists()

@@ -57,6 +57,22 @@ def resolve_sim_preset(name: str, overrides: Mapping[str, Any] | None = None):
         raise ValueError(f"simulate preset {name!r} with overrides {dict(overrides or {})}: {exc}") from None
 
 
+def merge_sim_overrides(
+    preset: str, config_file: str | None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The preset overrides of ``--simulate PRESET``: the fields of the YAML ``config_file`` (its optional
+    ``preset: NAME`` must be ``preset``) under ``overrides`` (which win). ValueError / FileNotFoundError
+    naming the file."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        from deeplense_ray.data.config import load_preset_yaml
+
+        base, merged = load_preset_yaml(config_file)
+        if base is not None and base != preset:
+            raise ValueError(f"--simulate {preset!r} differs from 'preset: {base}' in {config_file}")
+    return {**merged, **dict(overrides or {})}
+
+
 def sim_hash(preset: Mapping[str, Any], **settings: Any) -> str:
     """sha256 of the resolved preset and the stream settings (the online run's 'manifest hash': a resume with
     another preset, override or set size is refused)."""
@@ -221,7 +237,7 @@ def evaluate_simulated(
     from deeplense_ray.sim import resolve_preset
     from deeplense_ray.train.checkpoint import load_model_from_checkpoint, read_meta
     from deeplense_ray.train.loop import predict_batches, probabilities
-    from deeplense_ray.train.metrics import classification_metrics
+    from deeplense_ray.train.metrics import bootstrap_auc_ci, classification_metrics
 
     pre = resolve_preset(preset)
     arch = read_meta(checkpoint)["arch"]
@@ -236,11 +252,38 @@ def evaluate_simulated(
     logits, labels = predict_batches(model, (b for i in sorted(chunks) for b in chunks[i]), device=dev)
     probs = probabilities(logits)
     out = classification_metrics(np.asarray(labels), probs, list(pre.class_names))
+    out["auc_macro_ci"] = list(bootstrap_auc_ci(labels, probs))  # as evaluate_checkpoint
     out["split"] = split
     if return_predictions:
         out["y_true"] = labels
         out["probs"] = probs
     return out
+
+
+def evaluate_test(checkpoint: Any, cfg: Any, *, device: str | None = None) -> dict[str, Any]:
+    """The test metrics (with ``y_true`` and ``probs``) of a checkpoint of a run of ``cfg`` (a TrainConfig):
+    its dataset's test split, or with ``simulate`` and no data_dir the fixed simulated test set."""
+    if cfg.simulate is not None and cfg.data_dir is None:
+        preset = cfg.simulated_info().sim_preset
+        return evaluate_simulated(
+            checkpoint, preset, "test", seed=cfg.seed, size=cfg.test_size, device=device,
+            return_predictions=True,
+        )  # fmt: skip
+    from deeplense_ray.train.trainer import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, cfg.data_dir, "test", device=device, return_predictions=True)
+
+
+def example_input(cfg: Any):
+    """An input example for the logged model of a run of ``cfg``: the first image of its dataset, or one image
+    of its preset (rendered on the CPU) for an online run without data."""
+    from deeplense_ray.tracking.models import example_images
+
+    if cfg.data_dir is not None:
+        return example_images(cfg.data_dir)
+    from deeplense_ray.sim import simulate
+
+    return simulate(cfg.simulated_info().sim_preset, 1, 0, "cpu").images.numpy()
 
 
 __all__ = [
@@ -251,6 +294,9 @@ __all__ = [
     "eval_chunks",
     "eval_seed",
     "evaluate_simulated",
+    "evaluate_test",
+    "example_input",
+    "merge_sim_overrides",
     "online_batches",
     "render",
     "resolve_sim_preset",

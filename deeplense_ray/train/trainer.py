@@ -234,14 +234,10 @@ def evaluate_checkpoint(
     return out
 
 
-def _evaluate_remote(checkpoint: Any, data_dir: str, split: str) -> dict[str, Any]:
-    return evaluate_checkpoint(checkpoint, data_dir, split, return_predictions=True)
+def _evaluate_remote(checkpoint: Any, cfg: TrainConfig) -> dict[str, Any]:
+    from deeplense_ray.train.online import evaluate_test
 
-
-def _evaluate_simulated_remote(checkpoint: Any, preset: Mapping[str, Any], seed: int, size: int):
-    from deeplense_ray.train.online import evaluate_simulated
-
-    return evaluate_simulated(checkpoint, preset, "test", seed=seed, size=size, return_predictions=True)
+    return evaluate_test(checkpoint, cfg)
 
 
 def _simulation_params(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
@@ -329,21 +325,14 @@ def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str,
     }
 
 
-def _log_model(
-    tracking_uri: str, run_id: str, checkpoint: Any, data_dir: str | None, sim_preset: Any = None
-) -> str:
+def _log_model(tracking_uri: str, run_id: str, checkpoint: Any, cfg: TrainConfig) -> str:
     """The best checkpoint's model into the run: the pytorch flavor plus a pyfunc returning class
     probabilities, a signature, an input example from the data (an online run without data: one image of
     its preset) and the architecture in its metadata (deeplense_ray/tracking/models.py)."""
-    from deeplense_ray.tracking.models import example_images, log_checkpoint_model
+    from deeplense_ray.tracking.models import log_checkpoint_model
+    from deeplense_ray.train.online import example_input
 
-    if data_dir is not None:
-        example = example_images(data_dir)
-    else:
-        from deeplense_ray.sim import simulate
-
-        example = simulate(sim_preset, 1, 0, "cpu").images.numpy()
-    return log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example)
+    return log_checkpoint_model(checkpoint, tracking_uri, run_id, input_example=example_input(cfg))
 
 
 def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
@@ -500,11 +489,7 @@ def run_training(
         # The test split, once, with the best checkpoint (a task with one worker's resources: GPU if any).
         gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
         task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
-        if cfg.simulate is not None and cfg.data_dir is None:  # the fixed simulated test set
-            task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_simulated_remote)
-            test = ray.get(task.remote(best, info.sim_preset, cfg.seed, cfg.test_size))
-        else:
-            test = ray.get(task.remote(best, cfg.data_dir or info.data_dir, "test"))
+        test = ray.get(task.remote(best, cfg))  # the dataset's, or the fixed simulated test set
 
         flat_test = flatten_metrics(test, "test")
         best_val = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
@@ -533,7 +518,7 @@ def run_training(
             )
             client.log_artifacts(run_id, tmp)
             artifact_names = [p.name for p in paths]
-        model_uri = _log_model(uri, run_id, best, cfg.data_dir, info.sim_preset)
+        model_uri = _log_model(uri, run_id, best, cfg)
         client.set_tag(run_id, "best_checkpoint", str(best.path))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:

@@ -615,11 +615,18 @@ def prepare_cluster_work(settings: TuneSettings, plan: _Plan, cluster: Mapping[s
     plan.tracking_uri = (
         plan.state["tracking_uri"] if plan.state else resolve_tracking_uri(settings.tracking_uri)
     )
-    plan.data_dir = plan.state["data_dir"] if plan.state else ensure_dataset(settings, plan.storage_path)
+    if plan.state:
+        plan.data_dir = plan.state["data_dir"]
+    elif settings.simulate:  # online: no dataset written; val/test from data_dir if given
+        plan.data_dir = os.path.abspath(settings.data_dir) if settings.data_dir is not None else ""
+    else:
+        plan.data_dir = ensure_dataset(settings, plan.storage_path)
+    online = {"simulate": settings.preset, "sim_overrides": dict(settings.preset_overrides)}
     plan.base_train = dict(
         settings.train_overrides,
+        **(online if settings.simulate else {}),
         model=settings.model,
-        data_dir=plan.data_dir,
+        data_dir=plan.data_dir or None,
         epochs=settings.max_epochs,
         seed=settings.seed,
         num_workers=settings.workers_per_trial,
@@ -789,10 +796,11 @@ def _finish(
     best_res = next(r for r, t in zip(results, trials) if t is best_t)
     ckpt, ckpt_epoch = best_checkpoint_of(best_res, settings.metric, mode)
     test_metrics: dict[str, Any] = {}
-    if ckpt is not None:
-        from deeplense_ray.train import evaluate_checkpoint
+    if ckpt is not None:  # the dataset's test split, or an online search's fixed simulated test set
+        from deeplense_ray.config import TrainConfig
+        from deeplense_ray.train.online import evaluate_test
 
-        test_metrics = dict(evaluate_checkpoint(ckpt, data_dir, split="test", return_predictions=True))
+        test_metrics = dict(evaluate_test(ckpt, TrainConfig(**base_train)))
     predictions = {k: test_metrics.pop(k) for k in ("y_true", "probs") if k in test_metrics}
     table = format_summary(trials, settings.metric, mode)
     train_cfg = dict(base_train)
@@ -845,7 +853,8 @@ def _finish(
     model_uri = None
     if ckpt is not None:
         from deeplense_ray.tracking.console import chance_warning
-        from deeplense_ray.tracking.models import example_images, log_checkpoint_model
+        from deeplense_ray.tracking.models import log_checkpoint_model
+        from deeplense_ray.train.online import example_input
 
         ci = test_metrics.get("auc_macro_ci")
         if ci is not None:
@@ -857,7 +866,7 @@ def _finish(
             client.set_tag(parent_run_id, "warning.chance", w)
         _log_test_plots(client, parent_run_id, test_metrics, predictions, ckpt)
         model_uri = log_checkpoint_model(ckpt, plan.tracking_uri, parent_run_id,
-                                         input_example=example_images(data_dir))
+                                         input_example=example_input(TrainConfig(**base_train)))
         client.set_tag(parent_run_id, "tune.best_model_uri", model_uri)
     if settings.keep_checkpoints == "best":
         from deeplense_ray.tune.disk import prune_to_best_trial

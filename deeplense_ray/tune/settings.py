@@ -41,6 +41,10 @@ class TuneSettings:
             into ``<storage_path>/datasets/`` first (or reuses one with the same config there).
         preset, num_per_class, preset_overrides, data_seed: the auto-simulated dataset (unused with
             data_dir).
+        simulate: online simulation (train/online.py) in every trial: training images rendered on the
+            trial's workers from ``preset`` + ``preset_overrides`` (no dataset written); val/test from
+            ``data_dir``'s splits if given, else fixed simulated sets (``train_overrides`` may set
+            images_per_epoch, val_size, test_size, sim_chunk_batches).
         max_epochs: epochs of a trial that ASHA never stops (ASHA ``max_t``).
         grace_period: epochs every trial runs before ASHA may stop it.
         reduction_factor: ASHA halving rate (keeps the top 1/reduction_factor at each rung).
@@ -99,6 +103,7 @@ class TuneSettings:
     points_to_evaluate: list[dict[str, Any]] | None = None
     verbose: bool = False
     keep_checkpoints: str = "best"
+    simulate: bool = False
 
     @property
     def resolved_mode(self) -> str:
@@ -182,13 +187,17 @@ class TuneSettings:
                 raise ValueError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
             if not os.path.isfile(manifest):
                 raise ValueError(f"data_dir {self.data_dir!r} has no manifest.json (not a dataset directory)")
-        else:
+        if self.data_dir is None or self.simulate:
             from deeplense_ray.sim.presets import list_presets
 
             if self.preset not in list_presets():
                 raise ValueError(
                     f"unknown preset {self.preset!r}; valid presets: {', '.join(list_presets())}"
                 )
+        if self.simulate:  # the preset and its overrides, before any cluster work
+            from deeplense_ray.train.online import resolve_sim_preset
+
+            resolve_sim_preset(self.preset, self.preset_overrides)
         if not isinstance(self.train_overrides, Mapping):
             raise ValueError("train_overrides must be a mapping of TrainConfig fields")
         reserved = {
@@ -208,6 +217,8 @@ class TuneSettings:
             "resume",
             "run_name",
             "model_size",
+            "simulate",
+            "sim_overrides",
         }
         clash = sorted(reserved & set(self.train_overrides))
         if clash:
