@@ -20,8 +20,9 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deeplense_ray"
 #: Modules imported only where the code treats them as optional: triton (ships with CUDA torch builds; the
-#: simulator falls back to eager torch) and astropy (FITS input, an ImportError naming the install command).
-OPTIONAL = {"triton", "astropy"}
+#: simulator falls back to eager torch), astropy (FITS input) and timm (``timm:<arch>`` models), the last two
+#: with an error naming the install command.
+OPTIONAL = {"triton", "astropy", "timm"}
 
 
 def _norm(name: str) -> str:
