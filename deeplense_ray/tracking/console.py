@@ -145,6 +145,7 @@ class SearchConsole(Callback):
         self.started: dict[str, float] = {}
         self.best: dict[str, tuple[float, int]] = {}
         self.epochs: dict[str, int] = {}
+        self.diverged: dict[str, int] = {}
         self.ended = 0
         self.t0 = time.time()
         self.last_print = self.t0
@@ -166,9 +167,10 @@ class SearchConsole(Callback):
         return a > b if self.mode == "max" else a < b
 
     def best_overall(self) -> tuple[str, float, int] | None:
-        """(trial id, best metric, its epoch) over all trials so far, or None."""
+        """(trial id, best metric, its epoch) over all trials so far, or None; ties go to the smaller trial
+        id, as in the search's summary (:func:`deeplense_ray.tune.runner.pick_best`)."""
         out = None
-        for tid, (v, e) in self.best.items():
+        for tid, (v, e) in sorted(self.best.items()):
             if out is None or self._better(v, out[1]):
                 out = (tid, v, e)
         return out
@@ -186,8 +188,13 @@ class SearchConsole(Callback):
         tid = trial.trial_id
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.epochs[tid] = max(epoch, self.epochs.get(tid, 0))
+        if result.get("diverged") == 1:
+            self.diverged.setdefault(tid, epoch)
+        # a diverged epoch reports a finite stand-in (+-1e30) for the metric: shown as nan
+        result = {k: math.nan if isinstance(v, (int, float)) and abs(float(v)) >= DIVERGED_VALUE else v
+                  for k, v in result.items()}
         v = result.get(self.metric)
-        v = float(v) if isinstance(v, (int, float)) and abs(float(v)) < DIVERGED_VALUE else math.nan
+        v = float(v) if isinstance(v, (int, float)) else math.nan
         prev = self.best.get(tid)
         if prev is None or self._better(v, prev[0]):
             self.best[tid] = (v, epoch)
@@ -212,7 +219,9 @@ class SearchConsole(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         from deeplense_ray.tune.mlflow_runs import outcome
 
-        self._end_line(trial, outcome(self.epochs.get(trial.trial_id, 0), self.max_epochs)[0])
+        tid = trial.trial_id
+        text, _ = outcome(self.epochs.get(tid, 0), self.max_epochs, diverged_at=self.diverged.get(tid))
+        self._end_line(trial, text)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         where = getattr(trial, "path", None) or ""

@@ -371,14 +371,20 @@ def trial_statuses(output_dir: str) -> dict[str, str]:
     return out
 
 
+def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary:
+    """The search's best trial: the best of the trials' best-epoch metrics; ties go to the smaller trial id
+    (the same rule as the live console, so every place names the same trial)."""
+    return min(trials, key=lambda t: _rank_key(t, mode))
+
+
+def _rank_key(t: TrialSummary, mode: str) -> tuple[float, str]:
+    v = t.best_metric
+    return ((-v if mode == "max" else v) if math.isfinite(v) else math.inf), t.trial_id
+
+
 def format_summary(trials: list[TrialSummary], metric: str, mode: str) -> str:
     """Plain-text table: trial, config, epochs run, best val metric, outcome (best trial first)."""
-    order = sorted(
-        trials,
-        key=lambda t: (
-            (-t.best_metric if mode == "max" else t.best_metric) if math.isfinite(t.best_metric) else math.inf
-        ),
-    )
+    order = sorted(trials, key=lambda t: _rank_key(t, mode))
 
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -789,10 +795,7 @@ def _finish(
         raise RuntimeError(
             f"no trial of search {name!r} reported a finite {settings.metric}; see {output_dir}"
         )
-    best_t = ok[0]
-    for t in ok[1:]:
-        if is_better(t.best_metric, best_t.best_metric, mode):
-            best_t = t
+    best_t = pick_best(ok, mode)
     best_res = next(r for r, t in zip(results, trials) if t is best_t)
     ckpt, ckpt_epoch = best_checkpoint_of(best_res, settings.metric, mode)
     test_metrics: dict[str, Any] = {}
