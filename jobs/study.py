@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--preset-override", action="append", default=[], metavar="KEY=VALUE",
       help="preset field of the --simulate dataset, e.g. num_pix=32 (repeatable)")  # fmt: skip
     a("--data-seed", type=int, default=0, help="seed of the --simulate dataset")
+    a("--online", action="store_true",
+      help="with --simulate: every run renders fresh training images on its device (as jobs/train.py "
+           "--simulate); the built dataset holds only the fixed val/test splits")  # fmt: skip
+    a("--images-per-epoch", type=int, default=8192, help="training images per epoch with --online (8192)")
     a("--seeds", type=int, default=3, help="runs per model, seeds 0..N-1 (default 3)")
     a("--epochs", type=int, default=10, help="epochs of every run (default 10)")
     a("--model-size", default=None, help="default | comparable (~13M parameters, 2 blocks)")
@@ -95,6 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         simulate=args.simulate,
         preset_overrides=parse_overrides(args.preset_override, "--preset-override"),
         data_seed=args.data_seed,
+        online=args.online,
+        images_per_epoch=args.images_per_epoch,
         seeds=args.seeds,
         epochs=args.epochs,
         model_configs=configs,

@@ -171,3 +171,44 @@ def test_tiny_study_report_runs_and_resume_without_redoing_finished_runs(ray_ses
     runs = client.search_runs([res.experiment_id])
     assert len([r for r in runs if "deeplense.model" in r.data.tags]) == 4
     assert Path(res.data_dir, "manifest.json").is_file()
+
+
+def test_config_file_gives_one_model_its_tuned_settings(tmp_path):
+    doc = "model: ViT\ntrain_config:\n  lr: 1.0e-3\n  batch_size: 128\n  seed: 7\n  data_dir: /x\n"
+    (tmp_path / "best_config.yaml").write_text(doc)
+    from deeplense_ray.study import load_model_config
+
+    model, fields = load_model_config(tmp_path / "best_config.yaml")
+    assert model == "ViT" and fields == {"lr": 1e-3, "batch_size": 128}  # seed and data are the study's
+    s = StudySettings(
+        models="vit,ResNet18", data_dir="/d", model_configs={model: fields}, epochs=2
+    ).validate()
+    assert StudySettings.train_fields(s, "ViT", seed=1, data_dir="/d")["lr"] == 1e-3
+    assert "lr" not in StudySettings.train_fields(s, "ResNet18", seed=1, data_dir="/d")  # TrainConfig default
+    with pytest.raises(ValueError, match="'CvT', which is not in models"):
+        StudySettings(models="ViT", data_dir="/d", model_configs={"cvt": {}}).validate()
+    with pytest.raises(ValueError, match="online training needs simulate"):
+        StudySettings(models="ViT", data_dir="/d", online=True).validate()
+
+
+@pytest.mark.slow
+def test_online_study_trains_on_rendered_images_and_evaluates_on_the_fixed_test_split(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = StudySettings(
+        models="ResNetSimple", simulate="model_ii", online=True, images_per_epoch=32,
+        preset_overrides=dict(SIM), num_per_class=8, seeds=1, epochs=1, train=dict(TRAIN), cpus_per_run=0.5,
+        tracking_uri=uri, storage_path=str(tmp_path), name="online",
+    )  # fmt: skip
+    res = run_study(s)
+    from deeplense_ray.config import describe_dataset
+
+    info = describe_dataset(res.data_dir)
+    assert set(info.split_rows) == {"val", "test"} and info.split_rows["test"] == 12  # 4 per class
+    (row,) = res.runs
+    run = MlflowClient(tracking_uri=uri).get_run(row["run_id"])
+    assert run.data.params["config.simulate"] == "model_ii"
+    assert run.data.params["config.images_per_epoch"] == "32"
+    with np.load(Path(res.output_dir) / "runs" / "ResNetSimple-s0.npz") as z:
+        assert z["y_true"].shape == (12,) and z["probs"].shape == (12, 3)

@@ -32,7 +32,7 @@ PROTOCOLS: Mapping[str, Mapping[str, Any]] = {"lensiformer": LENSIFORMER_PROTOCO
 
 #: TrainConfig fields a study sets itself for every run (a per-model --config cannot change them).
 STUDY_OWNED = ("model", "data_dir", "seed", "epochs", "storage_path", "run_name", "resume", "experiment",
-               "tracking_uri")  # fmt: skip
+               "tracking_uri", "simulate", "sim_overrides", "images_per_epoch")  # fmt: skip
 
 
 def slug(model: str) -> str:
@@ -89,6 +89,9 @@ class StudySettings:
         data_dir: dataset directory (train / val / test), or None with ``simulate``.
         simulate: preset name: build a dataset of it (``num_per_class`` images per class, ``data_seed``)
             under ``<storage_path>/<name>/dataset`` first.
+        online: with ``simulate``, train online (``TrainConfig.simulate``: every run renders fresh training
+            images on its device, ``images_per_epoch`` per epoch); the built dataset then holds only the fixed
+            val and test splits every run is selected and evaluated on.
         seeds: runs per model (seeds 0 .. seeds-1).
         epochs: epochs of every run.
         model_size: ``build_model`` size of every model ('default' or 'comparable').
@@ -108,6 +111,8 @@ class StudySettings:
     splits: dict[str, float] | None = None
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     data_seed: int = 0
+    online: bool = False
+    images_per_epoch: int = 8192
     seeds: int = 3
     epochs: int = 10
     model_size: str = "default"
@@ -149,7 +154,9 @@ class StudySettings:
         s = dataclasses.replace(self, models=parse_models(self.models))
         if (s.data_dir is None) == (s.simulate is None):
             raise ValueError("give exactly one of data_dir (--data) and simulate (--simulate PRESET)")
-        for key, lo in (("seeds", 1), ("epochs", 1), ("num_per_class", 1)):
+        if s.online and s.simulate is None:
+            raise ValueError("online training needs simulate (--simulate PRESET --online)")
+        for key, lo in (("seeds", 1), ("epochs", 1), ("num_per_class", 1), ("images_per_epoch", 1)):
             v = getattr(s, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
@@ -185,10 +192,14 @@ class StudySettings:
     @staticmethod
     def dataset_config(s: StudySettings):
         from deeplense_ray.data import DatasetConfig
+        from deeplense_ray.data.config import DEFAULT_SPLITS
 
         kw: dict[str, Any] = {}
         if s.splits is not None:
             kw["splits"] = dict(s.splits)
+        if s.online:  # training images are rendered by each run: only the fixed val and test splits
+            f = dict(s.splits or DEFAULT_SPLITS)
+            kw["splits"] = {k: f[k] / (f["val"] + f["test"]) for k in ("val", "test")}
         return DatasetConfig(
             preset=s.simulate or "", preset_overrides=dict(s.preset_overrides), num_per_class=s.num_per_class,
             seed=s.data_seed, **kw,
@@ -201,6 +212,9 @@ class StudySettings:
         fields.update(s.train)
         fields.update(s.model_configs.get(model, {}))
         fields.update(model=model, data_dir=data_dir, seed=seed, epochs=s.epochs, experiment=s.experiment)
+        if s.online:
+            fields.update(simulate=s.simulate, sim_overrides=dict(s.preset_overrides),
+                          images_per_epoch=s.images_per_epoch)  # fmt: skip
         if s.gpus_per_run is not None:
             fields["gpus_per_worker"] = float(s.gpus_per_run)
         if s.cpus_per_run is not None:
