@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_throughput import QUICK_OVERRIDES  # noqa: E402
 from deeplense_ray.train.loop import (  # noqa: E402
     autocast_dtype,
     derive_seed,
@@ -47,19 +48,7 @@ from deeplense_ray.train.online import eval_batches, eval_chunks, online_batches
 MODELS = ("ResNet18", "ViT", "CvT", "Lensiformer")
 PRESETS = ("model_ii", "model_i")
 #: --quick: tiny models and images (the code path on a CPU, not the numbers)
-QUICK_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
-    "ResNet18": {"width": 8},
-    "ViT": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
-    "CvT": {
-        "s1_emb_dim": 16,
-        "s2_emb_dim": 32,
-        "s2_depth": 1,
-        "s3_emb_dim": 32,
-        "s3_depth": 1,
-        "s3_heads": 1,
-    },
-    "Lensiformer": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "encoder_dim": 32, "encoder_depth": 1},
-}
+QUICK_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {m: QUICK_OVERRIDES[m] for m in MODELS}
 QUICK_PRESET_OVERRIDES = {"num_pix": 32, "supersampling": 1}
 AUGMENT = {"rot90": True, "flip": True, "free_rotation": False}
 
