@@ -97,7 +97,9 @@ def test_job_rejects_a_wrong_preset_before_ray(tmp_path):
 @pytest.mark.slow
 def test_two_worker_online_run(ray_session, tmp_path):
     """2 ranks on CPU (gloo) render their own training images each epoch; the fixed val/test sets are
-    evaluated once per epoch / at the end; MLflow records the preset, overrides, seeds and images seen."""
+    evaluated once per epoch / at the end; MLflow records the preset, overrides, seeds and images seen. A
+    failure injected as epoch 2 starts restarts the workers from epoch 1's checkpoint (Ray FailureConfig):
+    the online stream resumes at epoch 2."""
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.train import run_training
@@ -112,6 +114,7 @@ def test_two_worker_online_run(ray_session, tmp_path):
         test_size=18,
         sim_chunk_batches=2,
         epochs=2,
+        max_failures=1,
         batch_size=16,
         lr=3e-3,
         num_workers=2,
@@ -121,8 +124,9 @@ def test_two_worker_online_run(ray_session, tmp_path):
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         experiment="online",
     )
-    result = run_training(cfg)
+    result = run_training(cfg, extra_loop_config={"_fail_at_epoch": 2, "_fail_point": "start"})
     assert [int(h["epoch"]) for h in result.history] == [1, 2]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1]
     assert [h["images_seen"] for h in result.history] == [48, 96]
     assert all(h["val_n"] == 24 for h in result.history)
     assert result.test_metrics["n"] == 18
