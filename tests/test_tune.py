@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_a_search_waits_for_another_one_building_the_same_dataset(tiny_data, sea
 
 
 def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
-    ray_session, tiny_data, search_root, tmp_path
+    ray_session, tiny_data, search_root, tmp_path, capsys
 ):
     points = [{"lr": lr} for lr in (1e-3, 1e-3, 10.0, 1e30)]
     # one checkpoint kept per trial (plus the latest): the best by the searched metric, val_loss
@@ -215,13 +216,54 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     # the stopped trials' reserved CPUs came back (no leaked placement group)
     assert _wait_cpus_free(ray_session, cpus_free) == pytest.approx(cpus_free)
 
+    # the console: a line per trial start, per epoch and per trial end, plain text; the same best trial and
+    # epoch in the console, the summary, the parent run and the best trial's child run
+    text = capsys.readouterr().out
+    lines = [ln for ln in text.splitlines() if ln.startswith("[trial ")]
+    # (the raylet's own warnings, e.g. "N worker processes started" on a loaded machine, reach every driver)
+    ours = [ln for ln in text.splitlines() if "(raylet)" not in ln]
+    assert not any("\x1b" in ln for ln in ours) and len(ours) < 40, text
+    assert sum(" start (" in ln for ln in lines) == 4 and sum(" end (" in ln for ln in lines) == 4
+    epoch_lines = [ln for ln in lines if re.match(r"\[trial \w+\] epoch \d/2  loss ", ln)]
+    assert len(epoch_lines) == sum(t.epochs_run for t in res.trials)
+    best_end = next(ln for ln in lines if ln.startswith(f"[trial {res.best_trial_id}] end"))
+    assert f"best val_loss {res.best_metric:.4f} at epoch {res.best_epoch}," in best_end
+    assert f"best so far: trial {res.best_trial_id} " in next(ln for ln in lines if " end (4/4)" in ln)
+    assert pm["best_epoch"] == res.best_epoch and parent.data.tags["tune.best_trial_id"] == res.best_trial_id
+    for c in children:  # every trial: its curves and its best epoch by the search metric
+        t = next(t for t in res.trials if t.trial_id == c.data.tags[TAG_TRIAL_ID])
+        assert "curves.png" in {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert client.get_run(c.info.run_id).data.metrics["best_epoch"] == t.best_epoch
+    # the parent run: the best trial's model and its test-split plots; the test AUC with its interval
+    assert {"roc_test.png", "confusion_test.png", "curves.png", "metrics_test.json"} <= arts
+    assert parent.data.tags["tune.best_model_uri"] == res.model_uri
+    import mlflow.pytorch
+    import torch
+
+    from deeplense_ray.tracking import use_tracking_uri
+
+    with use_tracking_uri(settings.tracking_uri):
+        model = mlflow.pytorch.load_model(res.model_uri)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    lo, hi = res.test_metrics["auc_macro_ci"]
+    assert lo <= res.test_metrics["auc_macro"] <= hi
+    assert pm["test_auc_macro_ci_low"] == pytest.approx(lo)
+    assert ("warning.chance" in parent.data.tags) == (lo <= 0.5 <= hi)
+    # disk: only the best trial keeps a checkpoint (its best), and the search reports what it uses
+    trainers = out / "trainers"
+    kept = {d.name: sum(c.is_dir() for c in d.glob("checkpoint_*")) for d in trainers.iterdir() if d.is_dir()}
+    assert {k: v for k, v in kept.items() if v} == {res.best_trial_id: 1}
+    assert res.disk_bytes == pm["disk_bytes"] > 0
+
 
 def test_interrupted_search_resumes_without_redoing_finished_trials(
     ray_session, tiny_data, search_root, tmp_path
 ):
     """jobs/tune.py (no --data) as a second driver on this cluster, SIGKILLed once a trial has finished,
     then resumed: 2 trials of 1 epoch, one at a time."""
+    # keep_checkpoints="trials": each finished trial keeps its checkpoint, compared before/after the resume
     kw = dict(name="resumable", num_samples=2, max_epochs=1, max_concurrent=1, seed=2)
+    kw["keep_checkpoints"] = "trials"
     kw["space"] = {**TINY_VIT, "lr": tune.choice([1e-3, 2e-3])}
     settings = _settings(tmp_path, search_root, **kw)
     argv = [
@@ -278,7 +320,11 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-    assert done_before, (tmp_path / "first.log").read_text()[-3000:]
+    first_log = (tmp_path / "first.log").read_text()
+    assert done_before, first_log[-3000:]
+    # what the CLI printed: our lines, no Ray config boxes, no worker progress bars, no escape codes
+    assert "[trial " in first_log and "\x1b" not in first_log and "│" not in first_log, first_log[-3000:]
+    assert len(first_log.splitlines()) < 30, first_log[-3000:]
     assert len(trial_statuses(str(out_dir))) < 2 or not all(
         s == "TERMINATED" for s in trial_statuses(str(out_dir)).values()
     ), "the search finished before it was interrupted"
