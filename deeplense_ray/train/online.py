@@ -156,6 +156,16 @@ def online_batches(
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
+    def put(item: tuple) -> bool:
+        """Queue ``item`` unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             if cuda:
@@ -167,16 +177,10 @@ def online_batches(
                     if cuda:
                         event = torch.cuda.Event()
                         event.record(side)
-                    while not stop.is_set():
-                        try:
-                            q.put((x, y, event), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put((x, y, event)):
                         return
         except BaseException as exc:  # handed to the consumer, which raises it
-            q.put((exc, None, None))
+            put((exc, None, None))
 
     thread = threading.Thread(target=produce, name=f"online-sim-r{rank}-e{epoch}", daemon=True)
     thread.start()
