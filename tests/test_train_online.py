@@ -23,13 +23,12 @@ def _pre():
     return resolve_sim_preset(PRESET, OVERRIDES)
 
 
-def _stream(*, epoch=1, rank=0, seed=3, prefetch=True, num_batches=3, chunk_batches=2):
-    return list(
-        online_batches(
-            _pre(), seed=seed, epoch=epoch, rank=rank, num_batches=num_batches, batch_size=8, device=CPU,
-            chunk_batches=chunk_batches, prefetch=prefetch,
-        )
+def _stream(*, epoch=1, rank=0, seed=3, prefetch=True, num_batches=3, chunk_batches=2, materialize=True):
+    it = online_batches(
+        _pre(), seed=seed, epoch=epoch, rank=rank, num_batches=num_batches, batch_size=8, device=CPU,
+        chunk_batches=chunk_batches, prefetch=prefetch,
     )  # fmt: skip
+    return list(it) if materialize else it
 
 
 def _rows(batches) -> set[bytes]:
@@ -180,3 +179,15 @@ def test_tune_trials_train_online(ray_session, tmp_path):
     assert res.test_metrics["n"] == 12
     assert res.best_config["train_config"]["simulate"] == PRESET
     assert not (tmp_path / "searches" / "datasets").exists()
+
+
+def test_stream_stops_cleanly_and_reports_a_render_error():
+    import threading
+
+    it = iter(_stream(num_batches=6, chunk_batches=1, materialize=False))
+    next(it)
+    it.close()  # the consumer stops early: the producer thread ends instead of waiting on a full queue
+    assert not [t for t in threading.enumerate() if t.name.startswith("online-sim")]
+    bad = online_batches("no_such_preset", seed=1, epoch=3, rank=1, num_batches=1, batch_size=8, device=CPU)
+    with pytest.raises(RuntimeError, match="online simulation failed on rank 1, epoch 3.*no_such_preset"):
+        next(bad)
