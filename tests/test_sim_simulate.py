@@ -18,7 +18,8 @@ SMALL = {"num_pix": 24, "supersampling": 1}
 
 
 def test_presets_listed_and_round_trip_json():
-    assert {"model_i", "model_ii", "model_iii", "real_galaxy_tiny", "deeplense_model_i"} <= set(list_presets())
+    expected = {"model_i", "model_ii", "model_iii", "real_galaxy_tiny", "deeplense_model_i"}
+    assert expected <= set(list_presets())
     for name in list_presets():
         p = get_preset(name)
         d = json.loads(json.dumps(p.to_dict()))

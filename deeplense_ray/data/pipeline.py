@@ -585,8 +585,8 @@ def build_dataset(
     if initialised, else joins RAY_ADDRESS or starts a local one. ``workers`` renderer actors, each with
     ``gpus_per_worker`` GPUs (0 = CPU; fractions share a GPU). ``resume`` keeps shards already written
     and valid (sha256 vs the manifest, or internal checksums + attributes vs the plan when the earlier run
-    died before its manifest) and renders the rest, keeping the earlier manifest until the new one replaces it;
-    ``overwrite`` clears an earlier dataset first.
+    died before its manifest) and renders the rest, keeping the earlier manifest until the new one
+    replaces it; ``overwrite`` clears an earlier dataset first.
     ``stats`` (if given) is filled with timings: per-stage seconds summed over shards, wall time, bytes.
     """
     from deeplense_ray.sim import resolve_preset
@@ -617,8 +617,8 @@ def build_dataset(
     shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
     remove_stale_tmp(out)
     atomic_write_text(out / BUILDING_NAME, json.dumps({"config": config}, indent=2) + "\n")
-    # An earlier manifest (only --resume finds one: --overwrite cleared it) stays until the new one replaces it
-    # atomically: it holds every shard's sha256, which a crash of this build must not lose.
+    # An earlier manifest (only --resume finds one: --overwrite cleared it) stays until the new one
+    # replaces it atomically: it holds every shard's sha256, which a crash of this build must not lose.
 
     kept: list[dict[str, Any]] = []
     todo: list[ShardSpec] = []
