@@ -191,3 +191,49 @@ def test_stream_stops_cleanly_and_reports_a_render_error():
     bad = online_batches("no_such_preset", seed=1, epoch=3, rank=1, num_batches=1, batch_size=8, device=CPU)
     with pytest.raises(RuntimeError, match="online simulation failed on rank 1, epoch 3.*no_such_preset"):
         next(bad)
+
+
+def _job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_job_online", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_job_flags_reach_the_config(tmp_path):
+    """--sim-config (YAML) under --sim-override; a YAML naming another preset, or sim flags without
+    --simulate, are errors; jobs/tune.py puts the same preset and sizes into its settings."""
+    yml = tmp_path / "sim.yaml"
+    yml.write_text(f"preset: {PRESET}\nnum_pix: 24\nsigma_bkg: 1e-2\n")
+    train = _job("train")
+    argv = ["--model", "ResNetSimple", "--simulate", PRESET, "--sim-config", str(yml), "--sim-override",
+            "num_pix=16", "--images-per-epoch", "64", "--val-size", "10", "--test-size", "12"]  # fmt: skip
+    cfg = train.config_from_args(train.build_parser().parse_args(argv))
+    assert cfg.simulate == PRESET and cfg.data_dir is None
+    assert cfg.sim_overrides == {"num_pix": 16, "sigma_bkg": 0.01}
+    assert (cfg.images_per_epoch, cfg.val_size, cfg.test_size) == (64, 10, 12)
+    with pytest.raises(ValueError, match="differs from 'preset: deeplense_model_i'"):
+        train.config_from_args(train.build_parser().parse_args(argv[:3] + ["model_ii"] + argv[4:]))
+    with pytest.raises(ValueError, match="--data DIR.*or --simulate PRESET"):
+        train.config_from_args(train.build_parser().parse_args(["--model", "ViT"]))
+    with pytest.raises(ValueError, match="need --simulate"):
+        train.config_from_args(train.build_parser().parse_args(["--model", "ViT", "--sim-override", "a=1"]))
+    tune = _job("tune")
+    s = tune.settings_from_args(tune.build_parser().parse_args(argv[:2] + argv[2:6] + ["--val-size", "10"]))
+    assert s.simulate and s.preset == PRESET and s.preset_overrides == {"num_pix": 24, "sigma_bkg": 0.01}
+    assert s.train_overrides == {"val_size": 10}
+
+
+@pytest.mark.gpu
+def test_cuda_stream_same_bytes_with_the_side_stream():
+    """On CUDA the prefetched chunks (rendered on a side stream by a background thread) are the bytes of the
+    serial path, and plain tensors the training step can take."""
+    dev = torch.device("cuda")
+    kw = dict(seed=3, epoch=1, rank=0, num_batches=6, batch_size=64, device=dev, chunk_batches=2)
+    a = list(online_batches(_pre(), prefetch=True, **kw))
+    b = list(online_batches(_pre(), prefetch=False, **kw))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    assert a[0]["image"].device.type == "cuda" and not a[0]["image"].is_inference()
