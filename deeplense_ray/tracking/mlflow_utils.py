@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from deeplense_ray.tracking.datasets import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, set_experiment_kind
+
 #: Tracking-store schemes that name a server or a remote database: passed through unchanged.
 REMOTE_SCHEMES: tuple[str, ...] = (
     "http",
@@ -91,9 +93,10 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 def get_or_create_experiment(name: str, tracking_uri: str, *, artifact_location: str | None = None) -> str:
     """Experiment id of ``name`` in the store at ``tracking_uri``, creating it if missing.
 
-    Call this ONCE in the driver (concurrent creation from trials races on the store's unique constraint); a
-    lost race is still handled by reading the experiment back. A deleted experiment of that name is a
-    ValueError (restore or purge it, or choose another name).
+    The experiment is tagged as model development (``mlflow.experimentKind``, see tracking/datasets.py)
+    so the MLflow UI opens it in its training view. Call this ONCE in the driver (concurrent creation from
+    trials races on the store's unique constraint); a lost race is still handled by reading the experiment
+    back. A deleted experiment of that name is a ValueError (restore or purge it, or choose another name).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -105,7 +108,8 @@ def get_or_create_experiment(name: str, tracking_uri: str, *, artifact_location:
     if exp is None:
         location = artifact_location or default_artifact_location(tracking_uri)
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -114,6 +118,7 @@ def get_or_create_experiment(name: str, tracking_uri: str, *, artifact_location:
         raise ValueError(
             f"MLflow experiment {name!r} in {tracking_uri} is deleted; restore it or pick another name"
         )
+    set_experiment_kind(client, exp.experiment_id)  # experiments made before the tag existed
     return exp.experiment_id
 
 
