@@ -237,3 +237,22 @@ def test_cuda_stream_same_bytes_with_the_side_stream():
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
     assert a[0]["image"].device.type == "cuda" and not a[0]["image"].is_inference()
+
+
+@pytest.mark.slow
+def test_val_test_from_a_dataset(ray_session, tmp_path):
+    """--simulate with --data: val/test rows are the dataset's, which must match the preset's shape and
+    classes; the run's hash covers the dataset's."""
+    from deeplense_ray.data import DatasetConfig, build_dataset
+
+    data = tmp_path / "d"
+    dcfg = DatasetConfig(preset=PRESET, preset_overrides=OVERRIDES, num_per_class=10, shard_size=8, seed=1)
+    build_dataset(dcfg, data, progress=False)
+    base = dict(model="ResNetSimple", simulate=PRESET, sim_overrides=OVERRIDES, data_dir=str(data))
+    info = TrainConfig(**base).validate()
+    online = TrainConfig(**{**base, "data_dir": None}).validate()
+    assert info.split_rows["train"] == 8192 and info.data_dir == str(data.resolve())
+    assert 0 < info.split_rows["val"] < 30 and info.split_rows["val"] != online.split_rows["val"]
+    assert info.manifest_hash != online.manifest_hash and info.sim_preset == online.sim_preset
+    with pytest.raises(ValueError, match=r"does not match preset 'deeplense_model_i'.*\[1, 24, 24\]"):
+        TrainConfig(**{**base, "sim_overrides": {"num_pix": 24}}).validate()
