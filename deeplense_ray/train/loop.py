@@ -1,14 +1,16 @@
 """The ONE per-worker training loop (Ray Train V2 ``TorchTrainer``), reused by the tune module.
 
 Per epoch every rank: trains on its share of the ``train`` stream (``get_dataset_shard("train")``, split by
-Ray Data, augmented on the worker device), evaluates the *whole* ``val`` split (the val shards are dealt to
-the ranks by :func:`~deeplense_ray.train.ingest.deal_shards`, a pure function of the shard sizes, so every row
-is evaluated by exactly one rank; each rank reads its shards from HDF5 in row order, and the predictions are
-gathered with ``all_gather_object`` and put back in shard order, so every rank holds the whole-split metrics a
-single process would compute, whatever the number of workers), then calls ``ray.train.report`` (a barrier;
-only rank 0 attaches a checkpoint), and only then does rank 0 log the epoch to MLflow: an epoch is logged once
-its checkpoint is persisted, and on a restore the epochs of the checkpoint's history that MLflow lacks (a
-crash between the report and the log) are logged from the history, so every epoch is logged once.
+Ray Data, augmented on the worker device; with ``simulate`` it renders its own images instead, seeded by
+(seed, epoch, rank, chunk), see train/online.py), evaluates the *whole* ``val`` split (the val shards are
+dealt to the ranks by :func:`~deeplense_ray.train.ingest.deal_shards`, a pure function of the shard sizes, so
+every row is evaluated by exactly one rank; each rank reads its shards from HDF5 in row order, and the
+predictions are gathered with ``all_gather_object`` and put back in shard order, so every rank holds the
+whole-split metrics a single process would compute, whatever the number of workers), then calls
+``ray.train.report`` (a barrier; only rank 0 attaches a checkpoint), and only then does rank 0 log the epoch
+to MLflow: an epoch is logged once its checkpoint is persisted, and on a restore the epochs of the
+checkpoint's history that MLflow lacks (a crash between the report and the log) are logged from the history,
+so every epoch is logged once.
 
 Randomness: model initialisation is seeded with ``seed``; at the start of every epoch the dropout RNG and the
 augmentation generator are re-seeded from ``(seed, epoch, rank)`` and the shuffle buffer from
@@ -331,7 +333,8 @@ def log_missing_epochs(tracking_uri: str, run_id: str, history: Sequence[Mapping
 # ---------------------------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
-    ``pixel_scale`` (from the dataset manifest), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
+    ``pixel_scale`` (from the dataset manifest; with ``simulate`` from the preset, plus ``sim_preset``, the
+    resolved preset), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
     per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
     raises in that epoch at ``_fail_point`` (one of :data:`FAIL_POINTS`, default "start"); at "start" and
     "before_report" only if this attempt did not start at that epoch, i.e. was not restored from the
