@@ -97,6 +97,8 @@ def test_timm_model_builds_with_one_channel_and_our_head():
     net = build_model("timm:resnet18", 64, 1, 3, dropout=0.1)
     assert net.backbone.conv1.in_channels == 1 and net.head[-1].out_features == 3
     assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
+    dense = build_model("timm:densenet201", 64, 1, 2)  # a baseline of the seed documents
+    assert dense.eval()(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
     with pytest.raises(ValueError, match="timm has no architecture 'nosuchnet'"):
         parse_models("timm:nosuchnet")
 
