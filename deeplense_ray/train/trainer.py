@@ -396,7 +396,9 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
             raise ValueError(
                 f"cannot resume run {name!r} on dataset {info.data_dir}: its manifest hash "
                 f"{info.manifest_hash[:12]} differs from the run's {str(state.get('manifest_hash'))[:12]}"
-            )
+                + (" (an online run's hash covers its preset, overrides and sizes: resume with the same ones)"
+                   if info.sim_preset is not None else "")
+            )  # fmt: skip
         client = MlflowClient(tracking_uri=state["tracking_uri"])
         client.update_run(state["mlflow_run_id"], status="RUNNING")
         logged = run_params(state["mlflow_run_id"], state["tracking_uri"])
