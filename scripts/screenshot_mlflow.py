@@ -132,38 +132,60 @@ def chromium_binary() -> str | None:
     return None
 
 
-def screenshot(url: str, out: str | Path, *, width: int = 1400, height: int = 900,
-               budget_ms: int = 15000, chromium: str | None = None, timeout: float = 300) -> Path:
-    """Headless Chromium screenshot of ``url`` into ``out`` (PNG), written to a temporary name first."""
+def _chromium_cmd(exe: str, profile: str, url: str, width: int, height: int, budget_ms: int,
+                  output: list[str]) -> list[str]:
+    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+            # the virtual-time budget alone never ran out on MLflow 3's UI under load; --timeout
+            # (real ms) makes Chromium stop loading and take the picture anyway
+            f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
+            f"--timeout={budget_ms + 75000}", *output, url]
+
+
+def _run_chromium(url: str, output: list[str], *, width: int, height: int, budget_ms: int,
+                  chromium: str | None, timeout: float) -> tuple[int, str, str]:
+    """Run headless Chromium on ``url``; (status, stdout, stderr)."""
     exe = chromium or chromium_binary()
     if exe is None:
         raise FileNotFoundError(f"no Chromium found (tried {', '.join(CHROMIUM_NAMES)}; "
                                 "Debian: apt-get install chromium)")
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_png = out.with_name(f".{out.stem}.tmp.png")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-               # the virtual-time budget alone never ran out on MLflow 3's UI under load; --timeout
-               # (real ms) makes Chromium stop loading and take the picture anyway
-               f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
-               f"--timeout={budget_ms + 75000}",
-               f"--screenshot={tmp_png}", url]
+        cmd = _chromium_cmd(exe, profile, url, width, height, budget_ms, output)
         # own session, so a timeout kills Chromium's zygote and renderer processes too
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
-            _, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.communicate()
             raise RuntimeError(f"chromium did not finish within {timeout:.0f} s: {url}") from None
-    if proc.returncode != 0 or not tmp_png.exists() or tmp_png.stat().st_size == 0:
-        raise RuntimeError(f"chromium failed (status {proc.returncode}): {stderr[-2000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def screenshot(url: str, out: str | Path, *, width: int = 1400, height: int = 900,
+               budget_ms: int = 15000, chromium: str | None = None, timeout: float = 300) -> Path:
+    """Headless Chromium screenshot of ``url`` into ``out`` (PNG), written to a temporary name first."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_png = out.with_name(f".{out.stem}.tmp.png")
+    status, _, stderr = _run_chromium(url, [f"--screenshot={tmp_png}"], width=width, height=height,
+                                      budget_ms=budget_ms, chromium=chromium, timeout=timeout)
+    if status != 0 or not tmp_png.exists() or tmp_png.stat().st_size == 0:
+        raise RuntimeError(f"chromium failed (status {status}): {stderr[-2000:]}")
     os.replace(tmp_png, out)
     return out
+
+
+def rendered_dom(url: str, *, width: int = 1400, height: int = 900, budget_ms: int = 15000,
+                 chromium: str | None = None, timeout: float = 300) -> str:
+    """The page's DOM after its scripts ran (what the user sees, as HTML), from headless Chromium."""
+    status, stdout, stderr = _run_chromium(url, ["--dump-dom"], width=width, height=height,
+                                           budget_ms=budget_ms, chromium=chromium, timeout=timeout)
+    if status != 0 or not stdout.strip():
+        raise RuntimeError(f"chromium --dump-dom failed (status {status}): {stderr[-2000:]}")
+    return stdout
 
 
 def experiment_page_url(base_url: str, exp_id: str, *, charts: bool = False) -> str:

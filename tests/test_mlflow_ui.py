@@ -132,3 +132,41 @@ def test_headless_chromium_screenshot(demo_store, server, tmp_path):
     assert img.std() > 0.05
     non_white = (img.min(axis=-1) < 0.85).mean()
     assert 0.02 < non_white < 0.9, non_white
+
+
+def _visible_text(html: str) -> str:
+    import re
+
+    text = re.sub(r"<style[^>]*>.*?</style>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.skipif(shot.chromium_binary() is None, reason="Chromium not installed (Debian: apt-get install "
+                    "chromium; .ci/run does)")
+def test_ui_shows_training_view_datasets_and_logged_model(demo_store, server):
+    """As a user reads it: the experiment opens in the model-training view, every run lists its dataset
+    (name and manifest digest), and the search run lists the best model under its logged models."""
+    import hashlib
+
+    from deeplense_ray.tracking.datasets import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    s = demo_store["settings"]
+    exp_id = shot.experiment_id(server, s.experiment)
+    exp = shot.rest(server, "experiments/get", {"experiment_id": exp_id}, method="GET")["experiment"]
+    assert {t["key"]: t["value"] for t in exp.get("tags", [])}[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+    data = demo_store["paths"]["data"]
+    digest = hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()[:16]
+    runs = _runs(server, exp_id)
+    for run in runs:
+        inputs = run.get("inputs", {}).get("dataset_inputs", [])
+        assert [(i["dataset"]["name"], i["dataset"]["digest"]) for i in inputs] == [(data.name, digest)], run
+
+    page = _visible_text(shot.rendered_dom(shot.experiment_page_url(server, exp_id)))
+    assert "Training runs" in page, page[:2000]
+    assert f"{data.name} ({digest})" in page, page[:2000]
+
+    parent = next(r for r in runs if "mlflow.parentRunId" not in _tags(r))
+    run_url = f"{server}/#/experiments/{exp_id}/runs/{parent['info']['run_id']}"
+    run_page = _visible_text(shot.rendered_dom(run_url))
+    assert "Logged models (1)" in run_page, run_page[:2000]

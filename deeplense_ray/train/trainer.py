@@ -419,6 +419,7 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
         run = client.create_run(exp_id, run_name=name, tags={"deeplense.model": cfg.model})
         log_params(cfg.tracking_uri, run.info.run_id, _run_params(cfg, info, name))
+        log_run_inputs(client, run.info.run_id, cfg)
         state = {
             "mlflow_run_id": run.info.run_id,
             "experiment_id": exp_id,
@@ -429,6 +430,18 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
         }
     _write_json_atomic(state, storage / name / RUN_STATE_FILE)
     return name, state
+
+
+def log_run_inputs(client, run_id: str, cfg: TrainConfig) -> None:
+    """The run's datasets as MLflow inputs (the UI's Dataset column): the dataset directory it reads, and for
+    an online run the simulation (preset, overrides, seed) its training images come from."""
+    from deeplense_ray.tracking.datasets import dataset_entity, log_dataset_input, simulation_entity
+
+    if cfg.simulate is not None:
+        log_dataset_input(client, run_id, simulation_entity(cfg.simulate, cfg.sim_overrides, cfg.seed))
+    if cfg.data_dir is not None:
+        context = "evaluation" if cfg.simulate is not None else "training"
+        log_dataset_input(client, run_id, dataset_entity(cfg.data_dir), context=context)
 
 
 def log_params_preview(cfg: TrainConfig, info: DatasetInfo, name: str) -> dict[str, str]:

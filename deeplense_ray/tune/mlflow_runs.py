@@ -113,8 +113,10 @@ class TrialRunsCallback(Callback):
         param_keys: Iterable[str],
         search_name: str,
         trainer_storage: str | None = None,
+        train_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.train_config = dict(train_config) if train_config is not None else None  # for the run's inputs
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.max_epochs = int(max_epochs)
@@ -202,6 +204,11 @@ class TrialRunsCallback(Callback):
                 },
             )
             run_id = run.info.run_id
+            if self.train_config is not None:
+                from deeplense_ray.config import TrainConfig
+                from deeplense_ray.train.trainer import log_run_inputs
+
+                log_run_inputs(self.client, run_id, TrainConfig(**self.train_config))
             for k in self.param_keys:
                 if k in trial.config:
                     self.client.log_param(run_id, k, _mlflow_param(trial.config[k]))

@@ -678,7 +678,9 @@ def run_search(
 
     from mlflow.tracking import MlflowClient
 
+    from deeplense_ray.config import TrainConfig
     from deeplense_ray.tracking import get_or_create_experiment
+    from deeplense_ray.train.trainer import log_run_inputs
     from deeplense_ray.tune.mlflow_runs import TAG_ROLE, TAG_SEARCH, TrialRunsCallback
 
     client = MlflowClient(tracking_uri=plan.tracking_uri)
@@ -694,6 +696,7 @@ def run_search(
         parent_run_id = parent.info.run_id
         for k, v in _settings_params(settings, plan).items():
             client.log_param(parent_run_id, k, v)
+        log_run_inputs(client, parent_run_id, TrainConfig(**plan.base_train))
         state = {
             "name": name,
             "settings": settings.to_dict(),
@@ -717,6 +720,7 @@ def run_search(
         param_keys=plan.param_keys,
         search_name=name,
         trainer_storage=os.path.join(output_dir, "trainers"),
+        train_config=plan.base_train,
     )
     param_space = dict(plan.space)
     param_space["_search"] = {
