@@ -184,6 +184,9 @@ class TrainConfig:
             ``test_size`` images rendered once from their own seeds, or the val/test splits of ``data_dir``
             when it is given. ``sim_overrides``: preset fields (e.g. num_pix) on top of the preset. None:
             train on ``data_dir``.
+        compile: ``torch.compile`` the model on every worker (in place, ``nn.Module.compile``, so checkpoints
+            and the logged model keep plain parameter names); the first step's seconds, compilation
+            included, are reported as ``compile_s``. Backend: $DEEPLENSE_COMPILE_BACKEND, default inductor.
     """
 
     model: str
@@ -225,6 +228,7 @@ class TrainConfig:
     test_size: int = 1024
     sim_chunk_batches: int = 16
     sim_prefetch: bool = True
+    compile: bool = False
 
     # ------------------------------------------------------------------ validation
     def validate_options(self) -> TrainConfig:
@@ -290,7 +294,7 @@ class TrainConfig:
             raise ValueError(f"run_name must be a plain directory name, got {self.run_name!r}")
         if not isinstance(self.model_overrides, Mapping):
             raise ValueError(f"model_overrides must be a mapping, got {type(self.model_overrides).__name__}")
-        for name in ("resume", "augment", "augment_free_rotation"):
+        for name in ("resume", "augment", "augment_free_rotation", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         return self

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'split': one Ray Data stream split across ranks; 'per_rank': each rank streams its own shards",
     )
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=d["compile"],
+        help="torch.compile the model on every worker (compile seconds: metric compile_s)",
+    )
+    p.add_argument(
         "--max-failures",
         type=int,
         default=d["max_failures"],
@@ -218,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_size=args.val_size,
         test_size=args.test_size,
         sim_chunk_batches=args.sim_chunk_batches,
+        compile=args.compile,
     )
 
 

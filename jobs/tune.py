@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="TrainConfig field for every trial, e.g. optimizer=sgd, precision=fp32 (repeatable)",
     )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in every trial (TrainConfig.compile; its seconds: metric compile_s)",
+    )
     a("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a new local runtime)")
     a(
         "--register",
@@ -149,6 +154,8 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
 
         preset_overrides = merge_sim_overrides(args.simulate, args.sim_config, preset_overrides)
     train_overrides.update({k: v for k, v in online.items() if v is not None})
+    if args.compile:
+        train_overrides["compile"] = True
     return TuneSettings(
         model=args.model,
         num_samples=args.num_samples,

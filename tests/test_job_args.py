@@ -60,3 +60,14 @@ def test_every_job_types_its_overrides_the_same_way(tmp_path):
         ["--config", str(cfg_file), "--preset-override", "num_pix=24", "--num-per-class", "10", "--out", "o"]
     )
     assert simulate.config_from_args(args).preset_overrides == {"num_pix": 24, "sigma_bkg": 0.01}
+
+
+def test_compile_flag_reaches_train_and_tune_configs():
+    train = _job("train")
+    args = train.build_parser().parse_args(["--model", "ViT", "--data", "d", "--compile"])
+    assert train.config_from_args(args).compile is True
+    args = train.build_parser().parse_args(["--model", "ViT", "--data", "d"])
+    assert train.config_from_args(args).compile is False
+    tune = _job("tune")
+    settings = tune.settings_from_args(tune.build_parser().parse_args(["--model", "ViT", "--compile"]))
+    assert settings.train_overrides == {"compile": True}

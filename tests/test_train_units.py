@@ -205,3 +205,32 @@ def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):
     m = classification_metrics(labels, probabilities(logits), ARCH["class_names"])
     assert m["diverged"] == 1 and math.isnan(m["auc_macro"]) and 0.0 <= m["accuracy"] <= 1.0
     assert flatten_metrics(m, "val")["val_diverged"] == 1.0
+
+
+def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path, one_thread):
+    """compile=True: torch.compile (inductor) in place; the checkpoint has the uncompiled parameter names and
+    reloads into a plain model that predicts the same; unwrap sees through a torch.compile wrapper too."""
+    from deeplense_ray.train.modules import compile_model, unwrap
+
+    torch.manual_seed(0)
+    plain_keys = list(build_classifier(ARCH).state_dict())
+    model = compile_model(build_classifier(ARCH))
+    x, y = torch.randn(16, 1, 16, 16), torch.arange(16) % 2
+    batches = [{"image": x[i : i + 8], "label": y[i : i + 8]} for i in (0, 8)]
+    conf = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "epochs": 1, "warmup_epochs": 0,
+            "scheduler": "none"}  # fmt: skip
+    opt = build_optimizer(model.parameters(), conf)
+    sums = train_one_epoch(model, batches, opt, device=torch.device("cpu"))
+    assert sums["images"] == 16 and 0 < sums["first_step_s"] <= sums["seconds"]
+    assert model._compiled_call_impl is not None  # really compiled, not silently eager
+    sched = build_scheduler(opt, conf)
+    save_checkpoint(tmp_path, model=unwrap(model), optimizer=opt, scheduler=sched, scaler=None, epoch=1,
+                    config={**ARCH, "seed": 0}, metrics={}, history=[])  # fmt: skip
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert list(saved) == plain_keys and not any("_orig_mod" in k for k in saved)
+    a, _ = predict_batches(model, batches, device=torch.device("cpu"))
+    b, _ = predict_batches(load_model_from_checkpoint(tmp_path), batches, device=torch.device("cpu"))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    wrapped = torch.compile(build_classifier(ARCH))
+    assert list(wrapped.state_dict())[0].startswith("_orig_mod.")
+    assert list(unwrap(wrapped).state_dict()) == plain_keys

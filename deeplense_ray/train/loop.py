@@ -36,7 +36,7 @@ from torch import nn
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
 from deeplense_ray.train.ingest import deal_shards, device_batches, rank_shards, shard_batches
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
-from deeplense_ray.train.modules import build_classifier, unwrap
+from deeplense_ray.train.modules import build_classifier, compile_model, unwrap
 
 #: Keys every per-epoch report carries (the tune module and the checkpoint config rely on them).
 REPORT_KEYS: tuple[str, ...] = (
@@ -160,11 +160,12 @@ def train_one_epoch(
     """One pass over ``batches`` ({"image": [B,1,H,W], "label": [B]}); returns this rank's sums.
 
     Shared by the Ray Train loop and the bare-PyTorch benchmark loop, so both time the same step.
-    Returns {"loss_sum", "correct", "images", "seconds", "data_wait_s", "first_batch_s"} (sums over this
-    rank's batches; seconds is the wall time of the pass including waiting for data, synchronised with the
-    device at the end; data_wait_s is the part spent in ``next(batches)``: the host time the input path took
-    from the step, high when training is input-bound; first_batch_s: until the first batch arrived, the
-    input's start-up).
+    Returns {"loss_sum", "correct", "images", "seconds", "data_wait_s", "first_batch_s", "first_step_s"}
+    (sums over this rank's batches; seconds is the wall time of the pass including waiting for data,
+    synchronised with the device at the end; data_wait_s is the part spent in ``next(batches)``: the host
+    time the input path took from the step, high when training is input-bound; first_batch_s: until the
+    first batch arrived, the input's start-up; first_step_s: the first step's seconds from its batch's
+    arrival, synchronised with the device: with a compiled model in its first epoch, mostly compilation).
     """
     from deeplense_ray.data.augment import augment_batch
 
@@ -173,7 +174,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
-    data_wait, first_batch = 0.0, None
+    data_wait, first_batch, first_step = 0.0, None, None
     t0 = time.perf_counter()
     stream = iter(batches)
     while True:
@@ -199,6 +200,10 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if first_step is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_step = time.perf_counter() - t0 - first_batch
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -212,6 +217,7 @@ def train_one_epoch(
         "seconds": time.perf_counter() - t0,
         "data_wait_s": data_wait,
         "first_batch_s": float(first_batch or 0.0),
+        "first_step_s": float(first_step or 0.0),
     }
 
 
@@ -377,6 +383,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fail_epoch == epoch and fail_point == point and (point == "after_report" or start_epoch < epoch):
             raise RuntimeError(f"injected failure at epoch {epoch}, {point} (fault injection for tests)")
 
+    compiled = bool(config.get("compile", False))
+    if compiled:  # in place, before DDP: checkpoints keep plain parameter names (modules.compile_model)
+        compile_model(model)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
@@ -505,6 +514,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds = _all_reduce_max(sums["seconds"], device)
         data_wait = _all_reduce_max(sums["data_wait_s"], device)  # the slowest-fed rank sets the pace
         first_batch = _all_reduce_max(sums["first_batch_s"], device)
+        first_step = _all_reduce_max(sums["first_step_s"], device)
         scheduler.step()
 
         t_val = time.perf_counter()
@@ -536,6 +546,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_seconds": train_seconds,
             "data_wait_frac": data_wait / max(train_seconds, 1e-9),
             "first_batch_s": first_batch,
+            "first_step_s": first_step,
+            # torch.compile compiles at the first step of each worker process (= this attempt's first epoch)
+            "compile_s": first_step if compiled and epoch == start_epoch else 0.0,
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
             "resumed_from_epoch": start_epoch - 1,
