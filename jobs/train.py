@@ -35,6 +35,10 @@ from deeplense_ray.config import (  # noqa: E402
 _DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
 }
+#: Flags of this job that are not TrainConfig fields (every other flag's dest is the field it sets).
+JOB_ONLY = ("sim_config", "address", "register", "verbose")
+#: Flags whose KEY=VALUE lists become the mapping field of the same name (parsed, see config_from_args).
+KEY_VALUE_FIELDS = ("model_overrides", "sim_overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (deeplense_ray.models.list_models())")
     p.add_argument(
         "--data",
+        dest="data_dir",
         default=None,
         help="dataset directory (manifest.json inside; jobs/simulate.py); with --simulate: val/test from it",
     )
@@ -53,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override")
     sim.add_argument(
         "--sim-override",
+        dest="sim_overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -67,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["sim_chunk_batches"],
         help="per-worker batches rendered per simulate() call",
     )
+    sim.add_argument(
+        "--sim-prefetch",
+        action=argparse.BooleanOptionalAction,
+        default=d["sim_prefetch"],
+        help="render the next chunk on a background thread while the current one trains",
+    )
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="GLOBAL batch, split over workers")
     p.add_argument("--lr", type=float, default=d["lr"])
@@ -74,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"])
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
+    p.add_argument("--momentum", type=float, default=d["momentum"], help="sgd momentum (Nesterov)")
+    p.add_argument(
+        "--step-size", type=int, default=d["step_size"], help="'step' scheduler period (default epochs // 3)"
+    )
+    p.add_argument("--step-gamma", type=float, default=d["step_gamma"], help="'step' scheduler factor")
     p.add_argument("--num-workers", type=int, default=d["num_workers"], help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"], help="0 = train on CPU")
     p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"])
@@ -98,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", default=d["model_size"], help="'default' or 'comparable'")
     p.add_argument(
         "--model-override",
+        dest="model_overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -109,8 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["augment"],
         help="random 90-degree rotations and flips of training images",
     )
+    p.add_argument(
+        "--augment-free-rotation",
+        action=argparse.BooleanOptionalAction,
+        default=d["augment_free_rotation"],
+        help="with --augment: also rotate by a random angle (not only multiples of 90 degrees)",
+    )
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
     p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=d["shuffle_buffer"],
+        help="rows of each worker's on-device shuffle buffer (0 = off)",
+    )
     p.add_argument(
         "--ingest",
         choices=INGEST_MODES,
@@ -128,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d["max_failures"],
         help="worker-group restarts after a worker failure (Ray FailureConfig)",
+    )
+    p.add_argument(
+        "--num-to-keep",
+        type=int,
+        default=d["num_to_keep"],
+        help="checkpoints kept by val_auc_macro (the latest is always kept too, for resume)",
     )
     p.add_argument(
         "--address",
@@ -177,55 +213,25 @@ def sim_overrides_from_args(args: argparse.Namespace) -> dict:
     """--sim-config (a YAML of preset fields; its 'preset: NAME' must agree with --simulate) plus
     --sim-override; ValueError naming the file or value. Empty without --simulate (an error if given)."""
     if args.simulate is None:
-        if args.sim_config or args.sim_override:
+        if args.sim_config or args.sim_overrides:
             raise ValueError("--sim-config / --sim-override need --simulate PRESET")
-        if args.data is None:
+        if args.data_dir is None:
             raise ValueError("give --data DIR (a dataset) or --simulate PRESET (online simulation)")
         return {}
     from deeplense_ray.train.online import merge_sim_overrides
 
-    cli = parse_overrides(args.sim_override, "--sim-override")
+    cli = parse_overrides(args.sim_overrides, "--sim-override")
     return merge_sim_overrides(args.simulate, args.sim_config, cli)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = parse_overrides(args.model_override, "--model-override")
-    sim_overrides = sim_overrides_from_args(args)
-    return TrainConfig(
-        model=args.model,
-        data_dir=args.data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        optimizer=args.optimizer,
-        scheduler=args.scheduler,
-        warmup_epochs=args.warmup_epochs,
-        num_workers=args.num_workers,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
-        precision=args.precision,
-        seed=args.seed,
-        experiment=args.experiment,
-        tracking_uri=args.tracking_uri,
-        storage_path=args.storage_path,
-        resume=args.resume,
-        run_name=args.run_name,
-        model_size=args.model_size,
-        model_overrides=overrides,
-        augment=args.augment,
-        normalize=args.normalize,
-        label_smoothing=args.label_smoothing,
-        max_failures=args.max_failures,
-        ingest=args.ingest,
-        simulate=args.simulate,
-        sim_overrides=sim_overrides,
-        images_per_epoch=args.images_per_epoch,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        sim_chunk_batches=args.sim_chunk_batches,
-        compile=args.compile,
-    )
+    """The TrainConfig of the parsed flags: every flag's dest is the field it sets (except :data:`JOB_ONLY`),
+    so no field list is copied here; the KEY=VALUE lists are parsed into their mappings."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["model_overrides"] = parse_overrides(args.model_overrides, "--model-override")
+    values["sim_overrides"] = sim_overrides_from_args(args)
+    return TrainConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,3 +71,53 @@ def test_compile_flag_reaches_train_and_tune_configs():
     tune = _job("tune")
     settings = tune.settings_from_args(tune.build_parser().parse_args(["--model", "ViT", "--compile"]))
     assert settings.train_overrides == {"compile": True}
+
+
+def test_every_train_config_field_is_a_train_flag_that_reaches_the_config():
+    """jobs/train.py: each TrainConfig field has a flag whose dest is the field (the job copies no field
+    list), and a non-default value given for every flag at once arrives in the config unchanged."""
+    import argparse
+    import dataclasses
+
+    from deeplense_ray.config import TrainConfig
+
+    train = _job("train")
+    actions = {a.dest: a for a in train.build_parser()._actions if a.dest != "help"}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert sorted(set(fields) - set(actions)) == []  # nothing unreachable, nothing deliberately left out
+    assert sorted(set(actions) - set(fields)) == sorted(train.JOB_ONLY)
+    special = {
+        "model": ("ViT", "ViT"),
+        "simulate": ("model_ii", "model_ii"),
+        "data_dir": ("d", "d"),
+        "model_overrides": ("depth=2", {"depth": 2}),
+        "sim_overrides": ("num_pix=32", None),
+    }
+    argv, expected = [], {}
+    for name, default in fields.items():
+        action, flag = actions[name], actions[name].option_strings[0]
+        if name in special:
+            value, expected[name] = special[name]
+            argv += [flag, value]
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if not default else f"--no-{flag[2:]}")
+            expected[name] = not default
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+            expected[name] = True
+        elif action.choices:
+            expected[name] = next(c for c in action.choices if c != default)
+            argv += [flag, str(expected[name])]
+        elif action.type in (int, float):
+            expected[name] = action.type((default or 2) + 1)
+            argv += [flag, str(expected[name])]
+        else:
+            expected[name] = f"x-{name}"
+            argv += [flag, expected[name]]
+    cfg = train.config_from_args(train.build_parser().parse_args(argv))
+    for name, want in expected.items():
+        got = getattr(cfg, name)
+        if name == "sim_overrides":
+            assert got.get("num_pix") == 32, got
+            continue
+        assert got == want and got != fields[name], (name, got, want)
