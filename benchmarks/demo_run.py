@@ -81,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets_met": met,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_out, out)
+    from deeplense_ray.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n", fsync=False)
     print(f"{'machine':<22} {kind}: {os.cpu_count()} CPUs{', ' + gpu if gpu else ''} (load {load[0]:.1f})")
     print(f"{'wall':<22} {wall:.0f} s")
     print(f"{'best trial':<22} {best['trial_id']} epoch {best['best_epoch']}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deeplense_ray.data.augment import normalize_batch  # noqa: E402
+from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.train.loop import (  # noqa: E402
@@ -336,9 +336,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     plot(result, png)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2), fsync=False)
     print(f"wrote {args.out} and {png}")
     if not args.no_mlflow:
         uri = log_mlflow(result, png, args.out, args.tracking_uri)

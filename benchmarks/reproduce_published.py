@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.models._vitlib import import_vit_module  # noqa: E402
 from deeplense_ray.sim import simulate  # noqa: E402
@@ -273,11 +272,7 @@ def run_one(
 
 
 def write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1), fsync=False)
 
 
 def table(runs: list[dict[str, Any]]) -> str:

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.sim.sampling import draw_parameters  # noqa: E402
 from deeplense_ray.sim.simulate import (  # noqa: E402
@@ -394,10 +395,7 @@ def main(argv=None) -> int:
         "lenstronomy": lens_rows,
         "lenstronomy_measured_on": lens_source,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2), fsync=False)
     print(f"\nwrote {args.out}")
     return 0
 

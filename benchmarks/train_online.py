@@ -253,9 +253,9 @@ def plot_learning(result: dict[str, Any], path: Path) -> Path:
 
 
 def _write(doc: dict[str, Any], path: Path) -> None:
-    from deeplense_ray.tracking import write_json_atomic
+    from deeplense_ray.io import atomic_write_json
 
-    write_json_atomic(doc, path)
+    atomic_write_json(path, doc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeplense_ray.io import atomic_write_text  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local Ray runtime started by this script
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a loaded machine starts the raylet slowly
@@ -285,10 +287,7 @@ def environment() -> dict[str, Any]:
 
 def write_json(report: dict[str, Any], out: Path) -> None:
     """Atomic JSON write (temporary name in the same directory, then os.replace)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2, default=str) + "\n", fsync=False)
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:

@@ -271,10 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     if "packing_speedup" in report:
         print(f"packing speed-up: {report['packing_speedup']}x")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    from deeplense_ray.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(report, indent=2), fsync=False)
     print(f"wrote {out}")
     return 0
 

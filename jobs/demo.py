@@ -109,11 +109,11 @@ def setup_ray_auth(p: dict[str, Path]) -> None:
         return
     token = p["token"]
     if not token.exists():
-        tmp = token.with_name(f"{token.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        os.replace(tmp, token)
+        from deeplense_ray.io import atomic_path
+
+        with atomic_path(token) as tmp:  # created 0o600: readable by this user only
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
 
 

@@ -26,7 +26,7 @@ from deeplense_ray.data import (
     verify_dataset,
 )
 from deeplense_ray.data.plan import plan_shards
-from deeplense_ray.data.shards import TMP_MARK
+from deeplense_ray.io import TMP_MARK
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,6 @@ from deeplense_ray.data import (
 from deeplense_ray.data.config import apportion
 from deeplense_ray.data.plan import plan_shards, shard_seed, split_labels
 from deeplense_ray.data.shards import (
-    atomic_write_bytes,
     encode_shard,
     fletcher32,
     fletcher32_chunks,
@@ -29,6 +28,7 @@ from deeplense_ray.data.shards import (
     shard_attrs,
     write_shard,
 )
+from deeplense_ray.io import atomic_write_bytes
 
 PINNED_SEED = 3323333105444932653
 

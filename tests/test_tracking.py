@@ -21,7 +21,6 @@ from deeplense_ray.tracking import (
     plot_curves,
     plot_roc_curves,
     resolve_tracking_uri,
-    write_json_atomic,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,8 +101,10 @@ def test_plots_are_png_and_written_atomically(tmp_path):
     assert sorted(f.name for f in tmp_path.rglob("*")) == ["cm.png", "curves.png", "roc.png", "sub"]
 
 
-def test_write_json_atomic_maps_nan_to_null(tmp_path):
-    out = write_json_atomic({"a": math.nan, "b": np.float32(1.5), "c": np.arange(2)}, tmp_path / "m.json")
+def test_atomic_write_json_maps_nan_to_null(tmp_path):
+    from deeplense_ray.io import atomic_write_json
+
+    out = atomic_write_json(tmp_path / "m.json", {"a": math.nan, "b": np.float32(1.5), "c": np.arange(2)})
     assert json.loads(out.read_text()) == {"a": None, "b": 1.5, "c": [0, 1]}
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
 

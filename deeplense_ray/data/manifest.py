@@ -8,7 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from deeplense_ray.data.shards import FORMAT_VERSION, atomic_write_text, package_version, sha256_file
+from deeplense_ray.data.shards import FORMAT_VERSION, package_version, sha256_file
+from deeplense_ray.io import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 

@@ -36,15 +36,14 @@ from deeplense_ray.data.manifest import MANIFEST_NAME, build_manifest, load_mani
 from deeplense_ray.data.plan import ShardSpec, plan_shards
 from deeplense_ray.data.shards import (
     ShardReadError,
-    atomic_write_text,
     fletcher32_chunks,
     image_chunk_rows,
     read_shard,
-    remove_stale_tmp,
     sha256_file,
     shard_attrs,
     write_shard,
 )
+from deeplense_ray.io import atomic_write_text, remove_stale_tmp
 
 BUILDING_NAME = ".building.json"
 FAULTS_DIR = ".faults"

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from deeplense_ray.data.shards import atomic_write_bytes, read_shard
+from deeplense_ray.data.shards import read_shard
+from deeplense_ray.io import atomic_write_bytes
 
 # Shown under each image when the shard has them (first match wins for each slot).
 KEY_PARAMS: tuple[tuple[str, str, str], ...] = (

@@ -32,8 +32,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from deeplense_ray.io import atomic_path
+
 FORMAT_VERSION = 1
-TMP_MARK = ".tmp-"
 _PARAM_COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 _TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB image chunks: 64 images of 64x64 float32
 
@@ -239,10 +240,8 @@ def write_shard(
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     _check_shard_inputs(images, labels, params)
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(p)
     t0 = time.perf_counter()
-    try:
+    with atomic_path(p) as tmp:  # fsynced below, while the file is hashed
         with h5py.File(tmp, "w") as f:
             _fill_shard(f, images, labels, params, attrs, image_checksums)
         t1 = time.perf_counter()
@@ -259,11 +258,7 @@ def write_shard(
         finally:
             os.close(fd)
         size = os.path.getsize(tmp)
-        os.replace(tmp, p)
-        t3 = time.perf_counter()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    t3 = time.perf_counter()
     if timings is not None:
         timings.update({"encode_s": t1 - t0, "hash_s": t2 - t1, "write_s": t3 - t2})
     return digest, size
@@ -280,55 +275,6 @@ def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
         while chunk := fh.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def tmp_path_for(path: str | Path) -> Path:
-    """A unique temporary name next to ``path`` (same directory, so os.replace is atomic)."""
-    p = Path(path)
-    return p.with_name(f".{p.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def atomic_write_bytes(
-    path: str | Path, data: bytes | memoryview, *, fail_after_bytes: int | None = None
-) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, os.replace.
-
-    ``fail_after_bytes`` (fault injection for tests): write that many bytes, then raise OSError, as a crashed
-    write would; the temporary file is removed, so nothing half-written is left.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(p)
-    try:
-        with open(tmp, "wb") as fh:
-            if fail_after_bytes is not None:
-                fh.write(memoryview(data)[:fail_after_bytes])
-                fh.flush()
-                raise OSError(f"injected write failure for {p} after {fail_after_bytes} bytes")
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_tmp(directory: str | Path) -> list[Path]:
-    """Delete temporary files left by a killed writer under ``directory`` (recursively). Returns them."""
-    removed = []
-    root = Path(directory)
-    if not root.is_dir():
-        return removed
-    for p in root.rglob(f".*{TMP_MARK}*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def shard_attrs(

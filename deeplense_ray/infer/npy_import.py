@@ -204,7 +204,8 @@ def import_npy(
     """Convert ``src`` (see the module docstring) into a dataset at ``out``; returns its manifest."""
     from deeplense_ray.data.manifest import build_manifest, write_manifest
     from deeplense_ray.data.preview import write_preview
-    from deeplense_ray.data.shards import atomic_write_text, shard_attrs, write_shard
+    from deeplense_ray.data.shards import shard_attrs, write_shard
+    from deeplense_ray.io import atomic_write_text
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")

@@ -88,18 +88,13 @@ def build_table(
 
 def write_table_atomic(table: Any, path: Path) -> Path:
     """CSV or Parquet (by suffix) to a temporary name in the same folder, then ``os.replace``."""
-    from deeplense_ray.data.shards import tmp_path_for
+    from deeplense_ray.io import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".parquet":
             table.to_parquet(tmp, index=False)
         else:
             table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -212,13 +207,13 @@ def log_prediction_run(
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.infer.model import arch_params
+    from deeplense_ray.io import atomic_write_json
     from deeplense_ray.tracking import (
         get_or_create_experiment,
         log_metrics,
         log_params,
         plot_confusion_matrix,
         plot_roc_curves,
-        write_json_atomic,
     )
     from deeplense_ray.train.metrics import flatten_metrics
 
@@ -246,7 +241,7 @@ def log_prediction_run(
         with tempfile.TemporaryDirectory(prefix="dlr-predict-") as tmp:
             plot_roc_curves(labels, probs, names, Path(tmp) / "roc.png", title=f"ROC, {out.name}")
             plot_confusion_matrix(metrics["confusion_matrix"], names, Path(tmp) / "confusion.png")
-            write_json_atomic(dict(metrics), Path(tmp) / "metrics.json")
+            atomic_write_json(Path(tmp) / "metrics.json", dict(metrics))
             client.log_artifacts(run_id, tmp)
         if out.stat().st_size <= MAX_LOGGED_TABLE_BYTES:
             client.log_artifact(run_id, str(out))

@@ -144,7 +144,8 @@ def write_report(s, out: Path, *, client, state: Mapping[str, Any]):
     """Read every run's result, write the table (markdown, CSV), the per-run CSV and the ROC figure into
     ``out`` and the parent MLflow run (metrics ``<model>.<metric>_mean`` / ``_std`` too)."""
     from deeplense_ray.config import describe_dataset
-    from deeplense_ray.study.runner import RUNS_DIR, StudyResult, _atomic_write_text, run_key
+    from deeplense_ray.io import atomic_write_text
+    from deeplense_ray.study.runner import RUNS_DIR, StudyResult, run_key
     from deeplense_ray.study.settings import PROTOCOLS, slug
 
     info = describe_dataset(state["data_dir"])
@@ -169,7 +170,7 @@ def write_report(s, out: Path, *, client, state: Mapping[str, Any]):
     paths = []
     for name, text in ((TABLE_MD, f"# study {s.name}\n\n{note}\n\n{md}"), (TABLE_CSV, csv_text(table)),
                        (RUNS_CSV, csv_text(rows))):  # fmt: skip
-        _atomic_write_text(out / name, text)
+        atomic_write_text(out / name, text, fsync=False)
         paths.append(out / name)
     paths.append(
         plot_roc_study(preds, classes, out / ROC_PNG, f"study {s.name}: test ROC, mean ± std over seeds")

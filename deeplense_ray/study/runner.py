@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deeplense_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from deeplense_ray.study.settings import StudySettings, slug
 
 STATE_FILE = "study_state.json"
@@ -60,12 +60,6 @@ class StudyResult:
 
 def run_key(model: str, seed: int) -> str:
     return f"{slug(model)}-s{seed}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- trial
@@ -126,9 +120,8 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
     )
     params = count_parameters(load_model_from_checkpoint(best))
     out = Path(fixed["runs_dir"])
-    tmp = out / f".{key}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, y_true=np.asarray(test["y_true"]), probs=np.asarray(test["probs"]))
-    os.replace(tmp, out / f"{key}.npz")
+    with atomic_path(out / f"{key}.npz") as tmp, open(tmp, "wb") as fh:  # a file: savez adds no suffix
+        np.savez(fh, y_true=np.asarray(test["y_true"]), probs=np.asarray(test["probs"]))
     row = {
         "model": model,
         "seed": seed,
@@ -141,9 +134,7 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
         "auc_macro": float(test["auc_macro"]),
         **{f"auc_{c}": float(v) for c, v in test["auc"].items()},
     }
-    from deeplense_ray.tracking import write_json_atomic
-
-    write_json_atomic(row, out / f"{key}.json")  # last: its presence marks the run finished
+    atomic_write_json(out / f"{key}.json", row)  # last: its presence marks the run finished
     return row
 
 
@@ -290,7 +281,7 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
     else:
         client.update_run(state["parent_run_id"], status="RUNNING")
     state["attempts"] = int(state.get("attempts", 0)) + 1
-    _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n", fsync=False)
 
     if pending:
         train = {}

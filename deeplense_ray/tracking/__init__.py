@@ -18,7 +18,6 @@ from deeplense_ray.tracking.plots import (
     plot_confusion_matrix,
     plot_curves,
     plot_roc_curves,
-    write_json_atomic,
 )
 
 __all__ = [
@@ -35,5 +34,4 @@ __all__ = [
     "resolve_tracking_uri",
     "run_params",
     "use_tracking_uri",
-    "write_json_atomic",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deeplense_ray.io import atomic_path
 
 
 def _new_figure(width: float, height: float):
@@ -22,47 +23,9 @@ def _new_figure(width: float, height: float):
 
 
 def _save_atomic(fig, path: str | os.PathLike[str]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """JSON dump to a temporary name in the same directory, then ``os.replace`` (never half-written).
-
-    Non-finite floats are written as null-free JSON strings ("NaN") are avoided: nan -> null.
-    """
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, Mapping):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, np.generic):
-            return clean(x.item())
-        if isinstance(x, np.ndarray):
-            return clean(x.tolist())
-        return x
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return Path(path)
 
 
 def plot_roc_curves(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deeplense_ray.io import atomic_path, atomic_write_text
 from deeplense_ray.train.modules import ARCH_KEYS, NormalizedClassifier, build_classifier
 
 MODEL_FILE = "model.pt"
@@ -25,9 +26,8 @@ CHECKPOINT_FORMAT = 1
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _plain(x: Any) -> Any:
@@ -98,9 +98,8 @@ def save_checkpoint(
         "metrics": dict(metrics),
         "val_confusion_matrix": confusion,
     }
-    tmp = directory / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / META_FILE)
+    atomic_write_text(directory / META_FILE, json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n",
+                      fsync=False)  # fmt: skip
     return directory
 
 

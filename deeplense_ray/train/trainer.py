@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplense_ray.config import DatasetInfo, TrainConfig
+from deeplense_ray.io import atomic_write_json
 from deeplense_ray.train.checkpoint import (
     STATE_FILE,
     load_model_from_checkpoint,
@@ -81,12 +82,6 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     if info.sim_preset is not None:  # online simulation: the resolved preset travels to the workers
         d["sim_preset"] = dict(info.sim_preset)
     return d
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    from deeplense_ray.tracking import write_json_atomic
-
-    write_json_atomic(obj, path)
 
 
 def find_resumable_run(storage_path: str | os.PathLike[str], model: str, seed: int) -> str:
@@ -353,7 +348,7 @@ def _write_artifacts(
     cfg: TrainConfig,
     info: DatasetInfo,
 ) -> list[Path]:
-    from deeplense_ray.tracking import plot_confusion_matrix, plot_curves, plot_roc_curves, write_json_atomic
+    from deeplense_ray.tracking import plot_confusion_matrix, plot_curves, plot_roc_curves
 
     names = list(info.class_names)
     paths = [
@@ -373,8 +368,8 @@ def _write_artifacts(
         "history": [dict(h) for h in history],
         "dataset_manifest_hash": info.manifest_hash,
     }
-    paths.append(write_json_atomic(summary, out_dir / "metrics.json"))
-    paths.append(write_json_atomic(cfg.to_dict(), out_dir / "config.json"))
+    paths.append(atomic_write_json(out_dir / "metrics.json", summary))
+    paths.append(atomic_write_json(out_dir / "config.json", cfg.to_dict()))
     return paths
 
 
@@ -428,7 +423,7 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
             "config": cfg.to_dict(),
             "status": "running",
         }
-    _write_json_atomic(state, storage / name / RUN_STATE_FILE)
+    atomic_write_json(storage / name / RUN_STATE_FILE, state)
     return name, state
 
 
@@ -539,12 +534,12 @@ def run_training(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         state["status"] = "failed"
-        _write_json_atomic(state, run_dir / RUN_STATE_FILE)
+        atomic_write_json(run_dir / RUN_STATE_FILE, state)
         raise
     state.update(
         status="finished", best_checkpoint=str(best.path), best_epoch=best_epoch, model_uri=model_uri
     )
-    _write_json_atomic(state, run_dir / RUN_STATE_FILE)
+    atomic_write_json(run_dir / RUN_STATE_FILE, state)
     return TrainResult(
         run_id=run_id,
         experiment_id=state["experiment_id"],

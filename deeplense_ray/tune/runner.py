@@ -29,6 +29,7 @@ from typing import Any
 
 from ray.tune import Stopper
 
+from deeplense_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from deeplense_ray.tracking.console import tune_verbosity
 from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
 from deeplense_ray.tune.settings import (
@@ -88,14 +89,6 @@ class SearchResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary name in the same directory and ``os.replace``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def is_better(a: float, b: float, mode: str) -> bool:
     """True if metric value ``a`` beats ``b`` under ``mode`` (NaN never beats anything)."""
     if a is None or not math.isfinite(a):
@@ -424,10 +417,9 @@ def plot_curves(trials: list[TrialSummary], metric: str, path: str) -> str:
     if trials:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -706,7 +698,8 @@ def run_search(
             "parent_run_id": parent_run_id,
             "param_keys": plan.param_keys,
         }
-        atomic_write_text(os.path.join(output_dir, STATE_FILE), json.dumps(state, indent=2, default=str))
+        text = json.dumps(state, indent=2, default=str)
+        atomic_write_text(os.path.join(output_dir, STATE_FILE), text, fsync=False)
     else:
         experiment_id, parent_run_id = state["experiment_id"], state["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
@@ -832,9 +825,12 @@ def _finish(
         "test_metrics": _plain(_scalar_metrics(test_metrics)),
         "test_auc_macro_ci": _plain(test_metrics.get("auc_macro_ci")),
     }
-    atomic_write_text(os.path.join(output_dir, BEST_CONFIG_FILE), yaml.safe_dump(best_doc, sort_keys=False))
-    atomic_write_text(os.path.join(output_dir, BEST_CHECKPOINT_FILE), (ckpt or "") + "\n")
-    atomic_write_text(os.path.join(output_dir, SUMMARY_FILE), table + "\n")
+    for name, text in (
+        (BEST_CONFIG_FILE, yaml.safe_dump(best_doc, sort_keys=False)),
+        (BEST_CHECKPOINT_FILE, (ckpt or "") + "\n"),
+        (SUMMARY_FILE, table + "\n"),
+    ):
+        atomic_write_text(os.path.join(output_dir, name), text, fsync=False)
     curves = plot_curves(trials, settings.metric, os.path.join(output_dir, CURVES_FILE))
 
     for k, v in best_t.config.items():
@@ -939,7 +935,7 @@ def _log_test_plots(
     ``confusion_test.png``, ``curves.png`` (its trial's loss and metric curves) and ``metrics_test.json``."""
     import tempfile
 
-    from deeplense_ray.tracking import plot_confusion_matrix, plot_roc_curves, write_json_atomic
+    from deeplense_ray.tracking import plot_confusion_matrix, plot_roc_curves
     from deeplense_ray.train.checkpoint import load_training_state
 
     names = list(test.get("class_names", []))
@@ -958,7 +954,7 @@ def _log_test_plots(
             from deeplense_ray.tracking import plot_curves as plot_run_curves
 
             plot_run_curves(history, os.path.join(tmp, "curves.png"))
-        write_json_atomic(dict(test), os.path.join(tmp, "metrics_test.json"))
+        atomic_write_json(os.path.join(tmp, "metrics_test.json"), dict(test))
         client.log_artifacts(run_id, tmp)
 
 
