@@ -235,6 +235,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deeplense_ray.train.timeline import Timeline
+
+    timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args).resolved()
@@ -251,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(f"train: {connect_for(cfg, args.address, verbose=args.verbose)}", flush=True)
+        timeline.mark("ray connected")
     except (RayConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from deeplense_ray.train import run_training
 
-    result = run_training(cfg, progress=True)
+    result = run_training(cfg, progress=True, timeline=timeline)
     summary = {
         "mlflow_run_id": result.run_id,
         "tracking_uri": result.tracking_uri,
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_val_auc_macro": result.best_val.get("val_auc_macro"),
         "test": {k: result.test_metrics[k] for k in ("accuracy", "auc_macro", "auc_micro", "loss", "auc")},
         "model_uri": result.model_uri,
+        "timeline": {k: result.timeline.get(k) for k in ("wall_s", "train_s", "val_s", "overhead_s")},
     }
     if args.register is not None:
         from deeplense_ray.tracking.models import register_model
@@ -275,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["registered_model"] = f"models:/{args.register.strip()}/{version}"
     print(json.dumps(summary, indent=2, default=str))
     print("\n".join(done_lines(result, cfg, summary.get("registered_model"))), flush=True)
+    print(result.timeline_line, flush=True)
     return 0
 
 

@@ -349,6 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    t_worker = time.time()  # this attempt's worker start (the job's timeline: train/timeline.py)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -491,6 +492,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, epochs + 1):
         inject_failure("start", epoch)
+        t_epoch = time.time()
         epoch_seed = derive_seed(seed, epoch, rank)
         torch.manual_seed(epoch_seed)
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
@@ -549,6 +551,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "first_step_s": first_step,
             # torch.compile compiles at the first step of each worker process (= this attempt's first epoch)
             "compile_s": first_step if compiled and epoch == start_epoch else 0.0,
+            "t_epoch_start": t_epoch,  # Unix seconds (rank 0's clock), for the job's timeline
+            "setup_s": t_epoch - t_worker if epoch == start_epoch else 0.0,  # worker start -> first epoch
             "val_seconds": time.perf_counter() - t_val,
             "lr": lr_now,
             "resumed_from_epoch": start_epoch - 1,

@@ -31,8 +31,10 @@ from deeplense_ray.train.checkpoint import (
     read_meta,
 )
 from deeplense_ray.train.metrics import bootstrap_auc_ci, classification_metrics, flatten_metrics
+from deeplense_ray.train.timeline import Timeline
 
 RUN_STATE_FILE = "deeplense_run.json"
+TIMELINE_FILE = "timeline.json"  # MLflow artifact: the job's phases (train/timeline.py)
 SCORE_ATTRIBUTE = "val_auc_macro"
 SCORE_MODE = "max"
 MODEL_ARTIFACT = "model"
@@ -55,6 +57,8 @@ class TrainResult:
     model_uri: str
     artifacts: list[str] = field(default_factory=list)
     ray_result: Any = field(default=None, repr=False)
+    timeline: dict[str, Any] = field(default_factory=dict)  # train/timeline.py: Timeline.summary()
+    timeline_line: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -452,6 +456,7 @@ def run_training(
     extra_loop_config: Mapping[str, Any] | None = None,
     run_config_callbacks: Iterable[Any] = (),
     progress: bool = False,
+    timeline: Timeline | None = None,
 ) -> TrainResult:
     """Train ``cfg`` end to end (see the module docstring) and return what it produced.
 
@@ -460,13 +465,19 @@ def run_training(
 
     Everything is validated before Ray starts (ValueError / FileNotFoundError naming the value or file).
     Uses the current Ray runtime if initialised, else ``ray.init()`` (which joins RAY_ADDRESS if set).
+
+    ``timeline``: the job's :class:`~deeplense_ray.train.timeline.Timeline` (jobs/train.py starts it before
+    Ray); default one started here. Its phases and this run's epochs are logged as ``timeline.json`` and
+    returned in ``TrainResult.timeline``.
     """
     import ray
     from mlflow.tracking import MlflowClient
 
+    timeline = timeline if timeline is not None else Timeline()
     cfg = cfg.resolved()
     info = cfg.validate()
     name, state = _prepare_run(cfg, info)
+    timeline.mark("run prepared")
     run_id, uri = state["mlflow_run_id"], state["tracking_uri"]
     client = MlflowClient(tracking_uri=uri)
     run_dir = Path(cfg.storage_path) / name
@@ -483,6 +494,7 @@ def run_training(
                 **dict(extra_loop_config or {}),
             },
         )
+        timeline.mark("fit start")
         if progress:
             from deeplense_ray.tracking.console import RunWatcher
 
@@ -490,16 +502,19 @@ def run_training(
                 result = trainer.fit()
         else:
             result = trainer.fit()
+        timeline.mark("fit end")
         if result.error is not None:
             raise result.error
         best, best_metrics = best_checkpoint(result)
         best_epoch = int(best_metrics.get("epoch", read_meta(best)["epoch"]))
         history = _history_from_checkpoint(result.checkpoint)
+        timeline.add_epochs(history)
 
         # The test split, once, with the best checkpoint (a task with one worker's resources: GPU if any).
         gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
         task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
         test = ray.get(task.remote(best, cfg))  # the dataset's, or the fixed simulated test set
+        timeline.mark("test evaluated")
 
         flat_test = flatten_metrics(test, "test")
         best_val = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
@@ -528,8 +543,12 @@ def run_training(
             )
             client.log_artifacts(run_id, tmp)
             artifact_names = [p.name for p in paths]
+        timeline.mark("artifacts logged")
         model_uri = _log_model(uri, run_id, best, cfg)
+        timeline.mark("model logged")
         client.set_tag(run_id, "best_checkpoint", str(best.path))
+        timeline.mark("end")
+        client.log_dict(run_id, timeline.summary(), TIMELINE_FILE)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -554,6 +573,8 @@ def run_training(
         model_uri=model_uri,
         artifacts=artifact_names,
         ray_result=result,
+        timeline=timeline.summary(),
+        timeline_line=timeline.line(),
     )
 
 

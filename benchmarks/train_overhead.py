@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Fixed cost of a training job: wall time minus the seconds its epochs spent training and validating.
+
+Runs ``jobs/train.py`` itself (a subprocess per variant, a fresh local Ray runtime each, as a user runs it) on
+one dataset (simulated first with ``jobs/simulate.py`` unless --data is given), reads the job's timeline
+(``timeline.json``, logged to its MLflow run by ``deeplense_ray.train.timeline``) and reports per variant:
+the wall time seen from outside (process start to exit), the job's own wall (its timeline), the train and
+validation seconds of its epochs, ``overhead_s`` = job wall - train - val (target <= 15 s on one H200,
+issue 16), the first validation's seconds, compile seconds (``--variants base,compile``) and every phase.
+Prints a table and writes JSON.
+
+    python benchmarks/train_overhead.py --quick --out /tmp/train_overhead_quick.json        # CPU smoke test
+    python benchmarks/train_overhead.py --variants base,compile \\
+        --out benchmarks/results/train_overhead_h200.json                                    # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from deeplense_ray.io import atomic_write_json  # noqa: E402
+
+TARGET_OVERHEAD_S = 15.0
+VARIANTS = {"base": [], "compile": ["--compile"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="dataset directory (default: simulate one first)")
+    p.add_argument("--preset", default="model_ii")
+    p.add_argument("--num-pix", type=int, default=None, help="preset override num_pix of the simulated data")
+    p.add_argument("--num-per-class", type=int, default=20000, help="simulated images per class (all splits)")
+    p.add_argument("--model", default="ResNet18")
+    p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 with a GPU, else 0")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="default: jobs/train.py's")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--variants", default="base", help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--workdir", default=None, help="where runs and data go (default: a temporary directory)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_overhead.json"))
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per job")
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: 32x32, tiny ResNet, 2 epochs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_pix = args.num_pix or 32
+        args.num_per_class = 40
+        args.model = "ResNetSimple"
+        args.model_override = args.model_override or ["width=8"]
+        args.epochs, args.batch_size = 2, 8
+        args.gpus_per_worker = 0.0 if args.gpus_per_worker is None else args.gpus_per_worker
+    if args.gpus_per_worker is None:
+        import torch
+
+        args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variant_list if v not in VARIANTS]
+    if unknown or not args.variant_list:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[str, float]:
+    """Run ``cmd`` in the repository root; (stdout, seconds). RuntimeError with its output tail on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return proc.stdout, wall
+
+
+def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[str, float]:
+    if args.data:
+        return str(Path(args.data).resolve()), 0.0
+    out = workdir / "data"
+    cmd = [sys.executable, "jobs/simulate.py", "--preset", args.preset, "--num-per-class",
+           str(args.num_per_class), "--out", str(out), "--address", "local", "--no-progress", "--no-preview",
+           "--overwrite"]  # fmt: skip
+    if args.num_pix:
+        cmd += ["--preset-override", f"num_pix={args.num_pix}"]
+    if args.quick:
+        cmd += ["--shard-size", "16"]
+    _, seconds = _run(cmd, args.timeout)
+    return str(out), seconds
+
+
+def job_summary(stdout: str) -> dict[str, Any]:
+    """The JSON summary jobs/train.py prints (an indented object starting at a line '{')."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line == "{")
+    end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+    return json.loads("\n".join(lines[start : end + 1]))
+
+
+def run_variant(args: argparse.Namespace, variant: str, data: str, workdir: Path) -> dict[str, Any]:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cmd = [sys.executable, "jobs/train.py", "--model", args.model, "--data", data,
+           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--gpus-per-worker", f"{args.gpus_per_worker:g}",
+           "--precision", args.precision, "--address", "local", "--experiment", "train-overhead",
+           "--tracking-uri", uri, "--storage-path", str(workdir / "ray_results"),
+           "--run-name", f"overhead-{variant}", *VARIANTS[variant]]  # fmt: skip
+    for kv in args.model_override:
+        cmd += ["--model-override", kv]
+    if args.cpus_per_worker is not None:
+        cmd += ["--cpus-per-worker", f"{args.cpus_per_worker:g}"]
+    stdout, outer_wall = _run(cmd, args.timeout)
+    summary = job_summary(stdout)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    timeline = mlflow.artifacts.load_dict(f"runs:/{summary['mlflow_run_id']}/timeline.json")
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("timeline: ")), "")
+    return {
+        "variant": variant,
+        "command": " ".join(cmd),
+        "outer_wall_s": outer_wall,
+        "wall_s": timeline["wall_s"],
+        "train_s": timeline["train_s"],
+        "val_s": timeline["val_s"],
+        "overhead_s": timeline["overhead_s"],
+        "outer_overhead_s": outer_wall - timeline["train_s"] - timeline["val_s"],
+        "first_val_s": timeline["first_val_s"],
+        "compile_s": timeline["compile_s"],
+        "target_overhead_s": TARGET_OVERHEAD_S,
+        "target_met": timeline["overhead_s"] <= TARGET_OVERHEAD_S,
+        "test_auc_macro": summary["test"].get("auc_macro"),
+        "timeline_line": line,
+        "phases": timeline["phases"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
+        workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        data, sim_s = ensure_dataset(args, workdir)
+        runs = []
+        for variant in args.variant_list:
+            runs.append(run_variant(args, variant, data, workdir))
+            r = runs[-1]
+            print(f"{variant}: {r['timeline_line']}", flush=True)
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    print(f"\n{'variant':<9} {'outer':>7} {'wall':>7} {'train':>7} {'val':>6} {'overhead':>9} "
+          f"{'1st val':>8} {'compile':>8}  target <= {TARGET_OVERHEAD_S:g} s")  # fmt: skip
+    for r in runs:
+        print(f"{r['variant']:<9} {r['outer_wall_s']:7.1f} {r['wall_s']:7.1f} {r['train_s']:7.1f} "
+              f"{r['val_s']:6.1f} {r['overhead_s']:9.1f} {r['first_val_s'] or 0:8.2f} {r['compile_s']:8.2f}  "
+              f"{'met' if r['target_met'] else 'NOT met'}")  # fmt: skip
+    report = {
+        "benchmark": "train_overhead",
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("variant_list",)},
+        "data": data,
+        "simulate_s": sim_s,
+        "runs": runs,
+    }
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
