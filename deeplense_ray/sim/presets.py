@@ -221,6 +221,10 @@ _PUBLISHED = dict(
     vortex_points=100,
 )
 
+#: HST WFC3 F160W, Gaussian PSF (lenstronomy's HST GAUSSIAN settings): model_iii and the published Model III.
+_HST_F160W = dict(num_pix=64, delta_pix=0.08, psf_fwhm=0.08, exposure_time_single=5400.0, num_exposures=1,
+                  sky_brightness=22.3, zero_point=25.96, read_noise=4.0, gain=2.5)
+
 #: Euclid VIS as the installed lenstronomy has it now (``SimulationAPI/ObservationConfig/Euclid.py``, updated
 #: 2026-04-06: 4 x 566 s, sky 22.3 mag/arcsec^2, zero point 25.72, seeing 0.16", read noise 4.2 e-, gain 3.1,
 #: 0.101"/px); ``_EUCLID`` keeps the 2022 values the published DeepLense Model II used.
@@ -255,16 +259,8 @@ PRESETS: dict[str, Preset] = {
         Preset(name="model_ii", **_EUCLID_VIS_NOW, **_PHYSICAL_SUB),
         Preset(
             name="model_iii",
-            num_pix=64,
-            delta_pix=0.08,
-            psf_fwhm=0.08,
+            **_HST_F160W,
             noise="instrument",
-            exposure_time_single=5400.0,
-            num_exposures=1,
-            sky_brightness=22.3,
-            zero_point=25.96,
-            read_noise=4.0,
-            gain=2.5,
             theta_E=(0.9, 1.5),
             subhalo_radius=(0.25, 1.8),
             source_mag=(22.0, 24.0),
@@ -301,16 +297,8 @@ PRESETS: dict[str, Preset] = {
         # as Model II with HST WFC3 F160W (GAUSSIAN PSF)
         Preset(
             name="deeplense_model_iii",
-            num_pix=64,
-            delta_pix=0.08,
-            psf_fwhm=0.08,
+            **_HST_F160W,
             noise="deeplense_x2",
-            exposure_time_single=5400.0,
-            num_exposures=1,
-            sky_brightness=22.3,
-            zero_point=25.96,
-            read_noise=4.0,
-            gain=2.5,
             source_mag=(20.0, 20.0),
             **_PUBLISHED,
         ),
