@@ -133,6 +133,15 @@ def test_crash_then_resume_continues_epochs_and_optimizer(resumed_run):
     assert run.info.status == "FINISHED"
     assert run.data.tags["resume.config.max_failures"] == "1"
     assert math.isfinite(result.test_metrics["loss"])
+    # the job's timeline: only this job's epochs (2 and 3; epoch 1 ran before the crash), workers started
+    # twice (--resume, then Ray's restart in epoch 3), logged as timeline.json
+    tl = result.timeline
+    phases = [p["phase"] for p in tl["phases"]]
+    assert tl["epochs"] == 2 and phases.count("workers_up") == 2 and "epoch 1 start" not in phases
+    assert phases.index("fit start") < phases.index("epoch 2 start") < phases.index("epoch 3 val end")
+    assert phases[-1] == "end"
+    assert tl["overhead_s"] == pytest.approx(tl["wall_s"] - tl["train_s"] - tl["val_s"])
+    assert "timeline.json" in {a.path for a in client.list_artifacts(result.run_id)}
 
 
 def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
