@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"jobs/demo.py exited {proc.returncode}")
         (best_file,) = glob.glob(os.path.join(tmp, "tune", "*", "best_config.yaml"))
         best = yaml.safe_load(Path(best_file).read_text())
+        preset = json.loads((Path(tmp) / "data" / "manifest.json").read_text())["config"]["preset"]
 
     kind = "gpu" if gpu else "cpu"
     test = best["test_metrics"]
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
                     "loadavg_before": list(load)},
         "wall_s": wall,
-        "preset": best["train_config"].get("preset") or _preset_from_log(log),
+        "preset": preset,
         "model": best["model"],
         "best_trial": best["trial_id"],
         "best_epoch": best["best_epoch"],
@@ -92,13 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'targets':<22} {targets} -> {'met' if met else 'NOT met'}")
     print(f"saved {out}")
     return 0
-
-
-def _preset_from_log(log: str) -> str | None:
-    for line in log.splitlines():
-        if "1/3 simulated" in line:
-            return line.split("1/3 simulated", 1)[1].split()[0]
-    return None
 
 
 if __name__ == "__main__":
