@@ -9,20 +9,28 @@ Gaussian noise, and the substructure of ``--population``: ``default`` (the prese
 paltas / DG19 tNFW population, mean ~86 subhalos per cdm image for model_ii, PSF on the supersampled grid; the
 mean count per cdm image is recorded as ``mean_subhalo_count_cdm``) or ``legacy25`` (25 point masses, PSF
 after binning: the configuration of the 2026-11-22 numbers). For each it measures, in images/s:
-- ``draw``: drawing all parameters on CPU (vectorised);
+- ``draw``: drawing all parameters on CPU (vectorised); ``draw_device``: the same draws on the device
+  (``simulate(draws="device")``: the same code from a generator on the device, another stream);
 - ``render_<backend>``: the noise-free renderer (PSF included) with parameters already on the device, every
   image cdm; backends ``eager`` (torch, subhalos only for cdm images), ``compile`` (torch.compile of the
   dense hot path) and ``triton`` (the fused kernels of ``sim/_triton.py``; CUDA only);
 - ``sim_<backend>_cdm`` / ``sim_default_mix``: whole ``simulate()`` calls (draw + transfer + render + PSF +
   noise + copy back to CPU memory), every image cdm (the issue's target configuration) or the balanced
   no_sub/axion/cdm mix; ``default`` is what ``simulate()`` picks (triton on CUDA where it covers the preset);
+- ``sim_devdraw_cdm`` / ``sim_devdraw_mix``: whole default ``simulate(draws="device", device_output=True)``
+  calls (draw on the device + render + PSF + noise, images and params left on the device), n as ``default``;
 - ``lenstronomy``: ImageModel.image (SIE + SHEAR + 25 POINT_MASS, SERSIC_ELLIPSE, GAUSSIAN PSF, same
   supersampling) + Poisson/Gaussian noise, per image on one CPU core: measured here (``--lenstronomy-images``)
   or read from a JSON written earlier by ``--lenstronomy-only`` (``--lenstronomy-json``; its host and time are
   printed with it; without lenstronomy installed the default is ``simulate_kernel_lenstronomy.json``, measured
   2026-11-22 on the idle 16-core CPU of the H100 machine, load 0.3, lenstronomy 1.14.2, one thread).
 CPU timings are only meaningful on an idle machine: the load average is recorded.
-``--profile DIR`` also writes a torch.profiler table of one default simulate() call (model_ii, ss=2, cdm).
+``--profile DIR`` also writes torch.profiler tables of one default simulate() call (model_ii, ss=2, cdm), CPU
+draws and CPU output, and of one with device draws and device output.
+``--no-eager`` skips the eager (and compile) renders and simulate() calls: the Triton/default numbers alone.
+The issue-15 target (whole call with device draws and device output >= 1M images/s, model_ii on one H200):
+    python benchmarks/simulate_kernel.py --presets model_ii --supersampling 2 --population legacy25 \
+        --no-eager --out runs/bench_sim_devdraw_h200.json                     # then read sim_devdraw_cdm
 Prints a table and writes JSON (``--out``).
 """
 
@@ -49,6 +57,7 @@ from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.sim.sampling import draw_parameters  # noqa: E402
 from deeplense_ray.sim.simulate import (  # noqa: E402
     Renderer,
+    draw_generator,
     resolve_labels,
     simulate_with_backend,
     triton_supported,
@@ -126,8 +135,9 @@ def _population(population: str) -> dict:
 
 
 def bench_config(
-    name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, batch_size=None, population="default"
-):
+    name, ss, dev, n_fast, n_slow, render_bs, repeats, do_compile, batch_size=None, population="default",
+    eager=True,
+):  # fmt: skip
     """One row: draw, render-only per backend, whole simulate() per backend (images/s)."""
     pre = resolve_preset(name, {"supersampling": ss, **_population(population)})
     row = {"preset": name, "supersampling": ss, "num_pix": pre.num_pix, "device": str(dev)}
@@ -141,14 +151,18 @@ def bench_config(
         repeats,
     )
     row["draw"] = n_fast / t
+    gen_dev = lambda: draw_generator(0, dev, "device")  # noqa: E731
+    t = _timeit(lambda: draw_parameters(pre, lab, gen_dev(), paired=False), dev, repeats)
+    row["draw_device"] = n_fast / t
     cdm = draw_parameters(pre, resolve_labels(pre, n_fast, ["cdm"], None), torch.Generator().manual_seed(0),
                           paired=False)["subhalo_count"].double()  # fmt: skip
     row["mean_subhalo_count_cdm"] = float(cdm.mean())
     row["max_subhalo_count_cdm"] = int(cdm.max())
     row["subhalo_slots"] = pre.max_subhalos
-    backends = ["eager"] + (["compile"] if do_compile else [])
+    backends = (["eager"] + (["compile"] if do_compile else [])) if eager else []
     if triton_supported(pre, dev, torch.float32):
         backends.append("triton")
+    default = "triton" if "triton" in backends else "eager"
     pd = _param_batch(pre, render_bs, dev)
     for be in backends:
         try:
@@ -162,19 +176,21 @@ def bench_config(
         except Exception as e:  # a failing torch.compile must not lose the other numbers
             row[f"error_render_{be}"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  render {be} failed: {row[f'error_render_{be}']}", flush=True)
-    default = "triton" if "triton" in backends else "eager"
     runs = [("default", default, "mix", n_fast), ("default", default, "cdm", n_fast)]
+    runs += [("devdraw", default, "mix", n_fast), ("devdraw", default, "cdm", n_fast)]
     runs += [(be, be, "cdm", n_slow) for be in backends if be != default or be == "eager"]
     for label, be, mix, n in runs:
         classes = ["cdm"] if mix == "cdm" else None
+        dd = label == "devdraw"  # parameters drawn on the device, images and params left there
         try:
             t = _timeit(
-                lambda be=be, n=n, classes=classes: simulate_with_backend(
-                    pre, n, 0, device=dev, classes=classes, batch_size=batch_size, backend=be
+                lambda be=be, n=n, classes=classes, dd=dd: simulate_with_backend(
+                    pre, n, 0, device=dev, classes=classes, batch_size=batch_size, backend=be,
+                    draws="device" if dd else "cpu", device_output=dd,
                 ),
                 dev,
-                repeats if label == "default" else 1,
-            )
+                repeats if label in ("default", "devdraw") else 1,
+            )  # fmt: skip
             row[f"sim_{label}_{mix}"] = n / t
         except Exception as e:
             row[f"error_sim_{label}_{mix}"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -185,21 +201,29 @@ def bench_config(
 
 
 def profile_default(dev, out_dir: Path, n: int, population: str = "default") -> None:
-    """torch.profiler table (CPU + CUDA time per op) of one default simulate() call, model_ii ss=2 cdm."""
+    """torch.profiler tables (CPU + CUDA time per op) of one default simulate() call, model_ii ss=2 cdm:
+    ``profile_simulate.txt`` (CPU draws, CPU output) and ``profile_simulate_devdraw.txt`` (device draws and
+    output)."""
     from torch.profiler import ProfilerActivity, profile
 
     pre = resolve_preset("model_ii", {"supersampling": 2, **_population(population)})
-    simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"])  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"])
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile_simulate.txt").write_text(
-        prof.key_averages().table(sort_by=key, row_limit=40)
-        + "\n\nby CPU time\n"
-        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    )
+    for fname, kw in (
+        ("profile_simulate.txt", {}),
+        ("profile_simulate_devdraw.txt", {"draws": "device", "device_output": True}),
+    ):
+        simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"], **kw)  # warm-up
+        _sync(dev)
+        with profile(activities=acts) as prof:
+            simulate_with_backend(pre, n, 0, device=dev, classes=["cdm"], **kw)
+            _sync(dev)
+        (out_dir / fname).write_text(
+            prof.key_averages().table(sort_by=key, row_limit=40)
+            + "\n\nby CPU time\n"
+            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+        )
 
 
 def bench_lenstronomy(name, ss, n_images, seed=0):
@@ -272,6 +296,7 @@ def bench_lenstronomy(name, ss, n_images, seed=0):
 
 _COLS = [
     "draw",
+    "draw_device",
     "render_eager",
     "render_compile",
     "render_triton",
@@ -279,6 +304,8 @@ _COLS = [
     "sim_compile_cdm",
     "sim_default_cdm",
     "sim_default_mix",
+    "sim_devdraw_cdm",
+    "sim_devdraw_mix",
 ]
 
 
@@ -307,6 +334,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="images per default simulate() call")
     ap.add_argument("--batch-size", type=int, default=None, help="simulate(batch_size=...) (default: auto)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    ap.add_argument(
+        "--no-eager", action="store_true", help="skip the eager/compile renderers (Triton/default rows only)"
+    )
     ap.add_argument(
         "--compile-ss", type=int, nargs="*", default=[2], help="supersamplings to torch.compile (it is slow)"
     )
@@ -347,8 +377,9 @@ def main(argv=None) -> int:
                     n_fast = n_slow = render_bs = args.n or 256
                 sizes = (n_fast, n_slow, render_bs)
                 comp = do_compile and ss in args.compile_ss
+                opts = {"batch_size": args.batch_size, "population": args.population}
                 rows.append(
-                    bench_config(name, ss, dev, *sizes, repeats, comp, args.batch_size, args.population)
+                    bench_config(name, ss, dev, *sizes, repeats, comp, eager=not args.no_eager, **opts)
                 )
         if args.profile is not None:
             profile_default(dev, args.profile, 16384 if gpu else 64, args.population)

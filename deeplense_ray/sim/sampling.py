@@ -1,4 +1,7 @@
-"""Draw every simulation parameter for n images, vectorised, on CPU from one torch.Generator.
+"""Draw every simulation parameter for n images, vectorised, from one torch.Generator, on its device.
+
+``simulate`` draws on CPU by default; with ``draws="device"`` it passes a generator on the render device
+(CUDA: Philox), so the same code runs there (the same distributions, another random stream).
 
 The random stream depends only on (preset, n, seed): every quantity is drawn for every image in a fixed
 order (substructure of all kinds too), then masked by class, so labels never shift the stream and the
@@ -26,7 +29,7 @@ MAGNITUDE_NOISE = ("instrument", "deeplense_x2")
 
 def _u(g: torch.Generator, n: int, rng: tuple[float, float], *shape: int) -> Tensor:
     lo, hi = float(rng[0]), float(rng[1])
-    r = torch.rand((n, *shape), generator=g, dtype=_F64)
+    r = torch.rand((n, *shape), generator=g, dtype=_F64, device=g.device)
     return lo + (hi - lo) * r
 
 
@@ -55,14 +58,17 @@ def draw_parameters(
     paired: bool,
     library_peak: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """All parameters (float64 / int64, CPU) for images with the given class labels.
+    """All parameters (float64 / int64, on the generator's device) for images with the given class labels.
 
-    ``library_peak``: for real-galaxy sources, max(stamp) * S^2 of each unit-sum S x S stamp [N_lib]
-    (the peak surface brightness of a unit-flux source of unit angular size; also gives N_lib).
+    The generator's device decides where everything is drawn and computed (labels and ``library_peak`` are
+    moved there). ``library_peak``: for real-galaxy sources, max(stamp) * S^2 of each unit-sum S x S stamp
+    [N_lib] (the peak surface brightness of a unit-flux source of unit angular size; also gives N_lib).
     """
     n = int(labels.shape[0])
     C = preset.num_classes
     g = generator
+    dev = g.device
+    labels = labels.to(dev)
     m = -(-n // C) if paired else n  # number of independent macro draws
     p: dict[str, Tensor] = {}
 
@@ -75,7 +81,7 @@ def draw_parameters(
     if preset.lens_mass is None:
         p["theta_E"] = _u(g, m, preset.theta_E)
     else:
-        p["theta_E"] = torch.full((m,), coef * math.sqrt(preset.lens_mass), dtype=_F64)
+        p["theta_E"] = torch.full((m,), coef * math.sqrt(preset.lens_mass), dtype=_F64, device=dev)
     q = _u(g, m, preset.lens_q)
     phi = _u(g, m, preset.lens_orientation)
     p["e1"], p["e2"] = phi_q_to_ellipticity(phi, q)
@@ -100,7 +106,8 @@ def draw_parameters(
     else:
         if library_peak is None or library_peak.numel() == 0:
             raise ValueError("real-galaxy sources need a non-empty source library")
-        p["source_index"] = torch.randint(0, library_peak.numel(), (m,), generator=g)
+        library_peak = library_peak.to(dev)
+        p["source_index"] = torch.randint(0, library_peak.numel(), (m,), generator=g, device=dev)
         p["source_size"] = _u(g, m, preset.source_size)
         p["source_angle"] = _u(g, m, (0.0, 2.0 * math.pi))
 
@@ -111,11 +118,13 @@ def draw_parameters(
         p["source_mag"] = mag
         flux = 10.0 ** (-0.4 * (mag - preset.zero_point))  # e-/s
     if preset.noise == "instrument":
-        p["exposure_time"] = torch.full((m,), preset.exposure_time_single * preset.num_exposures, dtype=_F64)
+        p["exposure_time"] = torch.full(
+            (m,), preset.exposure_time_single * preset.num_exposures, dtype=_F64, device=dev
+        )
         sky = 10.0 ** (-0.4 * (preset.sky_brightness - preset.zero_point)) * d2
-        p["background_rate"] = torch.full((m,), sky, dtype=_F64)
+        p["background_rate"] = torch.full((m,), sky, dtype=_F64, device=dev)
         p["read_noise_rms"] = torch.full(
-            (m,), math.sqrt(preset.num_exposures) * preset.read_noise, dtype=_F64
+            (m,), math.sqrt(preset.num_exposures) * preset.read_noise, dtype=_F64, device=dev
         )
     elif preset.noise == "deeplense_i":
         # the published Model I recipe: a fixed lenstronomy Sersic amp, exposure time for the noise
@@ -127,7 +136,7 @@ def draw_parameters(
             snr = _u(g, m, preset.target_snr)
             p["exposure_time"], p["target_snr"] = t, snr
             peak_sb = snr_peak_flux(snr, t, preset.sigma_bkg) / d2  # flux / arcsec^2 at the source peak
-            p["background_rate"] = torch.zeros(m, dtype=_F64)
+            p["background_rate"] = torch.zeros(m, dtype=_F64, device=dev)
             p["read_noise_rms"] = preset.sigma_bkg * t  # counts; / t gives sigma_bkg
         else:
             peak_sb = _u(g, m, preset.source_amp)
@@ -162,13 +171,13 @@ def draw_parameters(
             p["lens_light_amp"] = rel * ref / lpeak
 
     if paired:
-        idx = torch.arange(n) // C
+        idx = torch.arange(n, device=dev) // C
         p = {k: v[idx] for k, v in p.items()}
 
     # ---- substructure: drawn for every image, masked by class
     name_of = preset.class_names
-    is_cdm = torch.zeros(n, dtype=torch.bool)
-    is_axion = torch.zeros(n, dtype=torch.bool)
+    is_cdm = torch.zeros(n, dtype=torch.bool, device=dev)
+    is_axion = torch.zeros(n, dtype=torch.bool, device=dev)
     if "cdm" in name_of:
         is_cdm = labels == name_of.index("cdm")
     if "axion" in name_of:
@@ -178,18 +187,22 @@ def draw_parameters(
     if K > 0 and preset.sigma_sub is not None:
         # normalised population (sim/substructure.py), drawn for cdm images only from its own generator,
         # seeded by one draw of the main stream (so the axion draws below do not depend on the labels)
-        g_sub = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        g_sub = torch.Generator(device=dev).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=g, device=dev))
+        )
         p.update(draw_subhalos(preset, p["theta_E"], p["center_x"], p["center_y"], is_cdm, g_sub))
     elif K > 0:
         lo, hi = preset.subhalo_count
-        count = torch.randint(int(lo), int(hi) + 1, (n,), generator=g)
+        count = torch.randint(int(lo), int(hi) + 1, (n,), generator=g, device=dev)
         mass = power_law_masses(
-            torch.rand((n, K), generator=g, dtype=_F64), *preset.subhalo_mass, preset.subhalo_mass_slope
+            torch.rand((n, K), generator=g, dtype=_F64, device=dev),
+            *preset.subhalo_mass,
+            preset.subhalo_mass_slope,
         )
         r = _u(g, n, preset.subhalo_radius, K)
         ang = _u(g, n, (0.0, 2.0 * math.pi), K)
         count = torch.where(is_cdm, count, torch.zeros_like(count))
-        present = torch.arange(K)[None, :] < count[:, None]
+        present = torch.arange(K, device=dev)[None, :] < count[:, None]
         mass = torch.where(present, mass, torch.zeros_like(mass))
         p["subhalo_count"] = count
         p["subhalo_mass"] = mass
@@ -203,8 +216,8 @@ def draw_parameters(
         if preset.subhalo_profile == "tnfw":
             p.update(tnfw_parameters(mass, preset))
     else:
-        p["subhalo_count"] = torch.zeros(n, dtype=torch.int64)
-        p["subhalo_mass"] = torch.zeros((n, 0), dtype=_F64)
+        p["subhalo_count"] = torch.zeros(n, dtype=torch.int64, device=dev)
+        p["subhalo_mass"] = torch.zeros((n, 0), dtype=_F64, device=dev)
 
     if "axion" in name_of:
         log_m = _u(g, n, preset.axion_log10_mass)
@@ -219,7 +232,7 @@ def draw_parameters(
             is_axion, torch.full_like(log_m, coef * math.sqrt(preset.vortex_mass)), torch.zeros_like(log_m)
         )
     else:
-        p["axion_mass"] = torch.zeros(n, dtype=_F64)  # the same schema for every preset
+        p["axion_mass"] = torch.zeros(n, dtype=_F64, device=dev)  # the same schema for every preset
     return p
 
 

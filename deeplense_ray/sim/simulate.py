@@ -1,4 +1,5 @@
-"""``simulate``: draw parameters (CPU, seeded) and render batches of lens images on any device."""
+"""``simulate``: draw parameters (seeded; on CPU or on the render device) and render batches of lens images
+on any device."""
 
 from __future__ import annotations
 
@@ -80,6 +81,28 @@ def _noise_seed(seed: int, block: int) -> int:
     return int(
         np.random.SeedSequence([seed, block, 0x5EED]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1)
     )
+
+
+#: where ``simulate`` draws the parameters: "cpu" (the default: one CPU generator seeded with ``seed``) or
+#: "device" (a generator on the render device seeded by ``device_draw_seed(seed)``: another stream)
+DRAWS = ("cpu", "device")
+
+
+def device_draw_seed(seed: int) -> int:
+    """Seed of the device generator of ``draws="device"`` (a stream apart from the CPU draws' ``seed``)."""
+    return int(np.random.SeedSequence([seed, 0xD7A5]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def draw_generator(seed: int, device: torch.device, draws: str) -> torch.Generator:
+    """The generator ``simulate`` draws the parameters from: CPU seeded with ``seed`` (``draws="cpu"``), or
+    on ``device`` seeded with ``device_draw_seed(seed)`` (``draws="device"``)."""
+    if draws not in DRAWS:
+        raise ValueError(f"draws must be one of {list(DRAWS)}, got {draws!r}")
+    if draws == "cpu":
+        return torch.Generator().manual_seed(seed)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.Generator(device=device).manual_seed(device_draw_seed(seed))
 
 
 def default_device() -> torch.device:
@@ -409,10 +432,16 @@ def simulate(
     batch_size: int | None = None,
     compile: bool = False,
     device_output: bool = False,
+    draws: str = "cpu",
 ) -> SimResult:
     """Simulate ``n`` lens images of ``preset`` (a name, a ``Preset`` or a dict; ``overrides`` apply on top).
 
-    Parameters are drawn on CPU from ``torch.Generator().manual_seed(seed)``; images are rendered on
+    Parameters are drawn on CPU from ``torch.Generator().manual_seed(seed)`` (``draws="cpu"``, the default),
+    or with ``draws="device"`` on the render device from a generator seeded by ``device_draw_seed(seed)``
+    (the same code and distributions, another random stream: other images for the same seed; the same
+    bytes for the same seed on the same device type; fast on CUDA, where CPU draws dominate a call).
+    Either way all n images are drawn at once, so draws do not depend on ``batch_size``. Images are
+    rendered on
     ``device`` (default: CUDA if available, else CPU) in internal batches (``batch_size``, rounded to
     whole noise blocks of ``noise_block(device)`` images); the noise of block b comes from a generator on
     the device seeded from (seed, b). The same (preset, n, seed, labels) gives the same bytes on the
@@ -425,12 +454,12 @@ def simulate(
     (``sim/_triton.py``) when triton is installed; ``compile=True`` asks instead for the torch.compile
     path (deflections + Sersic source fused by inductor). Returns CPU tensors; images float32 (on the
     render device instead with ``device_output=True``: for callers that post-process there, e.g. the
-    dataset writer's float16 cast and checksums).
+    dataset writer's float16 cast and checksums; with ``draws="device"`` too, the params stay there).
     """
     return simulate_with_backend(
         preset, n, seed, device, classes, labels=labels, paired=paired, dtype=dtype,
         overrides=overrides, batch_size=batch_size, backend="compile" if compile else None,
-        device_output=device_output,
+        device_output=device_output, draws=draws,
     )  # fmt: skip
 
 
@@ -474,6 +503,7 @@ def simulate_with_backend(
     batch_size: int | None = None,
     backend: str | None = None,
     device_output: bool = False,
+    draws: str = "cpu",
 ) -> SimResult:
     """``simulate`` with an explicit renderer: ``backend`` in ``BACKENDS`` or None (triton where
     ``triton_supported``, else eager). Used by the benchmark to compare the renderers."""
@@ -487,6 +517,8 @@ def simulate_with_backend(
         raise ValueError(f"device {str(dev)!r} requested but CUDA is not available")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    if draws not in DRAWS:
+        raise ValueError(f"draws {draws!r} is not one of {list(DRAWS)}")
     if backend is None:
         backend = "triton" if triton_supported(pre, dev, dtype) else "eager"
     elif backend == "triton" and not triton_supported(pre, dev, dtype):
@@ -499,8 +531,8 @@ def simulate_with_backend(
         stamps = load_source_library(pre.source_library)
         S = stamps.shape[-1]
         peak = stamps.amax(dim=(1, 2)).to(torch.float64) * S * S
-    gen = torch.Generator().manual_seed(seed)
-    params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak)
+    gen = draw_generator(seed, dev, draws)
+    params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak)  # on gen.device
 
     block = noise_block(dev)
     if batch_size is None:
@@ -527,6 +559,8 @@ def simulate_with_backend(
         if sink is not None:
             sink.close()
     out_params = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in params.items()}
+    if not device_output:  # device draws come back to CPU with the images (a no-op for CPU draws)
+        out_params = {k: v.cpu() for k, v in out_params.items()}
     return SimResult(images=images, labels=lab, params=out_params, class_names=pre.class_names, preset=pre)
 
 
@@ -559,7 +593,8 @@ class _TorchBatches:
 class _TritonBatches:
     """Renders [start, stop) with the fused Triton kernels (render + PSF), then torch noise and units.
 
-    The parameters the kernels need go to the device as one pinned float32 table per batch.
+    The parameters the kernels need go to the device as one pinned float32 table per batch (drawn on the
+    device, they are one device table).
     """
 
     def __init__(self, pre: Preset, params: Mapping[str, Tensor], dev: torch.device, seed: int) -> None:
@@ -583,8 +618,9 @@ class _TritonBatches:
         # tNFW subhalos go per batch, cut to the batch's largest count (a population pads to its capacity)
         self.tnfw = [params[k] for k in _TNFW_KERNEL_KEYS] if self.K > 0 and not self.pm else None
         self.count = params["subhalo_count"]
+        self.count_cpu = self.count.cpu()  # per-batch largest counts without a host sync per batch
         table = torch.cat([c.to(torch.float32) for c in cols], dim=1)
-        self.table = table.pin_memory()
+        self.table = table.pin_memory() if table.device.type == "cpu" else table
         self.keys = keys
         self.coord = _triton.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
         self.ss_conv = _ss_convolution(pre)
@@ -603,7 +639,7 @@ class _TritonBatches:
         p = {k: t[:, i] for i, k in enumerate(self.keys)}
         te2 = sx = sy = tn = tcount = None
         if self.tnfw is not None:
-            kb = tk.tnfw_slots(int(self.count[start:stop].max()), self.K)
+            kb = tk.tnfw_slots(int(self.count_cpu[start:stop].max()), self.K)
             if kb > 0:
                 f = torch.stack([v[start:stop, :kb].to(torch.float32) for v in self.tnfw]).to(self.dev)
                 tn = tk.tnfw_table(*f)

@@ -1,4 +1,4 @@
-"""A normalised subhalo population (paltas / DG19), drawn per image on CPU from a seeded generator.
+"""A normalised subhalo population (paltas / DG19), drawn per image from a seeded generator on its device.
 
 The model is DG19 (Gilman et al., arXiv:1909.02573) as paltas renders it
 (``paltas/Substructure/subhalos_dg19.py``; prior of Wagner-Carena et al. 2022, arXiv:2203.00690):
@@ -65,7 +65,7 @@ def log10_sigma_z0(mass: Tensor) -> Tensor:
     """log10 sigma(M, z=0) [dimensionless] at masses [Msun] (linear interpolation in log-log of the table;
     valid for 1e5 <= M <= 1e12)."""
     lm = torch.log10(mass.clamp_min(1.0))
-    ys = torch.as_tensor(_LOG10_SIGMA_TABLE, dtype=mass.dtype)
+    ys = torch.as_tensor(_LOG10_SIGMA_TABLE, dtype=mass.dtype, device=mass.device)
     step = float(_LOG10_M_TABLE[1] - _LOG10_M_TABLE[0])  # uniform grid: the cell by arithmetic
     f = (lm - float(_LOG10_M_TABLE[0])) / step
     i = f.floor().clamp(0, ys.numel() - 2)
@@ -80,7 +80,7 @@ def concentration_dg19(
     """Mean DG19 concentration c200 = c0 (1+z)^zeta (nu(M, z) / nu(m_ref, 0))^(-beta) of halos of M200
     ``mass`` [Msun] at redshift z, with nu = delta_c / (sigma(M, 0) D(z)) (paltas ``mass_concentration``
     without the scatter)."""
-    ref = float(log10_sigma_z0(torch.tensor([m_ref], dtype=_F64))[0])
+    ref = float(log10_sigma_z0(torch.tensor([m_ref], dtype=_F64, device="cpu"))[0])
     ratio = 10.0 ** (ref - log10_sigma_z0(mass))
     nu_ratio = ratio / growth_factor(z, om0=om0)
     return c0 * (1.0 + z) ** zeta * nu_ratio ** (-beta)
@@ -121,7 +121,8 @@ def subhalo_capacity(preset) -> int:
     r_kpc = preset.subhalo_area_radius * preset.theta_E[1] * kpa
     mu = float(
         expected_count(
-            torch.tensor(preset.sigma_sub[1], dtype=_F64), torch.tensor(math.pi * r_kpc**2, dtype=_F64),
+            torch.tensor(preset.sigma_sub[1], dtype=_F64, device="cpu"),
+            torch.tensor(math.pi * r_kpc**2, dtype=_F64, device="cpu"),
             m_min=preset.subhalo_mass[0], m_max=preset.subhalo_mass[1],
             slope=preset.subhalo_mass_slope, m_pivot=preset.subhalo_m_pivot,
         )
@@ -176,34 +177,37 @@ def draw_subhalos(
     x theta_E for an isothermal lens; tNFW count their truncated total mass), subhalo_max_mass [n] and
     subhalo_max_ring_distance [n] (| |position - centre| - theta_E | of the heaviest, arcsec; 0 without
     subhalos). Draw order (``generator``, cdm images only, in image order): Sigma_sub, counts; then per
-    subhalo: mass, radius, angle, line-of-sight depth, concentration scatter.
+    subhalo: mass, radius, angle, line-of-sight depth, concentration scatter. Everything is drawn and
+    computed on the generator's device (the inputs are moved there).
     """
     pre = preset
     n = int(theta_E.shape[0])
     K = subhalo_capacity(pre)
     g = generator
-    idx = torch.nonzero(is_cdm).squeeze(1)
+    dev = g.device
+    theta_E, center_x, center_y = theta_E.to(dev), center_x.to(dev), center_y.to(dev)
+    idx = torch.nonzero(is_cdm.to(dev)).squeeze(1)
     m = int(idx.numel())
     kpa = kpc_per_arcsec(pre.z_lens, h0=pre.H0, om0=pre.Om0)
     lo, hi = pre.sigma_sub
-    sig = lo + (hi - lo) * torch.rand(m, generator=g, dtype=_F64)
+    sig = lo + (hi - lo) * torch.rand(m, generator=g, dtype=_F64, device=dev)
     r_max = pre.subhalo_area_radius * theta_E[idx]  # arcsec
     mu = expected_count(
         sig, math.pi * (r_max * kpa) ** 2, m_min=pre.subhalo_mass[0], m_max=pre.subhalo_mass[1],
         slope=pre.subhalo_mass_slope, m_pivot=pre.subhalo_m_pivot,
     )  # fmt: skip
     count = torch.poisson(mu, generator=g).to(torch.int64)
-    if m and int(count.max()) > K:
-        raise RuntimeError(
-            f"a subhalo count {int(count.max())} exceeds the capacity {K} of preset {pre.name!r}"
-        )
-    total = int(count.sum())
+    largest, total = torch.stack([count.max(), count.sum()]).tolist() if m else (0, 0)  # one host sync
+    if largest > K:
+        raise RuntimeError(f"a subhalo count {largest} exceeds the capacity {K} of preset {pre.name!r}")
     # flat per-subhalo draws, then scattered into [n, K]
-    owner = torch.repeat_interleave(torch.arange(m), count)
-    slot = torch.arange(total) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    owner = torch.repeat_interleave(torch.arange(m, device=dev), count, output_size=total)
+    slot = torch.arange(total, device=dev) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count, output_size=total
+    )
     # per-subhalo draws and arithmetic in float32 (what is stored; twice the CPU speed of float64)
-    u = torch.rand((4, total), generator=g, dtype=torch.float32)
-    z_scatter = torch.randn(total, generator=g, dtype=torch.float32)
+    u = torch.rand((4, total), generator=g, dtype=torch.float32, device=dev)
+    z_scatter = torch.randn(total, generator=g, dtype=torch.float32, device=dev)
     from .sampling import power_law_masses  # the one inverse CDF of dN/dm ~ m^-slope
 
     mass = power_law_masses(u[0], *pre.subhalo_mass, pre.subhalo_mass_slope)
@@ -241,11 +245,11 @@ def draw_subhalos(
     out: dict[str, Tensor] = {}
     flat = idx[owner] * K + slot  # position of each subhalo in the [n, K] tables
     for k, v in fields.items():
-        full = torch.zeros(n * K, dtype=torch.float32)
+        full = torch.zeros(n * K, dtype=torch.float32, device=dev)
         full[flat] = v.to(torch.float32)
         out[k] = full.view(n, K)
-    out["subhalo_count"] = torch.zeros(n, dtype=torch.int64).index_put_((idx,), count)
-    out["subhalo_sigma_sub"] = torch.zeros(n, dtype=_F64).index_put_((idx,), sig)
+    out["subhalo_count"] = torch.zeros(n, dtype=torch.int64, device=dev).index_put_((idx,), count)
+    out["subhalo_sigma_sub"] = torch.zeros(n, dtype=_F64, device=dev).index_put_((idx,), sig)
     out.update(_diagnostics(n, idx, owner, mass, mass_eff, rad, theta_E, pre))
     return out
 
@@ -256,13 +260,16 @@ def _diagnostics(n, idx, owner, mass, mass_eff, rad, theta_E, pre) -> dict[str, 
     m = int(idx.numel())
     te = theta_E[idx]
     in_ann = (rad > 0.5 * te[owner]) & (rad < 1.5 * te[owner])
-    sub_mass = torch.zeros(m, dtype=_F64).index_add_(0, owner, torch.where(in_ann, mass_eff, 0.0))
+    dev = mass.device
+    sub_mass = torch.zeros(m, dtype=_F64, device=dev).index_add_(0, owner, torch.where(in_ann, mass_eff, 0.0))
     sigma_crit = cosmology.sigma_crit_msun_per_arcsec2(pre.z_lens, pre.z_source, h0=pre.H0, om0=pre.Om0)
     macro = math.pi * sigma_crit * te * te  # isothermal: M(<R) = pi Sigma_crit theta_E R
-    heaviest = torch.zeros(m, dtype=_F64).scatter_reduce_(0, owner, mass, reduce="amax")
+    heaviest = torch.zeros(m, dtype=_F64, device=dev).scatter_reduce_(0, owner, mass, reduce="amax")
     is_max = mass == heaviest[owner]
-    ring = torch.zeros(m, dtype=_F64).index_put_((owner[is_max],), (rad[is_max] - te[owner[is_max]]).abs())
-    put = lambda v: torch.zeros(n, dtype=_F64).index_put_((idx,), v)  # noqa: E731
+    ring = torch.zeros(m, dtype=_F64, device=dev).index_put_(
+        (owner[is_max],), (rad[is_max] - te[owner[is_max]]).abs()
+    )
+    put = lambda v: torch.zeros(n, dtype=_F64, device=dev).index_put_((idx,), v)  # noqa: E731
     return {
         "subhalo_mass_fraction_arc": put(sub_mass / macro),
         "subhalo_max_mass": put(heaviest),
