@@ -15,7 +15,8 @@ config and seed):
   disjoint from training (and from each other) in their parameter draws.
 
 The images are the device's bytes: the same seed gives the same images on the same device type (CPU and CUDA
-differ in the noise generator and float rounding; see docs/simulator.md).
+differ in the noise generator and float rounding, and on CUDA the parameters are drawn on the GPU,
+``simulate(draws="device")``, another random stream than the CPU's; see docs/simulator.md).
 
 Overlap: the next chunk is rendered on a background thread (on CUDA in its own stream) while the current one
 trains; the queue holds one chunk, so at most two chunks live on the device.
@@ -110,10 +111,12 @@ def render(
     preset: Any, n: int, seed: int, device: torch.device, *, shuffle: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images [n,1,H,W] float32 and labels [n] int64 of ``preset`` on ``device`` (classes balanced),
-    rows permuted by a generator seeded with ``seed`` if ``shuffle``. Plain (not inference) tensors."""
+    rows permuted by a generator seeded with ``seed`` if ``shuffle``. Plain (not inference) tensors. On CUDA
+    the parameters are drawn on the device too (``draws="device"``: no CPU draw per chunk)."""
     from deeplense_ray.sim import simulate
 
-    res = simulate(preset, int(n), int(seed), device, device_output=True)
+    draws = "device" if torch.device(device).type == "cuda" else "cpu"
+    res = simulate(preset, int(n), int(seed), device, device_output=True, draws=draws)
     images, labels = res.images, res.labels.to(device)
     if shuffle:
         perm = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed))).to(device)
