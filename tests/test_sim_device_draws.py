@@ -54,19 +54,20 @@ def _cpu_and_device_draws(pre, n: int, seed: int, classes=None):
 
 
 def test_same_seed_same_bytes_independent_of_batch_size():
-    a = simulate("model_ii", 200, seed=11, device="cpu", overrides=SMALL, draws="device", batch_size=64)
-    b = simulate("model_ii", 200, seed=11, device="cpu", overrides=SMALL, draws="device", batch_size=128)
-    c = simulate("model_ii", 200, seed=11, device="cpu", overrides=SMALL, draws="device")
+    over = {**SMALL, "sigma_sub": [0.0, 1e-3]}  # fewer subhalos: a faster eager render on CPU
+    a = simulate("model_ii", 192, seed=11, device="cpu", overrides=over, draws="device", batch_size=64)
+    b = simulate("model_ii", 192, seed=11, device="cpu", overrides=over, draws="device", batch_size=128)
+    c = simulate("model_ii", 192, seed=11, device="cpu", overrides=over, draws="device")
     for r in (b, c):
         assert torch.equal(a.images, r.images)
         assert a.params.keys() == r.params.keys()
         assert all(torch.equal(a.params[k], r.params[k]) for k in a.params)
-    assert int((a.params["subhalo_count"] > 0).sum()) > 50  # cdm images hold subhalos
-    d = simulate("model_ii", 200, seed=12, device="cpu", overrides=SMALL, draws="device")
+    assert int((a.params["subhalo_count"] > 0).sum()) > 40  # cdm images hold subhalos
+    d = simulate("model_ii", 192, seed=12, device="cpu", overrides=over, draws="device")
     assert not torch.equal(a.images, d.images)
     assert not torch.equal(a.params["theta_E"], d.params["theta_E"])
     # another stream than the CPU draws of the same seed: other parameters, other images
-    e = simulate("model_ii", 200, seed=11, device="cpu", overrides=SMALL)
+    e = simulate("model_ii", 192, seed=11, device="cpu", overrides=over)
     assert not torch.equal(a.images, e.images)
     assert not torch.equal(a.params["theta_E"], e.params["theta_E"])
     # the documented stream: draw_parameters from a generator on the device seeded by device_draw_seed(seed)
