@@ -441,11 +441,10 @@ def simulate(
     (the same code and distributions, another random stream: other images for the same seed; the same
     bytes for the same seed on the same device type; fast on CUDA, where CPU draws dominate a call).
     Either way all n images are drawn at once, so draws do not depend on ``batch_size``. Images are
-    rendered on
-    ``device`` (default: CUDA if available, else CPU) in internal batches (``batch_size``, rounded to
-    whole noise blocks of ``noise_block(device)`` images); the noise of block b comes from a generator on
-    the device seeded from (seed, b). The same (preset, n, seed, labels) gives the same bytes on the
-    same device type for any batch size.
+    rendered on ``device`` (default: CUDA if available, else CPU) in internal batches (``batch_size``,
+    rounded to whole noise blocks of ``noise_block(device)`` images); the noise of block b comes from a
+    generator on the device seeded from (seed, b). The same (preset, n, seed, labels) gives the same bytes
+    on the same device type for any batch size.
 
     ``labels`` (int64 [n], indices into the preset's class_names) fix the classes; otherwise they are
     balanced (arange(n) % C over ``classes`` or all classes). ``paired`` (default: the preset's) gives
