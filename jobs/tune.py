@@ -193,10 +193,13 @@ def summary_lines(result, registered: str | None = None) -> list[str]:
     """What the search prints last: the trial table, the best trial, its test metrics, where everything is."""
     from deeplense_ray.tracking.console import human_bytes, where_lines
 
-    lines = ["", f"search {result.name}: {len(result.trials)} trials, metric {result.metric} ({result.mode})",
-             result.summary_table,
-             f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
-             f"at epoch {result.best_epoch}"]
+    lines = [
+        "",
+        f"search {result.name}: {len(result.trials)} trials, metric {result.metric} ({result.mode})",
+        result.summary_table,
+        f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
+        f"at epoch {result.best_epoch}",
+    ]
     if result.test_metrics:
         keys = ("accuracy", "auc_macro", "auc_micro", "loss")
         shown = ", ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys if k in result.test_metrics)
@@ -234,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from deeplense_ray.runtime import RayConnectError
-    from deeplense_ray.tune import run_search
-    from deeplense_ray.tune.runner import SearchSetupError
+    from deeplense_ray.tune import SearchSetupError, run_search
 
     try:
         result = run_search(settings, address=args.address)

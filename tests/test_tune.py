@@ -25,8 +25,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from deeplense_ray.tune import SearchSetupError, TuneSettings, run_search
+from deeplense_ray.tune.dataset import dataset_dir_for, ensure_dataset
 from deeplense_ray.tune.mlflow_runs import TAG_OUTCOME, TAG_PARENT, TAG_ROLE, TAG_TRIAL_ID
-from deeplense_ray.tune.runner import dataset_dir_for, ensure_dataset, trial_statuses
+from deeplense_ray.tune.results import trial_statuses
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +158,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     stamp = os.path.getmtime(os.path.join(tiny_data, "manifest.json"))
     cpus_free = _wait_cpus_free(ray_session, ray_session.cluster_resources()["CPU"], timeout=30)
     res = run_search(settings)
+    assert res.name == "asha" and res.output_dir == str(search_root / "asha")
 
     by_lr = {}
     for t in res.trials:

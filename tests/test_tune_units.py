@@ -9,7 +9,8 @@ import torch
 
 from deeplense_ray.models import build_model, list_models, model_hparams
 from deeplense_ray.tune.mlflow_runs import numeric_metrics, outcome
-from deeplense_ray.tune.runner import TrialSummary, format_summary, is_better
+from deeplense_ray.tune.report import format_summary
+from deeplense_ray.tune.results import TrialSummary, is_better
 from deeplense_ray.tune.settings import METRIC_MODES, TuneSettings, check_cluster_resources
 from deeplense_ray.tune.spaces import (
     LR_RANGE,
@@ -170,7 +171,8 @@ def test_summary_table_best_first_and_nan_never_best():
 
 def test_diverged_epoch_reported_as_the_worst_finite_metric_and_stops_the_trial():
     from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
-    from deeplense_ray.tune.runner import DivergedStopper, as_metric, diverged_value, sanitize_result
+    from deeplense_ray.tune.results import as_metric
+    from deeplense_ray.tune.trial import DivergedStopper, diverged_value, sanitize_result
 
     # what the train loop reports for an epoch whose model outputs NaN
     val = classification_metrics([0, 1, 2], [[float("nan")] * 3] * 3, ["a", "b", "c"])

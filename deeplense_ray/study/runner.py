@@ -203,7 +203,7 @@ def _ensure_dataset(s: StudySettings, out: Path) -> str:
     if s.data_dir is not None:
         return str(Path(s.data_dir).expanduser().resolve())
     from deeplense_ray.data import build_dataset, verify_dataset
-    from deeplense_ray.tune.runner import dataset_lock
+    from deeplense_ray.tune.dataset import dataset_lock
 
     data = out / "dataset"
     with dataset_lock(str(data)):

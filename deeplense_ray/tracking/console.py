@@ -168,7 +168,7 @@ class SearchConsole(Callback):
 
     def best_overall(self) -> tuple[str, float, int] | None:
         """(trial id, best metric, its epoch) over all trials so far, or None; ties go to the smaller trial
-        id, as in the search's summary (:func:`deeplense_ray.tune.runner.pick_best`)."""
+        id, as in the search's summary (:func:`deeplense_ray.tune.best.pick_best`)."""
         out = None
         for tid, (v, e) in sorted(self.best.items()):
             if out is None or self._better(v, out[1]):

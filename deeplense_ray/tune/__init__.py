@@ -5,9 +5,12 @@ Public API: :class:`TuneSettings`, :func:`run_search` -> :class:`SearchResult`, 
 
 from __future__ import annotations
 
-from deeplense_ray.tune.runner import SearchResult, SearchSetupError, TrialSummary, run_search, train_trial
+from deeplense_ray.tune.plan import SearchSetupError
+from deeplense_ray.tune.results import SearchResult, TrialSummary
+from deeplense_ray.tune.runner import run_search
 from deeplense_ray.tune.settings import METRIC_MODES, TuneSettings, check_cluster_resources
 from deeplense_ray.tune.spaces import search_space
+from deeplense_ray.tune.trial import train_trial
 
 __all__ = [
     "METRIC_MODES",

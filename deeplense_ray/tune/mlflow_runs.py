@@ -89,6 +89,15 @@ def _mlflow_param(v: Any) -> str:
     return str(v)[:500]
 
 
+def child_run_ids(client, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> MLflow child run id of every child run of ``parent_run_id``, found by tag (so a resumed
+    search also finds the runs of the trials it did not redo)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10_000
+    )
+    return {r.data.tags.get(TAG_TRIAL_ID): r.info.run_id for r in runs}
+
+
 class TrialRunsCallback(Callback):
     """Driver-side Tune callback: one nested MLflow child run per trial under ``parent_run_id``.
 

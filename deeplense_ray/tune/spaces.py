@@ -177,3 +177,15 @@ def split_trial_config(config: Mapping[str, Any], hparams: Mapping[str, Any]) ->
         if isinstance(hparams[k], int) and not isinstance(hparams[k], bool):
             model[k] = int(v)
     return train, model
+
+
+def trial_train_fields(
+    train: Mapping[str, Any], config: Mapping[str, Any], hparams: Mapping[str, Any]
+) -> dict[str, Any]:
+    """TrainConfig fields of one trial: the search's fixed ``train`` fields updated by the trial's sampled
+    values (:func:`split_trial_config`; model hyperparameters merged into ``model_overrides``)."""
+    train_kw, model_kw = split_trial_config(config, hparams)
+    kwargs = dict(train)
+    kwargs.update(train_kw)
+    kwargs["model_overrides"] = {**kwargs.get("model_overrides", {}), **model_kw}
+    return kwargs

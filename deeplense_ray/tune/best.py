@@ -1,0 +1,69 @@
+"""The search's winner: its best trial, that trial's best still existing checkpoint, and its test metrics.
+
+One rule names the best everywhere (summary table, parent run, live console): the best of the trials'
+best-epoch metrics, ties to the smaller trial id (:func:`rank_key`). What stays on disk afterwards is
+:mod:`deeplense_ray.tune.disk`'s business.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from deeplense_ray.tune.results import TrialSummary, as_metric, is_better, worst_value
+
+#: Result key holding the path of the checkpoint a report carried.
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+
+def rank_key(t: TrialSummary, mode: str) -> tuple[float, str]:
+    """Sort key of a trial, best first: its best metric under ``mode`` (NaN last), then its trial id."""
+    v = t.best_metric
+    return ((-v if mode == "max" else v) if math.isfinite(v) else math.inf), t.trial_id
+
+
+def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary:
+    """The search's best trial: the best of the trials' best-epoch metrics; ties go to the smaller trial id
+    (the same rule as the live console, so every place names the same trial)."""
+    return min(trials, key=lambda t: rank_key(t, mode))
+
+
+def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, int]:
+    """Path of the best *still existing* checkpoint of one trial by ``metric`` (and its epoch)."""
+    df = result.metrics_dataframe
+    if df is None or CHECKPOINT_PATH_KEY not in df:
+        return None, 0
+    best, best_v, best_e = None, worst_value(mode), 0
+    for _, row in df.iterrows():
+        p = row.get(CHECKPOINT_PATH_KEY)
+        if not isinstance(p, str) or not os.path.isdir(p):
+            continue
+        v = as_metric(row[metric])
+        if best is None or is_better(v, best_v, mode):
+            best, best_v, best_e = p, v, int(row.get("epoch", row.get("training_iteration", 0)))
+    return best, best_e
+
+
+def best_train_fields(best: TrialSummary, result, base_train: Mapping[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields that retrain the best trial (``result``: its Tune result), without the
+    search's storage path (what ``best_config.yaml`` records)."""
+    from deeplense_ray.tune.spaces import trial_train_fields
+
+    fields = trial_train_fields(base_train, best.config, result.config["_search"]["hparams"])
+    fields.pop("storage_path", None)
+    return fields
+
+
+def evaluate_best(ckpt: str | None, base_train: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(test metrics, predictions ``y_true``/``probs``) of checkpoint ``ckpt`` on the dataset's test split,
+    or an online search's fixed simulated test set; ({}, {}) without a checkpoint."""
+    test_metrics: dict[str, Any] = {}
+    if ckpt is not None:
+        from deeplense_ray.config import TrainConfig
+        from deeplense_ray.train.online import evaluate_test
+
+        test_metrics = dict(evaluate_test(ckpt, TrainConfig(**base_train)))
+    predictions = {k: test_metrics.pop(k) for k in ("y_true", "probs") if k in test_metrics}
+    return test_metrics, predictions

@@ -1,0 +1,126 @@
+"""One trial of a search: a Tune function trainable around one ``TorchTrainer.fit()`` of the training loop.
+
+The Ray Train V2 pattern: :func:`train_trial` builds the training issue's ``TorchTrainer`` with
+:func:`deeplense_ray.train.build_trainer` and calls ``.fit()``; a ``TuneReportCallback`` in the trainer's
+``RunConfig`` forwards rank 0's per-epoch metrics to Tune, through :func:`sanitize_result` (a diverged epoch
+becomes the worst finite metric, and :class:`DivergedStopper` ends the trial). Each trial's config carries
+everything it needs (:func:`param_space`: the sampled values + ``_search``); nothing is shared between trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Stopper
+
+from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
+from deeplense_ray.tune.settings import TuneSettings
+
+if TYPE_CHECKING:
+    from deeplense_ray.tune.plan import SearchPlan
+
+
+def diverged_value(mode: str) -> float:
+    """What a diverged trial reports to Tune instead of a NaN/inf metric: ``-+DIVERGED_VALUE``.
+
+    Finite on purpose: ASHA's rung cutoff interpolates a percentile of the recorded values, and with
+    -inf among them the interpolation yields NaN (inf - inf); Optuna marks a NaN trial failed and learns
+    nothing from it. Every real value beats it (AUC/accuracy lie in [0, 1]; a loss stays far below 1e30).
+    """
+    return -DIVERGED_VALUE if mode == "max" else DIVERGED_VALUE
+
+
+def sanitize_result(metrics: Mapping[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """One epoch's report as Tune should see it: a diverged epoch gets the worst finite ``metric``.
+
+    The train loop reports a diverged epoch (non-finite loss or outputs) with ``diverged`` = 1 and NaN
+    losses/AUCs instead of raising. Such a report, or one whose ``metric`` is not a finite number, gets
+    ``metric`` = :func:`diverged_value` and ``diverged`` = 1: ASHA and the searcher rank it below every real
+    trial, and :class:`DivergedStopper` ends the trial (its weights are NaN; more epochs cannot help).
+    """
+    out = dict(metrics)
+    v = out.get(metric)
+    bad_value = metric in out and (not isinstance(v, (int, float)) or not math.isfinite(float(v)))
+    if bad_value or out.get(DIVERGED_KEY) == 1:
+        out[metric] = diverged_value(mode)
+        out[DIVERGED_KEY] = 1
+    return out
+
+
+def _sanitizing_report_callback(metric: str, mode: str):
+    """A ``TuneReportCallback`` forwarding rank 0's reports through :func:`sanitize_result`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _Report(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                metrics = [sanitize_result(metrics[0], metric, mode)] + list(metrics[1:])
+            super().after_report(run_context, metrics, checkpoint)
+
+    return _Report()
+
+
+class DivergedStopper(Stopper):
+    """Tune stopper (``RunConfig(stop=...)``): ends a trial at its first diverged report."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result.get(DIVERGED_KEY) == 1
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def param_space(settings: TuneSettings, plan: SearchPlan) -> dict[str, Any]:
+    """The Tuner's ``param_space``: the search space + ``_search``, what :func:`train_trial` reads."""
+    space = dict(plan.space)
+    space["_search"] = {
+        "train": plan.base_train,
+        "hparams": plan.hparams,
+        "metric": settings.metric,
+        "mode": settings.resolved_mode,
+        "trainer_storage": plan.trainer_storage,
+    }
+    return space
+
+
+def make_train_config(config: Mapping[str, Any]):
+    """The TrainConfig of one trial: the search's fixed fields + the trial's sampled values."""
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.tune.spaces import trial_train_fields
+
+    fixed = config["_search"]
+    return TrainConfig(**trial_train_fields(fixed["train"], config, fixed["hparams"]))
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one trial = one ``TorchTrainer.fit()`` of the training loop.
+
+    ``config`` holds the sampled hyperparameters (flat keys of the search space) and ``config['_search']``:
+    the fixed TrainConfig fields ("train"), the model's hyperparameter defaults ("hparams"), "metric", "mode"
+    and "trainer_storage" (where each trial's Ray Train run lives; named by the trial id, so a resumed trial
+    finds its own checkpoints). The trial's checkpoints are kept by "metric" and "mode".
+    """
+    import ray.tune
+
+    from deeplense_ray.train import build_trainer
+    from deeplense_ray.tune.cleanup import make_recorder
+
+    fixed = config["_search"]
+    cfg = make_train_config(config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.storage_path = fixed["trainer_storage"]
+    trainer = build_trainer(
+        cfg,
+        run_config_callbacks=[
+            _sanitizing_report_callback(fixed["metric"], fixed["mode"]),
+            make_recorder(fixed["trainer_storage"], str(trial_id)),
+        ],
+        run_name=str(trial_id),
+        # keep the trial's best checkpoints by the search's own metric, so the epoch the search names as
+        # best still has its checkpoint when the search evaluates it on the test split
+        score_metric=fixed["metric"],
+        score_mode=fixed["mode"],
+    )
+    trainer.fit()

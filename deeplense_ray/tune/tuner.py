@@ -1,0 +1,122 @@
+"""The ``Tuner`` of a search: ASHA (or FIFO) + Optuna (or seeded random), the driver-side callbacks, resume.
+
+``ASHAScheduler`` stops trials on the *current* epoch's validation metric (``time_attr='epoch'``),
+``OptunaSearch`` proposes configs (seeded). Tune only accounts for the driver function's resources
+(``DRIVER_CPUS``); the trainer reserves its own workers, so concurrency is capped to what the cluster holds
+(``plan.concurrency``). Driver-side callbacks: the MLflow child runs (passed in), one console line per trial
+start, epoch and end, and an ended trial's checkpoints pruned to its best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from deeplense_ray.tracking.console import tune_verbosity
+from deeplense_ray.tune.settings import DRIVER_CPUS, TuneSettings
+from deeplense_ray.tune.trial import DivergedStopper, param_space
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, Tuner
+
+    from deeplense_ray.tune.plan import SearchPlan
+
+
+def trial_name(trial) -> str:
+    """Trial names and directory names: ``trial_<trial_id>`` (the sampled values go to params, not paths)."""
+    return f"trial_{trial.trial_id}"
+
+
+def console_callbacks(settings: TuneSettings, trainer_storage: str) -> list:
+    """The driver-side callbacks of what a researcher sees and keeps: one line per trial start, epoch and
+    end (:class:`~deeplense_ray.tracking.console.SearchConsole`), and an ended trial's checkpoints pruned to
+    its best (:class:`~deeplense_ray.tune.disk.CheckpointPruner`)."""
+    from deeplense_ray.tracking.console import SearchConsole
+    from deeplense_ray.tune.disk import CheckpointPruner
+
+    mode = settings.resolved_mode
+    return [
+        SearchConsole(
+            metric=settings.metric,
+            mode=mode,
+            max_epochs=settings.max_epochs,
+            num_samples=settings.num_samples,
+        ),
+        CheckpointPruner(trainer_storage, settings.metric, mode),
+    ]
+
+
+def make_tuner(settings: TuneSettings, plan: SearchPlan, *, trainable: Callable, callback: Callback) -> Tuner:
+    """The search's Tuner: restored from ``plan.output_dir`` with ``settings.resume`` when Tune saved one
+    (finished trials are not redone, errored ones restart), else a new one (:func:`build_tuner`)."""
+    from ray import tune
+
+    if settings.resume and tune.Tuner.can_restore(plan.output_dir):
+        return tune.Tuner.restore(
+            plan.output_dir,
+            tune.with_resources(trainable, {"cpu": DRIVER_CPUS}),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=True,
+        )
+    return build_tuner(settings, plan, trainable=trainable, callback=callback)
+
+
+def build_tuner(
+    settings: TuneSettings, plan: SearchPlan, *, trainable: Callable, callback: Callback
+) -> Tuner:
+    """A new Tuner over ``trainable`` (one :func:`~deeplense_ray.tune.trial.param_space` per trial)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = param_space(settings, plan)
+    mode = settings.resolved_mode
+    if settings.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=settings.max_epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    else:
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()
+    points = [dict(p) for p in settings.points_to_evaluate] if settings.points_to_evaluate else None
+    from ray.tune.search.sample import Domain
+
+    searched = any(isinstance(v, Domain) for k, v in space.items() if k != "_search")
+    if settings.search == "optuna" and searched:  # Optuna refuses a space without a single domain
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=settings.seed, points_to_evaluate=points)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Tune ignores max_concurrent_trials for a search_alg that is not a Searcher: cap it here
+        search_alg = BasicVariantGenerator(
+            random_state=settings.seed, points_to_evaluate=points, max_concurrent=plan.concurrency
+        )
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": DRIVER_CPUS}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=mode,
+            num_samples=settings.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=plan.concurrency,
+            reuse_actors=False,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.storage_path,
+            callbacks=[callback, *console_callbacks(settings, plan.trainer_storage)],
+            stop=DivergedStopper(),
+            verbose=tune_verbosity(settings.verbose),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
