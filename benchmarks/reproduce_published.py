@@ -46,6 +46,7 @@ from deeplense_ray.train.loop import (  # noqa: E402
     build_scheduler,
     predict_batches,
     probabilities,
+    recalibrate_batch_norm,
     seed_everything,
     train_one_epoch,
 )
@@ -152,36 +153,6 @@ def batches(
         yield {"image": x, "label": labels.index_select(0, idx)}
 
 
-@torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, batches, *, device: torch.device, amp_dtype) -> int:
-    """Recompute every BatchNorm's running statistics as the plain average over ``batches`` with the final
-    weights ("precise BN"); returns the number of BatchNorm layers. Both models have BatchNorm (vit-pytorch's
-    CvT in its depth-wise projections): the images of a fixed macro lens differ little, so a feature's batch
-    variance is tiny and the lagging running averages of a short, high-lr run shift eval-mode outputs by
-    many sigma (measured here: eval-mode accuracy at chance on the training set itself without this)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    model.eval()
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = the plain mean over the batches
-        m.train()
-    ctx = (
-        torch.autocast(device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else torch.autocast("cpu", enabled=False)
-    )
-    with ctx:
-        for batch in batches:
-            model(batch["image"].to(device))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.eval()
-    return len(bns)
-
-
 def simulate_split(preset: str, per_class: int, seed: int, device: torch.device, overrides: dict | None):
     t0 = time.perf_counter()
     res = simulate(preset, 3 * per_class, seed=seed, device=device, device_output=True, overrides=overrides)
@@ -241,9 +212,12 @@ def run_one(
 
     logits, y = predict_batches(model, test(), device=device, amp_dtype=amp)
     stale = classification_metrics(y, probabilities(logits), data["class_names"])
-    n_bn = recalibrate_batch_norm(
+    train_images = batches(
+        data["train_x"], data["train_y"], batch_size=512, size=args.image_size, generator=None
+    )
+    n_bn = recalibrate_batch_norm(  # over the whole training set: see its docstring for why
         model,
-        batches(data["train_x"], data["train_y"], batch_size=512, size=args.image_size, generator=None),
+        (b["image"] for b in train_images),
         device=device,
         amp_dtype=amp,
     )

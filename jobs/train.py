@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
     p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
     p.add_argument(
+        "--bn-recal-images",
+        type=int,
+        default=d["bn_recal_images"],
+        help="before each validation, recompute BatchNorm statistics over each rank's last N training "
+        "inputs with the final weights (0 = off)",
+    )
+    p.add_argument(
         "--shuffle-buffer",
         type=int,
         default=d["shuffle_buffer"],

@@ -156,6 +156,7 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
         assert h["val_n"] == 3 * 2  # the whole val split (one shard: evaluated by rank 0 alone)
         assert h["train_images"] == 3 * 16  # 2 ranks x 24 rows, batches of 4 (no row dropped)
         assert h["images_per_s"] > 0 and h["lr"] > 0 and h["diverged"] == 0
+        assert h["bn_recal_layers"] > 0  # ResNetSimple's BatchNorm recalibrated before every validation
     # selection by val only: the best checkpoint is the epoch with the highest val_auc_macro
     best = max(result.history, key=lambda h: (h["val_auc_macro"], -h["val_loss"], -h["epoch"]))
     assert result.best_epoch == best["epoch"]

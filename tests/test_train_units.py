@@ -234,3 +234,81 @@ def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path, one_thread)
     wrapped = torch.compile(build_classifier(ARCH))
     assert list(wrapped.state_dict())[0].startswith("_orig_mod.")
     assert list(unwrap(wrapped).state_dict()) == plain_keys
+
+
+# ------------------------------------------------------------------------------------------ precise BatchNorm
+def _conv_bn(dropout: float = 0.0) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Dropout(dropout), torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    )  # fmt: skip
+
+
+def test_recalibrate_batch_norm_gives_the_plain_average_of_batch_statistics(one_thread):
+    """Independent reference: the conv outputs' per-batch channel mean and unbiased variance, averaged over
+    the batches. The dropout in front stays off (else the statistics would be of dropped inputs), the
+    momentum is restored, and the model is left in eval mode."""
+    from deeplense_ray.train.loop import recalibrate_batch_norm
+
+    model = _conv_bn(dropout=0.5)
+    bn = model[2]
+    bn.running_mean.fill_(50.0)  # stale statistics
+    bn.running_var.fill_(1e-4)
+    g = torch.Generator().manual_seed(1)
+    inputs = [3.0 + 2.0 * torch.randn(n, 1, 12, 12, generator=g) for n in (8, 8, 5)]
+    assert recalibrate_batch_norm(model, inputs, device=torch.device("cpu")) == 1
+    with torch.no_grad():
+        feats = [model[1](x) for x in inputs]  # [B, 4, 10, 10]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and not model.training and not bn.training and not model[0].training
+
+
+def test_recalibration_removes_the_eval_mode_shift_of_stale_statistics(one_thread):
+    """With stale running statistics eval-mode outputs differ from what training saw; after recalibration on
+    the same inputs, eval mode reproduces the train-mode (batch statistics) outputs."""
+    from deeplense_ray.train.loop import recalibrate_batch_norm
+
+    model = _conv_bn()
+    x = 5.0 + 0.01 * torch.randn(256, 1, 12, 12, generator=torch.Generator().manual_seed(2))  # near-identical
+    model.train()
+    with torch.no_grad():
+        want = model(x)  # batch statistics, as in a training step (this also updates the running averages)
+    model.eval()
+    with torch.no_grad():
+        stale = model(x)
+    assert (stale - want).abs().max() > 0.5  # running averages after one step lag badly (0.82 here)
+    recalibrate_batch_norm(model, [x], device=torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-3, atol=1e-3)
+
+
+def test_recent_batches_keeps_the_last_images():
+    from deeplense_ray.train.loop import RecentBatches
+
+    keep = RecentBatches(10)
+    batches = [torch.full((4, 1, 2, 2), float(i)) for i in range(5)]
+    for b in batches:
+        keep.add(b)
+    assert [int(b[0, 0, 0, 0]) for b in keep] == [2, 3, 4] and keep.images == 12  # >= 10, fewest batches
+    keep.clear()
+    assert len(keep) == 0 and keep.images == 0
+    off = RecentBatches(0)
+    off.add(batches[0])
+    assert len(off) == 0
+
+
+def test_recalibration_of_a_compiled_model_runs_eagerly_and_matches(one_thread):
+    from deeplense_ray.train.loop import recalibrate_batch_norm
+    from deeplense_ray.train.modules import compile_model
+
+    inputs = [torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    plain, compiled = _conv_bn(), compile_model(_conv_bn(), backend="eager")
+    for m in (plain, compiled):
+        recalibrate_batch_norm(m, inputs, device=torch.device("cpu"))
+    torch.testing.assert_close(compiled[2].running_mean, plain[2].running_mean)
+    torch.testing.assert_close(compiled[2].running_var, plain[2].running_var)
+    assert compiled._compiled_call_impl is not None
