@@ -358,6 +358,9 @@ class TrainConfig:
                 val_size=rows["val"],
                 test_size=rows["test"],
                 data_manifest_hash=data_hash,
+                # CUDA ranks draw the parameters on the device (another stream than CPU draws, see
+                # train/online.py): a resume on the other kind of device is refused (CPU hashes unchanged)
+                **({"draws": "device"} if self.gpus_per_worker > 0 else {}),
             ),
             sim_preset=preset,
         )

@@ -134,6 +134,7 @@ def test_two_worker_online_run(ray_session, tmp_path):
     assert params["simulation.preset"] == PRESET
     assert params["simulation.overrides.num_pix"] == "16" and params["config.simulate"] == PRESET
     assert params["simulation.seed"] == "11" and "epoch, rank, chunk" in params["simulation.train_seeds"]
+    assert params["simulation.parameter_draws"] == "cpu"  # CPU workers: simulate(draws="cpu")
     assert run.data.metrics["images_seen"] == 96
     assert run.info.status == "FINISHED"
 
@@ -256,3 +257,13 @@ def test_val_test_from_a_dataset(ray_session, tmp_path):
     assert info.manifest_hash != online.manifest_hash and info.sim_preset == online.sim_preset
     with pytest.raises(ValueError, match=r"does not match preset 'deeplense_model_i'.*\[1, 24, 24\]"):
         TrainConfig(**{**base, "sim_overrides": {"num_pix": 24}}).validate()
+
+
+def test_device_draws_are_part_of_the_online_runs_hash():
+    """A GPU run draws parameters on the device (another stream): resuming it on CPU workers is refused."""
+    from deeplense_ray.config import TrainConfig
+
+    kw = dict(model="ResNetSimple", simulate=PRESET, sim_overrides={"num_pix": 16})
+    cpu, gpu = (TrainConfig(**kw, gpus_per_worker=g).simulated_info() for g in (0, 1))
+    assert cpu.manifest_hash != gpu.manifest_hash
+    assert TrainConfig(**kw, gpus_per_worker=0).simulated_info().manifest_hash == cpu.manifest_hash

@@ -259,6 +259,8 @@ def _simulation_params(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
         "images_per_epoch": steps * cfg.batch_size,
         "images_total": steps * cfg.batch_size * cfg.epochs,
         "chunk_batches": cfg.sim_chunk_batches,
+        # simulate(draws=...): on CUDA the parameters are drawn on the device, another random stream
+        "parameter_draws": "device" if cfg.gpus_per_worker > 0 else "cpu",
         "preset_resolved": dict(info.sim_preset or {}),
     }
 
