@@ -168,11 +168,20 @@ def tune(s: DemoSettings, p: dict[str, Path]):
 
 
 def results_table(result) -> str:
-    """The test metrics of the best trial as a two-column table."""
-    rows = [(k, v) for k, v in sorted(result.test_metrics.items()) if isinstance(v, (int, float))]
+    """The test metrics of the best trial as a two-column table (per-class one-vs-rest AUCs included), then
+    its confusion matrix: a good macro AUC with a low accuracy is usually two classes not yet told apart."""
+    m = result.test_metrics
+    rows = [(k, v) for k, v in sorted(m.items()) if isinstance(v, (int, float))]
+    rows += [(f"auc {name}", v) for name, v in (m.get("auc") or {}).items()]
     width = max([len(k) for k, _ in rows] + [6])
     lines = [f"{'metric':<{width}}  test", f"{'-' * width}  ------"]
     lines += [f"{k:<{width}}  {int(v) if k == 'n' else f'{v:.4f}'}" for k, v in rows]
+    names, cm = list(m.get("class_names") or m.get("auc") or []), m.get("confusion_matrix")
+    if cm and len(names) == len(cm):
+        w = max(len(n) for n in names) + 2
+        lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+                  " " * w + "".join(f"{n:>{w}}" for n in names)]
+        lines += [f"{n:<{w}}" + "".join(f"{int(c):>{w}}" for c in row) for n, row in zip(names, cm)]
     return "\n".join(lines)
 
 
