@@ -1,8 +1,10 @@
 """The ONE per-worker training loop (Ray Train V2 ``TorchTrainer``), reused by the tune module.
 
 Per epoch every rank: trains on its share of the ``train`` stream (``get_dataset_shard("train")``, split by
-Ray Data, augmented on the worker device; with ``simulate`` it renders its own images instead, seeded by
-(seed, epoch, rank, chunk), see train/online.py), evaluates the *whole* ``val`` split (the val shards are
+Ray Data, or with ``ingest="per_rank"`` its own Ray Data execution over its shards; augmented on the worker
+device; with ``simulate`` it renders its own images instead, seeded by (seed, epoch, rank, chunk), see
+train/online.py), recalibrates BatchNorm statistics on its last training inputs (precise BatchNorm, averaged
+over the ranks; models with BatchNorm only), evaluates the *whole* ``val`` split (the val shards are
 dealt to the ranks by :func:`~deeplense_ray.train.ingest.deal_shards`, a pure function of the shard sizes, so
 every row is evaluated by exactly one rank; each rank reads its shards from HDF5 in row order, and the
 predictions are gathered with ``all_gather_object`` and put back in shard order, so every rank holds the
@@ -16,6 +18,12 @@ Randomness: model initialisation is seeded with ``seed``; at the start of every 
 augmentation generator are re-seeded from ``(seed, epoch, rank)`` and the shuffle buffer from
 ``(seed, epoch, rank)``, so the RNG state at an epoch boundary is a pure function of the epoch: restoring the
 epoch counter from a checkpoint restores the random streams exactly.
+
+Layout: :func:`train_loop_per_worker` is the recipe, a few lines over the steps that follow it
+(:class:`WorkerContext`, :func:`restore_state`, :class:`FaultInjection`, :func:`build_training`,
+:class:`TrainBatches`, :class:`Validator`, :func:`train_epoch`, :func:`validate_epoch`, :func:`epoch_metrics`,
+:func:`report_epoch`); above them the pieces the benchmarks share (:func:`train_one_epoch`,
+:func:`predict_batches`, the schedule and optimizer builders, precise BatchNorm).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -432,141 +441,233 @@ def log_missing_epochs(tracking_uri: str, run_id: str, history: Sequence[Mapping
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
     ``pixel_scale`` (from the dataset manifest; with ``simulate`` from the preset, plus ``sim_preset``, the
-    resolved preset), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs
-    per-epoch metrics to that run) and optional ``_fail_at_epoch`` (fault injection for tests: every rank
-    raises in that epoch at ``_fail_point`` (one of :data:`FAIL_POINTS`, default "start"); at "start" and
-    "before_report" only if this attempt did not start at that epoch, i.e. was not restored from the
-    checkpoint just before it; so each injected failure fires once)."""
+    resolved preset), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs per-epoch metrics to that
+    run) and optional ``_fail_at_epoch`` / ``_fail_point`` (tests' fault injection: :class:`FaultInjection`).
+
+    The recipe: set up (this rank, the checkpoint to resume from, model and optimizer, training input, val
+    set); then per epoch train, validate, report (checkpoint, ``ray.train.report``, then MLflow)."""
+    ctx = WorkerContext.from_config(config)  # rank, world, device, seed, precision; the worker's start time
+    resumed = restore_state(ctx)  # the latest checkpoint, if any (epochs MLflow missed are logged)
+    faults = FaultInjection.from_config(config, resumed.start_epoch)
+    training = build_training(ctx, resumed.state)  # model (seeded), compile, DDP, optimizer, schedule
+    batches = TrainBatches(ctx)  # this rank's training input of each epoch
+    validator = Validator(ctx)  # this rank's share of the val split
+    history = resumed.history
+    for epoch in range(resumed.start_epoch, ctx.epochs + 1):
+        faults.check("start", epoch)
+        train = train_epoch(ctx, training, batches, epoch)
+        val, val_times = validate_epoch(ctx, training, validator)
+        metrics = epoch_metrics(
+            ctx, epoch, train, val, val_times,
+            start_epoch=resumed.start_epoch, compiled=training.compiled, history=history,
+        )  # fmt: skip
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        report_epoch(ctx, training, epoch, metrics, history, confusion=val["confusion_matrix"], faults=faults)
+
+
+# ---------------------------------------------------------------------------------------------- its steps
+@dataclass(frozen=True)
+class WorkerContext:
+    """This rank's place in the run and the settings of the loop config every step reads."""
+
+    config: Mapping[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    seed: int
+    amp_dtype: torch.dtype | None  # autocast dtype (None: fp32)
+    t_start: float  # this attempt's worker start, Unix seconds (the job's timeline: train/timeline.py)
+    epochs: int
+    batch_size: int  # per worker: the global batch size // world
+    simulate: bool  # online simulation: each rank renders its images (no training dataset)
+    augment: dict[str, bool] | None
+    mlflow: Mapping[str, str] | None  # {"tracking_uri", "run_id"}: rank 0 logs every epoch there
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> WorkerContext:
+        import ray.train
+        import ray.train.torch
+
+        t_start = time.time()
+        ctx = ray.train.get_context()
+        world = ctx.get_world_size()
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        augment = None
+        if config.get("augment", True):
+            augment = {
+                "rot90": True,
+                "flip": True,
+                "free_rotation": bool(config.get("augment_free_rotation", False)),
+            }
+        return cls(
+            config=config,
+            rank=ctx.get_world_rank(),
+            world=world,
+            device=device,
+            seed=int(config["seed"]),
+            amp_dtype=autocast_dtype(str(config["precision"]), device),
+            t_start=t_start,
+            epochs=int(config["epochs"]),
+            batch_size=int(config["batch_size"]) // world,
+            simulate=config.get("simulate") is not None,
+            augment=augment,
+            mlflow=config.get("mlflow") or None,
+        )
+
+
+@dataclass
+class Resumed:
+    """Where this attempt starts: the checkpoint's training state (None on a fresh start), the first epoch to
+    run and the per-epoch history so far."""
+
+    state: dict[str, Any] | None = None
+    start_epoch: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def restore_state(ctx: WorkerContext) -> Resumed:
+    """The latest checkpoint of the run (``ray.train.get_checkpoint()``), if any; rank 0 then logs the epochs
+    of its history that MLflow lacks (:func:`log_missing_epochs`)."""
     import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Resumed()
+    with checkpoint.as_directory() as ckpt_dir:
+        state = load_training_state(ckpt_dir)
+    resumed = Resumed(state, int(state["epoch"]) + 1, list(state.get("history", [])))
+    if ctx.rank == 0 and ctx.mlflow:
+        log_missing_epochs(ctx.mlflow["tracking_uri"], ctx.mlflow["run_id"], resumed.history)
+    return resumed
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """``_fail_at_epoch`` / ``_fail_point`` of the loop config (tests): every rank raises in that epoch at
+    that point (one of :data:`FAIL_POINTS`, default "start"); at "start" and "before_report" only if this
+    attempt did not start at that epoch, i.e. was not restored from the checkpoint just before it; so each
+    injected failure fires once."""
+
+    epoch: Any
+    point: str
+    start_epoch: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], start_epoch: int) -> FaultInjection:
+        point = str(config.get("_fail_point", "start"))
+        if point not in FAIL_POINTS:
+            raise ValueError(f"_fail_point must be one of {list(FAIL_POINTS)}, got {point!r}")
+        return cls(config.get("_fail_at_epoch"), point, start_epoch)
+
+    def check(self, point: str, epoch: int) -> None:
+        here = self.epoch == epoch and self.point == point
+        if here and (point == "after_report" or self.start_epoch < epoch):
+            raise RuntimeError(f"injected failure at epoch {epoch}, {point} (fault injection for tests)")
+
+
+@dataclass
+class Training:
+    """What the epochs update: the (DDP-wrapped) model, optimizer, LR schedule, grad scaler (fp16 only) and
+    the recent training inputs kept for precise BatchNorm (None: the model has no BatchNorm)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    keep: RecentBatches | None
+    compiled: bool
+
+
+def build_training(ctx: WorkerContext, state: Mapping[str, Any] | None) -> Training:
+    """The model (initialised from ``seed``, then the checkpoint's weights if ``state``), compiled in place if
+    asked, wrapped by ``prepare_model`` (DDP); optimizer, schedule and scaler, restored from ``state``."""
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    t_worker = time.time()  # this attempt's worker start (the job's timeline: train/timeline.py)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    seed = int(config["seed"])
-    class_names = list(config["class_names"])
-    epochs = int(config["epochs"])
-    per_worker_bs = int(config["batch_size"]) // world
-    amp_dtype = autocast_dtype(str(config["precision"]), device)
-
-    seed_everything(seed)
+    config = ctx.config
+    seed_everything(ctx.seed)
     model = build_classifier(config)
     # precise BatchNorm before each validation (recalibrate_batch_norm); models without BatchNorm skip it
     keep = None
     if batch_norm_layers(model):
         keep = RecentBatches(int(config.get("bn_recal_images", TrainConfig.bn_recal_images)))
-
-    start_epoch, history, state = 1, [], None
-    mlflow_target = config.get("mlflow") or None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_state(ckpt_dir)
+    if state is not None:
         model.load_state_dict(state["model"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state.get("history", []))
-        if rank == 0 and mlflow_target:
-            log_missing_epochs(mlflow_target["tracking_uri"], mlflow_target["run_id"], history)
-
-    fail_epoch, fail_point = config.get("_fail_at_epoch"), str(config.get("_fail_point", "start"))
-    if fail_point not in FAIL_POINTS:
-        raise ValueError(f"_fail_point must be one of {list(FAIL_POINTS)}, got {fail_point!r}")
-
-    def inject_failure(point: str, epoch: int) -> None:
-        if fail_epoch == epoch and fail_point == point and (point == "after_report" or start_epoch < epoch):
-            raise RuntimeError(f"injected failure at epoch {epoch}, {point} (fault injection for tests)")
-
     compiled = bool(config.get("compile", False))
     if compiled:  # in place, before DDP: checkpoints keep plain parameter names (modules.compile_model)
         compile_model(model)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+    return Training(model, optimizer, scheduler, scaler, keep, compiled)
 
-    augment = None
-    if config.get("augment", True):
-        augment = {
-            "rot90": True,
-            "flip": True,
-            "free_rotation": bool(config.get("augment_free_rotation", False)),
-        }
-    per_rank = config.get("ingest", "split") == "per_rank"
-    sim = config.get("simulate") is not None  # online simulation: each rank renders its images (no dataset)
-    train_shard = None if per_rank or sim else ray.train.get_dataset_shard("train")
-    shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
-    train_rows_per_rank = int(config.get("train_rows", 0)) // world
-    drop_last = train_rows_per_rank >= per_worker_bs  # no 1-row last batch (BatchNorm); < 1 batch lost/epoch
-    shuffle = int(config.get("shuffle_buffer", 0))
-    # The val shards are dealt to the ranks (each row evaluated once); a rank's share, if small, is kept in
-    # host memory after the first epoch instead of being re-read. Online (``simulate``) without a dataset:
-    # the fixed val set's chunks are the shards, each rendered once on this rank's device and kept.
-    eval_batch = int(config.get("eval_batch_size") or EVAL_BATCH_SIZE)
-    val_cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
-    if sim and not config.get("data_dir"):
-        from deeplense_ray.train.online import eval_batches, eval_chunks
 
-        val_rows = eval_chunks(int(config["val_size"]))
-        my_val = deal_shards(val_rows, rank, world)
-        val_cache = eval_batches(
-            config["sim_preset"], "val", seed=seed, size=int(config["val_size"]), positions=my_val,
-            device=device, batch_size=eval_batch,
-        )  # fmt: skip
-    else:
-        from deeplense_ray.data.manifest import load_manifest, shard_paths
+class TrainBatches:
+    """This rank's training batches of each epoch on its device, from one of three inputs: ``split`` (its
+    share of the ``train`` stream that Ray Data splits across the ranks), ``per_rank`` (its own Ray Data
+    execution over the shards dealt to it this epoch, :func:`~deeplense_ray.train.ingest.rank_shards`) or
+    ``simulate`` (images it renders itself, seeded by (seed, epoch, rank, chunk), train/online.py).
 
-        manifest = load_manifest(config["data_dir"])
-        val_rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
-        val_paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
-        my_val = deal_shards(val_rows, rank, world)
-    c, h, w = (int(v) for v in config["image_shape"])
-    val_bytes = sum(val_rows[i] for i in my_val) * 4 * c * h * w
-    cache_val = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
+    A Ray Data stream is pulled on a background thread from its creation on. When an epoch's input is all
+    drawn (its last rows still in the shuffle buffer and prefetch queue), the next epoch's stream is started:
+    the Ray Data execution's start-up, which is most of a second, then overlaps the end of this epoch,
+    validation and the checkpoint instead of stalling the next training pass. (With ``ingest="split"`` the
+    next epoch of ``streaming_split`` can only begin once every rank has drawn all of this one, which is this
+    point.)"""
 
-    started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, already streaming
+    def __init__(self, ctx: WorkerContext) -> None:
+        import ray.train
 
-    def epoch_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's training batches of ``epoch`` on the device (see train/ingest.py), streaming from
-        now on, on a background thread. When the epoch's input is all drawn (its last rows still in the
-        shuffle buffer and prefetch queue), the next epoch's stream is started: the Ray Data execution's
-        start-up, which is most of a second, then overlaps the end of this epoch, validation and the
-        checkpoint instead of stalling the next training pass. (With ``ingest="split"`` the next epoch of
-        ``streaming_split`` can only begin once every rank has drawn all of this one, which is this point.)"""
+        config = ctx.config
+        self.ctx = ctx
+        self.per_rank = config.get("ingest", "split") == "per_rank"
+        self.shard = None if self.per_rank or ctx.simulate else ray.train.get_dataset_shard("train")
+        self.shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
+        rows_per_rank = int(config.get("train_rows", 0)) // ctx.world
+        # no 1-row last batch (BatchNorm); less than one batch lost per epoch
+        self.drop_last = rows_per_rank >= ctx.batch_size
+        self.shuffle = int(config.get("shuffle_buffer", 0))
+        self._started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, streaming
 
-        if sim:  # online: this rank renders its own images of this epoch (train/online.py)
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` ({"image", "label"} on the device): the stream started ahead, if any."""
+        return self._started.pop(epoch, None) or self._stream(epoch)
+
+    def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        ctx, config = self.ctx, self.ctx.config
+        if ctx.simulate:
             from deeplense_ray.train.online import online_batches, steps_per_epoch
 
             return online_batches(
                 config["sim_preset"],
-                seed=seed,
+                seed=ctx.seed,
                 epoch=epoch,
-                rank=rank,
+                rank=ctx.rank,
                 num_batches=steps_per_epoch(int(config["images_per_epoch"]), int(config["batch_size"])),
-                batch_size=per_worker_bs,
-                device=device,
+                batch_size=ctx.batch_size,
+                device=ctx.device,
                 chunk_batches=int(config["sim_chunk_batches"]),
                 prefetch=bool(config.get("sim_prefetch", True)),
             )
 
         def start_next() -> None:
-            if epoch < epochs:
-                started[epoch + 1] = epoch_batches(epoch + 1)
+            if epoch < ctx.epochs:
+                self._started[epoch + 1] = self._stream(epoch + 1)
 
-        stream, max_rows, drop = train_shard, None, drop_last
-        if per_rank:  # this rank's own Ray Data execution over the shards dealt to it this epoch
+        stream, max_rows, drop = self.shard, None, self.drop_last
+        if self.per_rank:  # this rank's own Ray Data execution over the shards dealt to it this epoch
             from deeplense_ray.data import read_split
 
-            mine, max_rows = rank_shards(shard_rows, rank, world, derive_seed(seed, epoch, 3))
-            drop = max_rows >= per_worker_bs  # this epoch's rows per rank (equal on every rank)
+            order_seed = derive_seed(ctx.seed, epoch, 3)
+            mine, max_rows = rank_shards(self.shard_rows, ctx.rank, ctx.world, order_seed)
+            drop = max_rows >= ctx.batch_size  # this epoch's rows per rank (equal on every rank)
             stream = read_split(
                 config["data_dir"],
                 "train",
@@ -574,119 +675,212 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 block_rows=int(config["train_block_rows"]),
                 shards=mine,
             ).iterator()
+        shuffle_gen = torch.Generator(device=ctx.device).manual_seed(
+            derive_seed(ctx.seed, epoch, ctx.rank, 2)
+        )
         return device_batches(
             stream,
             max_rows=max_rows,
-            batch_size=per_worker_bs,
-            device=device,
-            shuffle_rows=shuffle,
-            generator=torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 2)),
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+            shuffle_rows=self.shuffle,
+            generator=shuffle_gen,
             drop_last=drop,
             start_now=True,
             on_input_end=start_next,
         )
 
-    for epoch in range(start_epoch, epochs + 1):
-        inject_failure("start", epoch)
-        t_epoch = time.time()
-        epoch_seed = derive_seed(seed, epoch, rank)
-        torch.manual_seed(epoch_seed)
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, rank, 1))
-        lr_now = optimizer.param_groups[0]["lr"]
 
-        batches = started.pop(epoch, None) or epoch_batches(epoch)
-        sums = train_one_epoch(
-            model,
-            batches,
-            optimizer,
-            device=device,
-            amp_dtype=amp_dtype,
-            scaler=scaler,
-            augment=augment,
-            generator=gen,
-            label_smoothing=float(config.get("label_smoothing", 0.0)),
-            keep=keep,
-        )
-        loss_sum, correct, n_img = _all_reduce_sums(
-            [sums["loss_sum"], sums["correct"], sums["images"]], device
-        )
-        train_seconds = _all_reduce_max(sums["seconds"], device)
-        data_wait = _all_reduce_max(sums["data_wait_s"], device)  # the slowest-fed rank sets the pace
-        first_batch = _all_reduce_max(sums["first_batch_s"], device)
-        first_step = _all_reduce_max(sums["first_step_s"], device)
-        scheduler.step()
+class Validator:
+    """The whole val split, evaluated every epoch with each row counted once whatever the number of ranks.
 
-        t_val = time.perf_counter()
-        bn_recal = 0
-        if keep is not None and len(keep):
-            bn_recal = recalibrate_batch_norm(unwrap(model), keep, device=device, amp_dtype=amp_dtype)
-            _average_batch_norm_stats(unwrap(model))
-            keep.clear()
-        bn_recal_s = time.perf_counter() - t_val
-        _sync_buffers(unwrap(model))
-        if val_cache is None:
-            val_batches: Mapping[int, Iterable[dict[str, torch.Tensor]]] = {
-                i: shard_batches(val_paths[i], val_rows[i], eval_batch) for i in my_val
-            }
-            if cache_val:
-                val_cache = {i: list(b) for i, b in val_batches.items()}
-                val_batches = val_cache
+    The val shards are dealt to the ranks (:func:`~deeplense_ray.train.ingest.deal_shards`); a rank reads its
+    shards from HDF5 in row order and keeps them in host memory after the first epoch if its share is small
+    (``val_cache_mb``, default :data:`VAL_CACHE_MB`). Online (``simulate``) without a dataset, the fixed val
+    set's chunks are the shards, each rendered once on this rank's device and kept. The predictions are
+    gathered and put back in shard order, so every rank computes the whole-split metrics."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        config = ctx.config
+        self.ctx = ctx
+        self.batch_size = int(config.get("eval_batch_size") or EVAL_BATCH_SIZE)
+        self._cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
+        self.paths: list[str] = []
+        if ctx.simulate and not config.get("data_dir"):
+            from deeplense_ray.train.online import eval_batches, eval_chunks
+
+            self.rows = eval_chunks(int(config["val_size"]))
+            self.mine = deal_shards(self.rows, ctx.rank, ctx.world)
+            self._cache = eval_batches(
+                config["sim_preset"], "val", seed=ctx.seed, size=int(config["val_size"]), positions=self.mine,
+                device=ctx.device, batch_size=self.batch_size,
+            )  # fmt: skip
         else:
-            val_batches = val_cache
+            from deeplense_ray.data.manifest import load_manifest, shard_paths
+
+            manifest = load_manifest(config["data_dir"])
+            self.rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
+            self.paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
+            self.mine = deal_shards(self.rows, ctx.rank, ctx.world)
+        c, h, w = (int(v) for v in config["image_shape"])
+        val_bytes = sum(self.rows[i] for i in self.mine) * 4 * c * h * w
+        self.keep_in_memory = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
+
+    def batches(self) -> Mapping[int, Iterable[dict[str, torch.Tensor]]]:
+        """{shard position: its batches} of this rank's shards (kept in memory if ``keep_in_memory``)."""
+        if self._cache is not None:
+            return self._cache
+        batches = {i: shard_batches(self.paths[i], self.rows[i], self.batch_size) for i in self.mine}
+        if self.keep_in_memory:
+            self._cache = {i: list(b) for i, b in batches.items()}
+            return self._cache
+        return batches
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """:func:`classification_metrics` of ``model`` (unwrapped) on the whole split (equal on all ranks)."""
+        ctx = self.ctx
         mine = {
-            i: predict_batches(unwrap(model), b, device=device, amp_dtype=amp_dtype)
-            for i, b in val_batches.items()
+            i: predict_batches(model, b, device=ctx.device, amp_dtype=ctx.amp_dtype)
+            for i, b in self.batches().items()
         }
-        all_logits, all_labels = merge_shard_predictions(_gather(mine, world), val_rows)
-        val = classification_metrics(all_labels, probabilities(all_logits), class_names)
-        train_loss = loss_sum / max(n_img, 1.0)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": correct / max(n_img, 1.0),
-            **flatten_metrics(val, "val"),
-            "val_n": val["n"],
-            "images_per_s": n_img / max(train_seconds, 1e-9),
-            "train_images": n_img,
-            "train_seconds": train_seconds,
-            "data_wait_frac": data_wait / max(train_seconds, 1e-9),
-            "first_batch_s": first_batch,
-            "first_step_s": first_step,
-            # torch.compile compiles at the first step of each worker process (= this attempt's first epoch)
-            "compile_s": first_step if compiled and epoch == start_epoch else 0.0,
-            "t_epoch_start": t_epoch,  # Unix seconds (rank 0's clock), for the job's timeline
-            "setup_s": t_epoch - t_worker if epoch == start_epoch else 0.0,  # worker start -> first epoch
-            "val_seconds": time.perf_counter() - t_val,
-            "bn_recal_layers": bn_recal,  # BatchNorm layers recalibrated before this validation (0: none)
-            "bn_recal_s": bn_recal_s,  # its seconds (part of val_seconds)
-            "lr": lr_now,
-            "resumed_from_epoch": start_epoch - 1,
-            **({"images_seen": (history[-1].get("images_seen", 0) if history else 0) + n_img} if sim else {}),
-            # a diverged epoch (non-finite train loss or val outputs) is reported, never raised: Tune ranks it
-            "diverged": int(bool(val["diverged"]) or not math.isfinite(train_loss)),
-        }
-        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logits, labels = merge_shard_predictions(_gather(mine, ctx.world), self.rows)
+        return classification_metrics(labels, probabilities(logits), list(ctx.config["class_names"]))
 
-        with tempfile.TemporaryDirectory(prefix="dlr-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(
-                    Path(tmp),
-                    model=unwrap(model),
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    epoch=epoch,
-                    config=config,
-                    metrics=metrics,
-                    history=history,
-                    confusion=val["confusion_matrix"],
-                )
-                ckpt = Checkpoint.from_directory(tmp)
-            inject_failure("before_report", epoch)
-            ray.train.report(metrics, checkpoint=ckpt)
-        inject_failure("after_report", epoch)
-        if rank == 0 and mlflow_target:  # after the report: a logged epoch has its checkpoint
-            from deeplense_ray.tracking import log_metrics
 
-            log_metrics(mlflow_target["tracking_uri"], mlflow_target["run_id"], metrics, step=epoch)
+def train_epoch(ctx: WorkerContext, training: Training, batches: TrainBatches, epoch: int) -> dict[str, Any]:
+    """One training pass of this rank (:func:`train_one_epoch`) and the LR schedule's step. The dropout RNG
+    and the augmentation generator are seeded from (seed, epoch, rank) first. Returns the pass's sums over
+    the ranks (loss_sum, correct, images), the slowest rank's times (seconds, data_wait_s, first_batch_s,
+    first_step_s), the epoch's ``lr`` and its start ``t_epoch_start`` (Unix seconds)."""
+    t_epoch = time.time()
+    torch.manual_seed(derive_seed(ctx.seed, epoch, ctx.rank))
+    gen = torch.Generator(device=ctx.device).manual_seed(derive_seed(ctx.seed, epoch, ctx.rank, 1))
+    lr = training.optimizer.param_groups[0]["lr"]
+    sums = train_one_epoch(
+        training.model,
+        batches.epoch(epoch),
+        training.optimizer,
+        device=ctx.device,
+        amp_dtype=ctx.amp_dtype,
+        scaler=training.scaler,
+        augment=ctx.augment,
+        generator=gen,
+        label_smoothing=float(ctx.config.get("label_smoothing", 0.0)),
+        keep=training.keep,
+    )
+    totals = _all_reduce_sums([sums[k] for k in ("loss_sum", "correct", "images")], ctx.device)
+    loss_sum, correct, images = totals
+    out = {"loss_sum": loss_sum, "correct": correct, "images": images, "lr": lr, "t_epoch_start": t_epoch}
+    for key in ("seconds", "data_wait_s", "first_batch_s", "first_step_s"):  # the slowest rank sets the pace
+        out[key] = _all_reduce_max(sums[key], ctx.device)
+    training.scheduler.step()
+    return out
+
+
+def validate_epoch(
+    ctx: WorkerContext, training: Training, validator: Validator
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Precise BatchNorm (each rank on its recent inputs, averaged over the ranks), rank 0's buffers to every
+    rank (so every rank evaluates exactly the weights rank 0 checkpoints), then the whole val split. Returns
+    its metrics and {"val_seconds", "bn_recal_layers" (0: none recalibrated), "bn_recal_s"}."""
+    t_val = time.perf_counter()
+    model = unwrap(training.model)
+    bn_layers = 0
+    if training.keep is not None and len(training.keep):
+        bn_layers = recalibrate_batch_norm(model, training.keep, device=ctx.device, amp_dtype=ctx.amp_dtype)
+        _average_batch_norm_stats(model)
+        training.keep.clear()
+    bn_seconds = time.perf_counter() - t_val
+    _sync_buffers(model)
+    val = validator.evaluate(model)
+    times = {
+        "val_seconds": time.perf_counter() - t_val,
+        "bn_recal_layers": bn_layers,
+        "bn_recal_s": bn_seconds,
+    }
+    return val, times
+
+
+def epoch_metrics(
+    ctx: WorkerContext,
+    epoch: int,
+    train: Mapping[str, float],
+    val: Mapping[str, Any],
+    val_times: Mapping[str, float],
+    *,
+    start_epoch: int,
+    compiled: bool,
+    history: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The epoch's report (:data:`REPORT_KEYS` and more), from :func:`train_epoch`'s and
+    :func:`validate_epoch`'s results; ``history``: the earlier epochs (for ``images_seen``)."""
+    images, seconds = train["images"], train["seconds"]
+    train_loss = train["loss_sum"] / max(images, 1.0)
+    first = epoch == start_epoch  # this attempt's first epoch
+    seen_before = history[-1].get("images_seen", 0) if history else 0
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train["correct"] / max(images, 1.0),
+        **flatten_metrics(val, "val"),
+        "val_n": val["n"],
+        "images_per_s": images / max(seconds, 1e-9),
+        "train_images": images,
+        "train_seconds": seconds,
+        "data_wait_frac": train["data_wait_s"] / max(seconds, 1e-9),
+        "first_batch_s": train["first_batch_s"],
+        "first_step_s": train["first_step_s"],
+        # torch.compile compiles at the first step of each worker process (= this attempt's first epoch)
+        "compile_s": train["first_step_s"] if compiled and first else 0.0,
+        "t_epoch_start": train["t_epoch_start"],  # Unix seconds (rank 0's clock), for the job's timeline
+        "setup_s": train["t_epoch_start"] - ctx.t_start if first else 0.0,  # worker start -> first epoch
+        "val_seconds": val_times["val_seconds"],
+        "bn_recal_layers": val_times["bn_recal_layers"],  # BatchNorm layers recalibrated before validation
+        "bn_recal_s": val_times["bn_recal_s"],  # its seconds (part of val_seconds)
+        "lr": train["lr"],
+        "resumed_from_epoch": start_epoch - 1,
+        **({"images_seen": seen_before + images} if ctx.simulate else {}),
+        # a diverged epoch (non-finite train loss or val outputs) is reported, never raised: Tune ranks it
+        "diverged": int(bool(val["diverged"]) or not math.isfinite(train_loss)),
+    }
+
+
+def report_epoch(
+    ctx: WorkerContext,
+    training: Training,
+    epoch: int,
+    metrics: dict[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    *,
+    confusion: Any,
+    faults: FaultInjection,
+) -> None:
+    """Rank 0 writes the epoch's checkpoint; every rank calls ``ray.train.report`` (a barrier; only rank 0
+    attaches the checkpoint); then rank 0 logs the epoch to MLflow, so a logged epoch has its checkpoint.
+    The fault-injection points "before_report" and "after_report" sit around the report."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dlr-ckpt-") as tmp:
+        ckpt = None
+        if ctx.rank == 0:
+            save_checkpoint(
+                Path(tmp),
+                model=unwrap(training.model),
+                optimizer=training.optimizer,
+                scheduler=training.scheduler,
+                scaler=training.scaler,
+                epoch=epoch,
+                config=ctx.config,
+                metrics=metrics,
+                history=history,
+                confusion=confusion,
+            )
+            ckpt = Checkpoint.from_directory(tmp)
+        faults.check("before_report", epoch)
+        ray.train.report(metrics, checkpoint=ckpt)
+    faults.check("after_report", epoch)
+    if ctx.rank == 0 and ctx.mlflow:
+        from deeplense_ray.tracking import log_metrics
+
+        log_metrics(ctx.mlflow["tracking_uri"], ctx.mlflow["run_id"], metrics, step=epoch)
