@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_auc_macro_ci": best.get("test_auc_macro_ci"),
         "targets": targets,
         "targets_met": met,
+        # what the demo printed from its search summary on: per-class AUCs, confusion matrix, where things are
+        "stdout_tail": proc.stdout[proc.stdout.rfind("[demo] 2/3") :].splitlines(),
     }
     out = Path(args.out)
     from deeplense_ray.io import atomic_write_text
