@@ -128,11 +128,13 @@ def start_ray() -> bool:
     import ray
 
     from deeplense_ray.runtime import start_local_ray
+    from deeplense_ray.tracking.console import quiet_ray
 
     if ray.is_initialized():
         return False
+    quiet = quiet_ray(verbose=False)  # Ray Data's execution plans and INFO lines off, as in the jobs
     start_local_ray(num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=True,
-                    dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=False)
+                    dashboard_host="127.0.0.1", configure_logging=False, **quiet)
     return True
 
 
