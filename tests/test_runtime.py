@@ -50,6 +50,9 @@ if ray.is_initialized():
     gcs = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
     out["gcs_listen"] = sorted({c.laddr.ip for p in gcs for c in p.net_connections("tcp")
                                 if c.status == "LISTEN"})
+    # what a Ray process of the runtime (e.g. Ray Train's controller) reads as its worker poll interval
+    poll = ray.remote(lambda: os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+    out["train_poll_s"] = ray.get(poll.options(num_cpus=0).remote())
     ray.shutdown()
 print("RESULT " + json.dumps(out))
 """
@@ -110,6 +113,7 @@ def test_dead_recorded_cluster_is_skipped_and_the_local_runtime_is_loopback_with
     assert not res["token_file_written"], res
     # 2 training workers x 1 CPU + 1 CPU for the Ray Data readers, whatever the machine's core count
     assert res["cpus"] >= 3, res
+    assert res["train_poll_s"] == "0.25", res  # Ray Train notices a run's end within 0.25 s, not 2 s
 
 
 def test_dead_explicit_address_fails_in_seconds_naming_it():
