@@ -41,8 +41,12 @@ from deeplense_ray.tune.plan import (
 from deeplense_ray.tune.report import best_config_doc, format_summary, write_search_files
 from deeplense_ray.tune.results import SearchResult, trial_summaries
 from deeplense_ray.tune.settings import TuneSettings
-from deeplense_ray.tune.trial import train_trial
-from deeplense_ray.tune.tuner import make_tuner
+from deeplense_ray.tune.trial import DivergedStopper, train_trial
+from deeplense_ray.tune.tuner import make_tuner, trial_name
+
+# Searches saved before the split pickled DivergedStopper and trial_name by this module's path (in Tune's
+# experiment state): they stay importable here so that `jobs/tune.py --resume` of such a search restores.
+__all__ = ["DivergedStopper", "connect_ray", "run_search", "trial_name"]
 
 
 def connect_ray(address: str | None = None, *, verbose: bool = False) -> None:
