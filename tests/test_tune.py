@@ -26,7 +26,14 @@ from ray import tune
 
 from deeplense_ray.tune import SearchSetupError, TuneSettings, run_search
 from deeplense_ray.tune.dataset import dataset_dir_for, ensure_dataset
-from deeplense_ray.tune.mlflow_runs import TAG_OUTCOME, TAG_PARENT, TAG_ROLE, TAG_TRIAL_ID
+from deeplense_ray.tune.mlflow_runs import (
+    STARTUP_KEY,
+    TAG_OUTCOME,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_TRIAL_ID,
+    WORKERS_UP_KEY,
+)
 from deeplense_ray.tune.results import trial_statuses
 
 pytestmark = pytest.mark.slow
@@ -184,6 +191,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     assert (out / "best_checkpoint.txt").read_text().strip() == best["best_checkpoint"]
     summary = (out / "summary.txt").read_text()
     assert "stopped by ASHA at epoch 1" in summary and "diverged at epoch 1" in summary
+    assert "trial start-up (trial started -> first training batch): first trial" in summary
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)
@@ -199,6 +207,8 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     for c in children:
         lr = float(c.data.params["lr"])
         hist = client.get_metric_history(c.info.run_id, "val_loss")
+        # the trial's start-up: Tune start -> training workers up -> first batch
+        assert 0 < c.data.metrics[WORKERS_UP_KEY] < c.data.metrics[STARTUP_KEY] < 600
         if lr == 10.0:
             assert c.data.tags[TAG_OUTCOME] == "stopped by ASHA at epoch 1" and c.info.status == "KILLED"
             assert [m.step for m in hist] == [1]
@@ -209,6 +219,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
             assert c.info.status == "FINISHED" and sorted(m.step for m in hist) == [1, 2]
     pm = parent.data.metrics
     assert pm["best_val_loss"] == pytest.approx(res.best_metric)
+    assert {"trial_startup_first_s", "trial_startup_later_median_s", "trial_startup_later_max_s"} <= set(pm)
     assert {"test_accuracy", "test_auc_macro", "test_loss"} <= set(pm)
     assert pm["test_accuracy"] == pytest.approx(res.test_metrics["accuracy"])
     assert parent.data.params["best.lr"] == "0.001"
@@ -228,6 +239,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     assert sum(" start (" in ln for ln in lines) == 4 and sum(" end (" in ln for ln in lines) == 4
     epoch_lines = [ln for ln in lines if re.match(r"\[trial \w+\] epoch \d/2  loss ", ln)]
     assert len(epoch_lines) == sum(t.epochs_run for t in res.trials)
+    assert sum("s after the trial started)" in ln for ln in epoch_lines) == 4  # each trial's first epoch
     best_end = next(ln for ln in lines if ln.startswith(f"[trial {res.best_trial_id}] end"))
     assert f"best val_loss {res.best_metric:.4f} at epoch {res.best_epoch}," in best_end
     assert f"best so far: trial {res.best_trial_id} " in next(ln for ln in lines if " end (4/4)" in ln)

@@ -190,3 +190,12 @@ def test_diverged_epoch_reported_as_the_worst_finite_metric_and_stops_the_trial(
     assert math.isnan(as_metric(diverged_value("max"))) and as_metric(0.75) == 0.75
     assert math.isnan(numeric_metrics({"val_loss": diverged_value("min")})["val_loss"])
     assert outcome(1, 10, diverged_at=1) == ("diverged at epoch 1", "KILLED")
+
+
+def test_trial_startup_is_read_from_the_first_report_of_an_attempt():
+    from deeplense_ray.tune.mlflow_runs import STARTUP_KEY, WORKERS_UP_KEY, trial_startup
+
+    first = {"setup_s": 4.0, "t_epoch_start": 110.0, "first_batch_s": 2.5}
+    assert trial_startup(first, 100.0) == {WORKERS_UP_KEY: 6.0, STARTUP_KEY: 12.5}
+    assert trial_startup({**first, "setup_s": 0.0}, 100.0) == {}  # a later epoch of the same attempt
+    assert trial_startup(first, None) == {}  # a trial whose start this driver did not see

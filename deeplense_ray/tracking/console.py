@@ -183,7 +183,7 @@ class SearchConsole(Callback):
         self._print(f"[trial {trial.trial_id}] start ({n}/{self.num_samples}): {text}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from deeplense_ray.tune.mlflow_runs import DIVERGED_VALUE
+        from deeplense_ray.tune.mlflow_runs import DIVERGED_VALUE, STARTUP_KEY, trial_startup
 
         tid = trial.trial_id
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -200,8 +200,13 @@ class SearchConsole(Callback):
             self.best[tid] = (v, epoch)
         elapsed = time.time() - self.started.get(tid, self.t0)
         keys = tuple(dict.fromkeys((*EPOCH_KEYS, self.metric)))
-        self._print(epoch_line(result, max_epochs=self.max_epochs, elapsed=elapsed,
-                               prefix=f"[trial {tid}] ", keys=keys))
+        line = epoch_line(
+            result, max_epochs=self.max_epochs, elapsed=elapsed, prefix=f"[trial {tid}] ", keys=keys
+        )
+        startup = trial_startup(result, self.started.get(tid))  # the first report of a worker-group start
+        if startup:
+            line += f"  (first batch {startup[STARTUP_KEY]:.1f} s after the trial started)"
+        self._print(line)
 
     def _end_line(self, trial, how: str) -> None:
         self.ended += 1

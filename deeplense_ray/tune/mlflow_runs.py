@@ -28,6 +28,23 @@ TAG_ROLE = "tune.role"
 DIVERGED_KEY = "diverged"
 #: Magnitude of the finite worst value a diverged trial reports for its metric (logged to MLflow as NaN).
 DIVERGED_VALUE = 1e30
+#: A trial's start-up, logged to its child run at the first report of each worker-group attempt: seconds from
+#: Tune starting the trial to its training workers' loop start, and to its first training batch.
+WORKERS_UP_KEY, STARTUP_KEY = "trial_workers_up_s", "trial_startup_s"
+
+
+def trial_startup(result: Mapping[str, Any], started: float | None) -> dict[str, float]:
+    """{WORKERS_UP_KEY, STARTUP_KEY} seconds of a trial started at ``started`` (Unix, the driver's clock)
+    from ``result``, the first report of a worker-group attempt (``setup_s`` > 0, with ``t_epoch_start``
+    and ``first_batch_s``, see train/loop.py); {} for any other report or an unknown start."""
+    setup, t_epoch = result.get("setup_s"), result.get("t_epoch_start")
+    if started is None or not isinstance(setup, (int, float)) or setup <= 0 or t_epoch is None:
+        return {}
+    t_epoch = float(t_epoch)
+    return {
+        WORKERS_UP_KEY: t_epoch - float(setup) - started,
+        STARTUP_KEY: t_epoch + float(result.get("first_batch_s", 0.0)) - started,
+    }
 
 #: Result keys Tune adds itself; never logged as metrics.
 _TUNE_KEYS = frozenset(
@@ -134,6 +151,7 @@ class TrialRunsCallback(Callback):
         self.run_ids: dict[str, str] = {}
         self.epochs: dict[str, int] = {}
         self.diverged: dict[str, int] = {}
+        self.started: dict[str, float] = {}  # trial id -> when Tune started it (Unix seconds)
         self._client = None
         self.trainer_storage = trainer_storage
         self._reaper = None
@@ -225,6 +243,9 @@ class TrialRunsCallback(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        import time
+
+        self.started[trial.trial_id] = time.time()
         run_id = self.child_run_id(trial)
         self.client.update_run(run_id, status="RUNNING")
 
@@ -236,6 +257,7 @@ class TrialRunsCallback(Callback):
             self.diverged.setdefault(trial.trial_id, epoch)
         metrics = numeric_metrics(result)
         metrics.pop("epoch", None)
+        metrics.update(trial_startup(result, self.started.get(trial.trial_id)))
         if metrics:
             from mlflow.entities import Metric
 

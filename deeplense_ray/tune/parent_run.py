@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from deeplense_ray.io import atomic_write_json
-from deeplense_ray.tune.mlflow_runs import TAG_ROLE, TAG_SEARCH
+from deeplense_ray.tune.mlflow_runs import STARTUP_KEY, TAG_ROLE, TAG_SEARCH
 from deeplense_ray.tune.report import BEST_CONFIG_FILE, SUMMARY_FILE
 from deeplense_ray.tune.results import TrialSummary, as_metric
 from deeplense_ray.tune.settings import TuneSettings
@@ -189,3 +189,31 @@ def log_test_plots(
             plot_run_curves(history, os.path.join(tmp, "curves.png"))
         atomic_write_json(os.path.join(tmp, "metrics_test.json"), dict(test))
         client.log_artifacts(run_id, tmp)
+
+
+def log_trial_startup(client, parent_run_id: str, trials: list[TrialSummary]) -> str:
+    """The trials' start-up (Tune starting a trial -> its first training batch, read from the child runs),
+    in start order, as one line for the summary; the parent run gets ``trial_startup_first_s`` and the
+    median and max of the later trials (which may reuse warm worker processes). '' if none was recorded."""
+    import statistics
+
+    rows = []
+    for t in trials:
+        if not t.child_run_id:
+            continue
+        run = client.get_run(t.child_run_id)
+        if STARTUP_KEY in run.data.metrics:
+            rows.append((run.info.start_time, t.trial_id, float(run.data.metrics[STARTUP_KEY])))
+    if not rows:
+        return ""
+    rows.sort()
+    first, later = rows[0][2], [v for _, _, v in rows[1:]]
+    metrics = {"trial_startup_first_s": first}
+    text = f"trial start-up (trial started -> first training batch): first trial {first:.1f} s"
+    if later:
+        median = statistics.median(later)
+        metrics |= {"trial_startup_later_median_s": median, "trial_startup_later_max_s": max(later)}
+        text += f", the {len(later)} later: median {median:.1f} s, max {max(later):.1f} s"
+    for k, v in metrics.items():
+        client.log_metric(parent_run_id, k, v)
+    return text
