@@ -104,6 +104,8 @@ def quiet_ray(verbose: bool) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled", execution plans
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice on every model
+    # Tune's "the `...` operation took 0.95 s, which may be a performance bottleneck" on a loaded machine
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     try:
         import optuna
 
