@@ -138,3 +138,29 @@ def test_all_nan_and_nonfinite_loss_are_flagged():
     # logits are still refused even when some rows are NaN
     with pytest.raises(ValueError, match="softmax"):
         classification_metrics([0, 1], [[np.nan, np.nan], [0.5, 3.0]], ("a", "b"))
+
+
+def test_bootstrap_interval_equals_sklearn_on_the_same_resamples():
+    """The bootstrap's weighted Mann-Whitney AUC against sklearn's roc_auc_score on explicitly resampled
+    arrays (ties in the scores included, a class missing from some resamples of a small set)."""
+    import math
+
+    from sklearn.metrics import roc_auc_score
+
+    from deeplense_ray.train.metrics import bootstrap_auc_ci
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 40)
+    y[:2] = 2  # class 2 rare: absent from some resamples
+    y[2:] = rng.integers(0, 2, 38)
+    p = np.round(rng.random((40, 3)), 1) + 0.01  # coarse: many ties
+    p /= p.sum(1, keepdims=True)
+    ref_rng, values = np.random.default_rng(0), []
+    for _ in range(200):
+        idx = ref_rng.integers(0, 40, 40)
+        aucs = [roc_auc_score(y[idx] == k, p[idx, k]) for k in range(3) if 0 < (y[idx] == k).sum() < 40]
+        values.append(float(np.mean(aucs)))
+    want = np.percentile(values, [2.5, 97.5])
+    got = bootstrap_auc_ci(y, p, n_boot=200, seed=0)
+    assert not any(math.isnan(v) for v in got)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

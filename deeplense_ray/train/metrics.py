@@ -154,6 +154,33 @@ def classification_metrics(
     }
 
 
+class _WeightedOvrAuc:
+    """One-vs-rest ROC AUC of each class under integer example weights (a bootstrap resample's counts), by
+    the Mann-Whitney statistic with ties counted half: equal to sklearn's ``roc_auc_score`` on the resampled
+    examples, without resampling the arrays or sklearn's per-call checks (~1 ms each: 3,000 calls made a
+    test evaluation's interval take ~4 s). The scores are sorted once per class."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray) -> None:
+        self.cols = []
+        for k in range(p.shape[1]):
+            order = np.argsort(p[:, k], kind="mergesort")
+            s = p[order, k]
+            group = np.concatenate([[0], np.cumsum(s[1:] != s[:-1])]) if len(s) else np.zeros(0, np.int64)
+            self.cols.append((order, group, int(group[-1]) + 1 if len(s) else 0, y[order] == k))
+
+    def macro(self, w: np.ndarray) -> float:
+        """Mean over the classes whose AUC is defined under weights ``w`` (nan if none is)."""
+        aucs = []
+        for order, group, n_groups, is_pos in self.cols:
+            wk = w[order]
+            pos = np.bincount(group, weights=wk * is_pos, minlength=n_groups)
+            neg = np.bincount(group, weights=wk * ~is_pos, minlength=n_groups)
+            w_pos, w_neg = pos.sum(), neg.sum()
+            if w_pos > 0 and w_neg > 0:
+                aucs.append(float((pos * (np.cumsum(neg) - 0.5 * neg)).sum() / (w_pos * w_neg)))
+        return float(np.mean(aucs)) if aucs else math.nan
+
+
 def bootstrap_auc_ci(
     y_true: Any, probs: Any, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -168,13 +195,13 @@ def bootstrap_auc_ci(
     if len(y) < 2 or p.ndim != 2 or not np.isfinite(p).all():
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
+    auc = _WeightedOvrAuc(y, p)
     values = []
     for _ in range(int(n_boot)):
         idx = rng.integers(0, len(y), len(y))
-        aucs = [one_vs_rest_auc(y[idx], p[idx, k], k) for k in range(p.shape[1])]
-        defined = [a for a in aucs if not math.isnan(a)]
-        if defined:
-            values.append(float(np.mean(defined)))
+        v = auc.macro(np.bincount(idx, minlength=len(y)).astype(np.float64))
+        if not math.isnan(v):
+            values.append(v)
     if not values:
         return math.nan, math.nan
     tail = 100 * (1 - level) / 2
