@@ -114,3 +114,41 @@ def test_roc_plot_of_a_diverged_model_is_written_not_raised(tmp_path):
     probs = np.full((4, 2), np.nan)
     out = plot_roc_curves(y, probs, ["no_sub", "cdm"], tmp_path / "roc.png")
     assert Path(out).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_record_it(tmp_path):
+    """A study's parallel trainings log one dataset as input at the same moment: MLflow's SQL store looks it
+    up, then inserts it, so all but one insert hit the unique (experiment, name, digest) constraint (12 of 40
+    calls here without the retry). Each run must end up listing it."""
+    import threading
+
+    from mlflow.entities import Dataset
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking.datasets import log_dataset_input
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = MlflowClient(tracking_uri=uri).create_experiment("race")
+    errors, run_ids = [], []
+
+    def log(barrier, ds):
+        client = MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(exp).info.run_id
+        run_ids.append(run_id)
+        barrier.wait()
+        try:
+            log_dataset_input(client, run_id, ds)
+        except Exception as exc:  # noqa: BLE001 - the test reports every failure
+            errors.append(repr(exc)[:200])
+
+    for k in range(3):
+        ds = Dataset(name=f"data{k}", digest="0123456789abcdef", source_type="local", source=str(tmp_path))
+        barrier = threading.Barrier(8)
+        threads = [threading.Thread(target=log, args=(barrier, ds)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    client = MlflowClient(tracking_uri=uri)
+    assert all(len(client.get_run(r).inputs.dataset_inputs) == 1 for r in run_ids)

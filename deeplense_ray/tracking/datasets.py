@@ -60,6 +60,20 @@ def simulation_entity(preset: str, overrides: Mapping[str, Any] | None, seed: in
 
 def log_dataset_input(client, run_id: str, dataset, context: str = "training") -> None:
     """Record ``dataset`` (from :func:`dataset_entity` / :func:`simulation_entity`) as an input of the run."""
-    from mlflow.entities import DatasetInput, InputTag
+    import time
 
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])])
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+
+    inputs = [DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])]
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as exc:
+            # Two runs logging the same new dataset at once (a study's parallel trainings): the SQL store
+            # looks it up, then inserts it, so the slower insert fails on the unique (experiment, name,
+            # digest); a retry finds the row the other run wrote.
+            if "UNIQUE constraint failed" not in str(exc) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
