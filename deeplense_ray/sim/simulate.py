@@ -100,9 +100,16 @@ def draw_generator(seed: int, device: torch.device, draws: str) -> torch.Generat
         raise ValueError(f"draws must be one of {list(DRAWS)}, got {draws!r}")
     if draws == "cpu":
         return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=indexed_device(device)).manual_seed(device_draw_seed(seed))
+
+
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: a bare ``cuda`` becomes the current CUDA device (device generators and
+    ``torch.cuda.set_device`` on another thread need one)."""
+    device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return torch.Generator(device=device).manual_seed(device_draw_seed(seed))
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def default_device() -> torch.device:

@@ -154,10 +154,10 @@ def online_batches(
             yield from cut(*make(k))
         return
 
-    device = torch.device(device)
+    from deeplense_ray.sim.simulate import indexed_device
+
+    device = indexed_device(device)  # the background thread's torch.cuda.set_device needs an index
     cuda = device.type == "cuda"
-    if cuda and device.index is None:  # the background thread's torch.cuda.set_device needs an index
-        device = torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(device) if cuda else None
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
