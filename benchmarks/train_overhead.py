@@ -8,7 +8,8 @@ the wall time seen from outside (process start to exit), the job's own wall (its
 validation seconds of its epochs, ``overhead_s`` = job wall - train - val (target <= 15 s on one H200,
 issue 16), the first validation's seconds, compile seconds (``--variants base,compile``), images/s per
 epoch (MLflow ``images_per_s``; steady = median of epochs 2..E, and the compile speed-up from it) and every
-phase. Prints a table and writes JSON.
+phase. Variant ``split`` forces the Ray Data input (``base`` reads a split of up to 2 GiB into memory), for
+comparison. Prints a table and writes JSON (after every variant).
 
     python benchmarks/train_overhead.py --quick --out /tmp/train_overhead_quick.json        # CPU smoke test
     python benchmarks/train_overhead.py --variants base,compile \\
@@ -34,7 +35,14 @@ sys.path.insert(0, str(ROOT))
 from deeplense_ray.io import atomic_write_json  # noqa: E402
 
 TARGET_OVERHEAD_S = 15.0
-VARIANTS = {"base": [], "compile": ["--compile"]}
+#: base: the job's defaults (ingest "auto": the train split read into memory up to 2 GiB, else Ray Data);
+#: split / memory: that ingest forced; compile: torch.compile on top of base
+VARIANTS = {
+    "base": [],
+    "split": ["--ingest", "split"],
+    "memory": ["--ingest", "memory"],
+    "compile": ["--compile"],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,14 +116,16 @@ def job_summary(stdout: str) -> dict[str, Any]:
     return json.loads("\n".join(lines[start : end + 1]))
 
 
-def run_variant(args: argparse.Namespace, variant: str, data: str, workdir: Path) -> dict[str, Any]:
+def run_variant(
+    args: argparse.Namespace, variant: str, data: str, workdir: Path, index: int = 0
+) -> dict[str, Any]:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cmd = [sys.executable, "jobs/train.py", "--model", args.model, "--data", data,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--gpus-per-worker", f"{args.gpus_per_worker:g}",
            "--precision", args.precision, "--address", "local", "--experiment", "train-overhead",
            "--tracking-uri", uri, "--storage-path", str(workdir / "ray_results"),
-           "--run-name", f"overhead-{variant}", *VARIANTS[variant]]  # fmt: skip
+           "--run-name", f"overhead-{variant}-{index}", *VARIANTS[variant]]  # fmt: skip
     for kv in args.model_override:
         cmd += ["--model-override", kv]
     if args.cpus_per_worker is not None:
@@ -153,20 +163,34 @@ def run_variant(args: argparse.Namespace, variant: str, data: str, workdir: Path
     }
 
 
+def _report(args, gpu, data, sim_s, runs, speedup) -> dict[str, Any]:
+    return {
+        "benchmark": "train_overhead",
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("variant_list",)},
+        "data": data,
+        "simulate_s": sim_s,
+        "runs": runs,
+        "compile_speedup": speedup,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
         workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         data, sim_s = ensure_dataset(args, workdir)
         runs = []
-        for variant in args.variant_list:
-            runs.append(run_variant(args, variant, data, workdir))
+        for i, variant in enumerate(args.variant_list):  # a variant may repeat (runs named by position)
+            runs.append(run_variant(args, variant, data, workdir, i))
             r = runs[-1]
             print(f"{variant}: {r['timeline_line']}", flush=True)
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            # written after every variant: a run stopped later keeps what finished
+            atomic_write_json(args.out, _report(args, gpu, data, sim_s, runs, None))
     print(f"\n{'variant':<9} {'outer':>7} {'wall':>7} {'train':>7} {'val':>6} {'overhead':>9} "
           f"{'1st val':>8} {'compile':>8} {'img/s':>9}  overhead <= {TARGET_OVERHEAD_S:g} s")  # fmt: skip
     for r in runs:
@@ -178,16 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if by_variant.get("base") and by_variant.get("compile"):
         speedup = by_variant["compile"] / by_variant["base"]
         print(f"compile speed-up (steady images/s, epochs 2..E): {speedup:.2f}x (target for ViT >= 1.8x)")
-    report = {
-        "benchmark": "train_overhead",
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("variant_list",)},
-        "data": data,
-        "simulate_s": sim_s,
-        "runs": runs,
-        "compile_speedup": speedup,
-    }
-    atomic_write_json(args.out, report)
+    atomic_write_json(args.out, _report(args, gpu, data, sim_s, runs, speedup))
     print(f"wrote {args.out}")
     return 0
 

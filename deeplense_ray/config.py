@@ -19,8 +19,12 @@ from typing import Any
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
-#: How ranks get training data: one Ray Data stream split across ranks, or one stream per rank.
-INGEST_MODES: tuple[str, ...] = ("split", "per_rank")
+#: How ranks get training data: ``auto`` (``memory`` for a train split up to :data:`MEMORY_INGEST_MAX_MB`,
+#: else ``split``), one Ray Data stream split across ranks, one stream per rank, or the whole split read into
+#: every rank's device memory once (train/ingest.py).
+INGEST_MODES: tuple[str, ...] = ("auto", "split", "per_rank", "memory")
+#: ``ingest="auto"`` reads a train split of at most this many MiB (as stored) into each rank's memory.
+MEMORY_INGEST_MAX_MB: float = 2048.0
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_image_minmax", "per_image_standard")
 REQUIRED_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MAX_SEED = 2**63 - 1
@@ -37,6 +41,7 @@ class DatasetInfo:
     split_rows: dict[str, int]
     manifest_hash: str
     train_shard_rows: tuple[int, ...] = ()  # rows of each train shard, in manifest order
+    image_dtype: str = "float32"  # as stored in the shards
     sim_preset: dict[str, Any] | None = None  # online simulation (--simulate): the resolved preset
 
     @property
@@ -83,6 +88,7 @@ def describe_dataset(data_dir: str | os.PathLike[str]) -> DatasetInfo:
         train_shard_rows=tuple(
             int(sh["rows"]) for sh in manifest["splits"].get("train", {}).get("shards", [])
         ),
+        image_dtype=str(manifest.get("image_dtype", "float32")),
     )
 
 
@@ -174,9 +180,13 @@ class TrainConfig:
         max_failures: worker-group restarts Ray Train makes after a worker failure (FailureConfig).
         num_to_keep: checkpoints kept by val_auc_macro (the latest is always kept as well, for resume).
         shuffle_buffer: rows of the per-worker local shuffle buffer of the training stream (0 = off).
-        ingest: 'split' (one Ray Data stream of the train split, split across ranks by Ray Train) or
+        ingest: 'split' (one Ray Data stream of the train split, split across ranks by Ray Train),
             'per_rank' (every rank streams its own shards through its own Ray Data execution; the shards
-            are dealt anew each epoch and every rank takes the same number of rows). See train/ingest.py.
+            are dealt anew each epoch and every rank takes the same number of rows), 'memory' (every rank
+            reads the whole train split into its device memory once, no Ray Data; each epoch one global
+            permutation, rank r taking every world-th row of it) or 'auto' (default: 'memory' when the
+            split as stored is at most MEMORY_INGEST_MAX_MB, else 'split'; :meth:`ingest_mode`). See
+            train/ingest.py.
         simulate: online simulation (train/online.py): a preset name; every rank renders fresh training
             images on its own device each epoch (``images_per_epoch`` in all, rounded down to whole global
             batches, at least one), in chunks of ``sim_chunk_batches`` per-worker batches (the next one
@@ -225,7 +235,7 @@ class TrainConfig:
     max_failures: int = 0
     num_to_keep: int = 2
     shuffle_buffer: int = 2048
-    ingest: str = "split"
+    ingest: str = "auto"
     simulate: str | None = None
     sim_overrides: dict[str, Any] = field(default_factory=dict)
     images_per_epoch: int = 8192
@@ -416,6 +426,20 @@ class TrainConfig:
             model_overrides=dict(self.model_overrides),
             sim_overrides=dict(self.sim_overrides),
         )
+
+    def ingest_mode(self, info: DatasetInfo) -> str:
+        """The ingest this run uses: ``ingest`` itself, or for 'auto' 'memory' when the train split as stored
+        (rows x C x H x W x the stored dtype's size) is at most :data:`MEMORY_INGEST_MAX_MB`, else 'split'.
+        Online runs ('simulate') render their own training images; their mode is 'simulate'."""
+        if self.simulate is not None:
+            return "simulate"
+        if self.ingest != "auto":
+            return self.ingest
+        import numpy as np
+
+        c, h, w = info.image_shape
+        nbytes = int(info.split_rows.get("train", 0)) * c * h * w * np.dtype(info.image_dtype).itemsize
+        return "memory" if nbytes <= MEMORY_INGEST_MAX_MB * 2**20 else "split"
 
     @property
     def per_worker_batch_size(self) -> int:

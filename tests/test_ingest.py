@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,81 @@ def test_on_input_end_fires_once_the_stream_is_drawn_before_the_buffer_drains():
     labels = torch.cat([first["label"]] + [b["label"] for b in rest])
     assert sorted(labels.tolist()) == list(range(90))  # max_rows cut the stream; every row once
     assert fired == [True]
+
+
+@pytest.mark.parametrize("rows, batch", [(48, 8), (50, 8), (1000, 32)])
+def test_memory_rows_give_the_same_global_batches_on_any_number_of_workers(rows, batch):
+    """ingest='memory': step i's global batch (the union of the ranks' i-th batches) holds the same rows for
+    1, 2 and 4 workers; each rank takes the same number of rows, none twice, all drawn from the epoch's
+    permutation; another seed gives another order."""
+    from deeplense_ray.train.ingest import memory_epoch_rows
+
+    def global_batches(world: int, seed: int) -> list[set[int]]:
+        per = batch // world
+        ranks = [memory_epoch_rows(rows, r, world, per, seed, drop_last=True) for r in range(world)]
+        assert len({len(x) for x in ranks}) == 1 and len(ranks[0]) % per == 0
+        flat = torch.cat(ranks)
+        assert len(set(flat.tolist())) == len(flat)  # no row twice in an epoch
+        steps = range(0, len(ranks[0]), per)
+        return [set(torch.cat([x[i : i + per] for x in ranks]).tolist()) for i in steps]
+
+    one = global_batches(1, 7)
+    assert len(one) == rows // batch and all(len(b) == batch for b in one)
+    assert global_batches(2, 7) == one and global_batches(4, 7) == one
+    assert global_batches(1, 8) != one
+    # without drop_last every rank still takes rows // world rows (DDP ranks in step)
+    last = [memory_epoch_rows(rows, r, 3, 4, 7, drop_last=False) for r in range(3)]
+    assert [len(x) for x in last] == [rows // 3] * 3
+
+
+def test_memory_batches_gather_float32_images_and_labels_in_row_order():
+    from deeplense_ray.train.ingest import memory_batches
+
+    images = torch.arange(10 * 4, dtype=torch.float16).reshape(10, 1, 2, 2)
+    labels = torch.arange(10) % 3
+    rows = torch.tensor([9, 0, 4, 7, 2])
+    out = list(memory_batches(images, labels, rows, 2))
+    assert [len(b["label"]) for b in out] == [2, 2, 1]
+    assert all(b["image"].dtype == torch.float32 for b in out)
+    assert torch.equal(torch.cat([b["label"] for b in out]), labels[rows])
+    assert torch.equal(torch.cat([b["image"] for b in out]), images[rows].float())
+
+
+@pytest.mark.slow
+def test_load_split_reads_every_shard_as_stored(ray_session, tmp_path):
+    """A real (tiny, float16) dataset: load_split returns the split's rows in manifest order, float16 kept,
+    equal to reading each shard file; ingest='auto' picks memory for it and split above the size limit."""
+    from deeplense_ray import config as config_mod
+    from deeplense_ray.config import TrainConfig, describe_dataset
+    from deeplense_ray.data import DatasetConfig, build_dataset
+    from deeplense_ray.data.manifest import load_manifest, shard_paths
+    from deeplense_ray.data.shards import read_shard
+    from deeplense_ray.train.ingest import load_split
+
+    out = tmp_path / "d"
+    build_dataset(
+        DatasetConfig(preset="model_ii", preset_overrides={"num_pix": 8}, num_per_class=10, shard_size=8,
+                      seed=2, dtype="float16"),
+        out, progress=False,
+    )  # fmt: skip
+    images, labels = load_split(str(out), "train", torch.device("cpu"))
+    parts = [read_shard(p, as_float32=False) for p in shard_paths(out, "train", load_manifest(out))]
+    assert len(parts) > 1 and images.dtype == torch.float16
+    assert torch.equal(images, torch.from_numpy(np.concatenate([p["images"] for p in parts])))
+    assert torch.equal(labels, torch.from_numpy(np.concatenate([p["labels"] for p in parts])))
+
+    info = describe_dataset(out)
+    assert info.image_dtype == "float16"
+    cfg = TrainConfig(model="ResNetSimple", data_dir=str(out))
+    assert cfg.ingest == "auto" and cfg.ingest_mode(info) == "memory"
+    nbytes = info.split_rows["train"] * 8 * 8 * 2
+    old = config_mod.MEMORY_INGEST_MAX_MB
+    try:
+        config_mod.MEMORY_INGEST_MAX_MB = (nbytes - 1) / 2**20
+        assert cfg.ingest_mode(info) == "split"
+        config_mod.MEMORY_INGEST_MAX_MB = nbytes / 2**20
+        assert cfg.ingest_mode(info) == "memory"
+    finally:
+        config_mod.MEMORY_INGEST_MAX_MB = old
+    for mode in ("split", "per_rank", "memory"):
+        assert TrainConfig(model="ResNetSimple", data_dir=str(out), ingest=mode).ingest_mode(info) == mode

@@ -176,6 +176,7 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
     params = run.data.params
     assert params["config.model"] == MODEL and params["config.num_workers"] == "2"
     assert params["dataset.manifest_hash"] == manifest_hash(data_dir)
+    assert params["config.ingest"] == "auto" and params["ingest_mode"] == "memory"  # a 12 KiB train split
     assert params["package_version"] and params["git_commit"]
     assert run.data.tags["test_evaluated_in"] == "driver"  # one local node: no task process to start
     # every epoch logged exactly once: epoch 1 from the checkpoint's history on --resume (its log was lost),
@@ -214,24 +215,27 @@ def test_two_worker_ddp_run_is_tracked_and_reloadable(resumed_run, data_dir):
     assert state["status"] == "finished" and state["mlflow_run_id"] == result.run_id
 
 
-def test_per_rank_ingest_trains_every_rank_on_its_own_shards(ray_session, data_dir, tmp_path, monkeypatch):
-    """ingest='per_rank': each of 2 ranks streams its own shards through its own Ray Data execution.
-
-    The train split has 3 shards of 16 rows: per epoch one rank is dealt 2 shards and the other 1, and both
-    take 16 rows (4 steps of 4 images), so DDP stays in step: 32 training images per epoch. The test split
-    is evaluated in a Ray task here (as on a cluster), with the metrics of a plain evaluation."""
+@pytest.mark.parametrize("ingest, images", [("per_rank", 32), ("split", 48)])
+def test_ray_data_ingest_modes(ray_session, data_dir, tmp_path, monkeypatch, ingest, images):
+    """The two Ray Data inputs (the module's main run uses ingest='auto', which reads this small split into
+    memory). 'split': one Ray Data stream split across 2 ranks, all 48 training images per epoch.
+    'per_rank': each of 2 ranks streams its own shards through its own Ray Data execution; the train split
+    has 3 shards of 16 rows: per epoch one rank is dealt 2 shards and the other 1, and both take 16 rows
+    (4 steps of 4 images), so DDP stays in step: 32 training images per epoch. The test split is evaluated
+    in a Ray task here (as on a cluster), with the metrics of a plain evaluation."""
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.train.trainer import TEST_EVAL_ENV
 
     monkeypatch.setenv(TEST_EVAL_ENV, "task")
-    result = run_training(_cfg(tmp_path, data_dir, ingest="per_rank", run_name="per-rank"))
+    result = run_training(_cfg(tmp_path, data_dir, ingest=ingest, run_name=ingest))
     run = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["test_evaluated_in"] == "task"
+    assert run.data.params["ingest_mode"] == ingest
     test = evaluate_checkpoint(result.best_checkpoint, data_dir, "test", device="cpu")
     assert result.test_metrics["loss"] == pytest.approx(test["loss"], rel=1e-5)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    assert [h["train_images"] for h in result.history] == [32, 32]
+    assert [h["train_images"] for h in result.history] == [images, images]
     for h in result.history:
         assert h["val_n"] == 6 and 0.0 <= h["val_auc_macro"] <= 1.0 and math.isfinite(h["train_loss"])
     assert result.test_metrics["n"] == 6

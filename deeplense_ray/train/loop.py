@@ -45,7 +45,15 @@ from torch import nn
 
 from deeplense_ray.config import TrainConfig
 from deeplense_ray.train.checkpoint import load_training_state, save_checkpoint
-from deeplense_ray.train.ingest import deal_shards, device_batches, rank_shards, shard_batches
+from deeplense_ray.train.ingest import (
+    deal_shards,
+    device_batches,
+    load_split,
+    memory_batches,
+    memory_epoch_rows,
+    rank_shards,
+    shard_batches,
+)
 from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
 from deeplense_ray.train.modules import build_classifier, compile_model, unwrap
 
@@ -610,10 +618,12 @@ def build_training(ctx: WorkerContext, state: Mapping[str, Any] | None) -> Train
 
 
 class TrainBatches:
-    """This rank's training batches of each epoch on its device, from one of three inputs: ``split`` (its
+    """This rank's training batches of each epoch on its device, from one of four inputs: ``split`` (its
     share of the ``train`` stream that Ray Data splits across the ranks), ``per_rank`` (its own Ray Data
-    execution over the shards dealt to it this epoch, :func:`~deeplense_ray.train.ingest.rank_shards`) or
-    ``simulate`` (images it renders itself, seeded by (seed, epoch, rank, chunk), train/online.py).
+    execution over the shards dealt to it this epoch, :func:`~deeplense_ray.train.ingest.rank_shards`),
+    ``memory`` (the whole split read into its device memory once, its rows of a global permutation per
+    epoch; what ``ingest="auto"`` picks for small splits) or ``simulate`` (images it renders itself, seeded
+    by (seed, epoch, rank, chunk), train/online.py).
 
     A Ray Data stream is pulled on a background thread from its creation on. When an epoch's input is all
     drawn (its last rows still in the shuffle buffer and prefetch queue), the next epoch's stream is started:
@@ -627,8 +637,10 @@ class TrainBatches:
 
         config = ctx.config
         self.ctx = ctx
-        self.per_rank = config.get("ingest", "split") == "per_rank"
-        self.shard = None if self.per_rank or ctx.simulate else ray.train.get_dataset_shard("train")
+        self.mode = config.get("ingest_mode") or ("simulate" if ctx.simulate else config.get("ingest"))
+        self.per_rank = self.mode == "per_rank"
+        self.shard = ray.train.get_dataset_shard("train") if self.mode == "split" else None
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # ingest="memory": loaded once
         self.shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
         rows_per_rank = int(config.get("train_rows", 0)) // ctx.world
         # no 1-row last batch (BatchNorm); less than one batch lost per epoch
@@ -656,6 +668,9 @@ class TrainBatches:
                 chunk_batches=int(config["sim_chunk_batches"]),
                 prefetch=bool(config.get("sim_prefetch", True)),
             )
+
+        if self.mode == "memory":
+            return self._memory_epoch(epoch)
 
         def start_next() -> None:
             if epoch < ctx.epochs:
@@ -689,6 +704,18 @@ class TrainBatches:
             start_now=True,
             on_input_end=start_next,
         )
+
+    def _memory_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``ingest="memory"``: this rank's rows of the epoch's global permutation, from the split it read
+        into device memory at its first epoch (train/ingest.py)."""
+        ctx = self.ctx
+        if self._memory is None:
+            self._memory = load_split(ctx.config["data_dir"], "train", ctx.device)
+        images, labels = self._memory
+        rows = memory_epoch_rows(
+            len(labels), ctx.rank, ctx.world, ctx.batch_size, derive_seed(ctx.seed, epoch, 5), self.drop_last
+        )
+        return memory_batches(images, labels, rows, ctx.batch_size)
 
 
 class Validator:

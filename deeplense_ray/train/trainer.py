@@ -82,6 +82,7 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
         train_shard_rows=list(info.train_shard_rows),
         train_block_rows=read_block_rows(info.image_shape),
         manifest_hash=info.manifest_hash,
+        ingest_mode=cfg.ingest_mode(info),
     )
     if info.sim_preset is not None:  # online simulation: the resolved preset travels to the workers
         d["sim_preset"] = dict(info.sim_preset)
@@ -126,7 +127,8 @@ def build_trainer(
 
     Validates ``cfg`` first (unless ``info`` from an earlier ``cfg.validate()`` is passed). Datasets: the
     ``train`` split from :func:`deeplense_ray.data.read_split`, split across workers (with
-    ``ingest="per_rank"`` none: each rank reads its own shards); the val split is read by the ranks
+    ``ingest="per_rank"`` or ``"memory"``, see :meth:`TrainConfig.ingest_mode`, none: each rank reads shards
+    itself); the val split is read by the ranks
     themselves, each shard by one rank (see the loop). Checkpoints: :func:`checkpoint_config`, the
     ``num_to_keep`` best by ``score_metric`` (``score_mode`` 'max' or 'min'; a search passes its own metric)
     plus the latest. ``run_config_callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Tune's
@@ -148,7 +150,7 @@ def build_trainer(
     config = loop_config(cfg, info)
     config.update(dict(extra_loop_config or {}))
     datasets = {}
-    if cfg.ingest == "split" and cfg.simulate is None:  # else every rank reads its own shards or renders
+    if config["ingest_mode"] == "split":  # else every rank reads its own shards or renders
         # training images travel as stored (float16 stays float16) and become float32 on the device
         datasets["train"] = read_split(
             info.data_dir, "train", image_dtype="stored", block_rows=config["train_block_rows"]
@@ -244,7 +246,7 @@ TEST_EVAL_ENV = "DEEPLENSE_TEST_EVAL"
 
 
 def where_to_evaluate_test(cfg: TrainConfig) -> str:
-    """"driver" when Ray runs on the driver's machine alone (a local runtime or a one-node cluster) and the
+    """ "driver" when Ray runs on the driver's machine alone (a local runtime or a one-node cluster) and the
     driver can use the run's device: the test split is then evaluated in this process, with no worker
     process to start (as a task it took ~5 s of the ~28 s fixed cost of a small CPU train job, mostly a new
     process importing torch); else "task". ``$DEEPLENSE_TEST_EVAL`` = driver | task overrides."""
@@ -336,6 +338,7 @@ def _run_params(cfg: TrainConfig, info: DatasetInfo, run_name: str) -> dict[str,
     return {
         **sim,
         "config": cfg.to_dict(),
+        "ingest_mode": cfg.ingest_mode(info),
         "dataset": {
             "manifest_hash": info.manifest_hash,
             "data_dir": info.data_dir,
