@@ -41,7 +41,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local Ray run
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a loaded machine starts the raylet slowly
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
@@ -129,11 +128,10 @@ def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[Path, float
 
 def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split in host memory (pinned when CUDA is there): images float32 [N,1,H,W], labels int64."""
-    from deeplense_ray.data import read_shard, shard_paths
+    from deeplense_ray.train.ingest import load_split as load_to
 
-    parts = [read_shard(str(p)) for p in shard_paths(data_dir, split)]
-    x = torch.from_numpy(np.concatenate([p["images"] for p in parts]).astype(np.float32))
-    y = torch.from_numpy(np.concatenate([p["labels"] for p in parts]).astype(np.int64))
+    x, y = load_to(str(data_dir), split, torch.device("cpu"))
+    x = x.to(torch.float32)
     if torch.cuda.is_available():
         x, y = x.pin_memory(), y.pin_memory()
     return x, y
@@ -159,6 +157,7 @@ def bare_loop(args: argparse.Namespace, cfg, info, world: int = 1) -> dict[str, 
 
 
 def _bare_worker(rank: int, world: int, args, cfg, info, ddp: tuple[int, str] | None) -> dict[str, Any]:
+    from deeplense_ray.train.ingest import memory_epoch_rows
     from deeplense_ray.train.loop import autocast_dtype, build_optimizer, derive_seed, train_one_epoch
     from deeplense_ray.train.modules import build_classifier
     from deeplense_ray.train.trainer import loop_config
@@ -190,11 +189,10 @@ def _bare_worker(rank: int, world: int, args, cfg, info, ddp: tuple[int, str] | 
     bs = cfg.batch_size
     epochs = []
     for epoch in range(1, cfg.epochs + 1):
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
-        order = torch.randperm(len(y), generator=g)[rank::world][: len(y) // world]
-        n_full = len(order) // bs * bs  # drop the last partial batch, as the Ray loop does
+        # the epoch's permutation dealt order[rank::world], cut to whole batches, as ingest="memory" does
+        order = memory_epoch_rows(len(y), rank, world, bs, derive_seed(cfg.seed, epoch), drop_last=True)
         batches = (
-            {"image": x[order[i : i + bs]], "label": y[order[i : i + bs]]} for i in range(0, n_full, bs)
+            {"image": x[order[i : i + bs]], "label": y[order[i : i + bs]]} for i in range(0, len(order), bs)
         )
         gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, rank, 1))
         sums = train_one_epoch(

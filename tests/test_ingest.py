@@ -208,7 +208,7 @@ def test_memory_batches_gather_float32_images_and_labels_in_row_order():
 
 
 @pytest.mark.slow
-def test_load_split_reads_every_shard_as_stored(ray_session, tmp_path):
+def test_load_split_reads_every_shard_as_stored(ray_session, tmp_path, monkeypatch):
     """A real (tiny, float16) dataset: load_split returns the split's rows in manifest order, float16 kept,
     equal to reading each shard file; ingest='auto' picks memory for it and split above the size limit."""
     from deeplense_ray import config as config_mod
@@ -235,13 +235,9 @@ def test_load_split_reads_every_shard_as_stored(ray_session, tmp_path):
     cfg = TrainConfig(model="ResNetSimple", data_dir=str(out))
     assert cfg.ingest == "auto" and cfg.ingest_mode(info) == "memory"
     nbytes = info.split_rows["train"] * 8 * 8 * 2
-    old = config_mod.MEMORY_INGEST_MAX_MB
-    try:
-        config_mod.MEMORY_INGEST_MAX_MB = (nbytes - 1) / 2**20
-        assert cfg.ingest_mode(info) == "split"
-        config_mod.MEMORY_INGEST_MAX_MB = nbytes / 2**20
-        assert cfg.ingest_mode(info) == "memory"
-    finally:
-        config_mod.MEMORY_INGEST_MAX_MB = old
+    monkeypatch.setattr(config_mod, "MEMORY_INGEST_MAX_MB", (nbytes - 1) / 2**20)
+    assert cfg.ingest_mode(info) == "split"
+    monkeypatch.setattr(config_mod, "MEMORY_INGEST_MAX_MB", nbytes / 2**20)
+    assert cfg.ingest_mode(info) == "memory"
     for mode in ("split", "per_rank", "memory"):
         assert TrainConfig(model="ResNetSimple", data_dir=str(out), ingest=mode).ingest_mode(info) == mode

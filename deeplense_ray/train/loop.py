@@ -637,7 +637,7 @@ class TrainBatches:
 
         config = ctx.config
         self.ctx = ctx
-        self.mode = config.get("ingest_mode") or ("simulate" if ctx.simulate else config.get("ingest"))
+        self.mode = config["ingest_mode"]  # split | per_rank | memory | simulate (TrainConfig.ingest_mode)
         self.per_rank = self.mode == "per_rank"
         self.shard = ray.train.get_dataset_shard("train") if self.mode == "split" else None
         self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # ingest="memory": loaded once
