@@ -17,6 +17,10 @@ when a token is given ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_toke
 :func:`check_cpu_room` is the one check that a training job leaves CPUs for the Ray Data read tasks that feed
 it (used by jobs/train.py and by the tune settings): with every CPU held by training workers the readers are
 never scheduled and the job waits forever.
+
+:func:`remove_orphaned_placement_groups` re-applies Ray's own lifetime rule to placement groups that Ray
+missed (a Train controller starting its worker group while its driver is being killed leaves one reserving
+CPUs/GPUs for good); :func:`connect` runs it whenever it joins a cluster that was already running.
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def connect(
     import ray
 
     if ray.is_initialized():
-        return "using the Ray runtime already initialised in this process"
+        return _with_orphans_removed("using the Ray runtime already initialised in this process")
     local_kwargs = dict(init_kwargs, preload_modules=preload_modules)
     if num_cpus is not None:
         local_kwargs["num_cpus"] = num_cpus
@@ -203,4 +207,66 @@ def connect(
         address, source = recorded, f"recorded in {record}"
     if address is None:
         return start_local_ray(**local_kwargs)
-    return _join(address, source, init_kwargs)
+    return _with_orphans_removed(_join(address, source, init_kwargs))
+
+
+def _with_orphans_removed(how: str) -> str:
+    n = remove_orphaned_placement_groups()
+    return f"{how}; removed {n} placement group(s) left reserved by ended jobs" if n else how
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose lifetime is over by Ray's own rule but that Ray did not remove.
+
+    Ray removes a placement group that is not detached once its creator job has ended and, if an actor
+    created it, that actor is dead too. The GCS applies this rule when a job or an actor dies, to the groups
+    registered at that moment, and registers a new group without checking its creator (Ray 2.60
+    ``gcs_placement_group_manager.cc``). A group that arrives in between is never removed: a Ray Train
+    controller that asks for its worker group's placement group while its driver is being killed (a search
+    interrupted with SIGKILL while a trial starts) leaves one that holds its CPUs and GPUs until the cluster
+    stops, and later trials wait for them. Reproduced here: an actor creating groups in a loop, its driver
+    SIGKILLed, left 4 groups reserved for good (tests/test_runtime_cleanup.py).
+
+    Reads the GCS tables directly (no dashboard / state API). Returns how many groups were removed.
+    """
+    import ray
+    from ray._private import state as ray_state
+    from ray._raylet import PlacementGroupID
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not ray.is_initialized():
+        return 0
+    table = gcs_pb2.PlacementGroupTableData
+    accessor = ray_state.state._connect_and_get_accessor()
+    groups = [table.FromString(raw) for raw in accessor.get_placement_group_table()]
+    live = [g for g in groups if g.state != table.REMOVED and not g.is_detached]
+    if not live:
+        return 0
+    dead_jobs = {j["JobID"] for j in ray_state.jobs() if j["IsDead"]}
+    removed = 0
+    for g in live:
+        if g.creator_job_id.hex() not in dead_jobs:
+            continue
+        if not (g.creator_actor_dead or _actor_gone(ray_state, g.creator_actor_id)):
+            continue  # e.g. an actor of the ended job that is still being stopped: its group goes with it
+        try:
+            remove_placement_group(PlacementGroup(PlacementGroupID(g.placement_group_id)))
+            removed += 1
+        except Exception as exc:  # removed meanwhile, or the GCS refused: nothing is lost by leaving it
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not remove placement group %s: %s", g.placement_group_id.hex(), exc
+            )
+    return removed
+
+
+def _actor_gone(ray_state, actor_id: bytes) -> bool:
+    """An actor id that is nil (the group was created by a driver), dead, or no longer in the actor table."""
+    from ray import ActorID
+
+    if not actor_id or ActorID(actor_id).is_nil():
+        return True
+    info = ray_state.actors(actor_id=actor_id.hex())
+    return not info or info.get("State") == "DEAD"

@@ -373,9 +373,15 @@ def _holders() -> str:
         from ray.util.state import list_actors, list_placement_groups, list_tasks
     except ImportError as exc:  # the state API needs ray[default]
         return f"(state API unavailable: {exc})"
-    actors = [(a.class_name, a.state, a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")])]
-    tasks = [(t.name, t.state) for t in list_tasks(filters=[("state", "=", "RUNNING")])]
-    groups = [(g.name, g.state) for g in list_placement_groups(filters=[("state", "=", "CREATED")])]
+    actors = [
+        (a.class_name, a.state, a.pid, a.job_id, a.actor_id[:8])
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    ]
+    tasks = [(t.name, t.state, t.job_id) for t in list_tasks(filters=[("state", "=", "RUNNING")])]
+    groups = [
+        (g.name, g.state, g.creator_job_id, g.is_detached, g.bundles)
+        for g in list_placement_groups(filters=[("state", "=", "CREATED")], detail=True)
+    ]
     return f"alive actors {actors}; running tasks {tasks}; placement groups {groups}"
 
 

@@ -185,6 +185,11 @@ class TrialRunsCallback(Callback):
                 if t.status in ("TERMINATED", "ERROR"):
                     self.reaper.trial_ended(t.trial_id)
             self.reaper.reap(trials, force=True)
+        # groups Ray itself left reserved (a driver killed while a trial started, e.g. the interrupted run
+        # this one resumes): by now every actor of such a job is gone
+        from deeplense_ray.runtime import remove_orphaned_placement_groups
+
+        remove_orphaned_placement_groups()
 
     @property
     def client(self):
