@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs per training worker (default 1, less on a small cluster: one CPU stays free for data)",
     )
     a("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
+    a(
+        "--trial-runner",
+        default="auto",
+        help="actor: a trial trains in its own Tune actor, reused by the next trial (no new processes); "
+        "trainer: a Ray Train TorchTrainer per trial; auto (default): actor with one worker per trial",
+    )
     a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
     a("--metric", default="val_auc_macro", help=f"metric to optimise: {', '.join(METRIC_MODES)}")
     a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
@@ -170,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
         workers_per_trial=args.workers_per_trial,
+        trial_runner=args.trial_runner,
         max_concurrent=args.max_concurrent,
         metric=args.metric,
         mode=args.mode,

@@ -446,15 +446,19 @@ def log_missing_epochs(tracking_uri: str, run_id: str, history: Sequence[Mapping
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = None) -> None:
     """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
     ``pixel_scale`` (from the dataset manifest; with ``simulate`` from the preset, plus ``sim_preset``, the
     resolved preset), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs per-epoch metrics to that
     run) and optional ``_fail_at_epoch`` / ``_fail_point`` (tests' fault injection: :class:`FaultInjection`).
 
     The recipe: set up (this rank, the checkpoint to resume from, model and optimizer, training input, val
-    set); then per epoch train, validate, report (checkpoint, ``ray.train.report``, then MLflow)."""
-    ctx = WorkerContext.from_config(config)  # rank, world, device, seed, precision; the worker's start time
+    set); then per epoch train, validate, report (checkpoint, ``ray.train.report``, then MLflow).
+
+    ``session``: where the loop runs (default :class:`RayTrainSession`, a Ray Train worker); a search's trial
+    run in its own actor passes ``deeplense_ray.tune.actor_trial.ActorTrialSession``."""
+    session = session if session is not None else RayTrainSession()
+    ctx = WorkerContext.from_config(config, session)  # rank, world, device, seed, precision; start time
     resumed = restore_state(ctx)  # the latest checkpoint, if any (epochs MLflow missed are logged)
     faults = FaultInjection.from_config(config, resumed.start_epoch)
     training = build_training(ctx, resumed.state)  # model (seeded), compile, DDP, optimizer, schedule
@@ -474,11 +478,86 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- its steps
+class LoopSession:
+    """Where the loop runs: its rank, world size and device, the checkpoint it resumes from, how its model is
+    wrapped, its share of a Ray Data ``train`` split, and where an epoch's report and checkpoint go."""
+
+    def placement(self) -> tuple[int, int, torch.device]:
+        """(rank, world size, device)."""
+        raise NotImplementedError
+
+    def checkpoint_dir(self):
+        """A context manager giving the directory of the checkpoint to resume from, or None."""
+        raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def dataset_shard(self, name: str):
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """Report an epoch (every rank; only rank 0 passes its checkpoint, written to ``checkpoint_dir``, a
+        temporary directory that is deleted afterwards)."""
+        raise NotImplementedError
+
+
+class RayTrainSession(LoopSession):
+    """A Ray Train (V2) worker: Ray Train places it, restores its run's latest checkpoint, wraps the model
+    (DDP over the workers), splits the ``train`` dataset and persists the reported checkpoints."""
+
+    def placement(self) -> tuple[int, int, torch.device]:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+    def checkpoint_dir(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return nullcontext(None)
+        return _as_path(checkpoint.as_directory())
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class _as_path:
+    """A checkpoint's ``as_directory()`` context manager, giving a Path."""
+
+    def __init__(self, cm) -> None:
+        self.cm = cm
+
+    def __enter__(self) -> Path:
+        return Path(self.cm.__enter__())
+
+    def __exit__(self, *exc) -> Any:
+        return self.cm.__exit__(*exc)
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """This rank's place in the run and the settings of the loop config every step reads."""
 
     config: Mapping[str, Any]
+    session: LoopSession
     rank: int
     world: int
     device: torch.device
@@ -492,14 +571,9 @@ class WorkerContext:
     mlflow: Mapping[str, str] | None  # {"tracking_uri", "run_id"}: rank 0 logs every epoch there
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> WorkerContext:
-        import ray.train
-        import ray.train.torch
-
+    def from_config(cls, config: Mapping[str, Any], session: LoopSession) -> WorkerContext:
         t_start = time.time()
-        ctx = ray.train.get_context()
-        world = ctx.get_world_size()
-        device = ray.train.torch.get_device()
+        rank, world, device = session.placement()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         augment = None
@@ -511,7 +585,8 @@ class WorkerContext:
             }
         return cls(
             config=config,
-            rank=ctx.get_world_rank(),
+            session=session,
+            rank=rank,
             world=world,
             device=device,
             seed=int(config["seed"]),
@@ -536,14 +611,11 @@ class Resumed:
 
 
 def restore_state(ctx: WorkerContext) -> Resumed:
-    """The latest checkpoint of the run (``ray.train.get_checkpoint()``), if any; rank 0 then logs the epochs
-    of its history that MLflow lacks (:func:`log_missing_epochs`)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return Resumed()
-    with checkpoint.as_directory() as ckpt_dir:
+    """The latest checkpoint of the run (``ray.train.get_checkpoint()`` in a Ray Train worker), if any; rank
+    0 then logs the epochs of its history that MLflow lacks (:func:`log_missing_epochs`)."""
+    with ctx.session.checkpoint_dir() as ckpt_dir:
+        if ckpt_dir is None:
+            return Resumed()
         state = load_training_state(ckpt_dir)
     resumed = Resumed(state, int(state["epoch"]) + 1, list(state.get("history", [])))
     if ctx.rank == 0 and ctx.mlflow:
@@ -590,9 +662,8 @@ class Training:
 
 def build_training(ctx: WorkerContext, state: Mapping[str, Any] | None) -> Training:
     """The model (initialised from ``seed``, then the checkpoint's weights if ``state``), compiled in place if
-    asked, wrapped by ``prepare_model`` (DDP); optimizer, schedule and scaler, restored from ``state``."""
-    import ray.train.torch
-
+    asked, wrapped by the session's ``prepare_model`` (DDP); optimizer, schedule and scaler, restored from
+    ``state``."""
     config = ctx.config
     seed_everything(ctx.seed)
     model = build_classifier(config)
@@ -605,7 +676,7 @@ def build_training(ctx: WorkerContext, state: Mapping[str, Any] | None) -> Train
     compiled = bool(config.get("compile", False))
     if compiled:  # in place, before DDP: checkpoints keep plain parameter names (modules.compile_model)
         compile_model(model)
-    model = ray.train.torch.prepare_model(model)
+    model = ctx.session.prepare_model(model)
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
@@ -633,13 +704,11 @@ class TrainBatches:
     point.)"""
 
     def __init__(self, ctx: WorkerContext) -> None:
-        import ray.train
-
         config = ctx.config
         self.ctx = ctx
         self.mode = config["ingest_mode"]  # split | per_rank | memory | simulate (TrainConfig.ingest_mode)
         self.per_rank = self.mode == "per_rank"
-        self.shard = ray.train.get_dataset_shard("train") if self.mode == "split" else None
+        self.shard = ctx.session.dataset_shard("train") if self.mode == "split" else None
         self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # ingest="memory": loaded once
         self.shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
         rows_per_rank = int(config.get("train_rows", 0)) // ctx.world
@@ -885,9 +954,6 @@ def report_epoch(
     """Rank 0 writes the epoch's checkpoint; every rank calls ``ray.train.report`` (a barrier; only rank 0
     attaches the checkpoint); then rank 0 logs the epoch to MLflow, so a logged epoch has its checkpoint.
     The fault-injection points "before_report" and "after_report" sit around the report."""
-    import ray.train
-    from ray.train import Checkpoint
-
     with tempfile.TemporaryDirectory(prefix="dlr-ckpt-") as tmp:
         ckpt = None
         if ctx.rank == 0:
@@ -903,9 +969,9 @@ def report_epoch(
                 history=history,
                 confusion=confusion,
             )
-            ckpt = Checkpoint.from_directory(tmp)
+            ckpt = Path(tmp)
         faults.check("before_report", epoch)
-        ray.train.report(metrics, checkpoint=ckpt)
+        ctx.session.report(metrics, ckpt)
     faults.check("after_report", epoch)
     if ctx.rank == 0 and ctx.mlflow:
         from deeplense_ray.tracking import log_metrics

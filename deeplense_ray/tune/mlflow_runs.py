@@ -115,6 +115,29 @@ def child_run_ids(client, experiment_id: str, parent_run_id: str) -> dict[str, s
     return {r.data.tags.get(TAG_TRIAL_ID): r.info.run_id for r in runs}
 
 
+#: Outcome of a child run whose trial Tune never recorded (its driver was killed in between).
+LOST_OUTCOME = "lost: the search was interrupted before it recorded this trial; not resumed"
+
+
+def close_lost_trial_runs(client, experiment_id: str, parent_run_id: str, trial_ids) -> list[str]:
+    """End the child runs of trials that are not in the search: a trial whose child run was opened when it
+    started, but that the search's saved state does not hold because the driver was killed in between (Tune
+    saves it after the step). A resumed search does not know that trial and samples a new one; its run would
+    stay RUNNING for ever. Marked KILLED with :data:`LOST_OUTCOME`; returns their trial ids."""
+    keep = set(trial_ids)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10_000
+    )
+    lost = []
+    for r in runs:
+        tid = r.data.tags.get(TAG_TRIAL_ID)
+        if tid not in keep and r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, TAG_OUTCOME, LOST_OUTCOME)
+            client.set_terminated(r.info.run_id, status="KILLED")
+            lost.append(tid)
+    return lost
+
+
 class TrialRunsCallback(Callback):
     """Driver-side Tune callback: one nested MLflow child run per trial under ``parent_run_id``.
 

@@ -140,12 +140,13 @@ def _finish(
     """After ``Tuner.fit``: summarise the trials, test the best checkpoint, write and log the report."""
     from deeplense_ray.tracking.console import dir_size
     from deeplense_ray.tune.disk import prune_to_best_trial
-    from deeplense_ray.tune.mlflow_runs import child_run_ids
+    from deeplense_ray.tune.mlflow_runs import child_run_ids, close_lost_trial_runs
 
     metric, mode = settings.metric, settings.resolved_mode
     # the callback object Tune used may be the restored one; read child-run ids from MLflow by tag
     callback.run_ids.update(child_run_ids(client, experiment_id, parent_run_id))
     trials = trial_summaries(results, settings, plan.param_keys, callback.run_ids)
+    close_lost_trial_runs(client, experiment_id, parent_run_id, [t.trial_id for t in trials])
     ok = [t for t in trials if math.isfinite(t.best_metric)]
     if not ok:
         client.set_terminated(parent_run_id, status="FAILED")

@@ -28,6 +28,8 @@ SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
 SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
 #: CPUs held by each trial's driver function (it only builds the TorchTrainer, calls fit and waits).
 DRIVER_CPUS: float = 0.1
+#: How a trial trains (TuneSettings.trial_runner; resolved by :meth:`TuneSettings.resolved_trial_runner`).
+TRIAL_RUNNERS: tuple[str, ...] = ("auto", "actor", "trainer")
 
 
 @dataclass
@@ -71,6 +73,10 @@ class TuneSettings:
         keep_checkpoints: what stays on disk after the search: 'best' (the best trial's best checkpoint
             only) or 'trials' (each trial's best checkpoint). While a trial runs it keeps its best and its
             latest (for resume); an ended trial keeps its best only.
+        trial_runner: how a trial trains: 'actor' (in the trial's own Tune actor, which Tune reuses for the
+            next trial: no new processes after the first trial; one worker per trial only), 'trainer' (a
+            Ray Train ``TorchTrainer`` per trial: a controller and ``workers_per_trial`` worker processes)
+            or 'auto' (actor with one worker per trial, else trainer). See tune/actor_trial.py.
     """
 
     model: str
@@ -104,11 +110,19 @@ class TuneSettings:
     verbose: bool = False
     keep_checkpoints: str = "best"
     simulate: bool = False
+    trial_runner: str = "auto"
 
     @property
     def resolved_mode(self) -> str:
         """The optimisation mode ('max' or 'min'): explicit or the metric's natural one."""
         return self.mode if self.mode is not None else METRIC_MODES.get(self.metric, "max")
+
+    @property
+    def resolved_trial_runner(self) -> str:
+        """'actor' or 'trainer': 'auto' is actor with one worker per trial, else trainer."""
+        if self.trial_runner == "auto":
+            return "actor" if self.workers_per_trial == 1 else "trainer"
+        return self.trial_runner
 
     def validate(self) -> TuneSettings:
         """Check every option that needs no cluster; raise ValueError naming the option and the value.
@@ -133,6 +147,13 @@ class TuneSettings:
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 1:
             raise ValueError(f"reduction_factor={self.reduction_factor!r} must be > 1")
         _check_int("workers_per_trial", self.workers_per_trial, 1)
+        if self.trial_runner not in TRIAL_RUNNERS:
+            raise ValueError(f"trial_runner={self.trial_runner!r}: choose one of {', '.join(TRIAL_RUNNERS)}")
+        if self.trial_runner == "actor" and self.workers_per_trial != 1:
+            raise ValueError(
+                f"trial_runner='actor' trains in one process: workers_per_trial={self.workers_per_trial} "
+                "needs trial_runner='trainer' (or 'auto')"
+            )
         _check_int("num_per_class", self.num_per_class, 1)
         if self.max_concurrent is not None:
             _check_int("max_concurrent", self.max_concurrent, 1)

@@ -81,6 +81,7 @@ def param_space(settings: TuneSettings, plan: SearchPlan) -> dict[str, Any]:
         "metric": settings.metric,
         "mode": settings.resolved_mode,
         "trainer_storage": plan.trainer_storage,
+        "trial_runner": settings.resolved_trial_runner,
     }
     return space
 
@@ -95,29 +96,36 @@ def make_train_config(config: Mapping[str, Any]):
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one trial = one ``TorchTrainer.fit()`` of the training loop.
+    """Tune function trainable: one trial = the training loop, in this actor (``trial_runner`` 'actor',
+    tune/actor_trial.py) or as one ``TorchTrainer.fit()`` ('trainer').
 
     ``config`` holds the sampled hyperparameters (flat keys of the search space) and ``config['_search']``:
     the fixed TrainConfig fields ("train"), the model's hyperparameter defaults ("hparams"), "metric", "mode"
-    and "trainer_storage" (where each trial's Ray Train run lives; named by the trial id, so a resumed trial
-    finds its own checkpoints). The trial's checkpoints are kept by "metric" and "mode".
+    and "trainer_storage" (where each trial's run lives; named by the trial id, so a resumed trial finds its
+    own checkpoints), "trial_runner". The trial's checkpoints are kept by "metric" and "mode".
     """
     import ray.tune
+
+    fixed = config["_search"]
+    cfg = make_train_config(config)
+    trial_id = str(ray.tune.get_context().get_trial_id())
+    cfg.storage_path = fixed["trainer_storage"]
+    if fixed.get("trial_runner", "trainer") == "actor":
+        from deeplense_ray.tune.actor_trial import train_in_actor
+
+        train_in_actor(config, cfg, trial_id)
+        return
 
     from deeplense_ray.train import build_trainer
     from deeplense_ray.tune.cleanup import make_recorder
 
-    fixed = config["_search"]
-    cfg = make_train_config(config)
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg.storage_path = fixed["trainer_storage"]
     trainer = build_trainer(
         cfg,
         run_config_callbacks=[
             _sanitizing_report_callback(fixed["metric"], fixed["mode"]),
-            make_recorder(fixed["trainer_storage"], str(trial_id)),
+            make_recorder(fixed["trainer_storage"], trial_id),
         ],
-        run_name=str(trial_id),
+        run_name=trial_id,
         # keep the trial's best checkpoints by the search's own metric, so the epoch the search names as
         # best still has its checkpoint when the search evaluates it on the test split
         score_metric=fixed["metric"],

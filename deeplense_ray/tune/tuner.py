@@ -97,8 +97,15 @@ def build_tuner(
         search_alg = BasicVariantGenerator(
             random_state=settings.seed, points_to_evaluate=points, max_concurrent=plan.concurrency
         )
+    # trial_runner 'actor': the trial's actor trains, so it holds the trial's CPUs and GPU share itself, and
+    # Tune hands it to the next trial (no process started after the first; tune/actor_trial.py). 'trainer':
+    # it only drives a TorchTrainer whose worker processes hold them.
+    in_actor = settings.resolved_trial_runner == "actor"
+    resources = {"cpu": DRIVER_CPUS}
+    if in_actor:
+        resources = {"cpu": DRIVER_CPUS + plan.cpus, "gpu": plan.gpus}
     return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": DRIVER_CPUS}),
+        tune.with_resources(trainable, resources),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=settings.metric,
@@ -107,7 +114,7 @@ def build_tuner(
             scheduler=scheduler,
             search_alg=search_alg,
             max_concurrent_trials=plan.concurrency,
-            reuse_actors=False,
+            reuse_actors=in_actor,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
