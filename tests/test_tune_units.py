@@ -41,6 +41,8 @@ def _settings(**kw) -> TuneSettings:
         ({"data_dir": "/nonexistent/dataset"}, "/nonexistent/dataset"),
         ({"train_overrides": {"lr": 1.0}}, "may not set ['lr']"),
         ({"model_size": "huge"}, "model_size='huge'"),
+        ({"trial_runner": "process"}, "trial_runner='process'"),
+        ({"trial_runner": "actor", "workers_per_trial": 2}, "needs trial_runner='trainer'"),
     ],
 )
 def test_settings_reject_bad_values_naming_them(kw, needle):
@@ -199,3 +201,44 @@ def test_trial_startup_is_read_from_the_first_report_of_an_attempt():
     assert trial_startup(first, 100.0) == {WORKERS_UP_KEY: 6.0, STARTUP_KEY: 12.5}
     assert trial_startup({**first, "setup_s": 0.0}, 100.0) == {}  # a later epoch of the same attempt
     assert trial_startup(first, None) == {}  # a trial whose start this driver did not see
+
+
+def test_a_local_run_keeps_the_best_and_the_latest_checkpoint_and_resumes_from_the_latest(tmp_path):
+    """LocalRunSession.persist (a search trial in its actor, a study run in its task): the num_to_keep best by
+    the score metric (NaN last, ties to the earlier epoch) plus the latest stay; an epoch written again
+    replaces its checkpoint; no temporary name remains."""
+    import json
+
+    from deeplense_ray.train.local import LocalRunSession, checkpoint_name
+
+    run = tmp_path / "trainers" / "abc123"
+    session = LocalRunSession(run, metric="val_loss", mode="min", num_to_keep=1)
+    assert session.latest() is None
+
+    def epoch_dir(epoch: int, val_loss: float):
+        d = tmp_path / f"src{epoch}"
+        d.mkdir(exist_ok=True)
+        (d / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val_loss}}))
+        return d
+
+    kept = lambda: sorted(p.name for p in run.iterdir())  # noqa: E731
+    session.persist(epoch_dir(1, 0.9), 1)
+    session.persist(epoch_dir(2, 0.5), 2)
+    assert kept() == [checkpoint_name(2)]  # epoch 2 is both the best and the latest
+    session.persist(epoch_dir(3, math.nan), 3)  # NaN ranks last, but it is the latest
+    assert kept() == [checkpoint_name(2), checkpoint_name(3)]
+    session.persist(epoch_dir(4, 0.7), 4)
+    assert kept() == [checkpoint_name(2), checkpoint_name(4)]
+    assert session.latest() == run / checkpoint_name(4)
+    session.persist(epoch_dir(4, 0.4), 4)  # epoch 4 again (a restored trial): replaced, and now the best
+    assert kept() == [checkpoint_name(4)]
+    assert json.loads((run / checkpoint_name(4) / "meta.json").read_text())["metrics"]["val_loss"] == 0.4
+
+    two = LocalRunSession(tmp_path / "two", metric="val_auc_macro", mode="max", num_to_keep=2)
+    for e, v in [(1, 0.6), (2, 0.8), (3, 0.7), (4, 0.5)]:
+        d = epoch_dir(e, 0.0)
+        (d / "meta.json").write_text(json.dumps({"epoch": e, "metrics": {"val_auc_macro": v}}))
+        two.persist(d, e)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [checkpoint_name(e) for e in (2, 3, 4)]
+    with pytest.raises(RuntimeError, match="trial_runner='trainer'"):
+        two.dataset_shard("train")

@@ -1,16 +1,17 @@
 """Run a study: every model x seed as one tracked training (``run_training``), then one report.
 
-Runs are parallel Ray tasks (:func:`study_run`, at most ``concurrency`` at once), each calling the project's
-``deeplense_ray.train.run_training`` with one Ray Train worker (fractional GPUs pack small models on a GPU).
-Plain tasks rather than Tune trials: a Tune trial's placement group captures the test-evaluation task that
-``run_training`` starts after ``fit``, and that task cannot fit in the trial's bundle. A finished run writes
+Runs are parallel Ray tasks (:func:`study_run`, at most ``concurrency`` at once), each holding one run's CPUs
+and GPU share (fractional GPUs pack small models on a GPU) and calling the project's
+``deeplense_ray.train.run_training(in_process=True)``: the run trains and is tested in the task's own process
+(train/local.py), with no Ray Train controller or worker processes, and Ray reuses that process for a later
+run (a GPU study of 15 runs started over 100 worker processes the Ray Train way and ran out of time). A finished run writes
 ``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz`` (test labels and
 probabilities for the ROC curves) atomically: that directory is the study's state. A resumed study
 (``resume=True``) runs only the pairs without a result; a run killed mid-training continues from its latest
 checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
 
 On disk (``<storage_path>/<name>/``): ``study_state.json`` (settings, dataset, MLflow ids), ``runs/``,
-``trainers/`` (each run's Ray Train directory and checkpoints), ``dataset/`` (with ``simulate``), and the
+``trainers/`` (each run's directory and checkpoints), ``dataset/`` (with ``simulate``), and the
 report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``,
 ``roc_study.png``). MLflow: a parent run per study (tag ``study.role=study``) holding the report, and the
 training runs nested under it (tag ``mlflow.parentRunId``).
@@ -73,15 +74,6 @@ def _images_per_s(client, run_id: str) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def _evaluate(best: str, data_dir: str, cpus: float, gpus: float) -> dict[str, Any]:
-    import ray
-
-    from deeplense_ray.train import evaluate_checkpoint
-
-    def ev(b: str, d: str) -> dict[str, Any]:
-        return evaluate_checkpoint(b, d, "test", return_predictions=True)
-
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=min(1.0, gpus))(ev).remote(best, data_dir))
 
 
 def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +84,7 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
 
     from deeplense_ray.config import TrainConfig
     from deeplense_ray.models import count_parameters
-    from deeplense_ray.train import load_model_from_checkpoint, run_training
+    from deeplense_ray.train import evaluate_checkpoint, load_model_from_checkpoint, run_training
     from deeplense_ray.train.trainer import RUN_STATE_FILE
 
     model, seed = job["model"], int(job["seed"])
@@ -109,15 +101,14 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
     else:
         if state is None and (storage / key).exists():  # nothing recorded yet: start it over
             shutil.rmtree(storage / key)
-        result = run_training(TrainConfig(**fields, resume=state is not None))
+        # trained here, in this task (which holds the run's CPUs and GPU share): no Ray Train processes
+        result = run_training(TrainConfig(**fields, resume=state is not None), in_process=True)
         run_id, best = result.run_id, result.best_checkpoint
     client = MlflowClient(tracking_uri=fixed["tracking_uri"])
     client.set_tag(run_id, TAG_PARENT, fixed["parent_run_id"])
     client.set_tag(run_id, "study.name", fixed["name"])
     client.set_tag(run_id, "study.run", key)
-    test = _evaluate(
-        best, fixed["data_dir"], fields.get("cpus_per_worker", 1.0), fields.get("gpus_per_worker", 0)
-    )
+    test = evaluate_checkpoint(best, fixed["data_dir"], "test", return_predictions=True)
     params = count_parameters(load_model_from_checkpoint(best))
     out = Path(fixed["runs_dir"])
     with atomic_path(out / f"{key}.npz") as tmp, open(tmp, "wb") as fh:  # a file: savez adds no suffix
@@ -213,16 +204,19 @@ def _ensure_dataset(s: StudySettings, out: Path) -> str:
     return str(data)
 
 
-def _run_all(pending: list[tuple[str, int]], fixed: dict[str, Any], concurrency: int) -> dict[str, str]:
-    """Every pending (model, seed) as a Ray task, at most ``concurrency`` at once; returns failures by key
-    (a failed run is reported and the others go on)."""
+def _run_all(
+    pending: list[tuple[str, int]], fixed: dict[str, Any], concurrency: int, gpus: float, cpus: float
+) -> dict[str, str]:
+    """Every pending (model, seed) as a Ray task holding one run's ``cpus`` (+ 0.1) and ``gpus``, which trains
+    it in its own process (Ray reuses the process for a later run), at most ``concurrency`` at once; returns
+    failures by key (a failed run is reported and the others go on)."""
     import sys
 
     import ray
 
     from deeplense_ray.tune.settings import DRIVER_CPUS
 
-    task = ray.remote(num_cpus=DRIVER_CPUS, max_retries=0)(study_run)
+    task = ray.remote(num_cpus=DRIVER_CPUS + cpus, num_gpus=gpus, max_retries=0)(study_run)
     todo, running, failed = list(pending), {}, {}
     while todo or running:
         while todo and len(running) < concurrency:
@@ -295,7 +289,7 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
             "data_dir": data_dir, "trainer_storage": str(out / TRAINERS_DIR), "runs_dir": str(out / RUNS_DIR),
             "fail_runs": [list(x) for x in s.fail_runs],
         }  # fmt: skip
-        _run_all(pending, fixed, concurrency)
+        _run_all(pending, fixed, concurrency, gpus, cpus)
     missing = [run_key(m, seed) for m in s.models for seed in range(s.seeds)
                if not (out / RUNS_DIR / f"{run_key(m, seed)}.json").is_file()]  # fmt: skip
     if missing:

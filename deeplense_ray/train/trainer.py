@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -478,6 +479,16 @@ def log_params_preview(cfg: TrainConfig, info: DatasetInfo, name: str) -> dict[s
     return flatten_params(_run_params(cfg, info, name))
 
 
+def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]):
+    """The run's loop in this process (train/local.py); what ``TorchTrainer.fit()`` would return."""
+    from deeplense_ray.train.local import LocalRunSession, fit_here, local_loop_config
+
+    loop = local_loop_config(cfg, info)
+    loop.update(extra)
+    session = LocalRunSession(run_dir, metric=SCORE_ATTRIBUTE, mode=SCORE_MODE, num_to_keep=cfg.num_to_keep)
+    return fit_here(session, loop)
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -485,8 +496,13 @@ def run_training(
     run_config_callbacks: Iterable[Any] = (),
     progress: bool = False,
     timeline: Timeline | None = None,
+    in_process: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` end to end (see the module docstring) and return what it produced.
+
+    ``in_process``: run the training loop in this process (one worker; train/local.py) instead of a Ray
+    Train ``TorchTrainer`` with its controller and worker processes; the test split is then evaluated here
+    too. For a caller that already holds the run's CPUs and GPU share in a Ray task or actor (a study run).
 
     ``progress``: print one line per epoch (loss, validation metrics, images/s, elapsed, ETA) while it trains
     (:class:`deeplense_ray.tracking.console.RunWatcher`, reading the epochs rank 0 logs to the MLflow run).
@@ -504,6 +520,8 @@ def run_training(
     timeline = timeline if timeline is not None else Timeline()
     cfg = cfg.resolved()
     info = cfg.validate()
+    if in_process and cfg.num_workers != 1:
+        raise ValueError(f"in_process runs one worker, got num_workers={cfg.num_workers}")
     name, state = _prepare_run(cfg, info)
     timeline.mark("run prepared")
     run_id, uri = state["mlflow_run_id"], state["tracking_uri"]
@@ -512,24 +530,22 @@ def run_training(
     try:
         if not ray.is_initialized():
             ray.init()
-        trainer = build_trainer(
-            cfg,
-            run_name=name,
-            info=info,
-            run_config_callbacks=list(run_config_callbacks),
-            extra_loop_config={
-                "mlflow": {"tracking_uri": uri, "run_id": run_id},
-                **dict(extra_loop_config or {}),
-            },
-        )
+        extra = {"mlflow": {"tracking_uri": uri, "run_id": run_id}, **dict(extra_loop_config or {})}
         timeline.mark("fit start")
+        watch = nullcontext()
         if progress:
             from deeplense_ray.tracking.console import RunWatcher
 
-            with RunWatcher(uri, run_id, max_epochs=cfg.epochs):
+            watch = RunWatcher(uri, run_id, max_epochs=cfg.epochs)
+        with watch:
+            if in_process:
+                result = _fit_in_process(cfg, info, run_dir, extra)
+            else:
+                trainer = build_trainer(
+                    cfg, run_name=name, info=info, run_config_callbacks=list(run_config_callbacks),
+                    extra_loop_config=extra,
+                )  # fmt: skip
                 result = trainer.fit()
-        else:
-            result = trainer.fit()
         timeline.mark("fit end")
         if result.error is not None:
             raise result.error
@@ -538,10 +554,13 @@ def run_training(
         history = _history_from_checkpoint(result.checkpoint)
         timeline.add_epochs(history)
 
-        # The test split, once, with the best checkpoint: here when Ray runs on this machine alone, else
-        # in a task with one worker's resources (GPU if any). The dataset's split or the fixed simulated set.
-        where = where_to_evaluate_test(cfg)
-        if where == "driver":
+        # The test split, once, with the best checkpoint: here when Ray runs on this machine alone or the run
+        # trained here, else in a task with one worker's resources (GPU if any). The dataset's split or the
+        # fixed simulated set.
+        where = "process" if in_process else where_to_evaluate_test(cfg)
+        if where == "process":  # on the device the run trained on
+            test = _evaluate_remote(best, cfg)
+        elif where == "driver":
             test = _evaluate_remote(best, cfg, device="cuda" if cfg.use_gpu else "cpu")
         else:
             gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0

@@ -9,7 +9,6 @@ the best (``keep_checkpoints='best'``, the default; ``'trials'`` keeps each tria
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -17,27 +16,12 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-CHECKPOINT_PREFIX = "checkpoint_"
+from deeplense_ray.train.local import metric_of, run_checkpoints
+
+# a checkpoint's (metric, epoch) from its meta.json, and a run's checkpoint directories (the same for runs of
+# Ray Train and runs in a trial's actor, train/local.py)
+_metric_of, trial_checkpoints = metric_of, run_checkpoints
 KEEP_CHOICES: tuple[str, ...] = ("best", "trials")
-
-
-def _metric_of(checkpoint_dir: Path, metric: str) -> tuple[float, int]:
-    """(metric, epoch) recorded in a checkpoint's meta.json ((nan, 0) if unreadable)."""
-    try:
-        meta = json.loads((checkpoint_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return math.nan, 0
-    v = meta.get("metrics", {}).get(metric)
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        v = math.nan
-    return v, int(meta.get("epoch", 0))
-
-
-def trial_checkpoints(trial_dir: str | os.PathLike[str]) -> list[Path]:
-    d = Path(trial_dir)
-    return sorted(p for p in d.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()) if d.is_dir() else []
 
 
 def best_checkpoint_dir(trial_dir: str | os.PathLike[str], metric: str, mode: str) -> Path | None:
