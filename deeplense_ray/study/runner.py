@@ -4,11 +4,11 @@ Runs are parallel Ray tasks (:func:`study_run`, at most ``concurrency`` at once)
 and GPU share (fractional GPUs pack small models on a GPU) and calling the project's
 ``deeplense_ray.train.run_training(in_process=True)``: the run trains and is tested in the task's own process
 (train/local.py), with no Ray Train controller or worker processes, and Ray reuses that process for a later
-run (a GPU study of 15 runs started over 100 worker processes the Ray Train way and ran out of time). A finished run writes
-``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz`` (test labels and
-probabilities for the ROC curves) atomically: that directory is the study's state. A resumed study
-(``resume=True``) runs only the pairs without a result; a run killed mid-training continues from its latest
-checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
+run (a GPU study of 15 runs started over 100 worker processes the Ray Train way and ran out of time). A
+finished run writes ``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz``
+(test labels and probabilities for the ROC curves) atomically: that directory is the study's state. A resumed
+study (``resume=True``) runs only the pairs without a result; a run killed mid-training continues from its
+latest checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
 
 On disk (``<storage_path>/<name>/``): ``study_state.json`` (settings, dataset, MLflow ids), ``runs/``,
 ``trainers/`` (each run's directory and checkpoints), ``dataset/`` (with ``simulate``), and the

@@ -69,7 +69,8 @@ class LocalRunSession(LoopSession):
     def placement(self) -> tuple[int, int, torch.device]:
         import ray
 
-        # Ray makes the actor's GPU share the only visible device (CUDA_VISIBLE_DEVICES) or hides all GPUs
+        # in a Ray actor or task, Ray makes its GPU share the only visible device (CUDA_VISIBLE_DEVICES), or
+        # hides every GPU when it holds none
         if ray.get_gpu_ids() and torch.cuda.is_available():
             self.device = torch.device("cuda", 0)
         return 0, 1, self.device
@@ -79,7 +80,7 @@ class LocalRunSession(LoopSession):
         return nullcontext(latest)
 
     def latest(self) -> Path | None:
-        """The run's checkpoint of the highest epoch (a restored trial resumes from it), or None."""
+        """The run's checkpoint of the highest epoch (a restored run resumes from it), or None."""
         found = [(metric_of(p, self.metric)[1], p) for p in run_checkpoints(self.run_dir)]
         return max(found)[1] if found else None
 
@@ -88,8 +89,8 @@ class LocalRunSession(LoopSession):
 
     def dataset_shard(self, name: str):
         raise RuntimeError(
-            "a trial trained in its own actor reads its input itself (ingest 'per_rank' or 'memory'); "
-            "the 'split' input needs trial_runner='trainer'"
+            "a run trained in this process reads its input itself (ingest 'per_rank' or 'memory'); the "
+            "'split' input needs Ray Train (a search: trial_runner='trainer')"
         )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
