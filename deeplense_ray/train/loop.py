@@ -19,11 +19,17 @@ augmentation generator are re-seeded from ``(seed, epoch, rank)`` and the shuffl
 ``(seed, epoch, rank)``, so the RNG state at an epoch boundary is a pure function of the epoch: restoring the
 epoch counter from a checkpoint restores the random streams exactly.
 
+Where it runs is a :class:`LoopSession`: a Ray Train worker (:class:`RayTrainSession`, the default: rank and
+device from Ray Train, checkpoints through ``ray.train.report``) or, for a one-worker run, the process that
+already holds the run's resources (``deeplense_ray.train.local.LocalRunSession``: a search trial's reused Tune
+actor, a study run's task), with the same checkpoints and reports.
+
 Layout: :func:`train_loop_per_worker` is the recipe, a few lines over the steps that follow it
-(:class:`WorkerContext`, :func:`restore_state`, :class:`FaultInjection`, :func:`build_training`,
-:class:`TrainBatches`, :class:`Validator`, :func:`train_epoch`, :func:`validate_epoch`, :func:`epoch_metrics`,
-:func:`report_epoch`); above them the pieces the benchmarks share (:func:`train_one_epoch`,
-:func:`predict_batches`, the schedule and optimizer builders, precise BatchNorm).
+(:class:`LoopSession`, :class:`WorkerContext`, :func:`restore_state`, :class:`FaultInjection`,
+:func:`build_training`, :class:`TrainBatches`, :class:`Validator`, :func:`train_epoch`,
+:func:`validate_epoch`, :func:`epoch_metrics`, :func:`report_epoch`); above them the pieces the benchmarks
+share (:func:`train_one_epoch`, :func:`predict_batches`, the schedule and optimizer builders, precise
+BatchNorm).
 """
 
 from __future__ import annotations
