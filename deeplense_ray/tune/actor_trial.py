@@ -36,6 +36,15 @@ class ActorTrialSession(LocalRunSession):
 def train_in_actor(config: dict[str, Any], cfg, trial_id: str) -> None:
     """Train trial ``trial_id`` (TrainConfig ``cfg``) here, in its Tune actor; ``config['_search']`` as in
     :func:`deeplense_ray.tune.trial.train_trial`."""
+    import gc
+
+    import torch
+
+    # the last trial's model, optimizer and data are garbage now, but a stopped trial's frames can sit in a
+    # reference cycle (its exit exception's traceback) until the collector runs: free them before this one
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     fixed = config["_search"]
     cfg = cfg.resolved()
     session = ActorTrialSession(
