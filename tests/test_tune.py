@@ -440,3 +440,23 @@ def test_gpu_request_checked_against_cluster_before_any_trial(ray_session, tiny_
     with pytest.raises(SearchSetupError, match="the Ray cluster has 0 GPUs"):
         run_search(_settings(tmp_path, tmp_path / "runs", data_dir=tiny_data, name="gpu", gpus_per_trial=1.0))
     assert not (tmp_path / "runs" / "gpu").exists()
+
+
+def test_a_local_run_restored_after_its_last_epoch_reports_that_epoch_again(tiny_data, tmp_path):
+    """A trial killed after its last epoch's checkpoint but before Tune recorded it as finished is restarted
+    on resume with nothing left to train: it reports that epoch again (a trial ending without the search
+    metric fails the whole search; CI caught this on a resumed search)."""
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.train.local import LocalRunSession, checkpoint_name, fit_here, local_loop_config
+
+    hp = {k: v for k, v in TINY_VIT.items() if k not in ("lr", "weight_decay", "batch_size")}
+    cfg = TrainConfig(model="ViT", data_dir=tiny_data, epochs=1, batch_size=16, model_overrides=hp, **TRAIN)
+    loop = local_loop_config(cfg.resolved(), cfg.resolved().validate())
+    run = tmp_path / "run"
+    first = fit_here(LocalRunSession(run, metric="val_loss", mode="min", num_to_keep=1), loop)
+    assert [p.name for p in run.iterdir()] == [checkpoint_name(1)]
+    again = LocalRunSession(run, metric="val_loss", mode="min", num_to_keep=1)
+    fit_here(again, loop)
+    assert again.last_metrics["epoch"] == 1
+    assert again.last_metrics["val_loss"] == pytest.approx(first.metrics["val_loss"])
+    assert [p.name for p in run.iterdir()] == [checkpoint_name(1)]  # nothing trained or written again

@@ -481,6 +481,11 @@ def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = 
         )  # fmt: skip
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         report_epoch(ctx, training, epoch, metrics, history, confusion=val["confusion_matrix"], faults=faults)
+    if resumed.start_epoch > ctx.epochs and history:
+        # restored after its last epoch was checkpointed but before the run was recorded as finished (a search
+        # killed at that moment): report that epoch again, so the run ends with its metrics (a Tune trial
+        # ending without a report of the search metric fails the whole search)
+        ctx.session.report(dict(history[-1]), None)
 
 
 # ---------------------------------------------------------------------------------------------- its steps
@@ -504,7 +509,8 @@ class LoopSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Report an epoch (every rank; only rank 0 passes its checkpoint, written to ``checkpoint_dir``, a
-        temporary directory that is deleted afterwards)."""
+        temporary directory that is deleted afterwards; none when a restored run reports its last, already
+        checkpointed epoch again)."""
         raise NotImplementedError
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deeplense_ray.train.local import LocalRunSession, fit_here, local_loop_config
+from deeplense_ray.train.local import LocalRunSession, checkpoint_name, fit_here, local_loop_config
 from deeplense_ray.tune.best import CHECKPOINT_PATH_KEY
 
 
@@ -27,8 +27,11 @@ class ActorTrialSession(LocalRunSession):
         from deeplense_ray.tune.trial import sanitize_result
 
         out = dict(metrics)
+        epoch = int(metrics["epoch"])
         if checkpoint_dir is not None:
-            out[CHECKPOINT_PATH_KEY] = str(self.persist(checkpoint_dir, int(metrics["epoch"])))
+            out[CHECKPOINT_PATH_KEY] = str(self.persist(checkpoint_dir, epoch))
+        elif (self.run_dir / checkpoint_name(epoch)).is_dir():  # a restored trial's last epoch, again
+            out[CHECKPOINT_PATH_KEY] = str(self.run_dir / checkpoint_name(epoch))
         self.last_metrics = dict(metrics)
         ray.tune.report(sanitize_result(out, self.metric, self.mode))
 
