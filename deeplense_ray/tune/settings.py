@@ -26,7 +26,8 @@ METRIC_MODES: dict[str, str] = {
 }
 SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
 SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
-#: CPUs held by each trial's driver function (it only builds the TorchTrainer, calls fit and waits).
+#: CPUs held by each trial's function beyond its training worker's (with a trainer it only builds the
+#: TorchTrainer, calls fit and waits; in its actor it also trains, on the trial's --cpus-per-trial).
 DRIVER_CPUS: float = 0.1
 #: How a trial trains (TuneSettings.trial_runner; resolved by :meth:`TuneSettings.resolved_trial_runner`).
 TRIAL_RUNNERS: tuple[str, ...] = ("auto", "actor", "trainer")
