@@ -242,3 +242,37 @@ def test_a_local_run_keeps_the_best_and_the_latest_checkpoint_and_resumes_from_t
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [checkpoint_name(e) for e in (2, 3, 4)]
     with pytest.raises(RuntimeError, match="trial_runner='trainer'"):
         two.dataset_shard("train")
+
+
+def test_a_resumed_search_drops_tune_state_a_killed_driver_left_truncated(tmp_path):
+    """Tune copies its pickled states into the search directory non-atomically; a driver killed during the
+    copy left a truncated callback state and the resume failed with EOFError (seen in this suite). Unreadable
+    ones are dropped before Tuner.restore; readable ones and other files are kept."""
+    import ray.cloudpickle as cloudpickle
+
+    from deeplense_ray.tune.tuner import drop_unreadable_state
+
+    good = tmp_path / "searcher-state-2026-12-02_19-15-22.pkl"
+    good.write_bytes(cloudpickle.dumps({"a": 1}))
+    bad = tmp_path / "callback-states-2026-12-02_19-15-22.pkl"
+    bad.write_bytes(cloudpickle.dumps({"run_ids": {"t1": "r1"}, "epochs": {}})[:7])
+    other = tmp_path / "experiment_state-2026-12-02_19-15-22.json"
+    other.write_text("{}")
+    assert drop_unreadable_state(str(tmp_path)) == [str(bad)]
+    assert good.exists() and other.exists() and not bad.exists()
+    assert drop_unreadable_state(str(tmp_path)) == []
+
+
+def test_a_trial_in_its_actor_reserves_its_cpus_and_gpu_share_there():
+    from types import SimpleNamespace
+
+    from deeplense_ray.tune.settings import DRIVER_CPUS
+    from deeplense_ray.tune.tuner import trial_resources
+
+    plan = SimpleNamespace(cpus=1.0, gpus=0.25)
+    actor = TuneSettings(model="ViT").validate()
+    assert trial_resources(actor, plan) == {"cpu": DRIVER_CPUS + 1.0, "gpu": 0.25}
+    trainer = TuneSettings(model="ViT", trial_runner="trainer").validate()
+    assert trial_resources(trainer, plan) == {"cpu": DRIVER_CPUS}  # the TorchTrainer's workers hold the rest
+    two = TuneSettings(model="ViT", workers_per_trial=2).validate()  # auto -> trainer
+    assert two.resolved_trial_runner == "trainer" and trial_resources(two, plan) == {"cpu": DRIVER_CPUS}

@@ -1,14 +1,17 @@
 """The ``Tuner`` of a search: ASHA (or FIFO) + Optuna (or seeded random), the driver-side callbacks, resume.
 
 ``ASHAScheduler`` stops trials on the *current* epoch's validation metric (``time_attr='epoch'``),
-``OptunaSearch`` proposes configs (seeded). Tune only accounts for the driver function's resources
-(``DRIVER_CPUS``); the trainer reserves its own workers, so concurrency is capped to what the cluster holds
-(``plan.concurrency``). Driver-side callbacks: the MLflow child runs (passed in), one console line per trial
-start, epoch and end, and an ended trial's checkpoints pruned to its best.
+``OptunaSearch`` proposes configs (seeded). A trial's actor holds the trial's CPUs and GPU share when it
+trains itself (trial_runner 'actor'), else only ``DRIVER_CPUS`` and the trainer reserves its own workers
+(:func:`trial_resources`); concurrency is capped to what the cluster holds (``plan.concurrency``). A resumed
+search first drops Tune state files a killed driver left unreadable (:func:`drop_unreadable_state`).
+Driver-side callbacks: the MLflow child runs (passed in), one console line per trial start, epoch and end,
+and an ended trial's checkpoints pruned to its best.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -52,14 +55,53 @@ def make_tuner(settings: TuneSettings, plan: SearchPlan, *, trainable: Callable,
     from ray import tune
 
     if settings.resume and tune.Tuner.can_restore(plan.output_dir):
+        drop_unreadable_state(plan.output_dir)
         return tune.Tuner.restore(
             plan.output_dir,
-            tune.with_resources(trainable, {"cpu": DRIVER_CPUS}),
+            tune.with_resources(trainable, trial_resources(settings, plan)),
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=True,
         )
     return build_tuner(settings, plan, trainable=trainable, callback=callback)
+
+
+def trial_resources(settings: TuneSettings, plan: SearchPlan) -> dict[str, float]:
+    """What Tune reserves for a trial's actor. trial_runner 'actor': the actor trains, so it holds the trial's
+    CPUs and GPU share itself, and Tune hands it to the next trial (no process started after the first;
+    tune/actor_trial.py). 'trainer': it only drives a TorchTrainer whose worker processes hold them."""
+    if settings.resolved_trial_runner == "actor":
+        return {"cpu": DRIVER_CPUS + plan.cpus, "gpu": plan.gpus}
+    return {"cpu": DRIVER_CPUS}
+
+
+def drop_unreadable_state(output_dir: str) -> list[str]:
+    """Delete the search's pickled Tune states (callback and searcher) that cannot be read back.
+
+    Tune writes them atomically in its staging directory, then copies them into the search's directory; a
+    driver killed during that copy leaves a truncated file, and ``Tuner.restore`` then fails with an EOFError
+    ("Failed to restore the run state") and the search cannot be resumed at all. Without them the resumed
+    search still has every trial (``experiment_state-*.json``); the MLflow child runs are found by tag
+    (mlflow_runs.py), and the searcher starts from the restored trials' configurations without its own
+    notes. Returns the deleted paths (each is also logged as a warning)."""
+    import glob
+    import logging
+
+    import ray.cloudpickle as cloudpickle
+
+    dropped = []
+    for path in sorted(glob.glob(os.path.join(output_dir, "*-state*.pkl"))):
+        try:
+            with open(path, "rb") as f:
+                cloudpickle.load(f)
+        except Exception as exc:  # truncated or corrupt: EOFError, UnpicklingError, ...
+            logging.getLogger(__name__).warning(
+                "dropping the unreadable Tune state %s (%s: the driver was probably killed while it was "
+                "being written); the search resumes without it", path, type(exc).__name__
+            )
+            os.remove(path)
+            dropped.append(path)
+    return dropped
 
 
 def build_tuner(
@@ -97,15 +139,9 @@ def build_tuner(
         search_alg = BasicVariantGenerator(
             random_state=settings.seed, points_to_evaluate=points, max_concurrent=plan.concurrency
         )
-    # trial_runner 'actor': the trial's actor trains, so it holds the trial's CPUs and GPU share itself, and
-    # Tune hands it to the next trial (no process started after the first; tune/actor_trial.py). 'trainer':
-    # it only drives a TorchTrainer whose worker processes hold them.
-    in_actor = settings.resolved_trial_runner == "actor"
-    resources = {"cpu": DRIVER_CPUS}
-    if in_actor:
-        resources = {"cpu": DRIVER_CPUS + plan.cpus, "gpu": plan.gpus}
+    in_actor = settings.resolved_trial_runner == "actor"  # reused by the next trial (trial_resources)
     return tune.Tuner(
-        tune.with_resources(trainable, resources),
+        tune.with_resources(trainable, trial_resources(settings, plan)),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=settings.metric,
