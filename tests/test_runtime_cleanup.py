@@ -16,7 +16,8 @@ from deeplense_ray.runtime import remove_orphaned_placement_groups
 
 # A driver whose actor asks for placement groups without pause (as a Ray Train controller does once, when it
 # starts its worker group): requests in flight when the driver is SIGKILLed reach the GCS after it has cleaned
-# up the ended job, and Ray never removes those groups.
+# up the ended job, and Ray never removes those groups. (With CPU bundles the thousands of groups exhausted
+# the test cluster's CPUs, and a group still being placed at the kill kept 0.001 CPU in one CI run.)
 SPINNER = textwrap.dedent(
     """
     import threading, time
@@ -28,9 +29,9 @@ SPINNER = textwrap.dedent(
     @ray.remote(num_cpus=0)
     class Spinner:
         def spin(self):
-            def loop():
+            def loop():  # 1-byte memory bundles: thousands of groups without exhausting the CPUs
                 while True:
-                    placement_group([{"CPU": 0.001}])
+                    placement_group([{"memory": 1}])
             for _ in range(4):
                 threading.Thread(target=loop, daemon=True).start()
 
@@ -105,6 +106,7 @@ def test_groups_left_by_a_killed_driver_are_removed_and_groups_in_use_are_kept(r
     from ray.util.placement_group import placement_group, remove_placement_group
 
     free_before = ray_session.available_resources().get("CPU", 0.0)
+    memory_before = ray_session.available_resources().get("memory", 0.0)
     mine = placement_group([{"CPU": 0.001}], name="kept-by-live-job")
     ray_session.get(mine.ready())
     p, detached_job = _driver(ray_session, DETACHED)
@@ -141,3 +143,4 @@ def test_groups_left_by_a_killed_driver_are_removed_and_groups_in_use_are_kept(r
     while ray_session.available_resources().get("CPU", 0.0) < free_before - 1e-6 and time.time() - t0 < 30:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0.0) == pytest.approx(free_before, abs=1e-6)
+    assert ray_session.available_resources().get("memory", 0.0) == pytest.approx(memory_before, abs=0.5)
