@@ -71,7 +71,7 @@ class LocalRunSession(LoopSession):
 
         # in a Ray actor or task, Ray makes its GPU share the only visible device (CUDA_VISIBLE_DEVICES), or
         # hides every GPU when it holds none
-        if ray.get_gpu_ids() and torch.cuda.is_available():
+        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
             self.device = torch.device("cuda", 0)
         return 0, 1, self.device
 
