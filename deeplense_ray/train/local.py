@@ -57,6 +57,16 @@ def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in d.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()) if d.is_dir() else []
 
 
+def ranked_checkpoints(run_dir: str | os.PathLike[str], metric: str, mode: str) -> list[Path]:
+    """A run's checkpoints, best ``metric`` first (``mode`` 'max' or 'min'); NaN last; ties: earlier epoch."""
+
+    def rank(p: Path) -> tuple[float, int]:
+        v, epoch = metric_of(p, metric)
+        return (math.inf if math.isnan(v) else (-v if mode == "max" else v)), epoch
+
+    return sorted(run_checkpoints(run_dir), key=rank)
+
+
 class LocalRunSession(LoopSession):
     """The loop as the only rank of a run, in this process (see the module docstring)."""
 
@@ -112,11 +122,7 @@ class LocalRunSession(LoopSession):
         return final
 
     def prune(self, *, latest: Path) -> list[Path]:
-        def rank(p: Path) -> tuple[float, int]:  # best first; NaN last; ties: the earlier epoch
-            v, epoch = metric_of(p, self.metric)
-            return (math.inf if math.isnan(v) else (-v if self.mode == "max" else v)), epoch
-
-        ranked = sorted(run_checkpoints(self.run_dir), key=rank)
+        ranked = ranked_checkpoints(self.run_dir, self.metric, self.mode)
         keep = set(ranked[: self.num_to_keep]) | {latest}
         gone = [p for p in ranked if p not in keep]
         for p in gone:

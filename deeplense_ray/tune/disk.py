@@ -9,36 +9,28 @@ the best (``keep_checkpoints='best'``, the default; ``'trials'`` keeps each tria
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
 
 from ray.tune import Callback
 
-from deeplense_ray.train.local import metric_of, run_checkpoints
+# the same checkpoint layout for runs of Ray Train and runs in a trial's actor (train/local.py)
+from deeplense_ray.train.local import ranked_checkpoints, run_checkpoints
 
-# a checkpoint's (metric, epoch) from its meta.json, and a run's checkpoint directories (the same for runs of
-# Ray Train and runs in a trial's actor, train/local.py)
-_metric_of, trial_checkpoints = metric_of, run_checkpoints
 KEEP_CHOICES: tuple[str, ...] = ("best", "trials")
 
 
 def best_checkpoint_dir(trial_dir: str | os.PathLike[str], metric: str, mode: str) -> Path | None:
     """The trial's checkpoint with the best ``metric`` (ties and NaN: the earlier epoch), or None."""
-    best, key = None, None
-    for p in trial_checkpoints(trial_dir):
-        v, epoch = _metric_of(p, metric)
-        score = (-math.inf if math.isnan(v) else (v if mode == "max" else -v), -epoch)
-        if key is None or score > key:
-            best, key = p, score
-    return best
+    ranked = ranked_checkpoints(trial_dir, metric, mode)
+    return ranked[0] if ranked else None
 
 
 def prune_trial_checkpoints(trial_dir: str | os.PathLike[str], metric: str, mode: str) -> list[Path]:
     """Delete every checkpoint of an ended trial but its best by ``metric``; returns the deleted ones."""
     keep = best_checkpoint_dir(trial_dir, metric, mode)
-    gone = [p for p in trial_checkpoints(trial_dir) if p != keep]
+    gone = [p for p in run_checkpoints(trial_dir) if p != keep]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -50,7 +42,7 @@ def prune_to_best_trial(trainer_storage: str | os.PathLike[str], best_trial_id: 
     gone = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if d.is_dir() and d.name != str(best_trial_id):
-            gone += trial_checkpoints(d)
+            gone += run_checkpoints(d)
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
