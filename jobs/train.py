@@ -36,7 +36,7 @@ _DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
 }
 #: Flags of this job that are not TrainConfig fields (every other flag's dest is the field it sets).
-JOB_ONLY = ("sim_config", "address", "register", "verbose")
+JOB_ONLY = ("sim_config", "address", "register", "verbose", "runner")
 #: Flags whose KEY=VALUE lists become the mapping field of the same name (parsed, see config_from_args).
 KEY_VALUE_FIELDS = ("model_overrides", "sim_overrides")
 
@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints kept by val_auc_macro (the latest is always kept too, for resume)",
     )
     p.add_argument(
+        "--runner",
+        choices=("trainer", "task"),
+        default="trainer",
+        help="'trainer' (default): Ray Train (a controller and a worker group; any --num-workers); 'task': "
+        "one worker trained and tested in one Ray task, without the Train processes (faster start; "
+        "--max-failures retries the task from the latest checkpoint; resume a run with the runner it "
+        "started with)",
+    )
+    p.add_argument(
         "--address",
         default=None,
         help="Ray address; 'local' starts a fresh local runtime (default: $RAY_ADDRESS, else the cluster "
@@ -243,12 +252,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from deeplense_ray.train.timeline import Timeline
+    from deeplense_ray.train.trainer import check_runner
 
     timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args).resolved()
         cfg.validate()  # before Ray starts
+        check_runner(args.runner, cfg)
         if args.register is not None:
             from deeplense_ray.tracking.models import check_registered_name
 
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deeplense_ray.train import run_training
 
-    result = run_training(cfg, progress=True, timeline=timeline)
+    result = run_training(cfg, progress=True, timeline=timeline, runner=args.runner)
     summary = {
         "mlflow_run_id": result.run_id,
         "tracking_uri": result.tracking_uri,

@@ -307,3 +307,41 @@ def test_bad_input_fails_before_ray_starts(ray_session, data_dir, tmp_path):
     # the CLI says the same and exits with status 2
     assert procs[1].returncode == 2, err_cli[-3000:]
     assert "error: model 'ViT' cannot take dataset" in err_cli
+
+
+def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_session, data_dir, tmp_path):
+    """``runner='task'`` (jobs/train.py --runner task): one worker trained and tested in one Ray task, no Ray
+    Train processes. A failure injected in epoch 2 (after its checkpoint is written, before it is reported)
+    with max_failures=1: Ray retries the task, which resumes from the epoch-1 checkpoint. The weights equal a
+    one-worker Ray Train run's of the same config and seed (same data order, same steps), byte for byte; a
+    run resumes only with a runner of its checkpoint layout, and runner 'task' refuses two workers."""
+    from mlflow.tracking import MlflowClient
+
+    kw = dict(num_workers=1, epochs=2, max_failures=1)
+    task = run_training(
+        _cfg(tmp_path, data_dir, run_name="task", **kw), runner="task",
+        extra_loop_config={"_fail_at_epoch": 2, "_fail_point": "before_report"},
+    )  # fmt: skip
+    assert [h["resumed_from_epoch"] for h in task.history] == [0, 1]
+    assert sorted(p.name for p in Path(task.run_dir).glob("checkpoint_*")) == [
+        "checkpoint_epoch_00001", "checkpoint_epoch_00002",
+    ]  # fmt: skip
+    run = MlflowClient(tracking_uri=task.tracking_uri).get_run(task.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["test_evaluated_in"] == "task"
+    assert [m.step for m in MlflowClient(tracking_uri=task.tracking_uri).get_metric_history(
+        task.run_id, "val_auc_macro")] == [1, 2]  # fmt: skip
+    phases = [p["phase"] for p in task.timeline["phases"]]
+    assert phases.index("fit start") < phases.index("epoch 2 val end") < phases.index("fit end")
+    assert phases.index("fit end") < phases.index("test evaluated")
+    test = evaluate_checkpoint(task.best_checkpoint, data_dir, "test", device="cpu")
+    assert task.test_metrics["loss"] == pytest.approx(test["loss"], rel=1e-5)
+
+    trainer = run_training(_cfg(tmp_path, data_dir, run_name="trainer", **kw))
+    a, b = (load_training_state(Path(r.best_checkpoint))["model"] for r in (task, trainer))
+    assert task.best_epoch == trainer.best_epoch and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "runner 'task' trained other weights than Ray Train"
+
+    with pytest.raises(ValueError, match="laid out for runner task"):
+        run_training(_cfg(tmp_path, data_dir, run_name="task", resume=True, **kw))
+    with pytest.raises(ValueError, match="runner 'task' trains one worker, got num_workers=2"):
+        run_training(_cfg(tmp_path, data_dir, run_name="two"), runner="task")

@@ -2,7 +2,7 @@
 
 Runs are parallel Ray tasks (:func:`study_run`, at most ``concurrency`` at once), each holding one run's CPUs
 and GPU share (fractional GPUs pack small models on a GPU) and calling the project's
-``deeplense_ray.train.run_training(in_process=True)``: the run trains and is tested in the task's own process
+``deeplense_ray.train.run_training(runner="process")``: the run trains and is tested in the task's own process
 (train/local.py), with no Ray Train controller or worker processes, and Ray reuses that process for a later
 run (a GPU study of 15 runs started over 100 worker processes the Ray Train way and ran out of time). A
 finished run writes ``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz``
@@ -102,7 +102,7 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
         if state is None and (storage / key).exists():  # nothing recorded yet: start it over
             shutil.rmtree(storage / key)
         # trained here, in this task (which holds the run's CPUs and GPU share): no Ray Train processes
-        result = run_training(TrainConfig(**fields, resume=state is not None), in_process=True)
+        result = run_training(TrainConfig(**fields, resume=state is not None), runner="process")
         run_id, best = result.run_id, result.best_checkpoint
     client = MlflowClient(tracking_uri=fixed["tracking_uri"])
     client.set_tag(run_id, TAG_PARENT, fixed["parent_run_id"])

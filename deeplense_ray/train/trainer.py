@@ -407,8 +407,15 @@ def _write_artifacts(
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, Any]]:
-    """Run name and state (MLflow run id, experiment id, tracking URI); creates the MLflow run if new."""
+def checkpoint_layout(runner: str) -> str:
+    """How a runner lays out a run's checkpoints: "ray_train" (Ray Train's run directory) or "local"
+    (train/local.py's ``checkpoint_epoch_NNNNN``); a run resumes only with a runner of its layout."""
+    return "ray_train" if runner == "trainer" else "local"
+
+
+def _prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str, dict[str, Any]]:
+    """Run name and state (MLflow run id, experiment id, tracking URI, checkpoint layout); creates the MLflow
+    run if new."""
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.tracking import get_or_create_experiment, log_params, run_params
@@ -420,6 +427,12 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
         if not state_file.is_file():
             raise ValueError(f"nothing to resume: {state_file} does not exist")
         state = json.loads(state_file.read_text())
+        layout = state.get("checkpoint_layout")
+        if layout is not None and layout != checkpoint_layout(runner):
+            raise ValueError(
+                f"cannot resume run {name!r} with runner {runner!r}: its checkpoints are laid out for "
+                f"{'runner trainer' if layout == 'ray_train' else 'runner task'} ({state_file}); resume with that runner"
+            )
         if state.get("manifest_hash") != info.manifest_hash:
             raise ValueError(
                 f"cannot resume run {name!r} on dataset {info.data_dir}: its manifest hash "
@@ -454,6 +467,7 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo) -> tuple[str, dict[str, An
             "tracking_uri": cfg.tracking_uri,
             "manifest_hash": info.manifest_hash,
             "config": cfg.to_dict(),
+            "checkpoint_layout": checkpoint_layout(runner),
             "status": "running",
         }
     atomic_write_json(storage / name / RUN_STATE_FILE, state)
@@ -489,6 +503,40 @@ def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: M
     return fit_here(session, loop)
 
 
+def _fit_and_test_in_task(
+    cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any], float]:
+    """``runner="task"``: in a Ray task holding one worker's CPUs and GPU share, train (as
+    :func:`_fit_in_process`) and evaluate the test split with the best checkpoint on the same device.
+    Returns (the fit's result, the test metrics, the Unix time the fit ended)."""
+    result = _fit_in_process(cfg, info, run_dir, extra)
+    fit_end = time.time()
+    best, _ = best_checkpoint(result)
+    return result, _evaluate_remote(best, cfg), fit_end
+
+
+#: Where a run's loop runs (``run_training(runner=...)``, jobs/train.py ``--runner``):
+#: "trainer": a Ray Train ``TorchTrainer`` (its controller and worker processes; any number of workers);
+#: "task": one Ray task with one worker's CPUs and GPU share trains and tests (one worker; no Train processes);
+#: "process": this process, which already holds the run's resources (a study's task, one worker).
+RUNNERS = ("trainer", "task", "process")
+
+
+def check_runner(runner: str, cfg: TrainConfig) -> None:
+    """ValueError naming the value when ``runner`` cannot run ``cfg`` (before any Ray work)."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {list(RUNNERS)}, got {runner!r}")
+    if runner != "trainer" and cfg.num_workers != 1:
+        raise ValueError(
+            f"runner {runner!r} trains one worker, got num_workers={cfg.num_workers} (use runner 'trainer')"
+        )
+    if runner != "trainer" and cfg.ingest == "split":
+        raise ValueError(
+            f"ingest 'split' (Ray Data's streaming_split) needs Ray Train: runner {runner!r} reads the train "
+            "split itself (ingest auto, per_rank or memory), or use runner 'trainer'"
+        )
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -496,13 +544,16 @@ def run_training(
     run_config_callbacks: Iterable[Any] = (),
     progress: bool = False,
     timeline: Timeline | None = None,
-    in_process: bool = False,
+    runner: str = "trainer",
 ) -> TrainResult:
     """Train ``cfg`` end to end (see the module docstring) and return what it produced.
 
-    ``in_process``: run the training loop in this process (one worker; train/local.py) instead of a Ray
-    Train ``TorchTrainer`` with its controller and worker processes; the test split is then evaluated here
-    too. For a caller that already holds the run's CPUs and GPU share in a Ray task or actor (a study run).
+    ``runner`` (:data:`RUNNERS`): "trainer" (default) fits a Ray Train ``TorchTrainer``; "task" runs the
+    training loop (train/local.py) and the test evaluation in one Ray task holding one worker's CPUs and GPU
+    share, with no Train controller or worker group to start (one worker; Ray retries the task up to
+    ``max_failures`` times, resuming from the run's latest checkpoint); "process" runs them in this process,
+    for a caller that already holds the run's resources in a Ray task or actor (a study run). A run is
+    resumed with the runner it started with (its checkpoints are laid out by it).
 
     ``progress``: print one line per epoch (loss, validation metrics, images/s, elapsed, ETA) while it trains
     (:class:`deeplense_ray.tracking.console.RunWatcher`, reading the epochs rank 0 logs to the MLflow run).
@@ -520,9 +571,8 @@ def run_training(
     timeline = timeline if timeline is not None else Timeline()
     cfg = cfg.resolved()
     info = cfg.validate()
-    if in_process and cfg.num_workers != 1:
-        raise ValueError(f"in_process runs one worker, got num_workers={cfg.num_workers}")
-    name, state = _prepare_run(cfg, info)
+    check_runner(runner, cfg)
+    name, state = _prepare_run(cfg, info, runner)
     timeline.mark("run prepared")
     run_id, uri = state["mlflow_run_id"], state["tracking_uri"]
     client = MlflowClient(tracking_uri=uri)
@@ -538,15 +588,25 @@ def run_training(
 
             watch = RunWatcher(uri, run_id, max_epochs=cfg.epochs)
         with watch:
-            if in_process:
+            test = None
+            if runner == "process":
                 result = _fit_in_process(cfg, info, run_dir, extra)
+            elif runner == "task":
+                gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
+                task = ray.remote(
+                    num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus, max_retries=cfg.max_failures,
+                    retry_exceptions=cfg.max_failures > 0,
+                )(_fit_and_test_in_task)  # fmt: skip
+                result, test, fit_end = ray.get(task.remote(cfg, info, run_dir, extra))
+                timeline.mark("fit end", at=fit_end)
             else:
                 trainer = build_trainer(
                     cfg, run_name=name, info=info, run_config_callbacks=list(run_config_callbacks),
                     extra_loop_config=extra,
                 )  # fmt: skip
                 result = trainer.fit()
-        timeline.mark("fit end")
+        if runner != "task":
+            timeline.mark("fit end")
         if result.error is not None:
             raise result.error
         best, best_metrics = best_checkpoint(result)
@@ -557,12 +617,15 @@ def run_training(
         # The test split, once, with the best checkpoint: here when Ray runs on this machine alone or the run
         # trained here, else in a task with one worker's resources (GPU if any). The dataset's split or the
         # fixed simulated set.
-        where = "process" if in_process else where_to_evaluate_test(cfg)
+        if test is not None:  # runner "task": evaluated by the run's own task, on its device
+            where = "task"
+        else:
+            where = "process" if runner == "process" else where_to_evaluate_test(cfg)
         if where == "process":  # on the device the run trained on
             test = _evaluate_remote(best, cfg)
         elif where == "driver":
             test = _evaluate_remote(best, cfg, device="cuda" if cfg.use_gpu else "cpu")
-        else:
+        elif test is None:
             gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
             task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
             test = ray.get(task.remote(best, cfg))
@@ -632,6 +695,7 @@ def run_training(
 
 
 __all__ = [
+    "RUNNERS",
     "RUN_STATE_FILE",
     "TrainResult",
     "best_checkpoint",
