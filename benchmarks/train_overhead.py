@@ -36,8 +36,8 @@ from deeplense_ray.io import atomic_write_json  # noqa: E402
 
 TARGET_OVERHEAD_S = 15.0
 #: base: the job's defaults (ingest "auto": the train split read into memory up to 2 GiB, else Ray Data);
-#: split / memory: that ingest forced; compile: torch.compile on top of base; task / compile_task: the same with
-#: ``--runner task`` (one Ray task trains and tests, no Ray Train controller or worker group)
+#: split / memory: that ingest forced; compile: torch.compile on top of base; task / compile_task: base /
+#: compile with ``--runner task`` (one Ray task trains and tests, no Ray Train controller or worker group)
 VARIANTS = {
     "base": [],
     "split": ["--ingest", "split"],

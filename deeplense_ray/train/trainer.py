@@ -431,7 +431,8 @@ def _prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str,
         if layout is not None and layout != checkpoint_layout(runner):
             raise ValueError(
                 f"cannot resume run {name!r} with runner {runner!r}: its checkpoints are laid out for "
-                f"{'runner trainer' if layout == 'ray_train' else 'runner task'} ({state_file}); resume with that runner"
+                f"{'runner trainer' if layout == 'ray_train' else 'runner task'} ({state_file}); resume "
+                "with that runner"
             )
         if state.get("manifest_hash") != info.manifest_hash:
             raise ValueError(
@@ -517,7 +518,7 @@ def _fit_and_test_in_task(
 
 #: Where a run's loop runs (``run_training(runner=...)``, jobs/train.py ``--runner``):
 #: "trainer": a Ray Train ``TorchTrainer`` (its controller and worker processes; any number of workers);
-#: "task": one Ray task with one worker's CPUs and GPU share trains and tests (one worker; no Train processes);
+#: "task": one Ray task holding one worker's CPUs and GPU share trains and tests (no Train processes);
 #: "process": this process, which already holds the run's resources (a study's task, one worker).
 RUNNERS = ("trainer", "task", "process")
 
