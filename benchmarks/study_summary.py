@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Collect finished studies (``jobs/study.py``) into one JSON and one Markdown table, next to published numbers.
+"""Collect finished studies (``jobs/study.py``) into one JSON and one Markdown table beside published numbers.
 
 Reads each study's ``study_runs.csv`` (one row per model x seed) and ``study_state.json`` (its settings) from
 the study directory (or a copy of those two files), aggregates per model with the study's own report code
 (mean +- sample std over seeds, :func:`deeplense_ray.study.report.aggregate`) and, for ``--protocol
-lensiformer`` studies, puts the paper's single-run numbers beside them. Prints the table and writes both files.
+lensiformer`` studies, puts the paper's single-run numbers beside them. Prints the table, writes both files.
 
     python benchmarks/study_summary.py STUDY_DIR [STUDY_DIR ...] --machine "one H200" \\
         --out benchmarks/results/lensiformer_protocol_h200.json
@@ -68,8 +68,9 @@ def markdown(studies: list[dict[str, Any]]) -> str:
         lines += [
             f"### {st['name']}",
             "",
-            f"{s.get('protocol') or 'study'}: {', '.join(s['models'])}; {s['seeds']} seeds, {s['epochs']} epochs, "
-            f"train {json.dumps(s.get('train', {}))}, preset overrides {json.dumps(s.get('preset_overrides', {}))}",
+            f"{s.get('protocol') or 'study'}: {', '.join(s['models'])}; {s['seeds']} seeds, "
+            f"{s['epochs']} epochs, train {json.dumps(s.get('train', {}))}, "
+            f"preset overrides {json.dumps(s.get('preset_overrides', {}))}",
             "",
             "| model | params | accuracy | macro AUC | published accuracy / AUC | seeds |",
             "|---|---:|---:|---:|---:|---:|",
@@ -87,7 +88,7 @@ def markdown(studies: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("studies", nargs="+", help="study directories (study_runs.csv and study_state.json inside)")
+    ap.add_argument("studies", nargs="+", help="study directories (with study_runs.csv, study_state.json)")
     ap.add_argument("--machine", required=True, help="where the studies ran, e.g. 'one H200'")
     ap.add_argument("--date", default=None, help="when (default: today)")
     ap.add_argument("--wall-s", default=None, help="comma-separated wall seconds of the studies, in order")
