@@ -31,6 +31,7 @@ from deeplense_ray.tune.mlflow_runs import (
     STARTUP_KEY,
     TAG_OUTCOME,
     TAG_PARENT,
+    TAG_PROCESS,
     TAG_ROLE,
     TAG_TRIAL_ID,
     WORKERS_UP_KEY,
@@ -193,6 +194,8 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     summary = (out / "summary.txt").read_text()
     assert "stopped by ASHA at epoch 1" in summary and "diverged at epoch 1" in summary
     assert "trial start-up (trial started -> first training batch): first trial" in summary
+    # each trial names the process it trained in; trials in a reused process are told apart
+    assert "that started their process: median" in summary
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)
@@ -210,6 +213,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
         hist = client.get_metric_history(c.info.run_id, "val_loss")
         # the trial's start-up: Tune start -> training workers up -> first batch
         assert 0 < c.data.metrics[WORKERS_UP_KEY] < c.data.metrics[STARTUP_KEY] < 600
+        assert c.data.tags[TAG_PROCESS].split(":")[1].isdigit()
         if lr == 10.0:
             assert c.data.tags[TAG_OUTCOME] == "stopped by ASHA at epoch 1" and c.info.status == "KILLED"
             assert [m.step for m in hist] == [1]

@@ -24,6 +24,9 @@ TAG_OUTCOME = "tune.outcome"
 TAG_EPOCHS = "tune.epochs_run"
 TAG_SEARCH = "tune.search_name"
 TAG_ROLE = "tune.role"
+#: "<hostname>:<pid>" of the process a trial trained in (Tune's own result keys): trials that share one reused
+#: the process of an earlier trial (trial_runner 'actor'), the first of each had to start it
+TAG_PROCESS = "tune.process"
 #: Result key set to 1.0 on a report whose target metric was non-finite (the trial's training diverged).
 DIVERGED_KEY = "diverged"
 #: Magnitude of the finite worst value a diverged trial reports for its metric (logged to MLflow as NaN).
@@ -285,7 +288,10 @@ class TrialRunsCallback(Callback):
             self.diverged.setdefault(trial.trial_id, epoch)
         metrics = numeric_metrics(result)
         metrics.pop("epoch", None)
-        metrics.update(trial_startup(result, self.started.get(trial.trial_id)))
+        startup = trial_startup(result, self.started.get(trial.trial_id))
+        metrics.update(startup)
+        if startup and result.get("pid") is not None:
+            self.client.set_tag(run_id, TAG_PROCESS, f"{result.get('hostname', '')}:{result['pid']}")
         if metrics:
             from mlflow.entities import Metric
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from deeplense_ray.io import atomic_write_json
-from deeplense_ray.tune.mlflow_runs import STARTUP_KEY, TAG_ROLE, TAG_SEARCH
+from deeplense_ray.tune.mlflow_runs import STARTUP_KEY, TAG_PROCESS, TAG_ROLE, TAG_SEARCH
 from deeplense_ray.tune.report import BEST_CONFIG_FILE, SUMMARY_FILE
 from deeplense_ray.tune.results import TrialSummary, as_metric
 from deeplense_ray.tune.settings import TuneSettings
@@ -194,7 +194,9 @@ def log_test_plots(
 def log_trial_startup(client, parent_run_id: str, trials: list[TrialSummary]) -> str:
     """The trials' start-up (Tune starting a trial -> its first training batch, read from the child runs),
     in start order, as one line for the summary; the parent run gets ``trial_startup_first_s`` and the
-    median and max of the later trials (which may reuse warm worker processes). '' if none was recorded."""
+    median and max of the later trials; where the child runs name their process (``TAG_PROCESS``), also of
+    the trials that started their process (the first in each) and of those that reused one ('' if no trial
+    recorded its start-up)."""
     import statistics
 
     rows = []
@@ -203,17 +205,32 @@ def log_trial_startup(client, parent_run_id: str, trials: list[TrialSummary]) ->
             continue
         run = client.get_run(t.child_run_id)
         if STARTUP_KEY in run.data.metrics:
-            rows.append((run.info.start_time, t.trial_id, float(run.data.metrics[STARTUP_KEY])))
+            process = run.data.tags.get(TAG_PROCESS)
+            rows.append((run.info.start_time, t.trial_id, float(run.data.metrics[STARTUP_KEY]), process))
     if not rows:
         return ""
     rows.sort()
-    first, later = rows[0][2], [v for _, _, v in rows[1:]]
+    first, later = rows[0][2], [r[2] for r in rows[1:]]
     metrics = {"trial_startup_first_s": first}
     text = f"trial start-up (trial started -> first training batch): first trial {first:.1f} s"
     if later:
         median = statistics.median(later)
         metrics |= {"trial_startup_later_median_s": median, "trial_startup_later_max_s": max(later)}
         text += f", the {len(later)} later: median {median:.1f} s, max {max(later):.1f} s"
+    if all(r[3] for r in rows):
+        seen: set[str] = set()
+        groups: dict[str, list[float]] = {"new": [], "reused": []}
+        for _, _, seconds, process in rows:
+            groups["reused" if process in seen else "new"].append(seconds)
+            seen.add(process)
+        parts = []
+        for key, what in (("new", "that started their process"), ("reused", "in a reused process")):
+            if groups[key]:
+                v = groups[key]
+                metrics |= {f"trial_startup_{key}_median_s": statistics.median(v),
+                            f"trial_startup_{key}_max_s": max(v)}  # fmt: skip
+                parts.append(f"{len(v)} {what}: median {statistics.median(v):.1f} s, max {max(v):.1f} s")
+        text += "; " + "; ".join(parts)
     for k, v in metrics.items():
         client.log_metric(parent_run_id, k, v)
     return text
