@@ -123,15 +123,18 @@ def test_every_train_config_field_is_a_train_flag_that_reaches_the_config():
         assert got == want and got != fields[name], (name, got, want)
 
 
-def test_train_runner_task_refuses_two_workers_and_a_split_input_before_ray(capsys):
+def test_train_runner_task_refuses_two_workers_and_a_split_input_before_ray(capsys, monkeypatch):
     """jobs/train.py --runner task trains one worker in one Ray task: two workers, or the 'split' input (a Ray
     Train feature), exit with status 2 and a message naming the value, before Ray starts."""
-    import ray
+    import deeplense_ray.runtime
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad --runner request")
+
+    monkeypatch.setattr(deeplense_ray.runtime, "connect", no_ray)
     train = _job("train")
     base = ["--model", "ResNetSimple", "--simulate", "model_ii", "--runner", "task"]
     assert train.main([*base, "--num-workers", "2"]) == 2
     assert "runner 'task' trains one worker, got num_workers=2" in capsys.readouterr().err
     assert train.main([*base, "--ingest", "split"]) == 2
     assert "ingest 'split'" in capsys.readouterr().err
-    assert not ray.is_initialized()
