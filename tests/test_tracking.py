@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,35 @@ def test_runs_logging_the_same_new_dataset_at_once_all_record_it(tmp_path):
     assert not errors, errors
     client = MlflowClient(tracking_uri=uri)
     assert all(len(client.get_run(r).inputs.dataset_inputs) == 1 for r in run_ids)
+
+
+def test_logging_a_model_checks_its_example_on_the_cpu_unless_the_user_chose(tmp_path, monkeypatch):
+    """MLflow checks a logged model's input example by loading it and predicting, on CUDA where one is visible;
+    log_classifier_model asks for the CPU (a driver holding no GPU must not open a CUDA context on one), only
+    for that check, and a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking.models import log_classifier_model
+    from deeplense_ray.train.modules import ARCH_KEYS, build_classifier
+
+    seen = []
+    real = mlflow.pytorch._load_pyfunc
+
+    def spy(path, model_config=None, **kw):
+        seen.append(os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE"))
+        return real(path, model_config=model_config, **kw)
+
+    monkeypatch.setattr(mlflow.pytorch, "_load_pyfunc", spy)
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
+    arch = {k: None for k in ARCH_KEYS} | dict(model="ResNetSimple", model_size="default", image_shape=[1, 16, 16],
+            model_overrides={"width": 8}, class_names=["a", "b"], normalize="none")  # fmt: skip
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(get_or_create_experiment("models", uri))
+    log_classifier_model(uri, run.info.run_id, build_classifier(arch), arch=arch)
+    assert seen == ["cpu"] and "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
+    monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cuda:3")
+    run = client.create_run(get_or_create_experiment("models", uri))
+    log_classifier_model(uri, run.info.run_id, build_classifier(arch), arch=arch)  # MLflow warns: no cuda:3
+    assert seen[-1] == "cuda:3" and os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] == "cuda:3"

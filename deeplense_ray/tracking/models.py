@@ -19,8 +19,8 @@ at it.
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -62,27 +62,6 @@ def model_requirements() -> list[str]:
     ]
 
 
-def start_requirements_scan() -> threading.Thread:
-    """Start, on a daemon thread, the scan of installed distributions that MLflow makes once per process when
-    it checks a model's pip requirements against the environment (``importlib_metadata.
-    packages_distributions()``, every file of every installed package: ~0.5 s on the 2-core CPU machine,
-    several seconds on the GPU machine's larger environment). :func:`~deeplense_ray.train.run_training`
-    starts it while it waits for the fit, so logging the model later finds MLflow's map already built. A
-    failure only means MLflow scans later itself."""
-
-    def scan() -> None:
-        try:
-            from mlflow.utils import requirements_utils
-
-            requirements_utils._init_modules_to_packages_map()
-        except Exception:  # a private MLflow helper: if it moved, log_model scans as before
-            pass
-
-    thread = threading.Thread(target=scan, name="mlflow-requirements-scan", daemon=True)
-    thread.start()
-    return thread
-
-
 def classifier_signature(image_shape: Sequence[int], class_names: Sequence[str]):
     """float32 tensor [-1, C, H, W] in, one double column per class out."""
     from mlflow.models import ModelSignature
@@ -120,7 +99,12 @@ def log_classifier_model(
     example = np.ascontiguousarray(input_example, dtype=np.float32)
     if list(example.shape[1:]) != shape:
         raise ValueError(f"input example shape {list(example.shape)} does not match image shape {shape}")
-    with use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    # MLflow checks the example by loading the logged model and predicting, on CUDA where the process sees a
+    # GPU: the CPU does for one example, and a driver that holds no GPU must not create a CUDA context on one
+    # a training task uses (a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins)
+    with use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), _env_default(
+        "MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"
+    ):
         info = Model.log(
             None,  # artifact_path (deprecated; the name is the model's name)
             name=MODEL_ARTIFACT,
@@ -198,6 +182,19 @@ def register_model(
     if alias:
         MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+@contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """``$name`` = ``value`` inside the block unless it is set already; restored after."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _plain(x: Any) -> Any:

@@ -583,10 +583,6 @@ def run_training(
             ray.init()
         extra = {"mlflow": {"tracking_uri": uri, "run_id": run_id}, **dict(extra_loop_config or {})}
         timeline.mark("fit start")
-        if runner != "process":  # this process waits for the fit: build MLflow's package map meanwhile
-            from deeplense_ray.tracking.models import start_requirements_scan
-
-            start_requirements_scan()
         watch = nullcontext()
         if progress:
             from deeplense_ray.tracking.console import RunWatcher
