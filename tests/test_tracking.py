@@ -156,7 +156,7 @@ def test_runs_logging_the_same_new_dataset_at_once_all_record_it(tmp_path):
 
 
 def test_logging_a_model_checks_its_example_on_the_cpu_unless_the_user_chose(tmp_path, monkeypatch):
-    """MLflow checks a logged model's input example by loading it and predicting, on CUDA where one is visible;
+    """MLflow checks a logged model's input example by loading it and predicting, on CUDA where one is seen;
     log_classifier_model asks for the CPU (a driver holding no GPU must not open a CUDA context on one), only
     for that check, and a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins."""
     import mlflow.pytorch
@@ -174,8 +174,10 @@ def test_logging_a_model_checks_its_example_on_the_cpu_unless_the_user_chose(tmp
 
     monkeypatch.setattr(mlflow.pytorch, "_load_pyfunc", spy)
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
-    arch = {k: None for k in ARCH_KEYS} | dict(model="ResNetSimple", model_size="default", image_shape=[1, 16, 16],
-            model_overrides={"width": 8}, class_names=["a", "b"], normalize="none")  # fmt: skip
+    arch = {k: None for k in ARCH_KEYS} | dict(
+        model="ResNetSimple", model_size="default", image_shape=[1, 16, 16], model_overrides={"width": 8},
+        class_names=["a", "b"], normalize="none",
+    )  # fmt: skip
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(get_or_create_experiment("models", uri))
