@@ -173,6 +173,14 @@ def test_tiny_study_report_runs_and_resume_without_redoing_finished_runs(ray_ses
     runs = client.search_runs([res.experiment_id])
     assert len([r for r in runs if "deeplense.model" in r.data.tags]) == 4
     assert Path(res.data_dir, "manifest.json").is_file()
+    # a run's row comes from its one test evaluation: what evaluating its checkpoint anew gives
+    from deeplense_ray.train import evaluate_checkpoint
+
+    row = json.loads((out / "runs" / "ResNetSimple-s1.json").read_text())
+    again = evaluate_checkpoint(row["checkpoint"], res.data_dir, "test", device="cpu")
+    assert row["auc_macro"] == pytest.approx(again["auc_macro"]) and row["accuracy"] == again["accuracy"]
+    child = next(c for c in children if c.data.tags["study.run"] == "ResNetSimple-s1")
+    assert child.data.metrics["test_auc_macro"] == pytest.approx(row["auc_macro"])
 
 
 def test_config_file_gives_one_model_its_tuned_settings(tmp_path):

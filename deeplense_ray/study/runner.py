@@ -98,17 +98,19 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state is not None and state.get("status") == "finished":  # trained; its result was not written
         run_id, best = state["mlflow_run_id"], state["best_checkpoint"]
+        test = evaluate_checkpoint(best, fixed["data_dir"], "test", return_predictions=True)
     else:
         if state is None and (storage / key).exists():  # nothing recorded yet: start it over
             shutil.rmtree(storage / key)
-        # trained here, in this task (which holds the run's CPUs and GPU share): no Ray Train processes
+        # trained here, in this task (which holds the run's CPUs and GPU share): no Ray Train processes; its
+        # one test evaluation (the dataset's test split, best checkpoint) gives the row and the ROC curves
         result = run_training(TrainConfig(**fields, resume=state is not None), runner="process")
         run_id, best = result.run_id, result.best_checkpoint
+        test = {**result.test_metrics, **result.test_predictions}
     client = MlflowClient(tracking_uri=fixed["tracking_uri"])
     client.set_tag(run_id, TAG_PARENT, fixed["parent_run_id"])
     client.set_tag(run_id, "study.name", fixed["name"])
     client.set_tag(run_id, "study.run", key)
-    test = evaluate_checkpoint(best, fixed["data_dir"], "test", return_predictions=True)
     params = count_parameters(load_model_from_checkpoint(best))
     out = Path(fixed["runs_dir"])
     with atomic_path(out / f"{key}.npz") as tmp, open(tmp, "wb") as fh:  # a file: savez adds no suffix

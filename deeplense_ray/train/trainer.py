@@ -60,6 +60,8 @@ class TrainResult:
     ray_result: Any = field(default=None, repr=False)
     timeline: dict[str, Any] = field(default_factory=dict)  # train/timeline.py: Timeline.summary()
     timeline_line: str = ""
+    #: the test split's labels and class probabilities ({"y_true", "probs"}, numpy) of the one evaluation
+    test_predictions: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -692,6 +694,7 @@ def run_training(
         ray_result=result,
         timeline=timeline.summary(),
         timeline_line=timeline.line(),
+        test_predictions={k: test[k] for k in ("y_true", "probs")},
     )
 
 
