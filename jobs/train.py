@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Train a classifier on a simulated lens dataset with Ray Train, tracked in MLflow (thin CLI).
+"""Train a classifier on a simulated lens dataset on Ray, tracked in MLflow (thin CLI).
 
     python jobs/train.py --model ViT --data data/model_ii --epochs 20 --num-workers 2 --gpus-per-worker 1
     python jobs/train.py --model ViT --simulate model_ii --images-per-epoch 65536 --gpus-per-worker 1
+
+Several workers train with Ray Train (DDP); one worker trains in one Ray task holding its CPUs and GPU
+(--runner auto, the default; --runner trainer for a one-worker Ray Train run).
 
 With --simulate PRESET every rank renders fresh training images on its own device each epoch (no dataset);
 validation and test are fixed sets rendered from their own seeds, or the val/test splits of --data if given.
@@ -37,6 +40,10 @@ _DEFAULTS = {
 }
 #: Flags of this job that are not TrainConfig fields (every other flag's dest is the field it sets).
 JOB_ONLY = ("sim_config", "address", "register", "verbose", "runner")
+RUNNER_WHAT = {
+    "task": "one worker trained and tested in one Ray task; --runner trainer for a Ray Train run",
+    "trainer": "a Ray Train TorchTrainer: a Train controller and a worker group",
+}
 #: Flags whose KEY=VALUE lists become the mapping field of the same name (parsed, see config_from_args).
 KEY_VALUE_FIELDS = ("model_overrides", "sim_overrides")
 
@@ -174,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--runner",
-        choices=("trainer", "task"),
-        default="trainer",
-        help="'trainer' (default): Ray Train (a controller and a worker group; any --num-workers); 'task': "
-        "one worker trained and tested in one Ray task, without the Train processes (faster start; "
-        "--max-failures retries the task from the latest checkpoint; resume a run with the runner it "
-        "started with)",
+        choices=("auto", "trainer", "task"),
+        default="auto",
+        help="'trainer': Ray Train (a Train controller and a worker group; any --num-workers); 'task': one "
+        "worker trained and tested in one Ray task, without the Train processes (faster start; "
+        "--max-failures retries the task from the latest checkpoint); 'auto' (default): 'task' for one "
+        "worker (not --ingest split), else 'trainer'; with --resume the runner the run started with",
     )
     p.add_argument(
         "--address",
@@ -252,14 +259,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from deeplense_ray.train.timeline import Timeline
-    from deeplense_ray.train.trainer import check_runner
+    from deeplense_ray.train.trainer import check_runner, resolve_runner
 
     timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args).resolved()
         cfg.validate()  # before Ray starts
-        check_runner(args.runner, cfg)
+        runner = resolve_runner(args.runner, cfg)
+        check_runner(runner, cfg)
         if args.register is not None:
             from deeplense_ray.tracking.models import check_registered_name
 
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(f"train: {connect_for(cfg, args.address, verbose=args.verbose)}", flush=True)
+        print(f"train: runner {runner} ({RUNNER_WHAT[runner]})", flush=True)
         timeline.mark("ray connected")
     except (RayConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -279,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from deeplense_ray.train import run_training
 
-    result = run_training(cfg, progress=True, timeline=timeline, runner=args.runner)
+    result = run_training(cfg, progress=True, timeline=timeline, runner=runner)
     summary = {
         "mlflow_run_id": result.run_id,
         "tracking_uri": result.tracking_uri,
         "run_name": result.run_name,
+        "runner": runner,
         "run_dir": result.run_dir,
         "best_epoch": result.best_epoch,
         "best_val_auc_macro": result.best_val.get("val_auc_macro"),

@@ -138,3 +138,26 @@ def test_train_runner_task_refuses_two_workers_and_a_split_input_before_ray(caps
     assert "runner 'task' trains one worker, got num_workers=2" in capsys.readouterr().err
     assert train.main([*base, "--ingest", "split"]) == 2
     assert "ingest 'split'" in capsys.readouterr().err
+
+
+def test_runner_auto_picks_task_for_one_worker_and_a_resumed_run_its_own_kind(tmp_path):
+    import json
+
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.train.trainer import RUN_STATE_FILE, resolve_runner
+
+    def cfg(**kw):
+        return TrainConfig(model="ViT", data_dir="/d", storage_path=str(tmp_path), seed=3, **kw)
+
+    assert resolve_runner("auto", cfg()) == "task"
+    assert resolve_runner("auto", cfg(num_workers=2)) == "trainer"
+    assert resolve_runner("auto", cfg(ingest="split")) == "trainer"
+    assert resolve_runner("trainer", cfg()) == "trainer" and resolve_runner("task", cfg()) == "task"
+    for name, layout in (("a", "local"), ("b", "ray_train"), ("c", None)):
+        (tmp_path / name).mkdir()
+        state = {"config": {"model": "ViT", "seed": 3}} | ({"checkpoint_layout": layout} if layout else {})
+        (tmp_path / name / RUN_STATE_FILE).write_text(json.dumps(state))
+    assert resolve_runner("auto", cfg(resume=True, run_name="a")) == "task"
+    assert resolve_runner("auto", cfg(resume=True, run_name="b")) == "trainer"
+    assert resolve_runner("auto", cfg(resume=True, run_name="c")) == "trainer"  # before layouts: Ray Train
+    assert resolve_runner("auto", cfg(resume=True, run_name="missing")) == "trainer"  # run_training says why

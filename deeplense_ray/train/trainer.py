@@ -525,6 +525,22 @@ def _fit_and_test_in_task(
 RUNNERS = ("trainer", "task", "process")
 
 
+def resolve_runner(runner: str, cfg: TrainConfig) -> str:
+    """``runner`` itself, or for "auto" (jobs/train.py's default): a resumed run's own kind (by its checkpoint
+    layout; a run without one was a Ray Train run), else "task" for one worker that reads its own input (not
+    ingest 'split'), else "trainer". ``cfg`` resolved (its storage path absolute)."""
+    if runner != "auto":
+        return runner
+    if cfg.resume:
+        try:
+            name = cfg.run_name or find_resumable_run(cfg.storage_path, cfg.model, cfg.seed)
+            state = json.loads((Path(cfg.storage_path) / name / RUN_STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return "trainer"  # nothing to resume: run_training says so, naming the directory
+        return "task" if state.get("checkpoint_layout") == "local" else "trainer"
+    return "task" if cfg.num_workers == 1 and cfg.ingest != "split" else "trainer"
+
+
 def check_runner(runner: str, cfg: TrainConfig) -> None:
     """ValueError naming the value when ``runner`` cannot run ``cfg`` (before any Ray work)."""
     if runner not in RUNNERS:
@@ -633,6 +649,7 @@ def run_training(
             task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
             test = ray.get(task.remote(best, cfg))
         client.set_tag(run_id, "test_evaluated_in", where)
+        client.set_tag(run_id, "runner", runner)
         timeline.mark("test evaluated")
 
         flat_test = flatten_metrics(test, "test")
