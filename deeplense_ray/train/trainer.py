@@ -633,18 +633,16 @@ def run_training(
         history = _history_from_checkpoint(result.checkpoint)
         timeline.add_epochs(history)
 
-        # The test split, once, with the best checkpoint: here when Ray runs on this machine alone or the run
-        # trained here, else in a task with one worker's resources (GPU if any). The dataset's split or the
-        # fixed simulated set.
-        if test is not None:  # runner "task": evaluated by the run's own task, on its device
+        # The test split, once, with the best checkpoint: where the run trained (runner task or process), else
+        # here when Ray runs on this machine alone, else in a task with one worker's resources (GPU if any).
+        # The dataset's split or the fixed simulated set.
+        if runner == "task":  # evaluated by the run's own task, above, on its device
             where = "task"
-        else:
-            where = "process" if runner == "process" else where_to_evaluate_test(cfg)
-        if where == "process":  # on the device the run trained on
-            test = _evaluate_remote(best, cfg)
-        elif where == "driver":
+        elif runner == "process":  # on the device the run trained on
+            where, test = "process", _evaluate_remote(best, cfg)
+        elif (where := where_to_evaluate_test(cfg)) == "driver":
             test = _evaluate_remote(best, cfg, device="cuda" if cfg.use_gpu else "cpu")
-        elif test is None:
+        else:
             gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
             task = ray.remote(num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus)(_evaluate_remote)
             test = ray.get(task.remote(best, cfg))
