@@ -35,14 +35,16 @@ sys.path.insert(0, str(ROOT))
 from deeplense_ray.io import atomic_write_json  # noqa: E402
 
 TARGET_OVERHEAD_S = 15.0
-#: base: the job's defaults (ingest "auto": the train split read into memory up to 2 GiB, else Ray Data);
-#: split / memory: that ingest forced; compile: torch.compile on top of base; task / compile_task: base /
-#: compile with ``--runner task`` (one Ray task trains and tests, no Ray Train controller or worker group)
+#: base: the job's defaults (ingest "auto": the train split read into memory up to 2 GiB, else Ray Data;
+#: runner "auto": one worker in one Ray task); split / memory: that ingest forced; compile: torch.compile on
+#: top of base; trainer: ``--runner trainer`` (a Ray Train controller and worker group, the default before
+#: 2026-12-03); task / compile_task: ``--runner task`` forced, without / with compile
 VARIANTS = {
     "base": [],
     "split": ["--ingest", "split"],
     "memory": ["--ingest", "memory"],
     "compile": ["--compile"],
+    "trainer": ["--runner", "trainer"],
     "task": ["--runner", "task"],
     "compile_task": ["--compile", "--runner", "task"],
 }
