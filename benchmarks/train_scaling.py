@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput: the Ray Train path (run_training, what jobs/train.py runs) against a bare PyTorch loop
+"""Training throughput: the Ray Train path (run_training; jobs/train.py's runner 'trainer') against a bare loop
 on the same device, model, data and step code (Ray's overhead), and on K GPUs against 1 (scaling).
 
 Both paths time the same ``train_one_epoch`` (same model, augmentation on the device, autocast, optimizer);
@@ -227,7 +227,7 @@ def _bare_worker(rank: int, world: int, args, cfg, info, ddp: tuple[int, str] | 
 
 
 def ray_run(args: argparse.Namespace, cfg, workdir: Path, workers: int) -> dict[str, Any]:
-    """run_training (what jobs/train.py calls) with ``workers`` Ray Train workers."""
+    """run_training (what jobs/train.py calls) with ``workers`` Ray Train workers (runner 'trainer')."""
     import dataclasses
 
     from deeplense_ray.train import run_training
