@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput: the Ray Train path (run_training; jobs/train.py's runner 'trainer') against a bare loop
+"""Training throughput: the Ray Train path (run_training; jobs/train.py's runner 'trainer') vs a bare loop
 on the same device, model, data and step code (Ray's overhead), and on K GPUs against 1 (scaling).
 
 Both paths time the same ``train_one_epoch`` (same model, augmentation on the device, autocast, optimizer);
