@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import time
-
     out = Path(args.out)
     doc = {
         "benchmark": "study_summary",
