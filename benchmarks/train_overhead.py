@@ -9,7 +9,10 @@ validation seconds of its epochs, ``overhead_s`` = job wall - train - val (targe
 issue 16), the first validation's seconds, compile seconds (``--variants base,compile``), images/s per
 epoch (MLflow ``images_per_s``; steady = median of epochs 2..E, and the compile speed-up from it) and every
 phase. Variant ``split`` forces the Ray Data input (``base`` reads a split of up to 2 GiB into memory), for
-comparison. Prints a table and writes JSON (after every variant).
+comparison. Variants ``joined`` / ``joined_compile`` run the job against a Ray head started for it with
+``ray start --head`` (127.0.0.1, token auth; its start-up timed as ``cluster_start_s`` and not part of the
+job), as ``ray job submit`` runs jobs on a cluster: the job's Ray start becomes a connection. Prints a table
+and writes JSON (after every variant).
 
     python benchmarks/train_overhead.py --quick --out /tmp/train_overhead_quick.json        # CPU smoke test
     python benchmarks/train_overhead.py --variants base,compile \\
@@ -22,6 +25,9 @@ import argparse
 import json
 import os
 import platform
+import secrets
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +53,11 @@ VARIANTS = {
     "trainer": ["--runner", "trainer"],
     "task": ["--runner", "task"],
     "compile_task": ["--compile", "--runner", "task"],
+    "joined": [],
+    "joined_compile": ["--compile"],
 }
+#: variants run against a Ray head started for them (``ray start --head``) instead of a local runtime
+JOINED = ("joined", "joined_compile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,15 +97,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[str, float]:
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run ``cmd`` in the repository root; (stdout, seconds). RuntimeError with its output tail on failure."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
     return proc.stdout, wall
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RayHead:
+    """``ray start --head --block`` on 127.0.0.1 with token auth and its own temp dir (a cluster as a job
+    submitted with ``ray job submit`` finds it); ``env``: the environment a job needs to join it. Stopped by
+    SIGTERM to that process (Ray then stops every process it started)."""
+
+    def __init__(self, workdir: Path, gpus: float, timeout: float = 120.0) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's sockets live below it
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"
+        }
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(32),
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONUNBUFFERED="1",
+        )
+        # the `ray` CLI's own module: an environment without the console script (a bundled site) has it too
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={_free_port()}", f"--num-gpus={gpus:g}", f"--temp-dir={self.root / 'r'}",
+               "--disable-usage-stats"]  # fmt: skip
+        self.log = open(workdir / f"head-{port}.log", "wb")  # noqa: SIM115
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        while b"Ray runtime started" not in Path(self.log.name).read_bytes():
+            if self.proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(f"ray start failed:\n{Path(self.log.name).read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.start_s = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def ensure_dataset(args: argparse.Namespace, workdir: Path) -> tuple[str, float]:
@@ -125,17 +189,23 @@ def run_variant(
     args: argparse.Namespace, variant: str, data: str, workdir: Path, index: int = 0
 ) -> dict[str, Any]:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    head = RayHead(workdir, gpus=1.0 if args.gpus_per_worker > 0 else 0.0) if variant in JOINED else None
     cmd = [sys.executable, "jobs/train.py", "--model", args.model, "--data", data,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--gpus-per-worker", f"{args.gpus_per_worker:g}",
-           "--precision", args.precision, "--address", "local", "--experiment", "train-overhead",
+           "--precision", args.precision, "--address", head.address if head else "local",
+           "--experiment", "train-overhead",
            "--tracking-uri", uri, "--storage-path", str(workdir / "ray_results"),
            "--run-name", f"overhead-{variant}-{index}", *VARIANTS[variant]]  # fmt: skip
     for kv in args.model_override:
         cmd += ["--model-override", kv]
     if args.cpus_per_worker is not None:
         cmd += ["--cpus-per-worker", f"{args.cpus_per_worker:g}"]
-    stdout, outer_wall = _run(cmd, args.timeout)
+    try:
+        stdout, outer_wall = _run(cmd, args.timeout, env=head.env if head else None)
+    finally:
+        if head is not None:
+            head.stop()
     summary = job_summary(stdout)
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -151,6 +221,7 @@ def run_variant(
         "variant": variant,
         "command": " ".join(cmd),
         "outer_wall_s": outer_wall,
+        "cluster_start_s": head.start_s if head else None,  # the head's `ray start` (not part of the job)
         "wall_s": timeline["wall_s"],
         "train_s": timeline["train_s"],
         "val_s": timeline["val_s"],
@@ -207,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     for plain, compiled in (("base", "compile"), ("task", "compile_task")):
         if by_variant.get(plain) and by_variant.get(compiled):
             speedup = by_variant[compiled] / by_variant[plain]
-            print(f"compile speed-up ({compiled} / {plain}, steady images/s, epochs 2..E): {speedup:.2f}x "
-                  "(target for ViT >= 1.8x)")
+            print(
+                f"compile speed-up ({compiled} / {plain}, steady images/s, epochs 2..E): {speedup:.2f}x "
+                "(target for ViT >= 1.8x)"
+            )
     atomic_write_json(args.out, _report(args, gpu, data, sim_s, runs, speedup))
     print(f"wrote {args.out}")
     return 0

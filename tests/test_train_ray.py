@@ -314,7 +314,8 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     Train processes. A failure injected in epoch 2 (after its checkpoint is written, before it is reported)
     with max_failures=1: Ray retries the task, which resumes from the epoch-1 checkpoint. The weights equal a
     one-worker Ray Train run's of the same config and seed (same data order, same steps), byte for byte; a
-    run resumes only with a runner of its checkpoint layout, and runner 'task' refuses two workers."""
+    run without a failure trains in the warm-up's worker; a run resumes only with a runner of its checkpoint
+    layout, and runner 'task' refuses two workers."""
     from mlflow.tracking import MlflowClient
 
     kw = dict(num_workers=1, epochs=2, max_failures=1)
@@ -340,6 +341,14 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     a, b = (load_training_state(Path(r.best_checkpoint))["model"] for r in (task, trainer))
     assert task.best_epoch == trainer.best_epoch and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "runner 'task' trained other weights than Ray Train"
+
+    # without a failure the task runs in the worker process that imported torch etc. while the driver made
+    # the MLflow run (_warm_task_worker), not in one Ray starts for it
+    warm = run_training(_cfg(tmp_path, data_dir, run_name="warm", num_workers=1, epochs=1), runner="task")
+    tags = MlflowClient(tracking_uri=warm.tracking_uri).get_run(warm.run_id).data.tags
+    assert tags["task_worker"] == "warmed"
+    phases = [p["phase"] for p in warm.timeline["phases"]]
+    assert phases.index("run prepared") < phases.index("task worker ready") < phases.index("workers_up")
 
     with pytest.raises(ValueError, match="laid out for runner task"):
         run_training(_cfg(tmp_path, data_dir, run_name="task", resume=True, **kw))

@@ -506,16 +506,72 @@ def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: M
     return fit_here(session, loop)
 
 
+#: What a training process imports before its first batch, imported by a ``runner="task"`` run's warm-up
+#: worker (:func:`_warm_task_worker`). Having every worker of the job's runtime pre-import them as Ray starts
+#: it (``RAY_preload_python_modules``) was slower on one H200 (2026-12-03: Ray starts 16 workers there, all
+#: importing at once; the job's fixed cost 29-30 s against 21-23 s, its training 12k against 14-16k img/s).
+#: The driver imports ``_RESULT_IMPORTS`` while the run trains, for logging its results.
+_TRAIN_IMPORTS = (
+    "torch", "torch._dynamo", "deeplense_ray.train.local", "deeplense_ray.train.metrics", "sklearn.metrics",
+    "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
+)  # fmt: skip
+_RESULT_IMPORTS = ("matplotlib.figure", "matplotlib.backends.backend_agg", "deeplense_ray.tracking.models",
+                   "mlflow.pytorch", "mlflow.models")  # fmt: skip
+
+
+def _import_modules(names: Sequence[str]) -> int:
+    """Import ``names`` (an import that fails is left to the code that needs it, which then says why)."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112 - a warm-up only; the real import reports the error
+            continue
+    return os.getpid()
+
+
+def _task_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The Ray resources of a ``runner="task"`` run's task: one worker's CPUs and GPU share."""
+    return {
+        "num_cpus": float(cfg.cpus_per_worker),
+        "num_gpus": min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0,
+    }
+
+
+def _warm_task_worker(cfg: TrainConfig):
+    """Start, while the driver prepares the MLflow run, a Ray worker process holding the run task's resources
+    that imports what training needs (torch, torch._dynamo, which the first optimizer imports, scikit-learn
+    for the first validation, this package); returns its ObjectRef (the worker's pid). Once it returns, the
+    run's task is given that idle worker (Ray reuses a job's idle worker whose resources match: a GPU task
+    only a worker that ran one) instead of starting a process. CUDA is not touched: which GPU the run gets is
+    set when its task starts."""
+    import ray
+
+    # max_calls=0: a GPU function's worker would otherwise exit after one call (Ray's default for GPU tasks)
+    return ray.remote(max_calls=0, **_task_options(cfg))(_import_modules).remote(_TRAIN_IMPORTS)
+
+
+def _wait_quietly(ref: Any) -> Any:
+    """``ray.get(ref)`` of a warm-up task, None if it failed (not the run's failure: its own task reports)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
 def _fit_and_test_in_task(
     cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]
 ) -> tuple[Any, dict[str, Any], float]:
     """``runner="task"``: in a Ray task holding one worker's CPUs and GPU share, train (as
     :func:`_fit_in_process`) and evaluate the test split with the best checkpoint on the same device.
-    Returns (the fit's result, the test metrics, the Unix time the fit ended)."""
+    Returns (the fit's result, the test metrics, the Unix time the fit ended, this worker's pid)."""
     result = _fit_in_process(cfg, info, run_dir, extra)
     fit_end = time.time()
     best, _ = best_checkpoint(result)
-    return result, _evaluate_remote(best, cfg), fit_end
+    return result, _evaluate_remote(best, cfg), fit_end, os.getpid()
 
 
 #: Where a run's loop runs (``run_training(runner=...)``, jobs/train.py ``--runner``):
@@ -591,6 +647,7 @@ def run_training(
     cfg = cfg.resolved()
     info = cfg.validate()
     check_runner(runner, cfg)
+    warm = _warm_task_worker(cfg) if runner == "task" and ray.is_initialized() else None
     name, state = _prepare_run(cfg, info, runner)
     timeline.mark("run prepared")
     run_id, uri = state["mlflow_run_id"], state["tracking_uri"]
@@ -611,13 +668,19 @@ def run_training(
             if runner == "process":
                 result = _fit_in_process(cfg, info, run_dir, extra)
             elif runner == "task":
-                gpus = min(1.0, float(cfg.gpus_per_worker)) if cfg.use_gpu else 0
+                warm_pid = _wait_quietly(warm) if warm is not None else None
+                if warm is not None:
+                    timeline.mark("task worker ready")
                 task = ray.remote(
-                    num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus, max_retries=cfg.max_failures,
-                    retry_exceptions=cfg.max_failures > 0,
-                )(_fit_and_test_in_task)  # fmt: skip
-                result, test, fit_end = ray.get(task.remote(cfg, info, run_dir, extra))
+                    **_task_options(cfg), max_retries=cfg.max_failures, retry_exceptions=cfg.max_failures > 0
+                )(_fit_and_test_in_task)
+                pending = task.remote(cfg, info, run_dir, extra)
+                _import_modules(_RESULT_IMPORTS)  # what logging the results needs, while the run trains
+                result, test, fit_end, task_pid = ray.get(pending)
                 timeline.mark("fit end", at=fit_end)
+                # "warmed": the task ran in the warm-up's process (see _warm_task_worker); "new": Ray started
+                # another one (a retry, or no idle worker fitted)
+                client.set_tag(run_id, "task_worker", "warmed" if task_pid == warm_pid else "new")
             else:
                 trainer = build_trainer(
                     cfg, run_name=name, info=info, run_config_callbacks=list(run_config_callbacks),
