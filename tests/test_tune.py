@@ -196,6 +196,12 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     assert "trial start-up (trial started -> first training batch): first trial" in summary
     # each trial names the process it trained in; trials in a reused process are told apart
     assert "that started their process: median" in summary
+    # where the trials' seconds went: the parts add up to the total (the rest is "other", never negative)
+    m = re.search(r"trial time \(summed over 4 trials\): (\d+) s = start-up (\d+) s \+ training (\d+) s \+ "
+                  r"validation (\d+) s \+ other (\d+) s", summary)  # fmt: skip
+    assert m, summary
+    total, *parts = (int(g) for g in m.groups())
+    assert total > 0 and abs(sum(parts) - total) <= 2 and parts[1] > 0
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)

@@ -191,6 +191,38 @@ def log_test_plots(
         client.log_artifacts(run_id, tmp)
 
 
+def log_trial_time(client, parent_run_id: str, trials: list[TrialSummary]) -> str:
+    """Where the trials' seconds went, summed over the trials (from their child runs): each trial's wall
+    (child run start -> end), its start-up (``STARTUP_KEY``), its epochs' training and validation seconds
+    (``train_seconds``, ``val_seconds``) and the rest (checkpoints, reports, MLflow); one line for the
+    summary, and the parent run gets ``trial_time_{total,startup,train,val,other}_s`` ('' if no trial
+    ended)."""
+    sums = {"total": 0.0, "startup": 0.0, "train": 0.0, "val": 0.0}
+    n = 0
+    for t in trials:
+        if not t.child_run_id:
+            continue
+        run = client.get_run(t.child_run_id)
+        if not run.info.end_time:
+            continue
+        n += 1
+        sums["total"] += (run.info.end_time - run.info.start_time) / 1000.0
+        sums["startup"] += float(run.data.metrics.get(STARTUP_KEY, 0.0))
+        for key, metric in (("train", "train_seconds"), ("val", "val_seconds")):
+            sums[key] += sum(m.value for m in client.get_metric_history(t.child_run_id, metric))
+    if not n:
+        return ""
+    # the start-up ends at the first batch, inside the first epoch's training seconds: counted once
+    sums["other"] = max(0.0, sums["total"] - sums["startup"] - sums["train"] - sums["val"])
+    for k, v in sums.items():
+        client.log_metric(parent_run_id, f"trial_time_{k}_s", v)
+    return (
+        f"trial time (summed over {n} trials): {sums['total']:.0f} s = start-up {sums['startup']:.0f} s + "
+        f"training {sums['train']:.0f} s + validation {sums['val']:.0f} s + other {sums['other']:.0f} s "
+        "(checkpoints, reports, MLflow)"
+    )
+
+
 def log_trial_startup(client, parent_run_id: str, trials: list[TrialSummary]) -> str:
     """The trials' start-up (Tune starting a trial -> its first training batch, read from the child runs),
     in start order, as one line for the summary; the parent run gets ``trial_startup_first_s`` and the

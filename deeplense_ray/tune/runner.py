@@ -29,6 +29,7 @@ from deeplense_ray.tune.parent_run import (
     log_search_outcome,
     log_trial_curves,
     log_trial_startup,
+    log_trial_time,
     reopen_parent_run,
     start_parent_run,
 )
@@ -160,8 +161,9 @@ def _finish(
     test_metrics, predictions = evaluate_best(ckpt, plan.base_train)
 
     table = format_summary(trials, metric, mode)
-    startup = log_trial_startup(client, parent_run_id, trials)
-    table += f"\n\n{startup}" if startup else ""
+    for log_lines in (log_trial_startup, log_trial_time):  # the trials' start-up, where their seconds went
+        line = log_lines(client, parent_run_id, trials)
+        table += f"\n\n{line}" if line else ""
     best_cfg = best_train_fields(best, best_res, plan.base_train)
     best_doc = best_config_doc(settings, plan.name, best, best_cfg, (ckpt, ckpt_epoch), test_metrics)
     curves = write_search_files(plan.output_dir, best_doc, table, trials, metric)
