@@ -542,7 +542,8 @@ def _task_options(cfg: TrainConfig) -> dict[str, Any]:
 def _warm_task_worker(cfg: TrainConfig):
     """Start, while the driver prepares the MLflow run, a Ray worker process holding the run task's resources
     that imports what training needs (torch, torch._dynamo, which the first optimizer imports, scikit-learn
-    for the first validation, this package); returns its ObjectRef (the worker's pid). Once it returns, the
+    for the first validation, MLflow for the first epoch's metrics, this package); returns its ObjectRef (the
+    worker's pid). Once it returns, the
     run's task is given that idle worker (Ray reuses a job's idle worker whose resources match: a GPU task
     only a worker that ran one) instead of starting a process. CUDA is not touched: which GPU the run gets is
     set when its task starts."""
@@ -564,7 +565,7 @@ def _wait_quietly(ref: Any) -> Any:
 
 def _fit_and_test_in_task(
     cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]
-) -> tuple[Any, dict[str, Any], float]:
+) -> tuple[Any, dict[str, Any], float, int]:
     """``runner="task"``: in a Ray task holding one worker's CPUs and GPU share, train (as
     :func:`_fit_in_process`) and evaluate the test split with the best checkpoint on the same device.
     Returns (the fit's result, the test metrics, the Unix time the fit ended, this worker's pid)."""
@@ -668,8 +669,9 @@ def run_training(
             if runner == "process":
                 result = _fit_in_process(cfg, info, run_dir, extra)
             elif runner == "task":
-                warm_pid = _wait_quietly(warm) if warm is not None else None
+                warm_pid = None
                 if warm is not None:
+                    warm_pid = _wait_quietly(warm)
                     timeline.mark("task worker ready")
                 task = ray.remote(
                     **_task_options(cfg), max_retries=cfg.max_failures, retry_exceptions=cfg.max_failures > 0
