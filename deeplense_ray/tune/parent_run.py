@@ -208,11 +208,18 @@ def log_trial_time(client, parent_run_id: str, trials: list[TrialSummary]) -> st
         n += 1
         sums["total"] += (run.info.end_time - run.info.start_time) / 1000.0
         sums["startup"] += float(run.data.metrics.get(STARTUP_KEY, 0.0))
-        for key, metric in (("train", "train_seconds"), ("val", "val_seconds")):
-            sums[key] += sum(m.value for m in client.get_metric_history(t.child_run_id, metric))
+        history = {k: sorted(client.get_metric_history(t.child_run_id, k), key=lambda m: m.step)
+                   for k in ("train_seconds", "val_seconds", "first_batch_s")}  # fmt: skip
+        train = sum(m.value for m in history["train_seconds"])
+        # the start-up ends at the first batch, which the first epoch's training seconds include: count the
+        # wait for it once, as start-up
+        if history["first_batch_s"] and STARTUP_KEY in run.data.metrics:
+            train -= min(history["first_batch_s"][0].value, train)
+        sums["train"] += train
+        sums["val"] += sum(m.value for m in history["val_seconds"])
     if not n:
         return ""
-    # the start-up ends at the first batch, inside the first epoch's training seconds: counted once
+    # the rest of the trials' wall; not below 0 (the child run's times come from the driver's clock)
     sums["other"] = max(0.0, sums["total"] - sums["startup"] - sums["train"] - sums["val"])
     for k, v in sums.items():
         client.log_metric(parent_run_id, f"trial_time_{k}_s", v)
