@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -157,8 +158,6 @@ class RayHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
-        import shutil
-
         shutil.rmtree(self.root, ignore_errors=True)
 
 

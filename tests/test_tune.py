@@ -201,7 +201,7 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
                   r"validation (\d+) s \+ other (\d+) s", summary)  # fmt: skip
     assert m, summary
     total, *parts = (int(g) for g in m.groups())
-    assert abs(sum(parts) - total) <= 2  # whole seconds as printed; the parent run has them unrounded
+    assert abs(sum(parts) - total) <= 3  # five numbers rounded to whole seconds; the parent run: unrounded
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)
