@@ -543,10 +543,9 @@ def _warm_task_worker(cfg: TrainConfig):
     """Start, while the driver prepares the MLflow run, a Ray worker process holding the run task's resources
     that imports what training needs (torch, torch._dynamo, which the first optimizer imports, scikit-learn
     for the first validation, MLflow for the first epoch's metrics, this package); returns its ObjectRef (the
-    worker's pid). Once it returns, the
-    run's task is given that idle worker (Ray reuses a job's idle worker whose resources match: a GPU task
-    only a worker that ran one) instead of starting a process. CUDA is not touched: which GPU the run gets is
-    set when its task starts."""
+    worker's pid). Once it returns, the run's task is given that idle worker (Ray reuses a job's idle worker
+    whose resources match: a GPU task only a worker that ran one) instead of starting a process. CUDA is not
+    touched: which GPU the run gets is set when its task starts."""
     import ray
 
     # max_calls=0: a GPU function's worker would otherwise exit after one call (Ray's default for GPU tasks)
