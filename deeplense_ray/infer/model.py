@@ -49,7 +49,9 @@ class LoadedModel:
 
 
 def is_mlflow_uri(uri: str) -> bool:
-    return str(uri).startswith(("runs:/", "models:/", "mlflow-artifacts:", "file:", "s3:", "gs:", "http"))
+    """MLflow's own schemes and remote stores; anything else (a folder named ``httpckpt`` too) is a path."""
+    schemes = ("runs:/", "models:/", "mlflow-artifacts:", "file:", "s3://", "gs://", "http://", "https://")
+    return str(uri).startswith(schemes)
 
 
 def load_classifier(uri: str, tracking_uri: str | None = None) -> LoadedModel:
