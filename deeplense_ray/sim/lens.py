@@ -241,3 +241,106 @@ def alpha_tnfw(
     )
     a = 4.0 * rho0 * Rs * g / (X * X)
     return a * dx, a * dy
+
+
+# ----------------------------------------------------------------------------- EPL and multipoles
+
+
+def epl_series_terms(
+    q_min: float, gamma_max: float = 2.5, *, rtol: float = 1e-6, max_terms: int = 1000
+) -> int:
+    """Terms n = 1..N of the EPL angular series (``alpha_epl``) after the first that bound its truncation
+    error by ``rtol`` (relative to |Omega|) for every axis ratio q >= ``q_min`` and slope
+    gamma <= ``gamma_max``.
+
+    With f = (1-q)/(1+q) and t = gamma - 1 in (0, 2) the terms are a_n f^n, a_0 = 1,
+    a_n = a_{n-1} (2n-2+t)/(2n+2-t) (decreasing in n, increasing in t): the tail after N terms is at most
+    a_{N+1} f^(N+1) / (1-f), and |Omega| >= 1 - a_1 f / (1-f). At most ``max_terms``.
+    """
+    c = min(max((1.0 - q_min) / (1.0 + q_min), 0.0), 0.9999)
+    if c == 0.0:
+        return 0
+    t = min(max(gamma_max - 1.0, 1e-6), 2.0 - 1e-6)
+    floor = max(1.0 - (t / (4.0 - t)) * c / (1.0 - c), 1e-3)
+    a, fn = 1.0, 1.0
+    for n in range(1, max_terms + 1):
+        a *= (2 * n - 2 + t) / (2 * n + 2 - t)
+        fn *= c
+        if a * fn / (1.0 - c) <= rtol * floor:
+            return n - 1
+    return max_terms
+
+
+def alpha_epl(
+    x: Tensor,
+    y: Tensor,
+    theta_E: Tensor,
+    gamma: Tensor,
+    e1: Tensor,
+    e2: Tensor,
+    center_x=0.0,
+    center_y=0.0,
+    *,
+    n_terms: int,
+) -> tuple[Tensor, Tensor]:
+    """Elliptical power-law mass (lenstronomy ``EPL``; Tessore & Metcalf 2015, arXiv:1507.01819).
+
+    kappa = (3-gamma)/2 (theta_E / sqrt(q x'^2 + y'^2/q))^(gamma-1) in the frame rotated by phi. With
+    b = theta_E sqrt(q) [arcsec], t = gamma - 1, f = (1-q)/(1+q), R = sqrt(q^2 x'^2 + y'^2) (floored at 1e-9
+    arcsec, as lenstronomy) and the elliptical angle varphi (cos = q x'/R, sin = y'/R):
+    alpha' = 2 b / (1+q) (b/R)^(t-1) Omega, Omega = sum_n a_n (-f)^n e^{i(2n+1) varphi}
+    (the hypergeometric series 2F1(1, t/2; 2-t/2; -f e^{2 i varphi}) of T&M eq. 22-29), a_0 = 1,
+    a_n = a_{n-1} (2n-2+t)/(2n+2-t), summed to n = ``n_terms`` (``epl_series_terms`` picks it), in real
+    arithmetic (each term is the previous one rotated by 2 varphi). gamma = 2 is the SIE (``alpha_sie``).
+    theta_E [arcsec] is lenstronomy's circularised Einstein radius; gamma the 3D slope (1 < gamma < 3).
+    Returns (alpha_x, alpha_y) [arcsec].
+    """
+    phi, q, c = ellipticity_to_phi_q(e1, e2)
+    cos_p, sin_p = torch.cos(phi), torch.sin(phi)
+    dx = x - center_x
+    dy = y - center_y
+    xr = cos_p * dx + sin_p * dy
+    yr = -sin_p * dx + cos_p * dy
+    t = gamma - 1.0
+    b = theta_E * torch.sqrt(q)
+    R = torch.sqrt(q * q * xr * xr + yr * yr).clamp_min(1e-9)
+    cf = q * xr / R
+    sf = yr / R
+    c2 = cf * cf - sf * sf  # cos, sin of 2 varphi
+    s2 = 2.0 * sf * cf
+    ox, oy = cf, sf
+    wx, wy = cf, sf
+    for n in range(1, int(n_terms) + 1):
+        k = -c * (2.0 * n - 2.0 + t) / (2.0 * n + 2.0 - t)  # c = (1-q)/(1+q)
+        ox, oy = k * (ox * c2 - oy * s2), k * (oy * c2 + ox * s2)
+        wx = wx + ox
+        wy = wy + oy
+    amp = 2.0 * b / (1.0 + q) * torch.exp((t - 1.0) * torch.log(b / R))
+    ax_r, ay_r = amp * wx, amp * wy
+    return cos_p * ax_r - sin_p * ay_r, sin_p * ax_r + cos_p * ay_r
+
+
+def alpha_multipole(
+    x: Tensor, y: Tensor, m: int, a_m: Tensor, phi_m: Tensor, center_x=0.0, center_y=0.0, r_E=1.0
+) -> tuple[Tensor, Tensor]:
+    """Circular multipole of order m (lenstronomy ``MULTIPOLE``, Xu et al. 2013 eq. B12; isothermal).
+
+    Polar (r, phi) about the centre, a_m [arcsec], phi_m [rad], r_E [arcsec] (m = 1 only):
+    m >= 2: kappa = a_m / (2r) cos(m(phi - phi_m)),
+    alpha = a_m/(1-m^2) [cos(m(phi-phi_m)) (cos phi, sin phi) + m sin(m(phi-phi_m)) (sin phi, -cos phi)];
+    m = 1: alpha = a_m/2 [ln(r/r_E) (cos phi_m, sin phi_m) + cos(phi - phi_m) (cos phi, sin phi)],
+    r floored at 1e-6 arcsec (as lenstronomy). Returns (alpha_x, alpha_y) [arcsec].
+    """
+    dx = x - center_x
+    dy = y - center_y
+    r = torch.sqrt(dx * dx + dy * dy).clamp_min(1e-6)
+    cp, sp = dx / r, dy / r
+    if m == 1:
+        ln = torch.log(r / r_E)
+        cpm, spm = torch.cos(phi_m), torch.sin(phi_m)
+        proj = cp * cpm + sp * spm  # cos(phi - phi_m)
+        return 0.5 * a_m * (cpm * ln + proj * cp), 0.5 * a_m * (spm * ln + proj * sp)
+    ang = torch.atan2(dy, dx) - phi_m
+    cm = a_m / (1.0 - m * m) * torch.cos(m * ang)
+    sm = m * a_m / (1.0 - m * m) * torch.sin(m * ang)
+    return cp * cm + sp * sm, sp * cm - cp * sm
