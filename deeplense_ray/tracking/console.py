@@ -332,9 +332,11 @@ def mlflow_ui_command(
     tracking_uri: str, *, port: int = 5000, artifacts: str | os.PathLike[str] | None = None
 ) -> str:
     """The exact command that opens the MLflow UI over ``tracking_uri`` (a local SQLite store also gets its
-    ``--artifacts-destination``, the ``mlartifacts/`` beside the database)."""
+    ``--artifacts-destination``, the ``mlartifacts/`` beside the database), each word shell-quoted."""
+    from shlex import quote
+
     exe = Path(sys.executable).with_name("mlflow")
-    cmd = f"{exe if exe.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}"
+    cmd = f"{quote(str(exe)) if exe.exists() else 'mlflow'} ui --backend-store-uri {quote(tracking_uri)}"
     if artifacts is None:
         from deeplense_ray.tracking.mlflow_utils import default_artifact_location
 
@@ -345,7 +347,7 @@ def mlflow_ui_command(
 
         artifacts = url2pathname(urlparse(str(artifacts)).path)
     if artifacts:
-        cmd += f" --artifacts-destination {artifacts}"
+        cmd += f" --artifacts-destination {quote(str(artifacts))}"
     return f"{cmd} --host 127.0.0.1 --port {port}"
 
 
