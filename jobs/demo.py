@@ -97,7 +97,9 @@ def paths(out: Path) -> dict[str, Path]:
 
 
 def tracking_uri(p: dict[str, Path]) -> str:
-    return f"sqlite:///{p['db']}"
+    from deeplense_ray.tracking.mlflow_utils import sqlite_uri
+
+    return sqlite_uri(p["db"])
 
 
 def setup_ray_auth(p: dict[str, Path]) -> None:
@@ -207,11 +209,21 @@ def done_lines(result, s: DemoSettings, p: dict[str, Path], seconds: float) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="demo_output", help="results directory (default ./demo_output)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (32 px, 2 trials of 2 epochs)")
     args = ap.parse_args(argv)
     p = paths(Path(args.out).resolve())
+    from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
+
+    check_tracking_reachable(tracking_uri(p))  # the demo's own SQLite store: no server to wait for
     p["out"].mkdir(parents=True, exist_ok=True)
     setup_ray_auth(p)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deeplense_ray.data.config import parse_splits
     from deeplense_ray.infer.npy_import import import_npy

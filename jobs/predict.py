@@ -78,11 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deeplense_ray.infer.predict import run_prediction
     from deeplense_ray.runtime import RayConnectError
+    from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
 
     try:
+        if not args.no_mlflow or args.model_uri.startswith(("models:/", "runs:/")):
+            check_tracking_reachable(args.tracking_uri)  # before Ray starts and --out is written
         result = run_prediction(
             args.model_uri,
             args.input,

@@ -150,6 +150,13 @@ def connect_ray(address: str | None, **init_kwargs) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verify is not None:
         from deeplense_ray.data.manifest import load_manifest, verify_dataset

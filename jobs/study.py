@@ -120,9 +120,19 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
+
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        check_tracking_reachable(settings.tracking_uri)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -258,6 +258,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
     from deeplense_ray.train.timeline import Timeline
     from deeplense_ray.train.trainer import check_runner, resolve_runner
 
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             from deeplense_ray.tracking.models import check_registered_name
 
             check_registered_name(args.register)
+        check_tracking_reachable(cfg.tracking_uri)
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

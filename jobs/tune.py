@@ -232,6 +232,15 @@ def summary_lines(result, registered: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
+    from deeplense_ray.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
+
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args).validate()
@@ -239,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             from deeplense_ray.tracking.models import check_registered_name
 
             check_registered_name(args.register)
+        check_tracking_reachable(settings.tracking_uri)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
