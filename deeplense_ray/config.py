@@ -58,8 +58,9 @@ class DatasetInfo:
 
 
 def describe_dataset(data_dir: str | os.PathLike[str]) -> DatasetInfo:
-    """Read ``data_dir/manifest.json``; FileNotFoundError / ValueError naming the directory or file."""
-    from deeplense_ray.data.manifest import load_manifest, manifest_hash
+    """Read ``data_dir/manifest.json`` and check that each shard holds the rows it lists (HDF5 metadata only);
+    FileNotFoundError / ValueError naming the directory or file."""
+    from deeplense_ray.data.manifest import check_shard_rows, load_manifest, manifest_hash
 
     root = Path(data_dir).expanduser()
     if not root.exists():
@@ -70,6 +71,7 @@ def describe_dataset(data_dir: str | os.PathLike[str]) -> DatasetInfo:
         raise NotADirectoryError(f"data directory {str(root)!r} is not a directory")
     root = root.resolve()
     manifest = load_manifest(root)
+    check_shard_rows(root, manifest)
     shape = tuple(int(v) for v in manifest["image_shape"])
     if len(shape) != 3:
         raise ValueError(f"dataset {root}: image_shape {list(shape)} is not [C, H, W]")

@@ -5,16 +5,24 @@ directory (``.NAME.tmp-<random>``, so ``os.replace`` is a rename within one file
 then renamed over the target; on any error the temporary file is removed and the target is untouched. Readers
 therefore see the old file or the whole new one. :func:`remove_stale_tmp` deletes what a killed writer left.
 
-``fsync``: the data files and the manifest of a dataset are fsynced (a crash right after the rename must not
-leave an empty file under the final name); run-state and report files, rewritten often and cheap to
-regenerate, are not, unless asked.
+``fsync``: the data files and the manifest of a dataset, and training checkpoints, are fsynced (a crash right
+after the rename must not leave an empty file under the final name), and so is the directory after the
+rename (and the parents of directories the write created), so that the new name itself survives a crash;
+run-state and report files, rewritten often and cheap to regenerate, are not, unless asked.
+
+:func:`directory_lock` takes an exclusive ``flock`` on a lock file inside a directory, so that two processes
+cannot write the same directory at once (dataset builds and imports, see
+:func:`deeplense_ray.data.manifest.dataset_lock`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,18 +47,54 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory, so that the names created, renamed or removed in it are on disk. File systems
+    that cannot fsync a directory (EINVAL / ENOTSUP) are skipped."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: str | os.PathLike[str], *, fsync: bool = False) -> Path:
+    """``mkdir -p directory``; with ``fsync``, the parent of every directory it created is fsynced."""
+    d = Path(directory)
+    missing = []
+    p = d
+    while not p.is_dir() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    d.mkdir(parents=True, exist_ok=True)
+    if fsync:
+        for created in missing:
+            fsync_dir(created.parent)
+    return d
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike[str], *, fsync: bool = False, sync_dir: bool | None = None
+) -> Iterator[Path]:
     """``with atomic_path(p) as tmp: <write the file tmp>``: on a normal exit ``tmp`` is (fsynced and)
-    renamed to ``p``; on an exception it is removed and ``p`` is left as it was. Creates the directory."""
+    renamed to ``p``; on an exception it is removed and ``p`` is left as it was. Creates the directory.
+
+    ``fsync``: fsync the file before the rename and its directory after it. ``sync_dir`` (default: as
+    ``fsync``): fsync the directory after the rename (for a writer that fsyncs the file itself)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    sync_dir = fsync if sync_dir is None else sync_dir
+    make_dirs(out.parent, fsync=sync_dir)
     tmp = tmp_path_for(out)
     try:
         yield tmp
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, out)
+        if sync_dir:
+            fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -105,14 +149,81 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = F
     return atomic_write_text(path, text, fsync=fsync)
 
 
-def remove_stale_tmp(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files left by a killed writer under ``directory`` (recursively). Returns them."""
+def remove_stale_tmp(directory: str | os.PathLike[str], *, max_depth: int | None = None) -> list[Path]:
+    """Delete temporary files left by a killed writer under ``directory`` (recursively, or at most
+    ``max_depth`` folders down: 0 is ``directory`` itself). Returns them."""
     removed: list[Path] = []
     root = Path(directory)
     if not root.is_dir():
         return removed
-    for p in root.rglob(f".*{TMP_MARK}*"):
-        if p.is_file():
+    if max_depth is None:
+        found = root.rglob(f".*{TMP_MARK}*")
+    else:
+        found = (p for depth in range(max_depth + 1) for p in root.glob("*/" * depth + f".*{TMP_MARK}*"))
+    for p in found:
+        if p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+class DirectoryLockedError(OSError):
+    """Another process holds the lock of a directory (see :func:`directory_lock`); the message names it."""
+
+
+_HELD: dict[tuple[str, int], int] = {}  # (lock file, thread id) -> nesting depth in this process
+_HELD_GUARD = threading.Lock()
+
+
+@contextmanager
+def directory_lock(
+    directory: str | os.PathLike[str], name: str = ".lock", *, what: str = ""
+) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) for the ``with`` block.
+
+    The lock is ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``directory/name``, a file created once and never
+    removed (removing it would let a third process lock a new file while the second still holds the old
+    one). If another process (or another thread of this one) holds it, :class:`DirectoryLockedError`
+    names the directory at once; nothing waits. The same thread may nest ``directory_lock`` on the same
+    directory (a job holding it calls a library function that takes it too). The kernel drops the lock
+    when the process dies, so a killed job leaves no stale lock. Works on local file systems; on NFS,
+    ``flock`` is only as good as the mount's lock support (NFSv4, or v3 with ``lockd``; a ``nolock`` mount
+    locks per client only). ``what``: a hint for the error message (who is likely holding it).
+    """
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    lock_file = Path(directory).resolve() / name
+    key = (str(lock_file), threading.get_ident())
+    with _HELD_GUARD:
+        if _HELD.get(key):
+            _HELD[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield lock_file
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
+    make_dirs(lock_file.parent)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirectoryLockedError(
+                f"{lock_file.parent} is in use by another process (lock {lock_file} is held"
+                f"{'; ' + what if what else ''}); wait for it to finish or use another directory"
+            ) from None
+        with _HELD_GUARD:
+            _HELD[key] = 1
+        try:
+            yield lock_file
+        finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

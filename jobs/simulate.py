@@ -14,6 +14,7 @@ Every flag is checked before Ray starts; errors name the bad value and exit with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -124,16 +125,16 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
 def check_resume_dir(out: Path) -> None:
     """``--resume`` only continues a dataset of this project: a non-empty directory without its
     ``manifest.json``, build marker or split folders of shards is refused, naming what it holds."""
-    from deeplense_ray.data.manifest import MANIFEST_NAME
+    from deeplense_ray.data.manifest import LOCK_NAME, MANIFEST_NAME
     from deeplense_ray.data.pipeline import BUILDING_NAME
 
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return
     if (out / MANIFEST_NAME).is_file() or (out / BUILDING_NAME).is_file():
         return
     if any(out.glob("*/shard-*.h5")):
         return
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK_NAME)
     shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
     raise ValueError(
         f"--resume: {out} is not a dataset of this project (no {MANIFEST_NAME}, no {BUILDING_NAME}, no "
@@ -172,22 +173,31 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"verify {args.verify}: OK, {n} shards match the manifest")
         return 0
 
+    from deeplense_ray.data.manifest import dataset_lock
     from deeplense_ray.data.pipeline import check_out_dir
 
-    try:
-        cfg = config_from_args(args)
-        check_out_dir(Path(args.out).resolve(), resume=args.resume, overwrite=args.overwrite)
-        if args.resume:
-            check_resume_dir(Path(args.out).resolve())
-            from deeplense_ray.data.pipeline import _check_resume_config, resolved_config
-            from deeplense_ray.sim import resolve_preset
+    with contextlib.ExitStack() as held:
+        try:
+            cfg = config_from_args(args)
+            out = Path(args.out).resolve()
+            # The whole job holds the directory's lock: a second job writing the same --out stops here.
+            held.enter_context(dataset_lock(out))
+            check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
+            if args.resume:
+                check_resume_dir(out)
+                from deeplense_ray.data.pipeline import _check_resume_config, resolved_config
+                from deeplense_ray.sim import resolve_preset
 
-            preset = resolve_preset(cfg.preset, cfg.preset_overrides or None)
-            _check_resume_config(Path(args.out).resolve(), resolved_config(cfg, preset.to_dict()))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+                preset = resolve_preset(cfg.preset, cfg.preset_overrides or None)
+                _check_resume_config(out, resolved_config(cfg, preset.to_dict()))
+        except (ValueError, OSError) as exc:  # OSError: the lock is held, or `out` cannot be made
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return _simulate(args, cfg)
 
+
+def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
+    """Start Ray and build the dataset (the caller holds the lock of ``--out``)."""
     import ray
 
     from deeplense_ray.data import build_dataset, manifest_hash

@@ -11,6 +11,10 @@ Throughput: each renderer actor runs ``RENDER_CALLS_PER_ACTOR`` calls at once (t
 on the GPU while the previous one is copied to pinned host memory and put in the object store; the actor
 warms up (imports, CUDA, kernel JIT) in its constructor. Write tasks take ``WRITE_CPUS`` CPUs each.
 
+One build at a time per directory: ``build_dataset`` holds :func:`deeplense_ray.data.manifest.dataset_lock`
+(``DIR/.lock``) from before it deletes or writes anything until it returns; a second build of the same
+directory fails at once naming it.
+
 A shard's content depends only on (config, split, shard index), so the bytes do not depend on how many
 workers or GPUs render it. Write tasks are retried by Ray (``WRITE_RETRIES``); a failed attempt leaves no
 file behind. Fault injection for tests: ``faults={"train/1": 1}`` (or the environment variable
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +36,14 @@ from typing import Any
 import numpy as np
 
 from deeplense_ray.data.config import DatasetConfig
-from deeplense_ray.data.manifest import MANIFEST_NAME, build_manifest, load_manifest, write_manifest
+from deeplense_ray.data.manifest import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    build_manifest,
+    dataset_lock,
+    load_manifest,
+    write_manifest,
+)
 from deeplense_ray.data.plan import ShardSpec, plan_shards
 from deeplense_ray.data.shards import (
     ShardReadError,
@@ -54,6 +65,10 @@ RENDER_CALLS_PER_ACTOR = 2
 PREVIEW_NAME = "preview.png"
 _PARAM_PREFIX = "p__"
 _TIMING_KEYS = ("render_s", "to_arrow_s", "from_arrow_s", "encode_s", "hash_s", "write_s")
+#: A shard file a build writes: ``<split>/shard-NNNNN.h5`` (split names: letters, digits, '_' and '-').
+SHARD_RE = re.compile(r"^[A-Za-z0-9_-]+/shard-[0-9]{5,}\.h5$")
+#: The fault-injection marker files in DIR/.faults (``<split>-<index>.<k>``).
+_FAULT_MARKER_RE = re.compile(r"^[A-Za-z0-9_-]+-[0-9]+\.[0-9]+$")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +104,7 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ValueError("choose one of resume and overwrite, not both")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (resume or overwrite):
         raise ValueError(
             f"output directory {out} is not empty: pass --resume to finish it or --overwrite to replace it"
         )
@@ -118,18 +133,43 @@ def _check_resume_config(out: Path, config: Mapping[str, Any]) -> None:
             )
 
 
-def clear_dataset_dir(out: Path) -> None:
-    """Remove what a build writes (manifest, preview, shard files, build markers); leave other files."""
-    for name in (MANIFEST_NAME, PREVIEW_NAME, BUILDING_NAME):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
-    remove_stale_tmp(out)
+def _remove_fault_markers(out: Path) -> int:
+    """Delete the fault-injection markers in ``out/.faults`` (and the folder once empty). Returns how many."""
+    folder = out / FAULTS_DIR
+    if not folder.is_dir():
+        return 0
+    markers = [p for p in folder.iterdir() if p.is_file() and _FAULT_MARKER_RE.match(p.name)]
+    for p in markers:
+        p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty
+    return len(markers)
+
+
+def clear_dataset_dir(out: Path) -> list[Path]:
+    """Remove the files a build writes and nothing else: the manifest, preview and build marker, the shard
+    files the manifest lists (inside ``out``) or named ``<split>/shard-NNNNN.h5``, temporary files of
+    atomic writes in ``out`` and its split folders, fault markers. Split folders left empty go too. Any
+    other file or folder stays. Returns the files removed."""
+    removed = [out / n for n in (MANIFEST_NAME, PREVIEW_NAME, BUILDING_NAME) if (out / n).is_file()]
+    listed: set[str] = set()
+    with contextlib.suppress(FileNotFoundError, ValueError):  # no manifest, or one this package refuses
+        listed = {s["path"] for info in load_manifest(out)["splits"].values() for s in info["shards"]}
     for sub in out.iterdir():
-        if sub.is_dir():
-            for f in sub.glob("shard-*.h5"):
-                f.unlink()
-            if not any(sub.iterdir()):
-                sub.rmdir()
+        if not sub.is_dir() or sub.is_symlink():
+            continue
+        for f in sub.iterdir():
+            rel = f"{sub.name}/{f.name}"
+            if f.is_file() and not f.is_symlink() and (rel in listed or SHARD_RE.match(rel)):
+                removed.append(f)
+    for f in removed:
+        f.unlink(missing_ok=True)
+    _remove_fault_markers(out)
+    removed += remove_stale_tmp(out, max_depth=1)
+    for sub in {f.parent for f in removed if f.parent != out}:
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    return removed
 
 
 def expected_attrs(
@@ -557,12 +597,12 @@ def _settle_and_remove_tmp(out: Path, *, quiet_s: float = 1.0, timeout_s: float 
     deadline = time.monotonic() + timeout_s
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        if remove_stale_tmp(out):
+        if remove_stale_tmp(out, max_depth=1):
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= quiet_s:
             return
         time.sleep(0.1)
-    remove_stale_tmp(out)
+    remove_stale_tmp(out, max_depth=1)
 
 
 def build_dataset(
@@ -585,7 +625,9 @@ def build_dataset(
     ``gpus_per_worker`` GPUs (0 = CPU; fractions share a GPU). ``resume`` keeps shards already written
     and valid (sha256 vs the manifest, or internal checksums + attributes vs the plan when the earlier run
     died before its manifest) and renders the rest, keeping the earlier manifest until the new one
-    replaces it; ``overwrite`` clears an earlier dataset first.
+    replaces it; ``overwrite`` removes the files of an earlier dataset first (see :func:`clear_dataset_dir`).
+    Holds the directory's lock (:func:`deeplense_ray.data.manifest.dataset_lock`) from the first write to
+    the return: :class:`deeplense_ray.io.DirectoryLockedError` naming ``out`` if another build holds it.
     ``stats`` (if given) is filled with timings: per-stage seconds summed over shards, wall time, bytes.
     """
     from deeplense_ray.sim import resolve_preset
@@ -597,24 +639,58 @@ def build_dataset(
         raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker!r}")
     faults = dict(faults) if faults is not None else parse_faults(os.environ.get(FAULTS_ENV))
     preset = resolve_preset(cfg.preset, dict(cfg.preset_overrides) or None)
+    out = Path(out_dir).resolve()
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    specs = plan_shards(cfg, len(preset.class_names), paired=bool(preset.paired))
+    with dataset_lock(out):  # DirectoryLockedError naming ``out`` if another build holds it
+        return _build_locked(
+            cfg,
+            out,
+            preset,
+            specs,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            preview=preview,
+            faults=faults,
+            stats=stats,
+        )
+
+
+def _build_locked(
+    cfg: DatasetConfig,
+    out: Path,
+    preset: Any,
+    specs: list[ShardSpec],
+    *,
+    workers: int,
+    gpus_per_worker: float,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    preview: bool,
+    faults: Mapping[str, int],
+    stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`build_dataset` once it holds the lock of ``out``: the directory checks again (another build
+    may have finished in between), then plan, render, write."""
     preset_dict = preset.to_dict()
     class_names = tuple(preset.class_names)
-    out = Path(out_dir).resolve()
     check_out_dir(out, resume=resume, overwrite=overwrite)
     config = resolved_config(cfg, preset_dict)
     if resume:
         _check_resume_config(out, config)
-    specs = plan_shards(cfg, len(class_names), paired=bool(preset.paired))
 
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     old_manifest: dict[str, Any] | None = None
     if resume and (out / MANIFEST_NAME).is_file():
         old_manifest = load_manifest(out)
     if overwrite:
         clear_dataset_dir(out)
-    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
-    remove_stale_tmp(out)
+    _remove_fault_markers(out)
+    remove_stale_tmp(out, max_depth=1)
     atomic_write_text(out / BUILDING_NAME, json.dumps({"config": config}, indent=2) + "\n")
     # An earlier manifest (only --resume finds one: --overwrite cleared it) stays until the new one
     # replaces it atomically: it holds every shard's sha256, which a crash of this build must not lose.
@@ -700,8 +776,7 @@ def build_dataset(
 
         write_preview(out, manifest)
     (out / BUILDING_NAME).unlink(missing_ok=True)
-    faults_injected = len(list((out / FAULTS_DIR).glob("*"))) if (out / FAULTS_DIR).is_dir() else 0
-    shutil.rmtree(out / FAULTS_DIR, ignore_errors=True)
+    faults_injected = _remove_fault_markers(out)
     t_end = time.perf_counter()
 
     if stats is not None:

@@ -13,8 +13,9 @@ Schema (FORMAT_VERSION 1), one file per shard ``<split>/shard-00000.h5``:
 HDF5 writes a shard straight to a temporary name in the same directory; the image chunks go in with
 ``write_direct_chunk`` and a Fletcher-32 computed in numpy, or on the GPU by the renderer
 (``fletcher32_chunks``; the bytes HDF5's own filter would give either way). The file is then
-hashed (sha256, read back from the page cache) while another thread fsyncs it, and renamed (``os.replace``):
-a shard is either complete or absent. ``encode_shard`` gives the same bytes in memory.
+hashed (sha256, read back from the page cache) while another thread fsyncs it, and renamed (``os.replace``,
+then the directory is fsynced): a shard is either complete or absent. ``encode_shard`` gives the same bytes
+in memory.
 No timestamps are stored (``track_times=False`` everywhere), so identical inputs give identical bytes.
 """
 
@@ -241,7 +242,7 @@ def write_shard(
     _check_shard_inputs(images, labels, params)
     p = Path(path)
     t0 = time.perf_counter()
-    with atomic_path(p) as tmp:  # fsynced below, while the file is hashed
+    with atomic_path(p, sync_dir=True) as tmp:  # the file is fsynced below, while it is hashed
         with h5py.File(tmp, "w") as f:
             _fill_shard(f, images, labels, params, attrs, image_checksums)
         t1 = time.perf_counter()
@@ -311,12 +312,14 @@ def read_shard(
     start: int = 0,
     stop: int | None = None,
     as_float32: bool = True,
+    expect_rows: int | None = None,
 ) -> dict[str, Any]:
     """Read rows [start, stop) of a shard: ``{"images", "labels", "params": {...}, "attrs": {...}}``.
 
     params: False (none), True (all) or an iterable of names. Images come back float32 unless
-    ``as_float32=False``. Any failure (missing, truncated, checksum mismatch, bad schema) raises
-    :class:`ShardReadError` naming the file.
+    ``as_float32=False``. ``expect_rows``: the rows the shard must hold (its manifest entry). Any failure
+    (missing, truncated, checksum mismatch, bad schema, another row count) raises :class:`ShardReadError`
+    naming the file.
     """
     p = Path(path)
     try:
@@ -324,7 +327,7 @@ def read_shard(
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
             if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
                 raise ValueError(f"format_version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
-            n = f["labels"].shape[0]
+            n = _rows_of(f, p, expect_rows)
             stop_ = n if stop is None else min(stop, n)
             images = f["images"][start:stop_]
             labels = f["labels"][start:stop_].astype(np.int64, copy=False)
@@ -348,12 +351,25 @@ def read_shard(
     return {"images": images, "labels": labels, "params": out_params, "attrs": attrs}
 
 
-def shard_num_rows(path: str | Path) -> int:
-    """Rows in a shard (reads only the metadata); ShardReadError naming the file on failure."""
+def _rows_of(f: h5py.File, path: Path, expect_rows: int | None) -> int:
+    """Rows of an open shard (images and labels must agree, and equal ``expect_rows`` if given)."""
+    n = int(f["labels"].shape[0])
+    if int(f["images"].shape[0]) != n:
+        raise ShardReadError(f"shard {path} holds {f['images'].shape[0]} images but {n} labels")
+    if expect_rows is not None and n != int(expect_rows):
+        raise ShardReadError(f"shard {path} holds {n} rows, its manifest entry says {int(expect_rows)}")
+    return n
+
+
+def shard_num_rows(path: str | Path, expect_rows: int | None = None) -> int:
+    """Rows in a shard (reads only the metadata); ShardReadError naming the file on failure, or if the rows
+    differ from ``expect_rows`` (when given) or images and labels differ in number."""
     p = Path(path)
     try:
         with h5py.File(p, "r") as f:
-            return int(f["labels"].shape[0])
+            return _rows_of(f, p, expect_rows)
+    except ShardReadError:
+        raise
     except Exception as exc:
         raise ShardReadError(f"cannot read shard {p}: {type(exc).__name__}: {exc}") from exc
 

@@ -1,6 +1,8 @@
 """Reading a dataset back: a Ray Data datasource (for Ray Train ingestion) and a torch IterableDataset.
 
-Both stream: a read task / iterator holds one block of one shard at a time, never the whole split.
+Both stream: a read task / iterator holds one block of one shard at a time, never the whole split. Both check
+on open that each shard they will read holds the rows its manifest entry says (HDF5 metadata only), and
+every block read checks it again (the file may change in between).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from deeplense_ray.data.augment import NORMALIZE_MODES, augment_batch, normalize_batch
-from deeplense_ray.data.manifest import load_manifest, shard_paths
+from deeplense_ray.data.manifest import MANIFEST_NAME, check_row_counts, load_manifest, shard_paths
 from deeplense_ray.data.shards import read_shard
 
 DEFAULT_BLOCK_ROWS = 1024
@@ -46,6 +48,7 @@ def _shard_blocks(
             start=start,
             stop=min(start + block_rows, rows),
             as_float32=as_float32,
+            expect_rows=rows,
         )
         batch = {"image": part["images"], "label": part["labels"]}
         for name, value in part["params"].items():
@@ -89,6 +92,7 @@ def _make_datasource_class():
                     )
                 self._paths = [self._paths[int(i)] for i in shards]
                 self._rows = [self._rows[int(i)] for i in shards]
+            check_row_counts(self._paths, self._rows, root / MANIFEST_NAME)
             self._params = _check_params(manifest, params, root)
             self._block_rows = int(block_rows)
             c, h, w = manifest["image_shape"]
@@ -153,8 +157,9 @@ def read_split(
     position in the manifest's list for the split (a rank's share with ``ingest="per_rank"``). Lazy:
     nothing is read until the dataset is consumed, so it can be handed to a Ray Train trainer
     (``datasets={"train": read_split(d, "train"), "val": read_split(d, "val")}``).
-    The manifest and split are checked here, before any Ray work: FileNotFoundError / KeyError naming
-    them. A shard that fails to read raises an error naming the file when the dataset is consumed.
+    The manifest, the split and the shards' row counts are checked here, before any Ray work:
+    FileNotFoundError / KeyError / ValueError naming them. A shard that fails to read (or holds other rows
+    than its manifest entry) raises an error naming the file when the dataset is consumed.
     """
     import ray
 
@@ -196,6 +201,7 @@ class LensShardDataset(torch.utils.data.IterableDataset):
         self.split = split
         self.paths = shard_paths(self.data_dir, split, self.manifest)
         self.shard_rows = [int(s["rows"]) for s in self.manifest["splits"][split]["shards"]]
+        check_row_counts(self.paths, self.shard_rows, self.data_dir / MANIFEST_NAME)
         self.class_names = list(self.manifest["class_names"])
         self.params = _check_params(self.manifest, params, self.data_dir)
         if normalize not in NORMALIZE_MODES:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,44 @@ META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as tensors and plain data (the message names the file)."""
+
+
+def load_tensors(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings, lists and dicts only,
+    never an arbitrary pickle. :class:`CheckpointError` (one line, naming the file and, where the file asks
+    for one, the class refused) when the file holds anything else or is not a torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = f"it asks for {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise CheckpointError(
+            f"checkpoint file {path} refused by weights_only loading: {why} (loading it could run code)"
+        ) from exc
+    except (RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint file {path} is not a readable torch file: {first}") from exc
+
+
+def load_weights(arch: Mapping[str, Any], weights: str | os.PathLike[str]) -> NormalizedClassifier:
+    """The module of ``arch`` (keys :data:`ARCH_KEYS`) with the state_dict in file ``weights`` (read by
+    :func:`load_tensors`), eval mode, CPU. CheckpointError naming the file when they do not fit."""
+    model = build_classifier(arch)
+    state = load_tensors(weights)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint file {weights} does not fit model {arch.get('model')!r}: {first}"
+        ) from exc
+    return model.eval()
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=True) as tmp:  # file and directory on disk before the checkpoint is reported
         torch.save(obj, tmp)
 
 
@@ -74,7 +112,8 @@ def save_checkpoint(
     history: Sequence[Mapping[str, Any]],
     confusion: Any = None,
 ) -> Path:
-    """Write the three checkpoint files into ``directory`` (each to a temporary name, then os.replace)."""
+    """Write the three checkpoint files into ``directory`` (each to a temporary name, fsynced, then
+    os.replace and an fsync of the directory)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -99,7 +138,7 @@ def save_checkpoint(
         "val_confusion_matrix": confusion,
     }
     atomic_write_text(directory / META_FILE, json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n",
-                      fsync=False)  # fmt: skip
+                      fsync=True)  # fmt: skip
     return directory
 
 
@@ -130,10 +169,13 @@ def read_meta(checkpoint: Any) -> dict[str, Any]:
 def load_training_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """{"model": state_dict, "epoch", "optimizer", "scheduler", "scaler", "history"} (tensors on CPU).
 
-    Both files are read with ``weights_only=True``: tensors and plain data only, never arbitrary pickles."""
+    Both files are read with ``weights_only=True``: tensors and plain data only, never arbitrary pickles
+    (:class:`CheckpointError` naming the file otherwise)."""
     d = Path(checkpoint_dir)
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
-    state["model"] = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    state = load_tensors(d / STATE_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {d / STATE_FILE} holds a {type(state).__name__}, not a dict")
+    state["model"] = load_tensors(d / MODEL_FILE)
     return state
 
 
@@ -141,6 +183,15 @@ def load_model_from_checkpoint(checkpoint_dir: Any) -> NormalizedClassifier:
     """Rebuild the trained module (eval mode, CPU) from a checkpoint directory or ``ray.train.Checkpoint``."""
     with _as_dir(checkpoint_dir) as d:
         meta = json.loads((Path(d) / META_FILE).read_text())
-        model = build_classifier(meta["arch"])
-        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
-    return model.eval()
+        return load_weights(meta["arch"], Path(d) / MODEL_FILE)
+
+
+def check_checkpoints(run_dir: str | os.PathLike[str]) -> int:
+    """Read every checkpoint under ``run_dir`` (each directory holding :data:`MODEL_FILE`) as a resume would:
+    :class:`CheckpointError` naming the first file weights_only loading refuses; how many were read."""
+    dirs = sorted({p.parent for p in Path(run_dir).rglob(MODEL_FILE)})
+    for d in dirs:
+        load_tensors(d / MODEL_FILE)
+        if (d / STATE_FILE).is_file():
+            load_tensors(d / STATE_FILE)
+    return len(dirs)
