@@ -40,13 +40,18 @@ from .cosmology import DISTANCE_KINDS
 
 Range = tuple[float, float]
 
-KNOWN_CLASSES = ("no_sub", "axion", "cdm")
+#: the classes of a preset unless it names others
+DEFAULT_CLASSES = ("no_sub", "axion", "cdm")
+#: every class a preset may name: ``cdm_smooth`` is the control of the physical presets (module docstring)
+KNOWN_CLASSES = (*DEFAULT_CLASSES, "cdm_smooth")
 SOURCE_KINDS = ("sersic", "real_galaxy")
 NOISE_KINDS = ("none", "snr", "instrument", "deeplense_i", "deeplense_x2")
 SUBHALO_PROFILES = ("point_mass", "tnfw")
 CONCENTRATION_MODELS = ("fixed", "dg19")
 VORTEX_PROFILES = ("segment", "point_chain")
 COUNT_UNITS = ("e-", "ADU")
+LENS_PROFILES = ("sie", "epl")
+SOURCE_MAG_DISTS = ("uniform", "counts")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +66,7 @@ class Preset:
     supersampling: int = 2
     psf_truncation: float = 5.0  # in sigma
     supersampling_convolution: bool = False  # PSF on the supersampled grid, then binned (lenstronomy's name)
-    class_names: tuple[str, ...] = KNOWN_CLASSES
+    class_names: tuple[str, ...] = DEFAULT_CLASSES
     paired: bool = False
     # cosmology (flat LCDM)
     z_lens: float = 0.5
@@ -77,12 +82,24 @@ class Preset:
     lens_center: Range = (-0.1, 0.1)  # arcsec, x and y each
     shear_gamma: Range = (0.0, 0.05)  # |gamma|
     shear_orientation: Range = (0.0, math.pi)  # rad: gamma1 = |gamma| cos 2phi, gamma2 = |gamma| sin 2phi
+    # main-deflector profile: "sie", or "epl" (elliptical power law, 3D slope ``gamma``): lens_gamma is the
+    # uniform range of gamma, or with lens_gamma_sd > 0 the truncation bounds of a normal of mean
+    # (low + high) / 2 and sd lens_gamma_sd (paltas: N(2, 0.1))
+    lens_profile: str = "sie"
+    lens_gamma: Range = (2.0, 2.0)
+    lens_gamma_sd: float = 0.0
+    # circular multipoles m = 1, 3, 4 of the main deflector (lenstronomy MULTIPOLE, isothermal, centred on
+    # the lens): a_m / theta_E uniform in the range (0, 0: none), orientation phi_m uniform in [0, 2 pi / m)
+    lens_multipole_a1: Range = (0.0, 0.0)
+    lens_multipole_a3: Range = (0.0, 0.0)
+    lens_multipole_a4: Range = (0.0, 0.0)
     # lens light (optional Sersic at the lens centre, same ellipticity as the mass)
     lens_light: bool = False
     lens_light_R_sersic: Range = (0.6, 1.2)
     lens_light_n_sersic: Range = (3.0, 4.0)
     lens_light_mag: Range = (19.0, 21.0)  # instrument noise only
     lens_light_amp: Range = (0.5, 1.0)  # relative to the source peak, 'snr'/'none' noise
+    lens_light_subtracted: bool = False  # the lens light's noise stays, its (PSF-convolved) model is removed
     # source
     source_kind: str = "sersic"
     source_library: str | None = None  # None: packaged HDF stamps; else a Galaxy10-layout HDF5 path
@@ -94,6 +111,9 @@ class Preset:
     source_size: Range = (0.8, 1.4)  # real galaxies: full width of the stamp [arcsec]
     source_amp: Range = (1.0, 1.0)  # 'none' noise: Sersic amp [flux/arcsec^2]
     source_mag: Range = (21.0, 23.0)  # 'instrument' noise
+    # "uniform" in source_mag, or "counts": p(m) ~ 10^(source_mag_count_slope m) on source_mag (galaxy counts)
+    source_mag_dist: str = "uniform"
+    source_mag_count_slope: float = 0.3  # dex per magnitude
     # noise
     noise: str = "snr"
     log10_exposure_time: Range = (3.0, 3.5)  # 'snr'
@@ -130,6 +150,10 @@ class Preset:
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
     vortex_points: int = 100
+    # lens mass (sim/compensation.py): "ring" lowers the main deflector's theta_E per image so that the mass
+    # inside the Einstein ring does not depend on the class (substructure and vortex mass are taken from it);
+    # "none" adds them on top (the published recipe)
+    mass_compensation: str = "ring"
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -138,7 +162,7 @@ class Preset:
 
     @property
     def max_subhalos(self) -> int:
-        if "cdm" not in self.class_names:
+        if "cdm" not in self.class_names and "cdm_smooth" not in self.class_names:
             return 0
         if self.sigma_sub is None:
             return int(self.subhalo_count[1])
@@ -219,6 +243,7 @@ _PUBLISHED = dict(
     vortex_half_length_ref=0.03,
     vortex_profile="point_chain",
     vortex_points=100,
+    mass_compensation="none",
 )
 
 #: HST WFC3 F160W, Gaussian PSF (lenstronomy's HST GAUSSIAN settings): model_iii and the published Model III.
@@ -244,6 +269,24 @@ _PHYSICAL_SUB = dict(
     supersampling_convolution=True,
 )
 
+#: Main deflector of the physical presets: EPL with gamma ~ N(2, 0.1) truncated at 3 sd (paltas,
+#: Wagner-Carena et al. 2022); isothermal circular multipoles with a_m / theta_E ~ U(0, 0.01) for m = 3, 4
+#: (galaxy isophotes: ~0.5-1 %, O'Riordan & Vegetti 2024, Oh et al. 2024) and U(0, 0.005) for m = 1
+#: (docs/simulator.md).
+_PHYSICAL_MACRO = dict(
+    lens_profile="epl",
+    lens_gamma=(1.7, 2.3),
+    lens_gamma_sd=0.1,
+    lens_multipole_a1=(0.0, 0.005),
+    lens_multipole_a3=(0.0, 0.01),
+    lens_multipole_a4=(0.0, 0.01),
+)
+
+#: HST WFC3/IR F160W PSF FWHM of the physical model_iii [arcsec]: the instrument's PSF at 1.6 um (WFC3
+#: Instrument Handbook; lenstronomy ``HST.py``: "undrizzled PSF FWHM ~ 0.15 (Windhorst et al. 2011)"), not
+#: the 0.08" drizzled pixel that lenstronomy's GAUSSIAN setting (and deeplense_model_iii) uses as the FWHM.
+_F160W_PSF_FWHM = 0.151
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -255,16 +298,22 @@ PRESETS: dict[str, Preset] = {
             noise="snr",
             theta_E=(1.2, 1.8),
             **_PHYSICAL_SUB,
+            **_PHYSICAL_MACRO,
         ),
-        Preset(name="model_ii", **_EUCLID_VIS_NOW, **_PHYSICAL_SUB),
+        Preset(name="model_ii", **_EUCLID_VIS_NOW, **_PHYSICAL_SUB, **_PHYSICAL_MACRO),
+        # model_ii with a Sersic lens galaxy (VIS 19-21 mag) in the image (lens_light_subtracted: false)
+        Preset(
+            name="model_ii_lens_light", **_EUCLID_VIS_NOW, **_PHYSICAL_SUB, **_PHYSICAL_MACRO, lens_light=True
+        ),
         Preset(
             name="model_iii",
-            **_HST_F160W,
+            **{**_HST_F160W, "psf_fwhm": _F160W_PSF_FWHM},
             noise="instrument",
             theta_E=(0.9, 1.5),
             subhalo_radius=(0.25, 1.8),
             source_mag=(22.0, 24.0),
             **_PHYSICAL_SUB,
+            **_PHYSICAL_MACRO,
         ),
         Preset(
             name="real_galaxy_tiny",
@@ -272,6 +321,7 @@ PRESETS: dict[str, Preset] = {
             source_kind="real_galaxy",
             **_EUCLID_VIS_NOW,
             **_PHYSICAL_SUB,
+            **_PHYSICAL_MACRO,
         ),
         # as published: lenstronomy ImageModel, amp 20, Model I's noise recipe (integer counts)
         Preset(
@@ -459,6 +509,7 @@ def validate_preset(p: Preset) -> Preset:
         _in_range(name, getattr(p, name), 0.0, inf, lo_open=True)
     _in_range("subhalo_count", p.subhalo_count, 0, 10000)
     _validate_population(p)
+    _validate_macro(p)
     for name in (
         "lens_center",
         "lens_orientation",
@@ -484,6 +535,26 @@ def validate_preset(p: Preset) -> Preset:
     return p
 
 
+def _validate_macro(p: Preset) -> None:
+    """Fields of the main deflector's profile, multipoles, lens-light subtraction and source magnitudes."""
+    for name, allowed in (("lens_profile", LENS_PROFILES), ("source_mag_dist", SOURCE_MAG_DISTS)):
+        if getattr(p, name) not in allowed:
+            _fail(name, getattr(p, name), f"one of {list(allowed)}")
+    if not isinstance(p.lens_light_subtracted, bool):
+        _fail("lens_light_subtracted", p.lens_light_subtracted, "true or false")
+    _in_range("lens_gamma", p.lens_gamma, 1.0, 3.0, lo_open=True, hi_open=True)
+    if not _finite(p.lens_gamma_sd) or p.lens_gamma_sd < 0:
+        _fail("lens_gamma_sd", p.lens_gamma_sd, "a finite number >= 0")
+    if p.lens_profile == "sie" and (p.lens_gamma != (2.0, 2.0) or p.lens_gamma_sd != 0):
+        _fail("lens_profile", p.lens_profile, "'epl' when lens_gamma is not [2, 2] or lens_gamma_sd > 0")
+    for name in ("lens_multipole_a1", "lens_multipole_a3", "lens_multipole_a4"):
+        _in_range(name, getattr(p, name), 0.0, 0.2)
+    if not _finite(p.source_mag_count_slope):
+        _fail("source_mag_count_slope", p.source_mag_count_slope, "a finite number [dex per magnitude]")
+    if p.lens_light_subtracted and p.noise not in ("none", "snr", "instrument"):
+        _fail("lens_light_subtracted", True, "only with noise 'none', 'snr' or 'instrument'")
+
+
 def _validate_population(p: Preset) -> None:
     """Fields of the normalised subhalo population (checked whatever sigma_sub is: overrides fail early)."""
     positive = (
@@ -498,6 +569,10 @@ def _validate_population(p: Preset) -> None:
             _fail(name, getattr(p, name), "a finite number")
     if not _finite(p.subhalo_conc_scatter) or p.subhalo_conc_scatter < 0:
         _fail("subhalo_conc_scatter", p.subhalo_conc_scatter, "a finite number >= 0 [dex]")
+    if p.mass_compensation not in ("none", "ring"):
+        _fail("mass_compensation", p.mass_compensation, "one of ['none', 'ring']")
+    if "cdm_smooth" in p.class_names and p.sigma_sub is None:
+        _fail("class_names", list(p.class_names), "'cdm_smooth' only with a normalised population (sigma_sub)")
     if p.sigma_sub is None:
         return
     _in_range("sigma_sub", p.sigma_sub, 0.0, 1.0)  # kpc^-2; a negative Sigma_sub fails here
@@ -506,7 +581,7 @@ def _validate_population(p: Preset) -> None:
         _fail("subhalo_mass", list(p.subhalo_mass), "m_min < m_max when sigma_sub is set")
     if p.subhalo_concentration_model == "dg19" and not (1e5 <= lo and hi <= 1e12):
         _fail("subhalo_mass", list(p.subhalo_mass), "masses in [1e5, 1e12] Msun with dg19 concentrations")
-    if "cdm" in p.class_names and p.max_subhalos > 100_000:
+    if p.max_subhalos > 100_000:
         _fail("sigma_sub", list(p.sigma_sub), f"<= 100000 subhalos per image (got {p.max_subhalos} slots)")
 
 

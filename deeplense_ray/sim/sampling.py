@@ -20,6 +20,7 @@ from . import cosmology
 from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .presets import Preset
+from .compensation import lens_mass_model
 from .substructure import draw_subhalos
 
 _F64 = torch.float64
@@ -57,8 +58,13 @@ def draw_parameters(
     *,
     paired: bool,
     library_peak: Tensor | None = None,
+    compute_device: torch.device | None = None,
 ) -> dict[str, Tensor]:
     """All parameters (float64 / int64, on the generator's device) for images with the given class labels.
+
+    Last comes the lens-mass step (``sim/compensation.py``: the compensated ``theta_E``, the diagnostics
+    ``theta_E_compensation`` and ``theta_E_eff``, the cdm_smooth tables); its subhalo integrals run on
+    ``compute_device`` (default: the generator's device; ``simulate`` passes the render device).
 
     The generator's device decides where everything is drawn and computed (labels and ``library_peak`` are
     moved there). ``library_peak``: for real-galaxy sources, max(stamp) * S^2 of each unit-sum S x S stamp
@@ -114,7 +120,7 @@ def draw_parameters(
     # ---- brightness and observation
     d2 = preset.delta_pix**2
     if preset.noise in MAGNITUDE_NOISE:
-        mag = _u(g, m, preset.source_mag)
+        mag = source_magnitudes(torch.rand(m, generator=g, dtype=_F64, device=dev), preset)
         p["source_mag"] = mag
         flux = 10.0 ** (-0.4 * (mag - preset.zero_point))  # e-/s
     if preset.noise == "instrument":
@@ -182,6 +188,10 @@ def draw_parameters(
         is_cdm = labels == name_of.index("cdm")
     if "axion" in name_of:
         is_axion = labels == name_of.index("axion")
+    is_smooth, partner = _smooth_partners(name_of, labels, paired)
+    # the population is drawn for cdm images and for cdm_smooth images without a cdm partner; a partnered
+    # cdm_smooth image (paired mode, same group) gets a copy of its partner's population
+    with_sub = is_cdm | (is_smooth & (partner < 0))
 
     K = preset.max_subhalos
     if K > 0 and preset.sigma_sub is not None:
@@ -190,7 +200,12 @@ def draw_parameters(
         g_sub = torch.Generator(device=dev).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=g, device=dev))
         )
-        p.update(draw_subhalos(preset, p["theta_E"], p["center_x"], p["center_y"], is_cdm, g_sub))
+        sub = draw_subhalos(preset, p["theta_E"], p["center_x"], p["center_y"], with_sub, g_sub)
+        has = torch.nonzero(is_smooth & (partner >= 0)).squeeze(1)
+        if has.numel():
+            for v in sub.values():
+                v[has] = v[partner[has]]
+        p.update(sub)
     elif K > 0:
         lo, hi = preset.subhalo_count
         count = torch.randint(int(lo), int(hi) + 1, (n,), generator=g, device=dev)
@@ -233,7 +248,89 @@ def draw_parameters(
         )
     else:
         p["axion_mass"] = torch.zeros(n, dtype=_F64, device=dev)  # the same schema for every preset
+
+    # ---- main-deflector slope and multipoles: class independent, drawn last (the draws above do not move)
+    extra = draw_macro_shape(preset, g, m, p["theta_E"][::C] if paired else p["theta_E"])
+    if paired:
+        extra = {k: v[torch.arange(n, device=dev) // C] for k, v in extra.items()}
+    p.update(extra)
+
+    # ---- lens mass: compensation and diagnostics (no draws)
+    p.update(
+        lens_mass_model(
+            preset, p, clumps=is_cdm, smooth=is_smooth, partner=partner,
+            device=torch.device(compute_device) if compute_device is not None else dev,
+        )
+    )  # fmt: skip
     return p
+
+
+def _smooth_partners(class_names, labels: Tensor, paired: bool) -> tuple[Tensor, Tensor]:
+    """cdm_smooth images (bool [n]) and, in paired mode, the first cdm image of each one's group of C
+    (int64 [n]; -1 without one: unpaired, no cdm class, or the group's cdm image beyond n)."""
+    n, dev = labels.shape[0], labels.device
+    partner = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    if "cdm_smooth" not in class_names:
+        return torch.zeros(n, dtype=torch.bool, device=dev), partner
+    smooth = labels == class_names.index("cdm_smooth")
+    if paired and "cdm" in class_names:
+        C = len(class_names)
+        i = torch.arange(n, device=dev)
+        grp = i // C
+        cand = torch.where(labels == class_names.index("cdm"), i, torch.full_like(i, n))
+        first = torch.full((grp.max().item() + 1,), n, dtype=torch.int64, device=dev)
+        first = first.scatter_reduce(0, grp, cand, reduce="amin")
+        partner = torch.where(smooth & (first[grp] < n), first[grp], partner)
+    return smooth, partner
+
+
+#: multipole orders of the main deflector and their preset fields (a_m / theta_E ranges)
+MULTIPOLE_FIELDS = ((1, "lens_multipole_a1"), (3, "lens_multipole_a3"), (4, "lens_multipole_a4"))
+
+
+def has_multipoles(preset: Preset) -> bool:
+    """Whether the preset draws main-deflector multipoles (any a_m range above zero)."""
+    return any(getattr(preset, f)[1] > 0 for _, f in MULTIPOLE_FIELDS)
+
+
+def truncated_normal(u: Tensor, mean: float, sd: float, lo: float, hi: float) -> Tensor:
+    """Inverse CDF of N(mean, sd) truncated to [lo, hi], applied to uniforms u (one uniform per value)."""
+    a = torch.special.ndtr(torch.tensor((lo - mean) / sd, dtype=_F64, device=u.device))
+    b = torch.special.ndtr(torch.tensor((hi - mean) / sd, dtype=_F64, device=u.device))
+    return (mean + sd * torch.special.ndtri(a + u.to(_F64) * (b - a))).clamp(lo, hi)
+
+
+def source_magnitudes(u: Tensor, preset: Preset) -> Tensor:
+    """Unlensed source magnitudes from uniforms u: uniform in ``source_mag``, or (``source_mag_dist``
+    "counts") p(m) ~ 10^(s m) on [lo, hi], s = ``source_mag_count_slope`` (galaxy number counts):
+    m = lo + log10(1 + u (10^(s (hi - lo)) - 1)) / s."""
+    lo, hi = preset.source_mag
+    s = preset.source_mag_count_slope
+    if preset.source_mag_dist == "uniform" or hi == lo or abs(s) < 1e-12:
+        return lo + (hi - lo) * u
+    return lo + torch.log10(1.0 + u * (10.0 ** (s * (hi - lo)) - 1.0)) / s
+
+
+def draw_macro_shape(preset: Preset, g: torch.Generator, m: int, theta_E: Tensor) -> dict[str, Tensor]:
+    """The main deflector's 3D slope ``gamma`` [m] (2 for the SIE, no draw) and, when the preset has them,
+    its multipoles: ``multipole_a{1,3,4}`` [arcsec] (lenstronomy MULTIPOLE a_m = (a_m / theta_E) theta_E) and
+    ``multipole_phi{1,3,4}`` [rad] in [0, 2 pi / m). Draw order: gamma (EPL), then a_m, phi_m per order."""
+    dev = g.device
+    if preset.lens_profile == "epl":
+        u = torch.rand(m, generator=g, dtype=_F64, device=dev)
+        lo, hi = preset.lens_gamma
+        if preset.lens_gamma_sd > 0 and hi > lo:
+            gamma = truncated_normal(u, 0.5 * (lo + hi), preset.lens_gamma_sd, lo, hi)
+        else:
+            gamma = lo + (hi - lo) * u
+    else:
+        gamma = torch.full((m,), 2.0, dtype=_F64, device=dev)
+    out = {"gamma": gamma}
+    if has_multipoles(preset):
+        for order, field in MULTIPOLE_FIELDS:
+            out[f"multipole_a{order}"] = _u(g, m, getattr(preset, field)) * theta_E.to(_F64)
+            out[f"multipole_phi{order}"] = _u(g, m, (0.0, 2.0 * math.pi / order))
+    return out
 
 
 def tnfw_parameters(mass: Tensor, preset: Preset) -> dict[str, Tensor]:

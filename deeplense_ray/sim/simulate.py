@@ -12,14 +12,18 @@ import torch
 from torch import Tensor
 
 from .lens import (
+    alpha_epl,
     alpha_line_segment,
+    alpha_multipole,
     alpha_point_chain,
     alpha_point_masses_sum,
     alpha_shear,
     alpha_sie,
     alpha_tnfw,
+    epl_series_terms,
     point_chain,
 )
+from .compensation import alpha_radial_table
 from .light import pixelated_source, sersic_elliptical
 from .presets import Preset, resolve_preset
 from .render import (
@@ -31,7 +35,7 @@ from .render import (
     gaussian_kernel_1d,
     pixel_grid,
 )
-from .sampling import draw_parameters
+from .sampling import MULTIPOLE_FIELDS, draw_parameters, has_multipoles
 from .sources import load_source_library
 
 #: images per noise block, by device type: noise of block b comes from a generator on the device seeded by
@@ -208,6 +212,7 @@ class Renderer:
         self.dense = bool(compile) if dense is None else bool(dense)
         self._dense = torch.compile(_dense_hot_path, dynamic=True) if compile else _dense_hot_path
         self._dense_binned = torch.compile(_dense_binned, dynamic=True) if compile else _dense_binned
+        self.macro = macro_kind(preset)
 
     def lensed_surface_brightness(self, p: Mapping[str, Tensor]) -> Tensor:
         """Surface brightness [B, P] at the sub-pixel grid (source seen through the lens, plus lens light)."""
@@ -217,7 +222,9 @@ class Renderer:
         sersic = pre.source_kind == "sersic"
         if self.dense:
             hot = {k: col[k] for k in _hot_keys(pre)}
-            out = self._dense(x, y, hot, pre.subhalo_profile, sersic, pre.max_subhalos > 0, _vortex_kind(pre))
+            out = self._dense(
+                x, y, hot, pre.subhalo_profile, sersic, pre.max_subhalos > 0, _vortex_kind(pre), self.macro
+            )
             if sersic:
                 sb = out
             else:
@@ -239,25 +246,24 @@ class Renderer:
                 p["source_center_y"],
             )
         if pre.lens_light:
-            sb = sb + sersic_elliptical(
-                x,
-                y,
-                col["lens_light_amp"],
-                col["lens_light_R_sersic"],
-                col["lens_light_n_sersic"],
-                col["e1"],
-                col["e2"],
-                col["center_x"],
-                col["center_y"],
-            )
+            sb = sb + _lens_light(x, y, col)
         return sb
 
     def _ray_shoot_eager(self, x: Tensor, y: Tensor, p: Mapping[str, Tensor], col: Mapping[str, Tensor]):
         pre = self.preset
-        ax, ay = _macro_alpha(x, y, col)
+        ax, ay = _macro_alpha(x, y, col, self.macro)
         count = p.get("subhalo_count")
         if count is not None and pre.max_subhalos > 0:
-            idx = torch.nonzero(count > 0).squeeze(1)
+            clumpy = count > 0
+            if "subhalo_smooth_dr" in p:  # cdm_smooth images: the population's azimuthal average, no clumps
+                smooth = p["subhalo_smooth_dr"] > 0
+                clumpy = clumpy & ~smooth
+                ii = torch.nonzero(smooth).squeeze(1)
+                if ii.numel():
+                    sx, sy = _smooth_alpha(x, y, {k: col[k][ii] for k in _SMOOTH_KEYS})
+                    ax = ax.index_add(0, ii, sx)
+                    ay = ay.index_add(0, ii, sy)
+            idx = torch.nonzero(clumpy).squeeze(1)
             for s in range(0, idx.numel(), self.sub_chunk):
                 ii = idx[s : s + self.sub_chunk]
                 kb = int(count[ii].max())  # slots past the chunk's largest count are zero padding
@@ -272,6 +278,17 @@ class Renderer:
                 ax = ax.index_add(0, ii, vx)
                 ay = ay.index_add(0, ii, vy)
         return x - ax, y - ay
+
+    def lens_light_image(self, p: Mapping[str, Tensor]) -> Tensor:
+        """The lens galaxy's light alone, flux per pixel [B, 1, N, N] through the same PSF and binning."""
+        pre = self.preset
+        col = {k: (v[:, None] if v.dim() == 1 else v) for k, v in p.items()}
+        sb = _lens_light(self.x, self.y, col)
+        if self.ss_conv:
+            img = convolve_supersampled(sb, self.kernel, pre.num_pix, pre.supersampling, pre.delta_pix)
+            return img.unsqueeze(1)
+        img = bin_supersampled(sb, pre.num_pix, pre.supersampling, pre.delta_pix)
+        return (convolve_gaussian(img, self.kernel) if self.kernel is not None else img).unsqueeze(1)
 
     def __call__(self, p: Mapping[str, Tensor]) -> Tensor:
         """Flux per pixel [B, 1, N, N] from parameters already on the device (1-D [B] or [B, K])."""
@@ -293,6 +310,7 @@ class Renderer:
                 pre.num_pix,
                 pre.supersampling,
                 pre.delta_pix,
+                self.macro,
             )
         else:
             img = bin_supersampled(
@@ -319,21 +337,58 @@ _SUB_KEYS = {
 }
 _TNFW_KERNEL_KEYS = ("subhalo_x", "subhalo_y", "subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc")
 _VORTEX_KEYS = ("vortex_theta_E", "vortex_half_length", "vortex_angle", "center_x", "center_y")
+_SMOOTH_KEYS = ("subhalo_smooth_alpha", "subhalo_smooth_dr", "center_x", "center_y")
 
 
 def _hot_keys(pre: Preset) -> tuple[str, ...]:
-    keys = _MACRO_KEYS
+    keys = _MACRO_KEYS + macro_shape_keys(pre)
     if pre.source_kind == "sersic":
         keys = keys + _SOURCE_KEYS
     if pre.max_subhalos > 0:
         keys = keys + _SUB_KEYS[pre.subhalo_profile]
     if "axion" in pre.class_names:
         keys = keys + _VORTEX_KEYS[:3]
+    if "cdm_smooth" in pre.class_names:
+        keys = keys + _SMOOTH_KEYS[:2]
     return keys
 
 
-def _macro_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    ax, ay = alpha_sie(x, y, c["theta_E"], c["e1"], c["e2"], c["center_x"], c["center_y"])
+def _smooth_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Deflection [B, P] of cdm_smooth images: their tabulated azimuthally averaged population."""
+    return alpha_radial_table(
+        x, y, c["center_x"], c["center_y"], c["subhalo_smooth_dr"], c["subhalo_smooth_alpha"]
+    )
+
+
+def macro_kind(pre: Preset) -> tuple[int, tuple[int, ...]]:
+    """(EPL series terms, -1 for the SIE; multipole orders) of the preset's main deflector. The terms
+    bound the series' relative error by 1e-6 over the preset's lens_q and lens_gamma ranges
+    (``epl_series_terms``)."""
+    terms = epl_series_terms(pre.lens_q[0], pre.lens_gamma[1]) if pre.lens_profile == "epl" else -1
+    return terms, tuple(m for m, _ in MULTIPOLE_FIELDS) if has_multipoles(pre) else ()
+
+
+def macro_shape_keys(pre: Preset) -> tuple[str, ...]:
+    """Per-image parameters of the main deflector beyond the SIE's: gamma (EPL), multipole a_m, phi_m."""
+    terms, orders = macro_kind(pre)
+    keys = ("gamma",) if terms >= 0 else ()
+    return keys + tuple(f"multipole_{k}{m}" for m in orders for k in ("a", "phi"))
+
+
+def _macro_alpha(
+    x: Tensor, y: Tensor, c: Mapping[str, Tensor], macro: tuple[int, tuple[int, ...]] = (-1, ())
+) -> tuple[Tensor, Tensor]:
+    """Main deflector (SIE, or EPL with ``macro[0]`` series terms, plus multipoles of orders ``macro[1]``
+    centred on it, r_E = theta_E for m = 1) and external shear [arcsec]."""
+    terms, orders = macro
+    cx, cy = c["center_x"], c["center_y"]
+    if terms < 0:
+        ax, ay = alpha_sie(x, y, c["theta_E"], c["e1"], c["e2"], cx, cy)
+    else:
+        ax, ay = alpha_epl(x, y, c["theta_E"], c["gamma"], c["e1"], c["e2"], cx, cy, n_terms=terms)
+    for m in orders:
+        mx, my = alpha_multipole(x, y, m, c[f"multipole_a{m}"], c[f"multipole_phi{m}"], cx, cy, c["theta_E"])
+        ax, ay = ax + mx, ay + my
     sx, sy = alpha_shear(x, y, c["gamma1"], c["gamma2"])
     return ax + sx, ay + sy
 
@@ -369,6 +424,14 @@ def _vortex_alpha(
     return alpha_line_segment(x, y, *args)
 
 
+def _lens_light(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> Tensor:
+    """Surface brightness of the lens galaxy (Sersic at the lens centre, the mass's ellipticity)."""
+    return sersic_elliptical(
+        x, y, c["lens_light_amp"], c["lens_light_R_sersic"], c["lens_light_n_sersic"], c["e1"], c["e2"],
+        c["center_x"], c["center_y"],
+    )  # fmt: skip
+
+
 def _sersic_source(bx: Tensor, by: Tensor, c: Mapping[str, Tensor]) -> Tensor:
     return sersic_elliptical(
         bx,
@@ -393,9 +456,10 @@ def _dense_binned(
     num_pix: int,
     ss: int,
     delta_pix: float,
+    macro: tuple[int, tuple[int, ...]] = (-1, ()),
 ) -> Tensor:
     """``_dense_hot_path`` for Sersic sources followed by binning to flux per pixel [B, N, N]."""
-    sb = _dense_hot_path(x, y, c, profile, True, with_sub, vortex)
+    sb = _dense_hot_path(x, y, c, profile, True, with_sub, vortex, macro)
     return bin_supersampled(sb, num_pix, ss, delta_pix)
 
 
@@ -407,14 +471,19 @@ def _dense_hot_path(
     sersic: bool,
     with_sub: bool,
     vortex: tuple[str, int] | None,
+    macro: tuple[int, tuple[int, ...]] = (-1, ()),
 ):
     """Macro lens + every image's substructure (zero-padded) + Sersic source: the part torch.compile fuses.
 
-    ``vortex``: None (no axion class) or (vortex_profile, vortex_points)."""
-    ax, ay = _macro_alpha(x, y, c)
+    ``vortex``: None (no axion class) or (vortex_profile, vortex_points); ``macro``: ``macro_kind``."""
+    ax, ay = _macro_alpha(x, y, c, macro)
     if with_sub:
         sub = {k: c[k] for k in _SUB_KEYS[profile]}
         sx, sy = _subhalo_alpha(x, y, sub, profile)
+        if "subhalo_smooth_dr" in c:  # cdm_smooth images: the smoothed population instead of the clumps
+            smooth = c["subhalo_smooth_dr"] > 0
+            mx, my = _smooth_alpha(x, y, c)
+            sx, sy = torch.where(smooth, mx, sx), torch.where(smooth, my, sy)
         ax, ay = ax + sx, ay + sy
     if vortex is not None:
         vx, vy = _vortex_alpha(x, y, c, vortex)
@@ -482,6 +551,7 @@ def triton_supported(preset: Preset, device: torch.device, dtype: torch.dtype) -
         and dtype == torch.float32
         and preset.source_kind == "sersic"
         and not preset.lens_light
+        and "cdm_smooth" not in preset.class_names  # the kernel takes no radial deflection table
     )
 
 
@@ -538,7 +608,7 @@ def simulate_with_backend(
         S = stamps.shape[-1]
         peak = stamps.amax(dim=(1, 2)).to(torch.float64) * S * S
     gen = draw_generator(seed, dev, draws)
-    params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak)  # on gen.device
+    params = draw_parameters(pre, lab, gen, paired=paired, library_peak=peak, compute_device=dev)
 
     block = noise_block(dev)
     if batch_size is None:
@@ -593,7 +663,11 @@ class _TorchBatches:
             )
             for k, v in self.params.items()
         }
-        return _observe(self.render(pb), pb, pre, self.seed, start)
+        out = _observe(self.render(pb), pb, pre, self.seed, start)
+        if pre.lens_light and pre.lens_light_subtracted:  # the lens light's noise stays, its model goes
+            ll = self.render.lens_light_image(pb)
+            out = out - (ll / pre.gain if pre.count_unit == "ADU" else ll)
+        return out
 
 
 class _TritonBatches:
