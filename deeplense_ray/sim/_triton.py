@@ -1,7 +1,8 @@
 """Fused Triton kernels for the CUDA fast path of ``simulate`` (optional: used only when triton imports).
 
 ``render_sersic`` computes, in ONE kernel per batch, what ``Renderer`` computes for Sersic sources
-without lens light: SIE + external shear + the image's point-mass or truncated-NFW subhalos + its vortex,
+without lens light: SIE or EPL (``lens.alpha_epl``'s series, the number of terms compiled in) + multipoles
+m = 1, 3, 4 + external shear + the image's point-mass or truncated-NFW subhalos + its vortex,
 ray shooting on the supersampled grid, the elliptical Sersic source, and binning to flux per pixel. The
 supersampled image never touches memory; subhalos and vortices are evaluated only for the images with them.
 ``psf_separable`` is the separable Gaussian PSF with edge replication (scipy ``mode='nearest'``) as two
@@ -31,6 +32,8 @@ _COLS = (
     "cx", "cy", "cos_p", "sin_p", "q", "f", "b", "g1", "g2",
     "s_cx", "s_cy", "s_e1", "s_e2", "s_norm", "s_amp", "s_Rs", "s_bn", "s_inv_n",
     "v_cos", "v_sin", "v_h", "v_mu", "n_sub",
+    "t", "epl_amp", "epl_c", "ln_b",
+    "m1c", "m1s", "ln_rE", "m3c", "m3s", "m4c", "m4s",
 )  # fmt: skip
 NCOL = len(_COLS)
 _FLOOR_F = 1e-15
@@ -57,11 +60,23 @@ def derive_scalars(p: dict[str, Tensor], *, has_vortex: bool) -> Tensor:
     else:
         v_cos = v_sin = h = v_mu = zero
     n_sub = p["subhalo_count"].to(e1.dtype) if "subhalo_count" in p else zero
+    # EPL (``lens.alpha_epl``): t = gamma - 1, 2 b / (1+q), c = (1-q)/(1+q), ln b
+    t = p["gamma"] - 1.0 if "gamma" in p else zero + 1.0
+    epl = [t, 2.0 * b / (1.0 + q), c, torch.log(b.clamp_min(1e-30))]
+    # multipoles (``lens.alpha_multipole``): m = 1 (a/2 cos phi_1, a/2 sin phi_1, ln r_E = ln theta_E);
+    # m = 3, 4: a_m / (1 - m^2) (cos m phi_m, sin m phi_m)
+    mp = [zero] * 7
+    if "multipole_a1" in p:
+        a1, f1 = 0.5 * p["multipole_a1"], p["multipole_phi1"]
+        mp[:3] = [a1 * torch.cos(f1), a1 * torch.sin(f1), torch.log(p["theta_E"])]
+        for i, m in ((3, 3), (5, 4)):
+            am, fm = p[f"multipole_a{m}"] / (1.0 - m * m), m * p[f"multipole_phi{m}"]
+            mp[i : i + 2] = [am * torch.cos(fm), am * torch.sin(fm)]
     cols = [
         p["center_x"], p["center_y"], torch.cos(phi), torch.sin(phi), q, f, b, p["gamma1"], p["gamma2"],
         p["source_center_x"], p["source_center_y"], se1, se2, norm, p["source_amp"],
         p["source_R_sersic"].clamp_min(1e-4), bn, 1.0 / ns,
-        v_cos, v_sin, h, v_mu, n_sub,
+        v_cos, v_sin, h, v_mu, n_sub, *epl, *mp,
     ]  # fmt: skip
     return torch.stack([t.to(torch.float32) for t in cols], dim=1).contiguous()
 
@@ -112,6 +127,34 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         return tl.where(x == 0.0, half, a)
 
     @triton.jit
+    def _multipoles(ax, ay, dx, dy, m1c, m1s, ln_re, m3c, m3s, m4c, m4s):
+        """(ax, ay) plus the circular multipoles m = 1, 3, 4 (``lens.alpha_multipole``) at (dx, dy) from the
+        lens centre, cos/sin of m phi by Chebyshev polynomials of cos phi, sin phi (``derive_scalars``)."""
+        r = tl.maximum(tl.sqrt(dx * dx + dy * dy), 1e-6)
+        cp = dx / r
+        sp = dy / r
+        # m = 1: a/2 [ln(r/r_E) (cos phi_1, sin phi_1) + cos(phi - phi_1) (cos phi, sin phi)]
+        ln = tl.log(r) - ln_re
+        proj = cp * m1c + sp * m1s
+        ax += m1c * ln + proj * cp
+        ay += m1s * ln + proj * sp
+        # m = 3, 4: A cos(m(phi - phi_m)) = cos(m phi) Ac + sin(m phi) As,
+        # A sin(m(phi - phi_m)) = sin(m phi) Ac - cos(m phi) As
+        c3 = cp * (4.0 * cp * cp - 3.0)
+        s3 = sp * (3.0 - 4.0 * sp * sp)
+        cc3 = c3 * m3c + s3 * m3s
+        ss3 = 3.0 * (s3 * m3c - c3 * m3s)
+        cc = cp * cp
+        ss = sp * sp
+        c4 = cc * cc - 6.0 * cc * ss + ss * ss
+        s4 = 4.0 * cp * sp * (cc - ss)
+        cc4 = c4 * m4c + s4 * m4s
+        ss4 = 4.0 * (s4 * m4c - c4 * m4s)
+        ax += cp * (cc3 + cc4) + sp * (ss3 + ss4)
+        ay += sp * (cc3 + cc4) - cp * (ss3 + ss4)
+        return ax, ay
+
+    @triton.jit
     def _render_kernel(
         out_ptr,  # [B, N*N] float32
         sc_ptr,  # [B, NCOL] float32
@@ -131,6 +174,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         HAS_TNFW: tl.constexpr,
         KT: tl.constexpr,  # slots per image of tn_ptr
         BLOCK: tl.constexpr,
+        EPL_TERMS: tl.constexpr = -1,  # -1: SIE; else the EPL series' terms after the first
+        HAS_MULTIPOLE: tl.constexpr = False,
     ):
         NB: tl.constexpr = (N * N + BLOCK - 1) // BLOCK
         pid = tl.program_id(0)
@@ -164,21 +209,57 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         v_h = tl.load(sc + 20)
         v_mu = tl.load(sc + 21)
         n_sub = tl.load(sc + 22).to(tl.int32)
+        e_t = tl.load(sc + 23)
+        e_amp = tl.load(sc + 24)
+        e_c = tl.load(sc + 25)
+        e_lnb = tl.load(sc + 26)
+        m1c = tl.load(sc + 27)
+        m1s = tl.load(sc + 28)
+        ln_re = tl.load(sc + 29)
+        m3c = tl.load(sc + 30)
+        m3s = tl.load(sc + 31)
+        m4c = tl.load(sc + 32)
+        m4s = tl.load(sc + 33)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for a in tl.static_range(SS):
             y = tl.load(coord_ptr + row * SS + a, mask=mask, other=0.0)
             for bb in tl.static_range(SS):
                 x = tl.load(coord_ptr + col * SS + bb, mask=mask, other=0.0)
-                # SIE
                 dx = x - cx
                 dy = y - cy
                 xr = cos_p * dx + sin_p * dy
                 yr = -sin_p * dx + cos_p * dy
-                psi = tl.maximum(tl.sqrt(q * q * xr * xr + yr * yr), 1e-18)
-                axr = b * (_atan(f * (xr / psi)) / f)
-                ayr = b * (_atanh(f * (yr / psi)) / f)
+                if EPL_TERMS >= 0:
+                    # EPL: 2b/(1+q) (b/R)^(t-1) sum_n a_n (-c)^n e^{i(2n+1) varphi}, each term the previous
+                    # one rotated by 2 varphi (``lens.alpha_epl``)
+                    er = tl.maximum(tl.sqrt(q * q * xr * xr + yr * yr), 1e-9)
+                    cf = q * xr / er
+                    sf = yr / er
+                    c2 = cf * cf - sf * sf
+                    s2 = 2.0 * sf * cf
+                    ox = cf
+                    oy = sf
+                    wx = cf
+                    wy = sf
+                    for nn in tl.static_range(1, EPL_TERMS + 1):
+                        kk = -e_c * (2.0 * nn - 2.0 + e_t) / (2.0 * nn + 2.0 - e_t)
+                        nx = kk * (ox * c2 - oy * s2)
+                        oy = kk * (oy * c2 + ox * s2)
+                        ox = nx
+                        wx += ox
+                        wy += oy
+                    eamp = e_amp * tl.exp((e_t - 1.0) * (e_lnb - tl.log(er)))
+                    axr = eamp * wx
+                    ayr = eamp * wy
+                else:
+                    # SIE
+                    psi = tl.maximum(tl.sqrt(q * q * xr * xr + yr * yr), 1e-18)
+                    axr = b * (_atan(f * (xr / psi)) / f)
+                    ayr = b * (_atanh(f * (yr / psi)) / f)
                 ax = cos_p * axr - sin_p * ayr
                 ay = sin_p * axr + cos_p * ayr
+                if HAS_MULTIPOLE:
+                    ax, ay = _multipoles(ax, ay, dx, dy, m1c, m1s, ln_re, m3c, m3s, m4c, m4s)
                 # shear about the origin
                 ax += g1 * x + g2 * y
                 ay += g2 * x - g1 * y
@@ -331,10 +412,14 @@ def render_sersic(
     tnfw: Tensor | None = None,
     tnfw_count: Tensor | None = None,
     block: int = 256,
+    epl_terms: int = -1,
+    has_multipole: bool = False,
 ) -> Tensor:
     """Noise-free, PSF-free flux per pixel [B, N, N] float32 (see module docstring). ``tnfw`` [B, KT, 8]
     (``tnfw_table``) with ``tnfw_count`` [B] int32 adds truncated-NFW subhalos (each image loops over its own
-    count; KT is compiled in, so callers round it up to a few sizes: ``tnfw_slots``)."""
+    count; KT is compiled in, so callers round it up to a few sizes: ``tnfw_slots``). ``epl_terms`` >= 0
+    renders an EPL main deflector with that many series terms (``simulate.macro_kind``; -1: the SIE);
+    ``has_multipole`` adds the multipoles m = 1, 3, 4 (the scalars' m* columns)."""
     B = scalars.shape[0]
     N, ss = int(num_pix), int(supersampling)
     out = torch.empty((B, N, N), device=scalars.device, dtype=torch.float32)
@@ -351,7 +436,7 @@ def render_sersic(
         out, scalars, te2, sub_x, sub_y, tnfw, tnfw_count, coord,
         float(delta_pix * delta_pix / (ss * ss)),
         N=N, SS=ss, K=K, NC=NCOL, HAS_SUB=has_sub, HAS_VORTEX=bool(has_vortex), HAS_TNFW=has_tnfw, KT=KT,
-        BLOCK=block,
+        BLOCK=block, EPL_TERMS=int(epl_terms), HAS_MULTIPOLE=bool(has_multipole),
     )  # fmt: skip
     return out
 

@@ -683,7 +683,8 @@ class _TritonBatches:
         self.tk = _triton
         self.pre, self.dev, self.seed = pre, dev, seed
         self.has_vortex = "axion" in pre.class_names
-        keys = list(_MACRO_KEYS + _SOURCE_KEYS)
+        keys = list(_MACRO_KEYS + _SOURCE_KEYS + macro_shape_keys(pre))
+        self.macro = macro_kind(pre)
         if self.has_vortex:
             keys += list(_VORTEX_KEYS[:3])
         keys += ["subhalo_count"]
@@ -742,6 +743,7 @@ class _TritonBatches:
         img = tk.render_sersic(
             sc, te2, sx, sy, self.coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k,
             has_vortex=self.has_vortex and not self.chain, tnfw=tn, tnfw_count=tcount,
+            epl_terms=self.macro[0], has_multipole=bool(self.macro[1]),
         )  # fmt: skip
         if self.kernel is not None:
             img = tk.psf_separable(img, self.kernel)
