@@ -1,129 +1,127 @@
-"""Every number README's Results tables quote must come from a JSON file in benchmarks/results.
+"""Every number README.md and docs/benchmarks.md publish is rendered from a named key of a JSON file.
 
-Each table in README's "## Results" section names its JSON files in the paragraph above it (or in its own
-cells) as `benchmarks/results/NAME.json` or `NAME.json` (globs such as `train_scaling_*.json` allowed). Every
-number in a result cell (all columns but the first, which names the configuration) must equal some number of
-those files at the precision shown: "262k" matches 262286.5, "5.1%" matches 0.0508, "24,911" matches 24911.45.
-A number typed by hand, or left over from a run whose JSON was not kept, fails this test.
+benchmarks/report.py holds the spec (section, table, row: file, key path, format) and renders
+docs/benchmarks.md and README's results block from benchmarks/results/*.json. These tests check that
+(a) the committed page and block equal what the JSON files render (`report.py --check`), (b) each rendered
+number lies where that comparison sees it, so a number edited by hand fails, and (c) no other digit is
+typed in the prose or tables of either file (code, links and the Python version aside).
 """
 
 from __future__ import annotations
 
-import json
-import math
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-
-_JSON_REF = re.compile(r"([A-Za-z0-9_.*\-]+\.json)")
-# a number as README writes it: sign, digits with thousands commas, decimals, a k/M multiplier, a unit
-_NUMBER = re.compile(
-    r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+|-?\d+(?:\.\d+)?)(?![\d.])"
-    r"(?:\s?(k|M)(?![A-Za-z]))?\s*(%|x(?![A-Za-z\d])|ms(?![A-Za-z]))?"
-)
-_MULT = {None: 1.0, "k": 1e3, "M": 1e6}
 
 
-def results_section(text: str) -> str:
-    start = text.index("\n## Results")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end > 0 else len(text)]
+def _load_report():
+    spec = importlib.util.spec_from_file_location("benchmarks_report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
-def tables_with_context(section: str) -> list[tuple[str, list[str]]]:
-    """(text since the previous table, table lines) for every Markdown table of the section."""
-    out, context, table = [], [], []
-    for line in section.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            out.append(("\n".join(context), table))
-            context, table = [], []
-        context.append(line)
-    if table:
-        out.append(("\n".join(context), table))
-    return out
+report = _load_report()
+_MARKED = re.compile(re.escape(report.MARK_OPEN) + r"(.*?)" + re.escape(report.MARK_CLOSE), re.S)
 
 
-def cited_files(text: str) -> list[Path]:
-    files: list[Path] = []
-    for ref in _JSON_REF.findall(text):
-        name = ref.split("/")[-1]
-        files.extend(sorted(RESULTS.glob(name)))
-    return sorted(set(files))
+def traced(path: Path) -> str:
+    """The file as the spec renders it, every rendered number between trace marks."""
+    if path == report.PAGE:
+        return report.render_page(trace=True)
+    return report.readme_with_block(path.read_text(), report.render_readme_block(trace=True))
 
 
-def json_numbers(obj) -> list[float]:
-    if isinstance(obj, bool) or obj is None:
-        return []
-    if isinstance(obj, (int, float)):
-        return [float(obj)] if math.isfinite(obj) else []
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in json_numbers(v)]
-    if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in json_numbers(v)]
-    return []
+def rendered_spans(path: Path) -> list[tuple[int, int]]:
+    """(start, end) in the plain file of every number the spec rendered."""
+    spans, shift = [], 0
+    for m in _MARKED.finditer(traced(path)):
+        start = m.start() - shift
+        spans.append((start, start + len(m.group(1))))
+        shift += len(report.MARK_OPEN) + len(report.MARK_CLOSE)
+    return spans
 
 
-def quoted_numbers(cell: str) -> list[tuple[str, float, float, str | None]]:
-    """(as written, value, half a unit of the last digit shown, unit) for every number in a table cell."""
-    cell = re.sub(r"`[^`]*`", " ", cell)  # file names and code are not results
-    out = []
-    for m in _NUMBER.finditer(cell):
-        mantissa, mult, unit = m.group(1), m.group(2), m.group(3)
-        digits = mantissa.replace(",", "")
-        decimals = len(digits.split(".")[1]) if "." in digits else 0
-        scale = _MULT[mult]
-        out.append((m.group(0).strip(), float(digits) * scale, 0.5 * 10.0**-decimals * scale, unit))
-    return out
+_IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_][\w\-]*")  # ResNet18, H200, bf16, model_ii, Fletcher-32
+_NOT_A_NAME = re.compile(r"x[\d.]+")  # a scale or ratio typed as a word ("x0.5") is a number
+_ALLOWED = [
+    re.compile(r"```.*?```", re.S),  # code blocks
+    re.compile(r"`[^`]+`"),  # code spans (a span may wrap a line): commands, flags, file names
+    re.compile(r"\]\([^)]*\)"),  # link and image targets
+    re.compile(r"<!--.*?-->", re.S),
+    re.compile(r"\bPython \d+\.\d+"),
+]
 
 
-def matches(value: float, half_ulp: float, unit: str | None, candidates: list[float]) -> bool:
-    factors = (1.0, 100.0) if unit == "%" else (1.0,)
-    tol = half_ulp * (1 + 1e-9) + 1e-12
-    return any(abs(x * f - value) <= tol for x in candidates for f in factors)
+def typed_numbers(text: str) -> list[str]:
+    """Digits in ``text`` outside code, links, identifiers and the allowed version, with their context."""
+    for pattern in _ALLOWED:
+        text = pattern.sub(" ", text)
+    text = _IDENTIFIER.sub(lambda m: m.group(0) if _NOT_A_NAME.fullmatch(m.group(0)) else " ", text)
+    return [text[max(0, m.start() - 30): m.end() + 30].replace("\n", " ") for m in re.finditer(r"\d", text)]
 
 
-def _tables():
-    text = (ROOT / "README.md").read_text()
-    return tables_with_context(results_section(text))
+@pytest.mark.parametrize("path", [report.PAGE, report.README], ids=["benchmarks.md", "README.md"])
+def test_committed_file_equals_what_the_json_files_render(path):
+    current = path.read_text()
+    assert not report.is_stale(path, current), (
+        f"{path.relative_to(ROOT)} differs from what benchmarks/results/*.json render: "
+        "run python benchmarks/report.py (never edit the numbers by hand)")
 
 
-def test_results_section_has_tables():
-    assert len(_tables()) >= 3
+def test_report_check_command_passes():
+    proc = subprocess.run([sys.executable, "benchmarks/report.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("index", range(len(_tables())))
-def test_every_table_number_is_in_its_json(index):
-    context, table = _tables()[index]
-    files = cited_files(context + "\n" + "\n".join(table))
-    assert files, f"README Results table {index} ({table[0][:80]}...) names no JSON in benchmarks/results"
-    candidates = [x for f in files for x in json_numbers(json.loads(f.read_text()))]
-    missing = []
-    for row in table[2:]:  # header and separator rows carry no results
-        cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        for cell in cells[1:]:
-            for written, value, half_ulp, unit in quoted_numbers(cell):
-                if not matches(value, half_ulp, unit, candidates):
-                    missing.append(f"{written!r} in row {cells[0]!r}")
-    names = ", ".join(f.name for f in files)
-    assert not missing, f"README numbers not found in {names}: " + "; ".join(missing)
+@pytest.mark.parametrize("path", [report.PAGE, report.README], ids=["benchmarks.md", "README.md"])
+def test_every_rendered_number_edited_by_hand_fails_the_check(path):
+    """Change the last digit of each rendered number in turn: the check must call the file stale."""
+    current = path.read_text()
+    spans = [(a, b) for a, b in rendered_spans(path) if re.search(r"\d", current[a:b])]  # not names, "met"
+    assert len(spans) >= (300 if path == report.PAGE else 8)
+    unnoticed = []
+    for start, end in spans:
+        number = current[start:end]
+        digits = [i for i, ch in enumerate(number) if ch.isdigit()]
+        i = start + digits[-1]
+        edited = current[:i] + str((int(current[i]) + 1) % 10) + current[i + 1:]
+        if not report.is_stale(path, edited):
+            unnoticed.append(number)
+    assert not unnoticed, f"hand edits of these numbers in {path.name} pass the check: {unnoticed[:10]}"
 
 
-def test_the_check_catches_a_number_typed_by_hand():
-    """The matcher itself: a changed digit, a wrong multiplier or a wrong percentage must not match."""
-    candidates = [262286.5, 0.0508, 24911.45, 1.9592]
-    assert matches(*_one("262k"), candidates) and matches(*_one("5.1%"), candidates)
-    assert matches(*_one("24,911"), candidates) and matches(*_one("1.96x"), candidates)
-    for typed in ("263k", "262M", "5.2%", "24,912", "1.97x", "341k"):
-        assert not matches(*_one(typed), candidates), typed
+@pytest.mark.parametrize("path", [report.PAGE, report.README], ids=["benchmarks.md", "README.md"])
+def test_no_number_is_typed_by_hand(path):
+    """Prose, labels and headers hold no digits: a number on these pages comes from a JSON key."""
+    text = _MARKED.sub(" ", traced(path))
+    found = typed_numbers(text)
+    assert not found, f"{path.name}: numbers not rendered from a JSON key: {found[:10]}"
 
 
-def _one(cell: str):
-    (written, value, half_ulp, unit), = quoted_numbers(cell)
-    return value, half_ulp, unit
+def test_typed_numbers_finds_numbers_and_skips_names():
+    assert typed_numbers("ResNet18 on one H200 in bf16, `--epochs 10`, Python 3.10, [x](a1.png)") == []
+    for text in ("AUC 0.93", "a 2-core CPU", "1.8x faster", "x0.25", "64x64 images", "-0.9 slope", "12,319"):
+        assert typed_numbers(text), text
+
+
+def test_a_missing_key_names_the_file_and_the_path():
+    data = {"runs": [{"model": "ViT", "wall_s": 1.0}]}
+    assert report.lookup(data, "runs[model=ViT].wall_s", "x.json") == 1.0
+    with pytest.raises(KeyError, match=r"x\.json.*runs\[model=CvT\]"):
+        report.lookup(data, "runs[model=CvT].wall_s", "x.json")
+    with pytest.raises(KeyError, match="x.json"):
+        report.lookup(data, "runs[0].no_such_key", "x.json")
+
+
+def test_the_page_cites_only_files_that_exist():
+    cited = set(re.findall(r"benchmarks/results/([\w.\-]+\.json)", report.PAGE.read_text()))
+    assert cited and all((report.RESULTS / name).is_file() for name in cited), cited
