@@ -144,7 +144,7 @@ class Preset:
     subhalo_conc_beta: float = 0.7
     subhalo_conc_m_ref: float = 1e8  # Msun
     subhalo_conc_scatter: float = 0.13  # dex
-    subhalo_host_m200: float = 1e13  # Msun: line-of-sight depth r200/2 for the DG19 truncation
+    subhalo_host_m200: float = 1e13  # Msun: host cored NFW (core r200/2, |z| < r200) of the DG19 depths
     axion_log10_mass: Range = (-24.0, -22.0)  # log10 eV
     vortex_mass: float = 3e10  # Msun
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV

@@ -14,8 +14,9 @@ The model is DG19 (Gilman et al., arXiv:1909.02573) as paltas renders it
   H0 70, Om0 0.3, Ob0 0.05, sigma8 0.81, ns 0.96, and sigma(M, z) = sigma(M, 0) D(z), D the linear growth
   factor of flat LCDM) and the DG19 truncation radius r_t = 1.4 kpc (m / 1e7)^(1/3) (r / 50 kpc)^(2/3)
   (paltas ``get_truncation_radius``), r the subhalo's 3D distance from the host centre. The line-of-sight
-  coordinate is uniform in |z| < r200(host) / 2: paltas draws from a cored NFW whose core (of radius
-  r200 / 2, DG19's tidal radius) has uniform density; we keep only the core (a simplification, documented).
+  coordinate z follows paltas' 3D density (``sample_cored_nfw``): a cored NFW of the host (M200
+  ``subhalo_host_m200``, the mean DG19 concentration), uniform inside r200 / 2 (DG19's tidal radius), NFW
+  outside, within |z| < r200 (``subhalo_depth_kpc``).
 
 Units: angles arcsec, lengths kpc where named so, masses Msun.
 """
@@ -33,12 +34,12 @@ from . import cosmology
 
 _F64 = torch.float64
 
-#: log10 sigma(M, z=0) at log10 M [Msun] = 5.0, 5.5, ..., 12.0 (colossus 1.3 ``sigma(lagrangianR(M h), 0)``,
+#: log10 sigma(M, z=0) at log10 M [Msun] = 5.0, 5.5, ..., 13.5 (colossus 1.3 ``sigma(lagrangianR(M h), 0)``,
 #: flat LCDM H0 70, Om0 0.3, Ob0 0.05, sigma8 0.81, ns 0.96, Eisenstein & Hu 1998 transfer function).
-_LOG10_M_TABLE = np.arange(5.0, 12.01, 0.5)
+_LOG10_M_TABLE = np.arange(5.0, 13.51, 0.5)
 _LOG10_SIGMA_TABLE = np.array(
     [0.96063, 0.93175, 0.90133, 0.86924, 0.83531, 0.79939, 0.76129, 0.72072,
-     0.67738, 0.631, 0.58126, 0.52774, 0.46993, 0.4073, 0.33931]
+     0.67738, 0.631, 0.58126, 0.52774, 0.46993, 0.4073, 0.33931, 0.26522, 0.18407, 0.09495]
 )  # fmt: skip
 
 #: DG19 truncation: r_t = _RT_NORM_KPC (m / _RT_M_PIVOT)^(1/3) (r / _RT_R_PIVOT_KPC)^(2/3)
@@ -63,7 +64,7 @@ def growth_factor(z: float, *, om0: float) -> float:
 
 def log10_sigma_z0(mass: Tensor) -> Tensor:
     """log10 sigma(M, z=0) [dimensionless] at masses [Msun] (linear interpolation in log-log of the table;
-    valid for 1e5 <= M <= 1e12)."""
+    valid for 1e5 <= M <= 10^13.5)."""
     lm = torch.log10(mass.clamp_min(1.0))
     ys = torch.as_tensor(_LOG10_SIGMA_TABLE, dtype=mass.dtype, device=mass.device)
     step = float(_LOG10_M_TABLE[1] - _LOG10_M_TABLE[0])  # uniform grid: the cell by arithmetic
@@ -158,6 +159,79 @@ def tnfw_lens_parameters(mass: Tensor, concentration: Tensor, preset) -> tuple[T
     return rs, alpha_rs, 1.0 / mc
 
 
+def host_profile_kpc(preset) -> tuple[float, float]:
+    """(r200, Rs) [kpc] of the host halo: M200 ``subhalo_host_m200`` at z_lens, the mean DG19 concentration
+    (paltas ``sample_cored_nfw`` uses the relation with its scatter)."""
+    pre = preset
+    r200 = host_r200_kpc(pre.subhalo_host_m200, pre.z_lens, h0=pre.H0, om0=pre.Om0)
+    c = concentration_dg19(
+        torch.tensor([pre.subhalo_host_m200], dtype=_F64, device="cpu"), pre.z_lens, c0=pre.subhalo_c0,
+        zeta=pre.subhalo_conc_zeta, beta=pre.subhalo_conc_beta, m_ref=pre.subhalo_conc_m_ref, om0=pre.Om0,
+    )  # fmt: skip
+    return r200, r200 / float(c[0])
+
+
+def cored_nfw_density(r: Tensor, r_core: float, rs: float) -> Tensor:
+    """paltas' cored NFW 3D density up to a constant: 1 / (x (1+x)^2), x = max(r, r_core) / rs."""
+    x = r.clamp_min(r_core) / rs
+    return 1.0 / (x * (1.0 + x) ** 2)
+
+
+def _depth_from_r0_profile(u: Tensor, r200: float, rs: float, *, n_table: int = 4097) -> Tensor:
+    """|z| [kpc] with density cored_nfw_density(|z|) on [0, r200] (the profile along the line of sight
+    through the host centre) from uniforms u: the core r < r200/2 analytically, the NFW tail by its inverse
+    CDF, int dx / (x (1+x)^2) = ln(x / (1+x)) + 1 / (1+x), tabulated at ``n_table`` points and interpolated
+    linearly (float64; paltas tabulates 1000)."""
+    rc = 0.5 * r200
+    dev = u.device
+    xs = torch.linspace(rc / rs, r200 / rs, n_table, dtype=_F64, device=dev)
+    G = torch.log(xs / (1.0 + xs)) + 1.0 / (1.0 + xs)
+    G = G - G[0]
+    core = rc / rs * float(cored_nfw_density(torch.tensor(rc, dtype=_F64), rc, rs))  # in units of rs
+    target = u.to(_F64) * (core + float(G[-1]))
+    z = target * (rc / core)
+    tail = torch.nonzero(target > core).squeeze(1)  # ~30 %: the inverse CDF only there
+    want = target[tail] - core
+    i = torch.searchsorted(G, want).clamp(1, n_table - 1)
+    g0, g1 = G[i - 1], G[i]
+    x = xs[i - 1] + (want - g0) / (g1 - g0) * (xs[i] - xs[i - 1])
+    return z.index_put_((tail,), x * rs)
+
+
+def subhalo_depth_kpc(
+    R_kpc: Tensor, u: Tensor, generator: torch.Generator, preset, *, rounds: int = 6
+) -> Tensor:
+    """Line-of-sight coordinate z [kpc] (signed) of subhalos at projected radius ``R_kpc`` from the host
+    centre, as paltas places them (``sample_cored_nfw``): 3D density cored_nfw_density(sqrt(R^2 + z^2))
+    (host ``host_profile_kpc``, core radius r200 / 2), |z| < r200.
+
+    ``u`` [N] (uniforms) gives each subhalo a sign and a proposal from the R = 0 profile
+    (``_depth_from_r0_profile`` of |2u - 1|); a proposal with R^2 + z^2 beyond the core is accepted with
+    probability density(sqrt(R^2 + z^2)) / density(|z|) <= 1 (exact rejection sampling; ~99.9 % accepted at
+    R <= 3 theta_E). Rejected ones draw a new proposal and acceptance uniform from ``generator`` (at most
+    ``rounds`` rounds; the rare last rejects keep their proposal)."""
+    r200, rs = host_profile_kpc(preset)
+    rc = 0.5 * r200
+    R2 = R_kpc.to(_F64) ** 2
+    dev = R2.device
+    v = 2.0 * u.to(_F64) - 1.0
+    z = _depth_from_r0_profile(v.abs(), r200, rs)
+    todo = torch.nonzero(R2 + z * z > rc * rc).squeeze(1)  # inside the core the ratio is 1
+    for k in range(rounds):
+        if todo.numel() == 0:
+            break
+        acc_u = torch.rand(todo.numel(), generator=generator, dtype=_F64, device=dev)
+        zt = z[todo]
+        ratio = cored_nfw_density(torch.sqrt(R2[todo] + zt * zt), rc, rs) / cored_nfw_density(zt, rc, rs)
+        todo = todo[acc_u > ratio]
+        if k < rounds - 1 and todo.numel():
+            z[todo] = _depth_from_r0_profile(
+                torch.rand(todo.numel(), generator=generator, dtype=_F64, device=dev), r200, rs
+            )
+            todo = todo[R2[todo] + z[todo] ** 2 > rc * rc]
+    return torch.where(v < 0, -z, z)
+
+
 def draw_subhalos(
     preset,
     theta_E: Tensor,
@@ -231,9 +305,8 @@ def draw_subhalos(
             c = torch.full_like(mass, pre.subhalo_concentration)
         rs, alpha_rs, inv_mc = tnfw_lens_parameters(mass, c, pre)
         if pre.subhalo_concentration_model == "dg19":
-            half_depth = 0.5 * host_r200_kpc(pre.subhalo_host_m200, pre.z_lens, h0=pre.H0, om0=pre.Om0)
-            los = half_depth * (2.0 * u[3] - 1.0)
-            r3d = torch.sqrt((rad * kpa) ** 2 + los**2)
+            los = subhalo_depth_kpc(rad.to(_F64) * kpa, u[3], g, pre)
+            r3d = torch.sqrt((rad * kpa) ** 2 + los.to(torch.float32) ** 2)
             r_trunc = truncation_radius_kpc(mass, r3d) / kpa
         else:
             r_trunc = pre.subhalo_truncation * rs
