@@ -21,7 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lens import alpha_nfw, alpha_point_mass, alpha_shear, alpha_sie, alpha_sis, alpha_tnfw
+from .lens import (
+    alpha_epl,
+    alpha_multipole,
+    alpha_nfw,
+    alpha_point_mass,
+    alpha_shear,
+    alpha_sie,
+    alpha_sis,
+    alpha_tnfw,
+    ellipticity_to_phi_q,
+    epl_series_terms,
+)
 from .light import sersic_elliptical, sersic_spherical
 from .render import bin_supersampled, convolve_gaussian, gaussian_kernel_1d, pixel_grid
 
@@ -32,11 +43,28 @@ _LENS_KEYS: dict[str, tuple[tuple[str, ...], dict[str, float]]] = {
     "POINT_MASS": (("theta_E",), {"center_x": 0.0, "center_y": 0.0}),
     "NFW": (("Rs", "alpha_Rs"), {"center_x": 0.0, "center_y": 0.0}),
     "TNFW": (("Rs", "alpha_Rs", "r_trunc"), {"center_x": 0.0, "center_y": 0.0}),
+    "EPL": (("theta_E", "gamma", "e1", "e2"), {"center_x": 0.0, "center_y": 0.0}),
+    "MULTIPOLE": (("m", "a_m", "phi_m"), {"center_x": 0.0, "center_y": 0.0, "r_E": 1.0}),
 }
 _LIGHT_KEYS: dict[str, tuple[tuple[str, ...], dict[str, float]]] = {
     "SERSIC": (("amp", "R_sersic", "n_sersic"), {"center_x": 0.0, "center_y": 0.0}),
     "SERSIC_ELLIPSE": (("amp", "R_sersic", "n_sersic", "e1", "e2"), {"center_x": 0.0, "center_y": 0.0}),
 }
+
+
+def _epl(x, y, theta_E, gamma, e1, e2, center_x, center_y):
+    """``alpha_epl`` with series terms for this q and gamma (relative error <= 1e-9)."""
+    q = float(ellipticity_to_phi_q(e1, e2)[1])
+    n = epl_series_terms(q, float(gamma), rtol=1e-9)
+    return alpha_epl(x, y, theta_E, gamma, e1, e2, center_x, center_y, n_terms=n)
+
+
+def _multipole(x, y, m, a_m, phi_m, center_x, center_y, r_E):
+    if float(m) not in (1.0, 3.0, 4.0) and not (float(m).is_integer() and m >= 2):
+        raise ValueError(f"lens model 'MULTIPOLE': m = {float(m)!r} must be an integer >= 1")
+    return alpha_multipole(x, y, int(m), a_m, phi_m, center_x, center_y, r_E)
+
+
 _LENS_FN = {
     "SIS": alpha_sis,
     "SIE": alpha_sie,
@@ -44,6 +72,8 @@ _LENS_FN = {
     "POINT_MASS": alpha_point_mass,
     "NFW": alpha_nfw,
     "TNFW": alpha_tnfw,
+    "EPL": _epl,
+    "MULTIPOLE": _multipole,
 }
 _LIGHT_FN = {"SERSIC": sersic_spherical, "SERSIC_ELLIPSE": sersic_elliptical}
 
@@ -114,9 +144,10 @@ def lenstronomy_image(
 ) -> np.ndarray:
     """Noise-free image [num_pix, num_pix] (flux per pixel), as lenstronomy's ``ImageModel.image``.
 
-    Models: lens SIS, SIE, SHEAR, POINT_MASS, NFW, TNFW; source SERSIC, SERSIC_ELLIPSE, with lenstronomy's
-    keyword names. Grid ``data_configure_simple(num_pix, delta_pix, inverse=False)``, supersampling without
-    supersampled convolution, GAUSSIAN PSF (truncation 5 sigma) when ``psf_fwhm`` [arcsec] is given.
+    Models: lens SIS, SIE, EPL, MULTIPOLE, SHEAR, POINT_MASS, NFW, TNFW; source SERSIC, SERSIC_ELLIPSE, with
+    lenstronomy's keyword names. Grid ``data_configure_simple(num_pix, delta_pix, inverse=False)``,
+    supersampling without supersampled convolution, GAUSSIAN PSF (truncation 5 sigma) when ``psf_fwhm``
+    [arcsec] is given.
     """
     if int(num_pix) != num_pix or num_pix < 1:
         raise ValueError(f"num_pix = {num_pix!r} must be a positive integer")
