@@ -6,9 +6,12 @@ dataset with a manifest, for jobs/train.py, jobs/tune.py and jobs/predict.py (th
     python jobs/import_npy.py ~/deeplense/Model_II/train --out data/m2 --splits train=0.8,val=0.1,test=0.1
 
 SRC/<class>/*.npy is split by --splits; SRC/train/<class>/, SRC/test/<class>/ (and val/) are kept as splits
-(without val/, --val-fraction of train becomes val). An axion file's [image, axion_mass] object array gives
-the parameter axion_mass. A file that cannot be read, has another size, or holds non-finite values stops the
-import with status 2 and its name; nothing is left half-written.
+(without val/, --val-fraction of train becomes val). Splits follow simulate.py's rules: none is left without
+an image of a class unless it is left out. An axion file's [image, axion_mass] object array gives the
+parameter axion_mass; it is read by a data-only unpickler, and a file asking for anything but numpy arrays
+and numbers is refused. A file that cannot be read, has another size, or holds non-finite values stops the
+import with status 2 and its name; nothing is left half-written. --out may not be, contain or lie inside
+SRC; --overwrite replaces only a dataset (its manifest, sources, preview and listed shards), nothing else.
 """
 
 from __future__ import annotations
@@ -32,12 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--splits", default=None, help="fractions, e.g. train=0.8,val=0.1,test=0.1 (pools split folders)"
     )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="of train/, when there is no val/ folder")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="of train/, when there is no val/ folder (0: no val split)",
+    )
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per shard")
     p.add_argument("--seed", type=int, default=0, help="seeds the splits and the row order")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="image storage type")
     p.add_argument("--pixel-scale", type=float, default=None, help="arcsec per pixel (models that use it)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the dataset at --out (refused if it holds files other than a dataset's own)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output table, .csv or .parquet (written atomically)")
     p.add_argument(
+        "--stack-axis0",
+        action="store_true",
+        help="for a 1-channel model, read an [N, H, W] array as a stack of N images (without this flag it is "
+        "an error: the first axis could as well be N channels of one image)",
+    )
+    p.add_argument(
         "--split", action="append", default=None, help="dataset split(s) to predict (default: all)"
     )
     p.add_argument(
@@ -108,6 +114,7 @@ def _main(argv: list[str] | None = None) -> int:
             log_mlflow=not args.no_mlflow,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            stack_axis0=args.stack_axis0,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RayConnectError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -109,7 +109,7 @@ def test_flat_class_folders_split_by_fractions(tmp_path):
 @pytest.mark.parametrize("problem", ["wrong_shape", "mixed_sizes", "unreadable", "non_finite", "not_numeric"])
 def test_bad_files_are_named_and_nothing_is_left(tmp_path, problem):
     src = tmp_path / "src"
-    write_deeplense(src, {"axion": 3, "cdm": 3, "no_sub": 3}, seed=2)
+    write_deeplense(src, {"axion": 10, "cdm": 10, "no_sub": 10}, seed=2)
     bad = src / "cdm" / "zz_bad.npy"
     if problem == "wrong_shape":
         np.save(bad, np.zeros((2, SIZE, SIZE)))
@@ -136,7 +136,7 @@ def test_cli_imports_and_refuses_a_folder_without_classes(tmp_path):
     (tmp_path / "empty").mkdir()
     cmd = [sys.executable, "jobs/import_npy.py", "--quiet"]
     run = dict(cwd=REPO, capture_output=True, text=True)
-    ok = subprocess.run([*cmd, str(src), "--out", str(tmp_path / "d")], **run)
+    ok = subprocess.run([*cmd, str(src), "--out", str(tmp_path / "d"), "--val-fraction", "0.25"], **run)
     bad = subprocess.run([*cmd, str(tmp_path / "empty"), "--out", str(tmp_path / "e")], **run)
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads(ok.stdout)

@@ -173,9 +173,13 @@ def test_fits_files_and_globs(store, tmp_path):
     ta, tb = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
     ta, tb = _by_stem(ta), _by_stem(tb)
     np.testing.assert_allclose(ta[PROBS].to_numpy(), tb[PROBS].to_numpy(), atol=1e-6)
-    # one stacked file: [N, H, W] holds N images, numbered by index
+    # one stacked file: [N, H, W] holds N images, numbered by index, when the caller says axis 0 is a stack
     np.save(tmp_path / "stack.npy", images[:, 0])
-    c = run_prediction(str(store["ckpt"]), tmp_path / "stack.npy", tmp_path / "c.csv", progress=False)
+    with pytest.raises(InputError, match="stack-axis0"):
+        run_prediction(str(store["ckpt"]), tmp_path / "stack.npy", tmp_path / "c.csv", progress=False)
+    c = run_prediction(
+        str(store["ckpt"]), tmp_path / "stack.npy", tmp_path / "c.csv", progress=False, stack_axis0=True
+    )
     tc = pd.read_csv(tmp_path / "c.csv")
     assert not c.labelled and c.run_id is None and tc["index"].tolist() == list(range(12))
     same_order = tb.set_index("source").loc[[str(p.resolve()) for p in paths]]

@@ -59,6 +59,37 @@ def apportion(total: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return dict(zip(names, parts))
 
 
+def check_splits(
+    splits: Any,
+    num_per_class: int | None = None,
+    *,
+    source: str | None = None,
+    remedy: str = "raise num_per_class or drop the split",
+) -> None:
+    """The split rules of every dataset: names of letters, digits, '_' or '-'; fractions in (0, 1] summing to
+    1; and, given ``num_per_class``, no split left without an image of a class (:func:`apportion`). An empty
+    split is asked for by leaving it out. ValueError naming the value; ``source`` says where the per-class
+    count comes from (default ``num_per_class=N``), ``remedy`` what to change."""
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError(f"splits must be a non-empty mapping name -> fraction, got {splits!r}")
+    for name, frac in splits.items():
+        if not isinstance(name, str) or not name or set(name) - _SPLIT_NAME_CHARS:
+            raise ValueError(f"split name {name!r} must be non-empty letters, digits, '_' or '-'")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
+            raise ValueError(f"split {name!r} fraction must be in (0, 1], got {frac!r}")
+    total = sum(float(f) for f in splits.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {total:g} from {dict(splits)!r}")
+    if num_per_class is None:
+        return
+    for name, rows in apportion(num_per_class, splits).items():
+        if rows == 0:
+            raise ValueError(
+                f"split {name!r} gets 0 images per class with {source or f'num_per_class={num_per_class}'} "
+                f"and fraction {splits[name]!r}: {remedy}"
+            )
+
+
 @dataclass
 class DatasetConfig:
     """What ``build_dataset`` makes.
@@ -102,22 +133,7 @@ class DatasetConfig:
         return self
 
     def _validate_splits(self) -> None:
-        if not isinstance(self.splits, Mapping) or not self.splits:
-            raise ValueError(f"splits must be a non-empty mapping name -> fraction, got {self.splits!r}")
-        for name, frac in self.splits.items():
-            if not isinstance(name, str) or not name or set(name) - _SPLIT_NAME_CHARS:
-                raise ValueError(f"split name {name!r} must be non-empty letters, digits, '_' or '-'")
-            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
-                raise ValueError(f"split {name!r} fraction must be in (0, 1], got {frac!r}")
-        total = sum(float(f) for f in self.splits.values())
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must sum to 1, got {total:g} from {dict(self.splits)!r}")
-        for name, rows in apportion(self.num_per_class, self.splits).items():
-            if rows == 0:
-                raise ValueError(
-                    f"split {name!r} gets 0 images per class with num_per_class={self.num_per_class} and "
-                    f"fraction {self.splits[name]!r}: raise num_per_class or drop the split"
-                )
+        check_splits(self.splits, self.num_per_class)
 
     def _validate_preset(self) -> None:
         from deeplense_ray.sim import resolve_preset

@@ -11,10 +11,17 @@ An input is one of
   an image);
 - a glob pattern (``'data/**/*.npy'``) over such files.
 
-An array holds one image ([H, W] or [C, H, W]) or a stack ([N, H, W] or [N, C, H, W]); its image shape must
-be the model's [C, H, W] (training does not resize). Files under a folder named after one of the model's
-classes are labelled with that class; labels are known when every file is (else none is, and a mix is an
-error). Object arrays are unpickled (``allow_pickle``): read only files you trust.
+An array holds one image ([H, W] or [C, H, W]) or a stack ([N, C, H, W]; [N, H, W] for a 1-channel model only
+when the caller says the first axis is a stack, ``stack_axis0``); its image shape must be the model's
+[C, H, W] (training does not resize). Files under a folder named after one of the model's classes are
+labelled with that class; labels are known when every file is (else none is, and a mix is an error).
+
+Data never runs code: object arrays go through the data-only unpickler of :mod:`deeplense_ray.npyio`, which
+refuses any class but numpy arrays, dtypes and scalars. A .npy header must match the file size; large .npy
+files are memory-mapped and split into units of ``BLOCK_ROWS`` images, so no process reads one whole. A
+folder or a glob is resolved file by file: a file reached twice (symlinks) counts once, and a symlink that
+leads outside the folder (for a glob, the folders before its first wildcard) is an error. An existing file
+whose name holds glob characters is that file, not a pattern.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deeplense_ray.npyio import NpyError, read_header, read_npy
 
 NPY_SUFFIXES = (".npy",)
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -49,6 +58,7 @@ class Unit:
     start: int
     stop: int
     label: int = -1
+    stacked: bool = False  # the caller said that a 3-d array's first axis is a stack of images
 
     @property
     def rows(self) -> int:
@@ -85,31 +95,43 @@ def _fits():
 
 
 # ---------------------------------------------------------------------------------------------- shapes
-def images_in_array(shape: Sequence[int], image_shape: Sequence[int], path: Any) -> int:
-    """Images of ``image_shape`` [C, H, W] in an array of ``shape``; InputError naming ``path``."""
+def images_in_array(
+    shape: Sequence[int], image_shape: Sequence[int], path: Any, *, stack_axis0: bool = False
+) -> int:
+    """Images of ``image_shape`` [C, H, W] in an array of ``shape``; InputError naming ``path``. An [N, H, W]
+    array (N > 1) for a 1-channel model is N images only with ``stack_axis0``: it could as well be one image
+    of N channels."""
     c, h, w = (int(v) for v in image_shape)
     s = tuple(int(v) for v in shape)
     if s[-2:] == (h, w):
         if len(s) == 2 and c == 1:
             return 1
-        if len(s) == 3 and (s[0] == c or c == 1):
-            return 1 if s[0] == c else s[0]
+        if len(s) == 3 and s[0] == c:
+            return 1
+        if len(s) == 3 and c == 1 and stack_axis0:
+            return s[0]
+        if len(s) == 3 and c == 1:
+            raise InputError(
+                f"{path}: array of shape {list(s)} for a 1-channel model: one image of {s[0]} channels or a "
+                f"stack of {s[0]} images? Pass --stack-axis0 (stack_axis0=True) if the first axis is a "
+                f"stack, or store it as [N, 1, {h}, {w}]"
+            )
         if len(s) == 4 and s[1] == c:
             return s[0]
     raise InputError(
         f"{path}: array of shape {list(s)} does not hold images of the model's shape [{c}, {h}, {w}] "
-        "(expected [H, W], [C, H, W], [N, H, W] or [N, C, H, W]; the model was trained on that size and "
-        "images are not resized)"
+        "(expected [H, W], [C, H, W], [N, C, H, W], or [N, H, W] with --stack-axis0; the model was trained "
+        "on that size and images are not resized)"
     )
 
 
-def as_images(array: Any, image_shape: Sequence[int], path: Any) -> np.ndarray:
+def as_images(array: Any, image_shape: Sequence[int], path: Any, *, stack_axis0: bool = False) -> np.ndarray:
     """float32 [N, C, H, W] from an array holding images; InputError naming ``path`` if non-numeric,
     of the wrong shape, or non-finite (naming the image)."""
     a = np.asarray(array)
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
         raise InputError(f"{path}: array of dtype {a.dtype} is not numeric image data")
-    n = images_in_array(a.shape, image_shape, path)
+    n = images_in_array(a.shape, image_shape, path, stack_axis0=stack_axis0)
     x = a.astype(np.float32, copy=False).reshape(n, *(int(v) for v in image_shape))
     finite = np.isfinite(x).reshape(n, -1).all(axis=1)
     if not finite.all():
@@ -133,27 +155,22 @@ def split_object_array(array: np.ndarray, path: Any) -> tuple[np.ndarray, list[f
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from a .npy header, without reading the data; InputError naming the file."""
+    """(shape, dtype) from a .npy header checked against the file size, without reading the data;
+    InputError naming the file."""
     try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = read(fh)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: unreadable .npy file: {exc}") from None
-    return tuple(shape), dtype
+        header = read_header(path)
+    except NpyError as exc:
+        raise InputError(str(exc)) from None
+    return header.shape, header.dtype
 
 
 def load_npy(path: str | Path) -> tuple[np.ndarray, list[float]]:
-    """(image data, [scalar parameters]) of a .npy file; object arrays are unpickled. InputError naming it."""
+    """(image data, [scalar parameters]) of a .npy file (large plain arrays memory-mapped; object arrays
+    through the data-only unpickler). InputError naming the file."""
     try:
-        a = np.load(path, allow_pickle=True)
-    except Exception as exc:  # numpy raises ValueError/OSError/UnpicklingError/EOFError for bad files
-        raise InputError(f"{path}: unreadable .npy file: {type(exc).__name__}: {exc}") from None
+        a = read_npy(path)
+    except NpyError as exc:
+        raise InputError(str(exc)) from None
     if a.dtype == object:
         return split_object_array(a, path)
     return a, []
@@ -198,17 +215,27 @@ def _label_of(path: Path, root: Path, class_names: Sequence[str]) -> int:
     return -1
 
 
-def _file_units(path: Path, kind: str, image_shape: Sequence[int], label: int) -> list[Unit]:
+def _file_units(
+    path: Path, kind: str, image_shape: Sequence[int], label: int, stack_axis0: bool = False
+) -> list[Unit]:
+    """The units of one file: an npy stack in blocks of ``BLOCK_ROWS`` images (each read through a memory
+    map), anything else whole."""
     if kind == "npy":
         shape, dtype = npy_header(path)
         # an object array ([image, axion_mass]) holds one image; its shape is checked when it is read
-        n = 1 if dtype.hasobject else images_in_array(shape, image_shape, path)
-    else:
-        n = images_in_array(fits_shape(path), image_shape, path)
-    return [Unit(str(path), kind, 0, n, label)] if n else []
+        n = 1 if dtype.hasobject else images_in_array(shape, image_shape, path, stack_axis0=stack_axis0)
+        stacked = stack_axis0 and len(shape) == 3 and n > 1
+        return [
+            Unit(str(path), kind, start, min(start + BLOCK_ROWS, n), label, stacked)
+            for start in range(0, n, BLOCK_ROWS)
+        ]
+    n = images_in_array(fits_shape(path), image_shape, path, stack_axis0=stack_axis0)
+    return [Unit(str(path), kind, 0, n, label, stack_axis0 and n > 1)] if n else []
 
 
-def _files_plan(files: list[Path], root: Path, image_shape, class_names, what: str) -> InputPlan:
+def _files_plan(
+    files: list[Path], root: Path, image_shape, class_names, what: str, stack_axis0: bool = False
+) -> InputPlan:
     labels = [_label_of(f, root, class_names) for f in files]
     known = sum(lab >= 0 for lab in labels)
     if 0 < known < len(files):
@@ -219,8 +246,23 @@ def _files_plan(files: list[Path], root: Path, image_shape, class_names, what: s
         )
     units: list[Unit] = []
     for f, lab in zip(files, labels):
-        units.extend(_file_units(f, _suffix_kind(f) or "", image_shape, lab))
+        units.extend(_file_units(f, _suffix_kind(f) or "", image_shape, lab, stack_axis0))
     return InputPlan(units, labelled=known == len(files), description=what)
+
+
+def _resolve_under(found: Iterable[str | Path], root: Path, what: str) -> list[Path]:
+    """The image files among ``found`` resolved (symlinks followed), each once, sorted; InputError naming a
+    symlink that leads outside ``root`` (resolved)."""
+    root = root.resolve()
+    files: set[Path] = set()
+    for p in found:
+        f = Path(p).resolve()
+        if not (f.is_file() and _suffix_kind(f)):
+            continue
+        if f != root and root not in f.parents:
+            raise InputError(f"{what}: {p} leads to {f}, outside {root} (a symlink out of the input folder)")
+        files.add(f)
+    return sorted(files)
 
 
 def _dataset_plan(root: Path, image_shape, class_names, splits: Sequence[str] | None) -> InputPlan:
@@ -258,22 +300,25 @@ def plan_inputs(
     image_shape: Sequence[int],
     class_names: Sequence[str],
     splits: Sequence[str] | None = None,
+    stack_axis0: bool = False,
 ) -> InputPlan:
-    """Find every image of ``source`` and check the shapes (headers only); InputError naming the file."""
+    """Find every image of ``source`` and check the shapes (headers only); InputError naming the file.
+    ``stack_axis0``: a 3-d array for a 1-channel model is a stack of images (else an error)."""
     text = str(source)
-    if glob.has_magic(text):
-        files = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(text), recursive=True))
-        files = [f for f in files if f.is_file() and _suffix_kind(f)]
-        if not files:
-            raise InputError(f"pattern {text!r} matches no .npy or FITS file")
+    path = Path(text).expanduser()
+    if glob.has_magic(text) and not path.exists():  # an existing file named run[1].npy is that file
+        pattern = os.path.expanduser(text)
         fixed = []  # the folders before the first wildcard: class folders are looked for below them
-        for part in Path(os.path.expanduser(text)).parts[:-1]:
+        for part in Path(pattern).parts[:-1]:
             if glob.has_magic(part):
                 break
             fixed.append(part)
-        root = Path(*fixed).resolve() if fixed else Path.cwd()
-        return _files_plan(files, root, image_shape, class_names, f"pattern {text!r}")
-    path = Path(text).expanduser()
+        root = Path(*fixed).resolve() if fixed else Path.cwd().resolve()
+        what = f"pattern {text!r}"
+        files = _resolve_under(glob.iglob(pattern, recursive=True), root, what)
+        if not files:
+            raise InputError(f"pattern {text!r} matches no .npy or FITS file")
+        return _files_plan(files, root, image_shape, class_names, what, stack_axis0)
     if not path.exists():
         raise InputError(f"input {text!r} does not exist")
     path = path.resolve()
@@ -287,11 +332,12 @@ def plan_inputs(
                 f"{path}: unsupported file type (expected .npy or FITS, or a dataset directory with "
                 "manifest.json)"
             )
-        return _files_plan([path], path.parent, image_shape, class_names, f"file {path}")
-    files = sorted(f for f in path.rglob("*") if f.is_file() and _suffix_kind(f) and f.name[0] != ".")
+        return _files_plan([path], path.parent, image_shape, class_names, f"file {path}", stack_axis0)
+    what = f"folder {path}"
+    files = _resolve_under((f for f in path.rglob("*") if f.name[0] != "."), path, what)
     if not files:
         raise InputError(f"{path}: no .npy or FITS files (and no manifest.json) in the folder")
-    return _files_plan(files, path, image_shape, class_names, f"folder {path}")
+    return _files_plan(files, path, image_shape, class_names, what, stack_axis0)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -302,8 +348,15 @@ def read_unit(unit: Unit, image_shape: Sequence[int]) -> tuple[np.ndarray, np.nd
 
         part = read_shard(unit.path, start=unit.start, stop=unit.stop)
         return as_images(part["images"], image_shape, unit.path), part["labels"]
-    data = load_npy(unit.path)[0] if unit.kind == "npy" else load_fits(unit.path)
-    images = as_images(data, image_shape, unit.path)[unit.start : unit.stop]
+    if unit.kind == "npy":
+        data = load_npy(unit.path)[0]  # a memory map when large: only the unit's rows are read
+        if images_in_array(data.shape, image_shape, unit.path, stack_axis0=unit.stacked) > 1:
+            data, start, stop = data[unit.start : unit.stop], 0, unit.rows
+        else:
+            start, stop = unit.start, unit.stop
+    else:
+        data, start, stop = load_fits(unit.path), unit.start, unit.stop
+    images = as_images(data, image_shape, unit.path, stack_axis0=unit.stacked)[start:stop]
     if len(images) != unit.rows:
         raise InputError(f"{unit.path}: holds {len(images)} images, its header said {unit.rows}")
     return images, np.full(len(images), unit.label, np.int64)

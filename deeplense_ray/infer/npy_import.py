@@ -6,11 +6,16 @@ Layouts read (``SRC`` the folder given):
 - ``SRC/<class>/*.npy``: split by ``splits`` fractions (default train=0.8,val=0.1,test=0.1), per class,
   with a seeded shuffle;
 - ``SRC/<split>/<class>/*.npy`` with split folders among train/, val/ (validation/), test/: the folders are
-  kept as splits; without a val/ folder ``val_fraction`` of each class of train/ becomes the val split.
-  ``splits`` given anyway pools every file and splits by the fractions.
+  kept as splits; without a val/ folder ``val_fraction`` of each class of train/ becomes the val split
+  (``val_fraction=0``: no val split). ``splits`` given anyway pools every file and splits by the fractions.
+
+The splits follow ``jobs/simulate.py``'s rules (:func:`deeplense_ray.data.config.check_splits`): no split is
+left without a file of a class unless it is left out (of ``splits``, or ``val_fraction=0``), and every split
+folder holds every class.
 
 Each file holds one image, [H, W] or [1, H, W] (numeric), or the axion layout: an object array
-``[image, axion_mass]`` (unpickled: import only files you trust). The axion mass is stored as the
+``[image, axion_mass]``, read by the data-only unpickler of :mod:`deeplense_ray.npyio` (a file that asks for
+anything but numpy arrays and numbers is refused: data never runs code). The axion mass is stored as the
 parameter ``axion_mass`` (0 for files without one). Class order: no_sub, axion, cdm (the simulator's), then
 any other class folder in name order. Rows of a split are shuffled (seeded) before sharding, so every shard
 mixes the classes; ``DIR/sources.json`` lists every row's original file.
@@ -18,7 +23,9 @@ mixes the classes; ``DIR/sources.json`` lists every row's original file.
 Every file's header is checked before anything is written; a file that cannot be read, has another shape
 than the first one, or holds non-finite values stops the import with an error naming it. The dataset is
 built in a temporary folder next to ``out`` and renamed into place at the end: nothing half-written is
-left.
+left. ``out`` may not be, contain or lie inside ``src``; ``overwrite`` replaces only a dataset (its manifest,
+sources, preview and the shards the manifest lists) and refuses, before deleting anything, a folder holding
+any other file.
 """
 
 from __future__ import annotations
@@ -88,21 +95,14 @@ def find_layout(src: str | os.PathLike[str]) -> dict[str | None, dict[str, list[
     return layout
 
 
-def _split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
-    """Largest-remainder apportionment of ``n`` items over the fractions (sums to n)."""
-    raw = {k: n * float(f) for k, f in fractions.items()}
-    counts = {k: int(np.floor(v)) for k, v in raw.items()}
-    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
-        counts[k] += 1
-    return counts
-
-
 def _deal(
     files: list[Path], fractions: Mapping[str, float], rng: np.random.Generator
 ) -> dict[str, list[Path]]:
+    from deeplense_ray.data.config import apportion
+
     order = [files[i] for i in rng.permutation(len(files))]
     out, start = {}, 0
-    for split, count in _split_counts(len(order), fractions).items():
+    for split, count in apportion(len(order), fractions).items():
         out[split] = sorted(order[start : start + count])
         start += count
     return out
@@ -114,28 +114,46 @@ def plan_splits(
     fractions: Mapping[str, float] | None,
     val_fraction: float,
     seed: int,
+    src: str | os.PathLike[str] = "SRC",
 ) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
-    """(class names, {split: [(file, label)]}, how the splits were made)."""
+    """(class names, {split: [(file, label)]}, how the splits were made). InputError naming ``src``, the
+    class and the split that would be left without a file of it (:func:`check_splits`, as for a simulated
+    dataset)."""
+    from deeplense_ray.data.config import check_splits
+
     class_names = _class_order({c for classes in layout.values() for c in classes})
     per_class: dict[str, dict[str, list[Path]]] = {}
+
+    def deal(files: list[Path], k: int, fractions: Mapping[str, float], where: str, remedy: str):
+        source = f"{len(files)} files of class {class_names[k]!r} in {Path(src, where)}"
+        try:
+            check_splits(fractions, len(files), source=source, remedy=remedy)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return _deal(files, fractions, np.random.default_rng([seed, k]))
+
     if fractions is not None or None in layout:
         fractions = dict(fractions or DEFAULT_FRACTIONS)
         how = "fractions " + ",".join(f"{k}={v:g}" for k, v in fractions.items())
         for k, name in enumerate(class_names):
             pooled = sorted(f for classes in layout.values() for f in classes.get(name, []))
-            per_class[name] = _deal(pooled, fractions, np.random.default_rng([seed, k]))
+            per_class[name] = deal(pooled, k, fractions, ".", "add files of the class or leave the split out")
     else:
         how = "split folders"
         for k, name in enumerate(class_names):
             per_class[name] = {s: list(classes.get(name, [])) for s, classes in layout.items()}
-            if "val" not in layout:
-                train = per_class[name].get("train", [])
-                dealt = _deal(
-                    train, {"train": 1 - val_fraction, "val": val_fraction}, np.random.default_rng([seed, k])
-                )
-                per_class[name].update(dealt)
+            for split, files in per_class[name].items():
+                if not files:
+                    raise InputError(
+                        f"{src}: split {split!r} has no .npy files of class {name!r}: every split needs "
+                        "every class (pass --splits to pool the folders and split by fractions)"
+                    )
+            if "val" not in layout and val_fraction > 0:
+                val = {"train": 1 - val_fraction, "val": val_fraction}
+                remedy = "raise --val-fraction, add a val/ folder, or pass --val-fraction 0 for no val split"
+                per_class[name].update(deal(per_class[name]["train"], k, val, "train", remedy))
         if "val" not in layout:
-            how += f" (val: {val_fraction:g} of train)"
+            how += f" (val: {val_fraction:g} of train)" if val_fraction > 0 else " (no val split)"
     split_names = [s for s in ("train", "val", "test") if any(s in d for d in per_class.values())]
     split_names += sorted({s for d in per_class.values() for s in d} - set(split_names))
     rows = {
@@ -188,6 +206,53 @@ def read_image(path: Path, hw: tuple[int, int] | None, first: Path | None) -> tu
     return image, (scalars[0] if scalars else 0.0)
 
 
+def check_out(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """``out`` resolved (symlinks followed); ValueError if it is, contains or lies inside ``src``."""
+    source = Path(src).expanduser().resolve()
+    dest = Path(out).expanduser().resolve()
+    if dest == source or dest in source.parents or source in dest.parents:
+        how = "is" if dest == source else "contains" if dest in source.parents else "lies inside"
+        raise ValueError(f"--out {dest} {how} the source folder {source}; choose an --out outside it")
+    return dest
+
+
+def dataset_files(dest: Path) -> list[Path]:
+    """The files of the dataset at ``dest`` that an import writes (manifest, sources, preview, the shards the
+    manifest lists); ValueError naming ``dest`` if it is no dataset or holds anything else, before anything
+    is deleted."""
+    from deeplense_ray.data.manifest import MANIFEST_NAME, load_manifest
+    from deeplense_ray.data.pipeline import PREVIEW_NAME
+
+    try:
+        manifest = load_manifest(dest)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        raise ValueError(
+            f"--overwrite replaces only a dataset, and {dest} is none ({exc}); nothing was deleted: choose "
+            "another --out or clear it yourself"
+        ) from None
+    own = {dest / MANIFEST_NAME, dest / SOURCES_FILE, dest / PREVIEW_NAME}
+    own |= {dest / s["path"] for info in manifest["splits"].values() for s in info["shards"]}
+    found = [p for p in dest.rglob("*") if p.is_symlink() or not p.is_dir()]
+    foreign = sorted(str(p.relative_to(dest)) for p in found if p not in own)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} files)" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"--overwrite replaces only a dataset's own files, and {dest} holds others ({shown}); nothing "
+            "was deleted: move them or choose another --out"
+        )
+    return found
+
+
+def remove_dataset(dest: Path, files: Sequence[Path]) -> None:
+    """Delete ``files`` (:func:`dataset_files`), then the folders they leave empty; OSError if anything else
+    appeared meanwhile (it is kept)."""
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in sorted((p for p in dest.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        d.rmdir()
+    dest.rmdir()
+
+
 def import_npy(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -202,6 +267,7 @@ def import_npy(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Convert ``src`` (see the module docstring) into a dataset at ``out``; returns its manifest."""
+    from deeplense_ray.data.config import check_splits
     from deeplense_ray.data.manifest import build_manifest, write_manifest
     from deeplense_ray.data.preview import write_preview
     from deeplense_ray.data.shards import shard_attrs, write_shard
@@ -211,20 +277,23 @@ def import_npy(
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    if not 0 < float(val_fraction) < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if not 0 <= float(val_fraction) < 1:
+        raise ValueError(f"val_fraction must be in [0, 1) (0: no val split), got {val_fraction!r}")
     if fractions is not None:
-        if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
+        check_splits(fractions)
     if pixel_scale is not None and not float(pixel_scale) > 0:
         raise ValueError(f"pixel_scale must be > 0 arcsec/pixel, got {pixel_scale!r}")
-    dest = Path(out).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-        raise ValueError(f"output {dest} exists and is not empty; pass --overwrite to replace it")
+    dest = check_out(src, out)
+    replaced: list[Path] = []
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if not overwrite:
+            raise ValueError(f"output {dest} exists and is not empty; pass --overwrite to replace it")
+        replaced = dataset_files(dest)
 
     layout = find_layout(src)
+    source = Path(src).expanduser().resolve()
     class_names, rows, how = plan_splits(
-        layout, fractions=fractions, val_fraction=float(val_fraction), seed=seed
+        layout, fractions=fractions, val_fraction=float(val_fraction), seed=seed, src=source
     )
     if len(class_names) < 2:
         raise InputError(f"{src}: one class folder ({class_names[0]}); training needs at least 2 classes")
@@ -296,7 +365,7 @@ def import_npy(
         write_manifest(tmp, manifest)
         write_preview(tmp, manifest)
         if dest.exists():
-            shutil.rmtree(dest)
+            remove_dataset(dest, replaced)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -269,11 +269,14 @@ def run_prediction(
     log_mlflow: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    stack_axis0: bool = False,
 ) -> PredictResult:
     """Predict every image of ``source`` with the model at ``model_uri`` into ``out`` (see module docstring).
 
     Errors before any work (ValueError / FileNotFoundError naming the value or file): a bad ``out``, a model
     that does not load, an input that does not exist or holds an image of another shape than the model's.
+    ``stack_axis0``: an [N, H, W] array for a 1-channel model is N images (else an error: it could be one
+    image of N channels).
     """
     from deeplense_ray.infer.inputs import plan_inputs
     from deeplense_ray.infer.model import load_classifier
@@ -290,7 +293,13 @@ def run_prediction(
     out_path = check_output_path(out, overwrite=overwrite)
     uri = resolve_tracking_uri(tracking_uri)
     model = load_classifier(model_uri, uri)
-    plan = plan_inputs(source, image_shape=model.image_shape, class_names=model.class_names, splits=splits)
+    plan = plan_inputs(
+        source,
+        image_shape=model.image_shape,
+        class_names=model.class_names,
+        splits=splits,
+        stack_axis0=stack_axis0,
+    )
     if plan.num_images == 0:
         raise ValueError(f"{plan.description}: no images to predict")
 
