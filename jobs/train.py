@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
     from deeplense_ray.train.timeline import Timeline
-    from deeplense_ray.train.trainer import check_runner, resolve_runner
+    from deeplense_ray.train.trainer import check_resume, check_runner, resolve_runner
 
     timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)
@@ -276,6 +276,7 @@ def _main(argv: list[str] | None = None) -> int:
         cfg.validate()  # before Ray starts
         runner = resolve_runner(args.runner, cfg)
         check_runner(runner, cfg)
+        check_resume(cfg)
         if args.register is not None:
             from deeplense_ray.tracking.models import check_registered_name
 

@@ -28,7 +28,9 @@ from deeplense_ray.config import DatasetInfo, TrainConfig
 from deeplense_ray.io import atomic_write_json
 from deeplense_ray.train.checkpoint import (
     STATE_FILE,
+    check_checkpoints,
     load_model_from_checkpoint,
+    load_tensors,
     read_meta,
 )
 from deeplense_ray.train.metrics import bootstrap_auc_ci, classification_metrics, flatten_metrics
@@ -366,10 +368,8 @@ def _log_model(tracking_uri: str, run_id: str, checkpoint: Any, cfg: TrainConfig
 
 
 def _history_from_checkpoint(checkpoint: Any) -> list[dict[str, float]]:
-    import torch
-
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_tensors(Path(d) / STATE_FILE)
     return [dict(h) for h in state.get("history", [])]
 
 
@@ -516,7 +516,7 @@ _TRAIN_IMPORTS = (
     "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
 )  # fmt: skip
 _RESULT_IMPORTS = ("matplotlib.figure", "matplotlib.backends.backend_agg", "deeplense_ray.tracking.models",
-                   "mlflow.pytorch", "mlflow.models")  # fmt: skip
+                   "mlflow.pyfunc", "mlflow.models")  # fmt: skip
 
 
 def _import_modules(names: Sequence[str]) -> int:
@@ -595,6 +595,15 @@ def resolve_runner(runner: str, cfg: TrainConfig) -> str:
             return "trainer"  # nothing to resume: run_training says so, naming the directory
         return "task" if state.get("checkpoint_layout") == "local" else "trainer"
     return "task" if cfg.num_workers == 1 and cfg.ingest != "split" else "trainer"
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """With ``cfg.resume`` (``cfg`` resolved): the run to resume exists and each of its checkpoints loads with
+    weights_only, else ValueError / :class:`CheckpointError` naming the directory or file (before Ray starts:
+    a refused file in a worker would end the run with a traceback)."""
+    if cfg.resume:
+        name = cfg.run_name or find_resumable_run(cfg.storage_path, cfg.model, cfg.seed)
+        check_checkpoints(Path(cfg.storage_path) / name)
 
 
 def check_runner(runner: str, cfg: TrainConfig) -> None:
