@@ -65,20 +65,17 @@ set -euo pipefail
 
 # ---- Ray ------------------------------------------------------------------------------------------------------
 : "${RAY_AUTH_MODE:=token}"                          # token (default) or disabled; always set explicitly
+: "${DEEPLENSE_ALLOW_INSECURE_RAY:=0}"               # 1 = accept RAY_AUTH_MODE=disabled on a routable head
 : "${RAY_AUTH_TOKEN_PATH:=$RUN_DIR/ray_auth_token}"  # per-job token, mode 600, made if missing (token mode)
-# Ports: a block of 200 derived from the job id, so two jobs sharing nodes never collide (override any one).
-: "${RAY_PORT_BASE:=$(( 10000 + (${SLURM_JOB_ID:-0} % 250) * 200 ))}"
-: "${RAY_PORT:=$RAY_PORT_BASE}"                      # GCS (the cluster address: head-ip:RAY_PORT)
-: "${RAY_DASHBOARD_PORT:=$((RAY_PORT_BASE + 1))}"    # dashboard + job API, bound to 127.0.0.1 (use SSH -L)
+# Ports: a block of 200 below the kernel's ephemeral range (32768 by default), the job id's block or, while one
+# of its ports is in use on the head node, the next free one (deeplense_ray.runtime.pick_port_base); every node
+# checks its ports before `ray start`. RAY_PORT_BASE pins the block (then a port in use stops the job).
+: "${RAY_PORT_BASE:=}"                               # '' = chosen from SLURM_JOB_ID as above
 : "${RAY_CLIENT_PORT:=}"                            # Ray client server port ('' = off; needs ray[client])
-: "${RAY_NODE_MANAGER_PORT:=$((RAY_PORT_BASE + 3))}"
-: "${RAY_OBJECT_MANAGER_PORT:=$((RAY_PORT_BASE + 4))}"
-: "${RAY_AGENT_GRPC_PORT:=$((RAY_PORT_BASE + 5))}"
-: "${RAY_AGENT_LISTEN_PORT:=$((RAY_PORT_BASE + 6))}"
-: "${RAY_METRICS_PORT:=$((RAY_PORT_BASE + 7))}"
-: "${RAY_RUNTIME_ENV_AGENT_PORT:=$((RAY_PORT_BASE + 8))}"
-: "${RAY_MIN_WORKER_PORT:=$((RAY_PORT_BASE + 20))}"  # worker processes: RAY_PORT_BASE+20 .. +199
-: "${RAY_MAX_WORKER_PORT:=$((RAY_PORT_BASE + 199))}"
+# RAY_PORT (GCS: the cluster address head-ip:RAY_PORT) = base, RAY_DASHBOARD_PORT (dashboard + job API, bound
+# to 127.0.0.1: use SSH -L) = base+1, RAY_NODE_MANAGER_PORT +3, RAY_OBJECT_MANAGER_PORT +4, RAY_AGENT_GRPC_PORT
+# +5, RAY_AGENT_LISTEN_PORT +6, RAY_METRICS_PORT +7, RAY_RUNTIME_ENV_AGENT_PORT +8, worker processes
+# RAY_MIN_WORKER_PORT..RAY_MAX_WORKER_PORT = base+20..base+199 (each can be set on its own).
 : "${RAY_TEMP_DIR:=/tmp/ray-${SLURM_JOB_ID:-local}}" # node-local Ray session dir (keep it short: unix sockets)
 : "${RAY_HEAD_IP:=}"                                 # head address ('' = resolve the first node's name)
 : "${RAY_NUM_CPUS:=}"                                # logical CPUs per Ray node ('' = the node's CPUs
@@ -89,6 +86,7 @@ set -euo pipefail
 : "${RAY_STOP_TIMEOUT:=30}"                          # seconds to wait for Ray to stop before SIGKILL
 
 export PROJECT_DIR VENV RUN_DIR DATA_DIR STORAGE_PATH MLFLOW_TRACKING_URI EXPERIMENT RAY_AUTH_MODE RAY_TEMP_DIR
+export DEEPLENSE_ALLOW_INSECURE_RAY
 export RAY_NUM_CPUS RAY_NUM_GPUS RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV="${RAY_ENABLE_UV_RUN_RUNTIME_ENV:-0}" PYTHONUNBUFFERED=1
 
@@ -108,6 +106,30 @@ if [[ -n "$VENV" ]]; then
     source "$VENV/bin/activate"
 fi
 command -v ray >/dev/null || die "no 'ray' command on PATH (VENV=$VENV)"
+ray_ports() {   # ray_ports pick JOB_ID | busy BASE: deeplense_ray.runtime's port block choice / ports in use here
+    PYTHONPATH="$PROJECT_DIR${PYTHONPATH:+:$PYTHONPATH}" python -c '
+import sys
+from deeplense_ray.runtime import busy_ports, pick_port_base
+what, n = sys.argv[1], int(sys.argv[2])
+print(pick_port_base(n) if what == "pick" else " ".join(map(str, busy_ports(n))))' "$@"
+}
+if [[ -z "$RAY_PORT_BASE" ]]; then
+    RAY_PORT_BASE="$(ray_ports pick "$SLURM_JOB_ID")" || die "no free block of Ray ports on $(hostname -s)"
+else
+    [[ "$RAY_PORT_BASE" =~ ^[0-9]+$ ]] || die "RAY_PORT_BASE=$RAY_PORT_BASE is not a port number"
+    busy="$(ray_ports busy "$RAY_PORT_BASE")"
+    [[ -z "$busy" ]] || die "RAY_PORT_BASE=$RAY_PORT_BASE: port(s) in use on $(hostname -s): $busy"
+fi
+: "${RAY_PORT:=$RAY_PORT_BASE}"
+: "${RAY_DASHBOARD_PORT:=$((RAY_PORT_BASE + 1))}"
+: "${RAY_NODE_MANAGER_PORT:=$((RAY_PORT_BASE + 3))}"
+: "${RAY_OBJECT_MANAGER_PORT:=$((RAY_PORT_BASE + 4))}"
+: "${RAY_AGENT_GRPC_PORT:=$((RAY_PORT_BASE + 5))}"
+: "${RAY_AGENT_LISTEN_PORT:=$((RAY_PORT_BASE + 6))}"
+: "${RAY_METRICS_PORT:=$((RAY_PORT_BASE + 7))}"
+: "${RAY_RUNTIME_ENV_AGENT_PORT:=$((RAY_PORT_BASE + 8))}"
+: "${RAY_MIN_WORKER_PORT:=$((RAY_PORT_BASE + 20))}"
+: "${RAY_MAX_WORKER_PORT:=$((RAY_PORT_BASE + 199))}"
 if [[ "$SIMULATE" == 0 && ! -f "$DATA_DIR/manifest.json" ]]; then
     die "SIMULATE=0 but DATA_DIR=$DATA_DIR has no manifest.json"
 fi
@@ -136,6 +158,10 @@ if [[ -z "$RAY_HEAD_IP" ]]; then
         RAY_HEAD_IP="$(hostname -I 2>/dev/null | awk '{print $1}')"
     fi
     [[ -n "$RAY_HEAD_IP" ]] || RAY_HEAD_IP=127.0.0.1
+fi
+if [[ "$RAY_AUTH_MODE" == disabled && "$RAY_HEAD_IP" != 127.* && "$DEEPLENSE_ALLOW_INSECURE_RAY" != 1 ]]; then
+    die "RAY_AUTH_MODE=disabled with the Ray head on $RAY_HEAD_IP, a routable address: anyone who reaches it" \
+        "could run code there. Use RAY_AUTH_MODE=token (the default), or set DEEPLENSE_ALLOW_INSECURE_RAY=1"
 fi
 export RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
 
@@ -179,6 +205,12 @@ ray_node() {
         --metrics-export-port="$RAY_METRICS_PORT" --runtime-env-agent-port="$RAY_RUNTIME_ENV_AGENT_PORT"
         --min-worker-port="$RAY_MIN_WORKER_PORT" --max-worker-port="$RAY_MAX_WORKER_PORT")
     echo "[ray_node] $role on $(hostname -s): cpus=$cpus gpus=$gpus"
+    local busy
+    busy="$(ray_ports busy "$RAY_PORT_BASE")"
+    if [[ -n "$busy" ]]; then
+        echo "[ray_node] ERROR: Ray port(s) in use on $(hostname -s): $busy (set RAY_PORT_BASE)" >&2
+        return 1
+    fi
     # Ray Train's controller polls its workers every 0.25 s, not 2 s: a run's end is noticed ~5 s sooner
     export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.25}"
     if [[ "$role" == head ]]; then
@@ -196,8 +228,8 @@ ray_node() {
     echo "[ray_node] $role on $(hostname -s) $([[ $stopping == 1 ]] && echo stopped || echo "exited ($rc)")"
     return "$rc"
 }
-export -f ray_node node_gpus
-export RAY_HEAD_IP RAY_PORT RAY_DASHBOARD_PORT RAY_CLIENT_PORT RAY_NODE_MANAGER_PORT RAY_OBJECT_MANAGER_PORT
+export -f ray_node node_gpus ray_ports
+export RAY_HEAD_IP RAY_PORT_BASE RAY_PORT RAY_DASHBOARD_PORT RAY_CLIENT_PORT RAY_NODE_MANAGER_PORT RAY_OBJECT_MANAGER_PORT
 export RAY_AGENT_GRPC_PORT RAY_AGENT_LISTEN_PORT RAY_METRICS_PORT RAY_RUNTIME_ENV_AGENT_PORT
 export RAY_MIN_WORKER_PORT RAY_MAX_WORKER_PORT
 
@@ -290,6 +322,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     for ((n = 0; n < ${#NODES[@]}; n++)); do
         log "dry run: Ray $([[ $n == 0 ]] && echo head || echo worker) on ${NODES[$n]}: gpus=$(node_gpus)"
     done
+    log "dry run: Ray ports $RAY_PORT_BASE..$((RAY_PORT_BASE + 199)) (GCS $RAY_PORT, dashboard $RAY_DASHBOARD_PORT)"
     if [[ "$SIMULATE" == 1 ]]; then log "dry run: step simulate: $(printf '%q ' "${SIMULATE_CMD[@]}")"; fi
     if [[ "$TRAIN" == 1 ]]; then log "dry run: step train: $(printf '%q ' "${TRAIN_CMD[@]}")"; fi
     if [[ "$TUNE" == 1 ]]; then log "dry run: step tune: $(printf '%q ' "${TUNE_CMD[@]}")"; fi

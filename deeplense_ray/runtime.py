@@ -12,7 +12,12 @@ Every job (simulate, train, tune, demo) connects through :func:`connect`:
 A local runtime started here listens on 127.0.0.1 only (GCS, raylet, dashboard, workers) and uses token
 authentication with a token private to the process (``RAY_AUTH_TOKEN``, never written to ~/.ray), unless
 ``RAY_AUTH_MODE`` is set, which always wins. Joining a cluster sets ``RAY_AUTH_MODE`` explicitly too: token
-when a token is given ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), else disabled.
+when a token is given ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), else disabled. A cluster
+on a routable (non-loopback) address is not joined with auth disabled (anyone who reaches it could run code
+on it) unless ``DEEPLENSE_ALLOW_INSECURE_RAY=1`` says that is meant (:func:`check_insecure_head`).
+
+:func:`pick_port_base` chooses the Ray ports of a batch job (jobscript.sh): a block below the Linux ephemeral
+range, derived from the job id, moved to the next block while any of its ports is in use here.
 
 :func:`check_cpu_room` is the one check that a training job leaves CPUs for the Ray Data read tasks that feed
 it (used by jobs/train.py and by the tune settings): with every CPU held by training workers the readers are
@@ -48,8 +53,89 @@ _PRELOAD_ENV = "RAY_preload_python_modules"
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
+#: Set to 1 to run or join a Ray cluster on a routable address with authentication disabled.
+INSECURE_ENV = "DEEPLENSE_ALLOW_INSECURE_RAY"
+#: Ports of one Ray node in a batch job, and where the blocks start (jobscript.sh lays them out).
+PORT_BLOCK_SIZE, PORT_RANGE_LOW = 200, 10000
+#: Linux's default ip_local_port_range starts here (ports the kernel hands to outgoing connections).
+EPHEMERAL_DEFAULT_LOW = 32768
+
+
 class RayConnectError(RuntimeError):
-    """The Ray cluster to join does not answer (the message names the address and where it came from)."""
+    """The Ray cluster to join does not answer, or may not be joined as asked (the message names the address
+    and where it came from)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or a name) is this machine's loopback only."""
+    import ipaddress
+
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_insecure_head(address: str, mode: str | None = None) -> None:
+    """RayConnectError when the cluster at ``address`` (``host:port``) is on a routable address and Ray
+    authentication is disabled (``mode``, default $RAY_AUTH_MODE), unless $DEEPLENSE_ALLOW_INSECURE_RAY=1."""
+    mode = mode if mode is not None else os.environ.get("RAY_AUTH_MODE", "")
+    if mode != "disabled" or os.environ.get(INSECURE_ENV) == "1":
+        return
+    host = address.split("://", 1)[-1].rstrip("/").rpartition(":")[0] or address
+    if is_loopback(host):
+        return
+    raise RayConnectError(
+        f"refusing RAY_AUTH_MODE=disabled for the Ray cluster at {address}: a routable address, so anyone "
+        f"who reaches it could run code there. Use token auth (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+        f"or RAY_AUTH_TOKEN), or set {INSECURE_ENV}=1 to accept that"
+    )
+
+
+def ephemeral_port_low() -> int:
+    """First port of the kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range), else 32768."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_DEFAULT_LOW
+
+
+def busy_ports(base: int, size: int = PORT_BLOCK_SIZE) -> list[int]:
+    """Ports of ``base .. base+size-1`` that cannot be bound here (TCP, all addresses) right now."""
+    busy = []
+    for port in range(base, base + size):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def pick_port_base(job_id: int, *, size: int = PORT_BLOCK_SIZE, low: int = PORT_RANGE_LOW,
+                   high: int | None = None) -> int:
+    """First port of a free block of ``size`` ports for a batch job's Ray node.
+
+    The blocks tile ``[low, high)`` (``high``: the ephemeral range's start, so no port is one the kernel may
+    give an outgoing connection); the job's block is ``job_id`` modulo their number, and while any port of it
+    is in use here the next block is tried. RuntimeError when every block has a port in use.
+    """
+    high = ephemeral_port_low() if high is None else high
+    blocks = (high - low) // size
+    if blocks < 1:
+        raise RuntimeError(f"no room for a block of {size} ports between {low} and {high}")
+    first = int(job_id) % blocks
+    for i in range(blocks):
+        base = low + ((first + i) % blocks) * size
+        if not busy_ports(base, size):
+            return base
+    raise RuntimeError(f"every block of {size} ports between {low} and {high} has a port in use")
 
 
 def check_cpu_room(cluster: Mapping[str, float], need: float, *, what: str, detail: str, fix: str) -> None:
@@ -154,6 +240,7 @@ def _join(address: str, source: str, init_kwargs: Mapping[str, Any]) -> str:
             "for a fresh local runtime"
         )
     auth = set_auth_mode(local=False)
+    check_insecure_head(address)
     ray.init(address=address, **init_kwargs)
     return f"joined {address} ({source}, {auth})"
 

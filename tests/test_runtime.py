@@ -150,9 +150,10 @@ def test_tune_and_simulate_refuse_a_dead_address(tmp_path):
 def test_train_refuses_a_joined_cluster_without_cpus_for_the_data_readers(ray_session):
     # The session runtime has 4 CPUs: 4 training workers x 1 CPU leave none for the Ray Data read tasks.
     address = ray_session.get_runtime_context().gcs_address
-    res = _run(address, 4, env={"RAY_AUTH_MODE": "disabled"})
+    insecure = {"RAY_AUTH_MODE": "disabled", "DEEPLENSE_ALLOW_INSECURE_RAY": "1"}  # a routable GCS address
+    res = _run(address, 4, env=insecure)
     assert res.get("how") is None, res
     assert "training needs 4 CPUs (--num-workers 4 x --cpus-per-worker 1) plus 1 free" in res["error"], res
     assert "has 4 CPUs; lower --num-workers or --cpus-per-worker" in res["error"], res
-    res = _run(address, 3, env={"RAY_AUTH_MODE": "disabled"})
+    res = _run(address, 3, env=insecure)
     assert "error" not in res and res["how"].startswith(f"joined {address} (--address, auth disabled)"), res
