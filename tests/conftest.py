@@ -1,8 +1,12 @@
-"""Shared fixtures: one real local Ray runtime per test session, GPU marker handling."""
+"""Shared fixtures: one real local Ray runtime per test session (its own temp dir, never a developer's
+running cluster), GPU marker handling, and the independent references the physics checks need."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +15,41 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The suite's Ray runtimes (this process's and those of the jobs it starts) live in a temp dir of their own:
+# the cluster a developer started with `ray start` (recorded under the default /tmp/ray) is never joined,
+# and nothing the suite starts is recorded there. A short path: Ray's socket names must stay < 108 bytes.
+os.environ.pop("RAY_ADDRESS", None)
+SUITE_RAY_TMPDIR = tempfile.mkdtemp(prefix="dlr-t-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = SUITE_RAY_TMPDIR
+
+#: Independent references of the physics checks (tests/test_sim_*.py). A missing one fails the session
+#: instead of silently skipping every check that needs it, unless ALLOW_MISSING_ENV=1.
+REFERENCE_MODULES = ("lenstronomy", "astropy.cosmology", "colossus.cosmology.cosmology", "scipy.stats")
+ALLOW_MISSING_ENV = "DEEPLENSE_ALLOW_MISSING_REFERENCES"
+
+
+def missing_references(modules=REFERENCE_MODULES) -> list[str]:
+    """'module: error' for each of ``modules`` that does not import."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure means the reference is unusable
+            missing.append(f"{name}: {type(exc).__name__}: {exc}")
+    return missing
+
+
+def pytest_sessionstart(session):
+    missing = missing_references()
+    if missing and os.environ.get(ALLOW_MISSING_ENV) != "1":
+        raise pytest.UsageError(
+            "the independent references of the physics checks do not import:\n  " + "\n  ".join(missing)
+            + f"\ninstall the dev environment (make install), or set {ALLOW_MISSING_ENV}=1 to run without"
+        )
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SUITE_RAY_TMPDIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,7 +63,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray runtime shared by every test that needs one (start-up costs ~10 s on 2 cores)."""
+    """A real local Ray runtime shared by every test that needs one (start-up costs ~10 s on 2 cores): a
+    fresh one (``address="local"``) in the suite's own temp dir (RAY_TMPDIR above)."""
     import ray
 
     if not ray.is_initialized():
@@ -35,6 +75,7 @@ def ray_session():
             dashboard_host="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
+            _temp_dir=SUITE_RAY_TMPDIR,
         )
     yield ray
     ray.shutdown()

@@ -5,17 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lenstronomy.Data.imaging_data import ImageData
+from lenstronomy.Data.psf import PSF
+from lenstronomy.ImSim.image_model import ImageModel
+from lenstronomy.LensModel.lens_model import LensModel
+from lenstronomy.LightModel.light_model import LightModel
+from lenstronomy.Util.simulation_util import data_configure_simple
 
 from deeplense_ray.sim import simulate
 from deeplense_ray.sim.compat import lenstronomy_image
-
-pytest.importorskip("lenstronomy")
-from lenstronomy.Data.imaging_data import ImageData  # noqa: E402
-from lenstronomy.Data.psf import PSF  # noqa: E402
-from lenstronomy.ImSim.image_model import ImageModel  # noqa: E402
-from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402
-from lenstronomy.LightModel.light_model import LightModel  # noqa: E402
-from lenstronomy.Util.simulation_util import data_configure_simple  # noqa: E402
 
 
 def lenstronomy_reference(

@@ -220,9 +220,10 @@ def test_gpu_device_draws_reproducible_and_match_the_torch_renderer(name):
     assert torch.equal(a.images, b.images.cpu())
     assert all(torch.equal(a.params[k], b.params[k].cpu()) for k in a.params)
     nf = resolve_preset(base, {**over, "noise": "none"})
-    if triton_supported(nf, torch.device("cuda"), torch.float32):
-        e = simulate_with_backend(nf, 96, seed=4, device="cuda", backend="eager", draws="device")
-        t = simulate_with_backend(nf, 96, seed=4, device="cuda", backend="triton", draws="device")
-        assert all(torch.equal(e.params[k], t.params[k]) for k in e.params)
-        err = (e.images - t.images).flatten(1).norm(dim=1) / e.images.flatten(1).norm(dim=1)
-        assert float(err.max()) < 1e-5
+    if not triton_supported(nf, torch.device("cuda"), torch.float32):  # the checks above ran; this one cannot
+        pytest.skip(f"no Triton comparison for {name}: triton missing here or the preset has no Triton path")
+    e = simulate_with_backend(nf, 96, seed=4, device="cuda", backend="eager", draws="device")
+    t = simulate_with_backend(nf, 96, seed=4, device="cuda", backend="triton", draws="device")
+    assert all(torch.equal(e.params[k], t.params[k]) for k in e.params)
+    err = (e.images - t.images).flatten(1).norm(dim=1) / e.images.flatten(1).norm(dim=1)
+    assert float(err.max()) < 1e-5

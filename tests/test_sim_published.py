@@ -9,23 +9,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from astropy import units as u
+from astropy.constants import G, M_sun, c
+from astropy.cosmology import FlatLambdaCDM
+from lenstronomy.Data.imaging_data import ImageData
+from lenstronomy.Data.psf import PSF
+from lenstronomy.ImSim.image_model import ImageModel
+from lenstronomy.LensModel.lens_model import LensModel
+from lenstronomy.LightModel.light_model import LightModel
+from lenstronomy.SimulationAPI.sim_api import SimAPI
+from lenstronomy.Util import util
+from scipy import stats
 
 from deeplense_ray.sim import get_preset, simulate
 from deeplense_ray.sim.sampling import draw_parameters
 from deeplense_ray.sim.simulate import Renderer
-
-pytest.importorskip("lenstronomy")
-from astropy import units as u  # noqa: E402
-from astropy.constants import G, M_sun, c  # noqa: E402
-from astropy.cosmology import FlatLambdaCDM  # noqa: E402
-from lenstronomy.Data.imaging_data import ImageData  # noqa: E402
-from lenstronomy.Data.psf import PSF  # noqa: E402
-from lenstronomy.ImSim.image_model import ImageModel  # noqa: E402
-from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402
-from lenstronomy.LightModel.light_model import LightModel  # noqa: E402
-from lenstronomy.SimulationAPI.sim_api import SimAPI  # noqa: E402
-from lenstronomy.Util import util  # noqa: E402
-from scipy import stats  # noqa: E402
 
 PUBLISHED = ("deeplense_model_i", "deeplense_model_ii", "deeplense_model_iii")
 # the instrument numbers lenstronomy's Euclid(band='VIS', psf_type='GAUSSIAN') and HST(band='WFC3_F160W',

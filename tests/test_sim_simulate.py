@@ -78,7 +78,8 @@ def test_result_layout_labels_and_class_masks():
 
 def test_macro_parameters_class_independent():
     """Two-sample KS tests: the macro lens and source do not depend on the class."""
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     pre = get_preset("model_ii")
     n = 6000
     labels = torch.arange(n) % 3
@@ -262,7 +263,6 @@ def test_dense_hot_path_equals_subset_path(profile):
 
 
 def test_tnfw_subhalo_parameters_match_lenstronomy():
-    pytest.importorskip("lenstronomy")
     from astropy.cosmology import FlatLambdaCDM
     from lenstronomy.Cosmo.lens_cosmo import LensCosmo
 
