@@ -5,7 +5,8 @@ Examples:
     python jobs/simulate.py --preset model_ii --num-per-class 1000 --out data/model_ii
     python jobs/simulate.py --config my_preset.yaml --num-per-class 200 --shard-size 512 --out data/x
     python jobs/simulate.py --verify data/model_ii
-    RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token \\
+        ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/simulate.py --preset model_ii --num-per-class 100 --out /abs/path/data
 
 Every flag is checked before Ray starts; errors name the bad value and exit with status 2.
@@ -28,6 +29,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
+from deeplense_ray.cli import count_arg  # noqa: E402
 from deeplense_ray.config import parse_overrides  # noqa: E402
 from deeplense_ray.data.config import STORAGE_DTYPES, DatasetConfig, load_preset_yaml, parse_splits  # noqa: E402
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--num-per-class",
-        type=int,
+        type=count_arg,
         default=None,
         help="images of EACH class in all, partitioned by --splits (required unless --verify)",
     )

@@ -144,7 +144,7 @@ def test_the_published_format_still_reads(tmp_path):
         assert rows[path][2] == mass
 
 
-@pytest.mark.parametrize("damage", ["truncated", "padded", "pickle_truncated", "pickle_padded"])
+@pytest.mark.parametrize("damage", ["truncated", "padded", "pickle_padded"])
 def test_a_header_that_does_not_fit_the_file_is_named(tmp_path, damage):
     path = tmp_path / "x.npy"
     if damage.startswith("pickle"):
@@ -154,7 +154,7 @@ def test_a_header_that_does_not_fit_the_file_is_named(tmp_path, damage):
     else:
         np.save(path, np.zeros((4, 1, SIZE, SIZE), np.float32))
     raw = path.read_bytes()
-    path.write_bytes(raw[:-7] if damage.endswith("truncated") else raw + b"\0" * 64)
+    path.write_bytes(raw[:-7] if damage == "truncated" else raw + b"\0" * 64)
     with pytest.raises((InputError, NpyError), match=str(path)):
         npy_header(path) if not damage.startswith("pickle") else read_npy(path)
     with pytest.raises(InputError, match=str(path)):
