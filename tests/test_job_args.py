@@ -161,3 +161,26 @@ def test_runner_auto_picks_task_for_one_worker_and_a_resumed_run_its_own_kind(tm
     assert resolve_runner("auto", cfg(resume=True, run_name="b")) == "trainer"
     assert resolve_runner("auto", cfg(resume=True, run_name="c")) == "trainer"  # before layouts: Ray Train
     assert resolve_runner("auto", cfg(resume=True, run_name="missing")) == "trainer"  # run_training says why
+
+
+def test_simulate_checks_the_count_first_and_reads_exponents(capsys, monkeypatch):
+    """--num-per-class -5 is refused naming that value before --out is asked for; 1e3 is a thousand; 1.5 and
+    abc are refused; all with status 2, before Ray starts."""
+    import time
+
+    import deeplense_ray.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(deeplense_ray.runtime, "connect", no_ray)
+    simulate = _job("simulate")
+    for bad in ("-5", "1.5", "abc"):
+        t0 = time.perf_counter()
+        with pytest.raises(SystemExit) as info:
+            simulate.main(["--num-per-class", bad])
+        assert info.value.code == 2 and time.perf_counter() - t0 < 5
+        err = capsys.readouterr().err
+        assert "--num-per-class" in err and repr(bad) in err and "--out" not in err.splitlines()[-1], err
+    args = simulate.build_parser().parse_args(["--num-per-class", "1e3", "--out", "o"])
+    assert args.num_per_class == 1000
