@@ -116,8 +116,8 @@ def test_lenstronomy_image_bad_input():
         ["SERSIC"],
         [{"amp": 1, "R_sersic": 0.2, "n_sersic": 1}],
     )
-    with pytest.raises(ValueError, match="'EPL' is not supported"):
-        lenstronomy_image(["EPL"], cfg[1], *cfg[2:], 16, 0.1)
+    with pytest.raises(ValueError, match="'SPEP' is not supported"):
+        lenstronomy_image(["SPEP"], cfg[1], *cfg[2:], 16, 0.1)
     with pytest.raises(ValueError, match=r"lacks keyword\(s\) \['e2'\]"):
         lenstronomy_image(["SIE"], [{"theta_E": 1.0, "e1": 0.0}], *cfg[2:], 16, 0.1)
     with pytest.raises(ValueError, match="theta_E = nan"):
@@ -127,19 +127,24 @@ def test_lenstronomy_image_bad_input():
 
 
 def _kwargs_from_params(p, i, K):
-    """lenstronomy kwargs for image i of a simulate() result (SIE + shear + point-mass subhalos)."""
+    """lenstronomy kwargs for image i of a simulate() result (SIE or EPL + multipoles + shear + point-mass
+    subhalos)."""
     g = {k: v[i].double().numpy() for k, v in p.items()}
-    lens = ["SIE", "SHEAR"]
-    kw = [
-        {
-            "theta_E": float(g["theta_E"]),
-            "e1": float(g["e1"]),
-            "e2": float(g["e2"]),
-            "center_x": float(g["center_x"]),
-            "center_y": float(g["center_y"]),
-        },
-        {"gamma1": float(g["gamma1"]), "gamma2": float(g["gamma2"])},
-    ]
+    main = {
+        "theta_E": float(g["theta_E"]),
+        "e1": float(g["e1"]),
+        "e2": float(g["e2"]),
+        "center_x": float(g["center_x"]),
+        "center_y": float(g["center_y"]),
+    }
+    epl = float(g.get("gamma", 2.0)) != 2.0
+    lens = ["EPL" if epl else "SIE", "SHEAR"]
+    kw = [{**main, "gamma": float(g["gamma"])} if epl else main]
+    kw.append({"gamma1": float(g["gamma1"]), "gamma2": float(g["gamma2"])})
+    for m in (1, 3, 4) if "multipole_a1" in g else ():
+        lens.append("MULTIPOLE")
+        kw.append({"m": m, "a_m": float(g[f"multipole_a{m}"]), "phi_m": float(g[f"multipole_phi{m}"]),
+                   "center_x": main["center_x"], "center_y": main["center_y"], "r_E": main["theta_E"]})
     for k in range(int(g["subhalo_count"])):
         lens.append("POINT_MASS")
         kw.append(
