@@ -9,7 +9,9 @@ Examples:
         ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/simulate.py --preset model_ii --num-per-class 100 --out /abs/path/data
 
-Every flag is checked before Ray starts; errors name the bad value and exit with status 2.
+Every flag is checked before Ray starts; errors name the bad value and exit with status 2. One job writes an
+--out at a time: the job holds an exclusive lock on DIR/.lock (fcntl.flock: local file systems; on NFS only
+as good as the mount's lock support) and a second job on the same directory exits 2 at once, naming it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--splits", default="train=0.8,val=0.1,test=0.1", help="NAME=FRACTION,... summing to 1")
     ap.add_argument("--shard-size", type=int, default=4096, help="rows per HDF5 shard (default 4096)")
-    ap.add_argument("--out", default=None, help="output directory (required unless --verify)")
+    ap.add_argument(
+        "--out", default=None, help="output directory (required unless --verify; locked while the job runs)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     ap.add_argument("--dtype", default="float32", help="image storage dtype: float32 (default) or float16")
     ap.add_argument("--workers", type=int, default=1, help="renderer actors (default 1)")
@@ -76,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--resume", action="store_true", help="keep valid shards of an earlier run, render the rest"
     )
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing dataset in --out (removes its manifest, preview, <split>/shard-NNNNN.h5 "
+        "and temporary files; any other file stays)",
+    )
     ap.add_argument(
         "--verify", metavar="DIR", default=None, help="check a dataset against its manifest and exit"
     )

@@ -106,7 +106,8 @@ def test_second_simulate_job_on_a_locked_out_exits_2_at_once_and_touches_nothing
         assert holder.stdout.readline().strip() == "locked"
         before = _snapshot(out)
         main = _job("simulate").main
-        base = ["--preset", "model_ii", "--num-per-class", "20", "--out", str(out), "--no-progress"]
+        # a port nobody answers on: if the lock were ignored the job would fail connecting, not build
+        base = ["--num-per-class", "20", "--out", str(out), "--address", "127.0.0.1:9"]
         for extra in (["--overwrite"], ["--resume"], []):
             rc, err, took = _run_main(main, [*base, *extra])
             assert rc == 2, (extra, err)

@@ -185,7 +185,7 @@ def check_shard_rows(
 ) -> None:
     """Open every shard of ``splits`` (default all) and compare its rows with its manifest entry (HDF5
     metadata only, no image bytes). ValueError naming the shard file and both counts, or the file that
-    is missing or cannot be read."""
+    cannot be read; FileNotFoundError naming a missing one."""
     root = Path(data_dir).resolve()
     manifest = manifest if manifest is not None else load_manifest(root)
     for split in manifest["splits"] if splits is None else splits:
@@ -197,7 +197,7 @@ def check_row_counts(paths: Iterable[Path | str], rows: Iterable[int], manifest_
     """Each shard file in ``paths`` holds the number of rows given for it (see :func:`check_shard_rows`)."""
     for path, n in zip(paths, rows):
         if not Path(path).is_file():
-            raise ValueError(f"shard {path} listed in {manifest_path} is missing")
+            raise FileNotFoundError(f"shard {path} listed in {manifest_path} is missing")
         try:
             shard_num_rows(path, expect_rows=int(n))
         except ShardReadError as exc:
@@ -223,7 +223,8 @@ def verify_dataset(data_dir: str | Path) -> list[str]:
                 problems.append(
                     f"{path}: sha256 {digest[:16]}... does not match manifest {shard['sha256'][:16]}..."
                 )
-            try:
+                continue
+            try:  # the right file, but does the manifest say how many rows it holds?
                 shard_num_rows(path, expect_rows=int(shard["rows"]))
             except ShardReadError as exc:
                 problems.append(str(exc))
