@@ -108,7 +108,7 @@ def check_model_fits(
     """
     import torch
 
-    from deeplense_ray.models import build_model, list_models
+    from deeplense_ray.models import build_model, list_models, resolve_hparams
 
     names = {m.lower(): m for m in list_models()}
     if not isinstance(model, str) or (model.lower() not in names and not model.lower().startswith("timm:")):
@@ -120,6 +120,7 @@ def check_model_fits(
     )
     if h != w:
         raise ValueError(f"model {model!r} needs square images; {what} is not square")
+    resolve_hparams(model, size, **dict(overrides or {}))  # a bad override: its own message, not the data's
     try:
         net = build_model(
             model, h, c, info.num_classes, pixel_scale=info.pixel_scale, size=size, **dict(overrides or {})

@@ -191,6 +191,9 @@ def _main(argv: list[str] | None = None) -> int:
         try:
             cfg = config_from_args(args)
             out = Path(args.out).resolve()
+            from deeplense_ray.data.room import check_dataset_room
+
+            check_dataset_room(cfg, out)  # disk space and the build plan's memory, before Ray
             # The whole job holds the directory's lock: a second job writing the same --out stops here.
             held.enter_context(dataset_lock(out))
             check_out_dir(out, resume=args.resume, overwrite=args.overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -404,8 +405,61 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+#: Types of the override keys without a default in ``hparams`` (``extra_keys``); None means automatic.
+EXTRA_KEY_TYPES: Mapping[str, type] = MappingProxyType(
+    {"patch_size": int, "pool": str, "n_conv_layers": int, "sm_patch_size": int, "lg_patch_size": int}
+)
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name"}
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (an integral float counts as an integer, an integer as a number), or a
+    ValueError without context (the caller names the model and the key)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(_TYPE_WORDS.get(kind, kind.__name__))
+    return value
+
+
+def check_override(name: str, key: str, value: Any) -> Any:
+    """``value`` checked against the type of ``key``'s constructor parameter of model ``name`` (the type of
+    its default: an integer, a number, true/false, a name, or a list of integers for the per-stage keys);
+    returns it (an integral float as an integer, a list as a tuple). ValueError naming the model, the key
+    and the value; an unknown key lists the valid ones."""
+    spec = get_spec(name)
+    if key in spec.hparams:
+        default = spec.hparams[key]
+    elif key in spec.extra_keys:
+        if value is None or key not in EXTRA_KEY_TYPES:
+            return value  # None: chosen from the image size
+        default = EXTRA_KEY_TYPES[key]()
+    else:
+        valid = sorted(set(spec.hparams) | set(spec.extra_keys))
+        raise ValueError(f"unknown override {key!r} for model {spec.name!r}; valid keys: {', '.join(valid)}")
+    try:
+        if isinstance(default, tuple):
+            if not isinstance(value, (tuple, list)) or not value:
+                raise ValueError(f"a list of {_TYPE_WORDS[type(default[0])]}s, e.g. {list(default)}")
+            return tuple(_typed(v, type(default[0])) for v in value)
+        return _typed(value, type(default))
+    except ValueError as exc:
+        raise ValueError(
+            f"model {spec.name!r}: override {key}={value!r} must be {exc} (default {default!r})"
+        ) from None
+
+
 def resolve_hparams(name: str, size: str = "default", **overrides: Any) -> dict[str, Any]:
-    """Defaults of ``size`` updated by ``overrides``; ValueError for an unknown size or override key."""
+    """Defaults of ``size`` updated by ``overrides``; ValueError for an unknown size, an unknown override key
+    or a value of the wrong type (:func:`check_override`)."""
     spec = get_spec(name)
     if size not in SIZES:
         raise ValueError(f"size={size!r}; valid sizes: {', '.join(SIZES)}")
@@ -421,7 +475,7 @@ def resolve_hparams(name: str, size: str = "default", **overrides: Any) -> dict[
     hp: dict[str, Any] = dict(spec.hparams)
     if size == "comparable":
         hp.update(spec.comparable or {})
-    hp.update(overrides)
+    hp.update({k: check_override(spec.name, k, v) for k, v in overrides.items()})
     return hp
 
 

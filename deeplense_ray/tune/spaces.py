@@ -163,8 +163,46 @@ def search_space(
         if v is None:
             space.pop(k, None)
         else:
-            space[k] = v
+            space[k] = checked_entry(model, k, v)
     return space
+
+
+def _check_train_value(key: str, value: Any) -> Any:
+    """A value of an optimiser key: lr a number > 0, weight_decay a number >= 0, batch_size an integer >= 1
+    (an integral float counts); ValueError naming the key and the value."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key == "batch_size":
+        if number and float(value).is_integer() and value >= 1:
+            return int(value)
+        raise ValueError(f"search-space key 'batch_size': {value!r} is not an integer >= 1")
+    if key == "lr" and not (number and value > 0):
+        raise ValueError(f"search-space key 'lr': {value!r} is not a number > 0 (default range {LR_RANGE})")
+    if key == "weight_decay" and not (number and value >= 0):
+        raise ValueError(
+            f"search-space key 'weight_decay': {value!r} is not a number >= 0 "
+            f"(default range {WEIGHT_DECAY_RANGE})"
+        )
+    return value
+
+
+def checked_entry(model: str, key: str, entry: Any) -> Any:
+    """A search-space entry given by the user (a constant or a ``tune.choice``) with every value checked
+    against the key's domain: the optimiser keys are numbers (:func:`_check_train_value`), a model
+    hyperparameter takes the type of its constructor parameter
+    (:func:`deeplense_ray.models.registry.check_override`). Other Tune domains pass unchanged. Returns the
+    entry with the checked values; ValueError naming the key and the bad value."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    from deeplense_ray.models.registry import check_override
+
+    def check(value: Any) -> Any:
+        return _check_train_value(key, value) if key in TRAIN_KEYS else check_override(model, key, value)
+
+    if isinstance(entry, Categorical):
+        return tune.choice([check(v) for v in entry.categories])
+    if isinstance(entry, Domain):
+        return entry
+    return check(entry)
 
 
 def split_trial_config(config: Mapping[str, Any], hparams: Mapping[str, Any]) -> tuple[dict, dict]:
