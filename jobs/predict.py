@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray address for large inputs; 'local' starts a fresh runtime (default: $RAY_ADDRESS, else the "
         "cluster `ray start` recorded on this machine if it answers, else a local runtime)",
     )
+    p.add_argument(
+        "--trust-pickled-model",
+        action="store_true",
+        help="load a model logged in the older pickle format (MLflow pytorch flavor): unpickling it runs\n"
+        "code stored in the tracking store, so trust everyone who can write to that store (the models\n"
+        "train and tune log are a spec and weights, loaded without running code from the store)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -115,6 +122,7 @@ def _main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             stack_axis0=args.stack_axis0,
+            trust_pickled_model=args.trust_pickled_model,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RayConnectError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,11 @@
 """A trained classifier from a model URI, with the preprocessing it was trained with.
 
-``runs:/RUN_ID/model``, ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, ``models:/m-...``) load through
-MLflow; a path loads a training checkpoint directory (``model.pt`` + ``meta.json``). Either way the module
+``runs:/RUN_ID/model``, ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, ``models:/m-...``) are
+downloaded from MLflow; a path loads a training checkpoint directory (``model.pt`` + ``meta.json``). Nothing
+runs code from the model: the network is rebuilt by this package from the architecture (the model's
+``spec.json``, the checkpoint's ``meta.json``); its weights are read with ``torch.load(weights_only=True)``.
+A model logged in the older pickle format (the ``pytorch`` flavor) is refused unless ``trust_pickled_model``
+is set, which unpickles it, running whatever code the tracking store holds for it. Either way the module
 takes raw float32 images [B, C, H, W] as the HDF5 shards hold them (its per-image normalisation is inside,
 see ``train/modules.py``); there is no resize in training, so images must have the training image shape.
 """
@@ -54,8 +58,11 @@ def is_mlflow_uri(uri: str) -> bool:
     return str(uri).startswith(schemes)
 
 
-def load_classifier(uri: str, tracking_uri: str | None = None) -> LoadedModel:
-    """Load the model at ``uri`` (see the module docstring). ValueError / FileNotFoundError naming it."""
+def load_classifier(
+    uri: str, tracking_uri: str | None = None, *, trust_pickled_model: bool = False
+) -> LoadedModel:
+    """Load the model at ``uri`` (see the module docstring). ValueError / FileNotFoundError naming it (a
+    refused weights file: :class:`~deeplense_ray.train.checkpoint.CheckpointError`, a ValueError)."""
     from deeplense_ray.train.checkpoint import META_FILE, MODEL_FILE, load_model_from_checkpoint, read_meta
 
     uri = str(uri).strip()
@@ -74,25 +81,42 @@ def load_classifier(uri: str, tracking_uri: str | None = None) -> LoadedModel:
             )
         path = path.resolve()
         return LoadedModel(str(path), load_model_from_checkpoint(path), read_meta(path)["arch"], "checkpoint")
-    return _load_mlflow(uri, tracking_uri)
+    return _load_mlflow(uri, tracking_uri, trust_pickled_model)
 
 
-def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
-    import mlflow.pytorch
+def _load_mlflow(uri: str, tracking_uri: str | None, trust_pickled_model: bool) -> LoadedModel:
+    import tempfile
+
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
     from deeplense_ray.tracking import resolve_tracking_uri, use_tracking_uri
-    from deeplense_ray.tracking.models import METADATA_KEY
+    from deeplense_ray.tracking.models import METADATA_KEY, is_weights_model, load_logged_model
 
     store = resolve_tracking_uri(tracking_uri)
     with use_tracking_uri(store):
         try:
             info = get_model_info(uri)
-            module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+            if is_weights_model(info.flavors):
+                with tempfile.TemporaryDirectory(prefix="deeplense-model-") as tmp:
+                    local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp)
+                    module, spec_arch = load_logged_model(local)
+            elif "pytorch" in info.flavors and trust_pickled_model:
+                import mlflow.pytorch
+
+                module, spec_arch = mlflow.pytorch.load_model(uri, map_location="cpu").eval(), {}
+            elif "pytorch" in info.flavors:
+                raise ValueError(
+                    f"model {uri!r} in {store} is a pickled torch module (the older pytorch flavor): loading "
+                    "it would run code stored in the tracking store; pass --trust-pickled-model if you trust "
+                    "everyone who can write to that store, or log the model again"
+                )
+            else:
+                raise ValueError(f"model {uri!r} in {store} is not a classifier logged by this package")
         except (MlflowException, OSError) as exc:
             raise ValueError(f"cannot load model {uri!r} from tracking store {store}: {exc}") from exc
-    arch = dict((info.metadata or {}).get(METADATA_KEY, {}).get("arch") or {})
+    arch = dict((info.metadata or {}).get(METADATA_KEY, {}).get("arch") or spec_arch)
     if not arch:  # a model logged before the metadata existed: its signature and the module tell the rest
         inputs = info.signature.inputs.inputs if info.signature is not None else []
         if len(inputs) != 1 or len(getattr(inputs[0], "shape", ())) != 4:

@@ -270,13 +270,15 @@ def run_prediction(
     overwrite: bool = False,
     progress: bool = True,
     stack_axis0: bool = False,
+    trust_pickled_model: bool = False,
 ) -> PredictResult:
     """Predict every image of ``source`` with the model at ``model_uri`` into ``out`` (see module docstring).
 
     Errors before any work (ValueError / FileNotFoundError naming the value or file): a bad ``out``, a model
     that does not load, an input that does not exist or holds an image of another shape than the model's.
     ``stack_axis0``: an [N, H, W] array for a 1-channel model is N images (else an error: it could be one
-    image of N channels).
+    image of N channels). ``trust_pickled_model``: load a model logged in the older pickle format, running the
+    code the tracking store holds for it (see :func:`~deeplense_ray.infer.model.load_classifier`).
     """
     from deeplense_ray.infer.inputs import plan_inputs
     from deeplense_ray.infer.model import load_classifier
@@ -292,7 +294,7 @@ def run_prediction(
         raise ValueError(f"gpus_per_actor must be in [0, 8], got {gpus_per_actor!r}")
     out_path = check_output_path(out, overwrite=overwrite)
     uri = resolve_tracking_uri(tracking_uri)
-    model = load_classifier(model_uri, uri)
+    model = load_classifier(model_uri, uri, trust_pickled_model=trust_pickled_model)
     plan = plan_inputs(
         source,
         image_shape=model.image_shape,

@@ -1,50 +1,51 @@
-"""The classifier as an MLflow model, and the Model Registry.
+"""The classifier as an MLflow model ("models from code"), and the Model Registry.
 
-One logged model carries two flavors:
+A logged model is a ``python_function`` model whose code is the package file ``pyfunc_model.py`` (beside this
+one; MLflow stores a copy with the model) and whose two artifacts are data, never a pickled object:
 
-- ``pytorch``: ``mlflow.pytorch.load_model(uri)`` returns the trained module (raw float32 images
-  [B, C, H, W] -> logits; the per-image normalisation is inside it), as before;
-- ``python_function``: ``mlflow.pyfunc.load_model(uri).predict(images)`` returns the class *probabilities*
-  (softmax in float64) as a DataFrame with one column per class, the same numbers ``jobs/predict.py`` writes.
-  ``mlflow models serve -m models:/NAME@champion --env-manager local`` serves it (the environment must have
-  ``deeplense_ray`` importable); its JSON input is ``{"inputs": [[[[...]]]]}``, images [N, C, H, W].
+- ``spec`` (``spec.json``): the architecture (registry name, size, overrides, image shape, classes, pixel
+  scale, normalisation) from which the installed package rebuilds the network;
+- ``weights``: its state_dict, read with ``torch.load(weights_only=True)``.
+
+``mlflow.pyfunc.load_model(uri).predict(images)`` returns the class *probabilities* (softmax in float64) as a
+DataFrame with one column per class, the same numbers ``jobs/predict.py`` writes; ``.unwrap_python_model()
+.module`` is the network (raw float32 images [B, C, H, W] -> logits; the per-image normalisation is inside).
+``mlflow models serve -m models:/NAME@champion --env-manager local`` serves it (the environment must have
+``deeplense_ray`` importable); its JSON input is ``{"inputs": [[[[...]]]]}``, images [N, C, H, W].
+:func:`load_logged_model` reads the two artifacts of a downloaded model without running the stored code
+(``jobs/predict.py`` loads models that way).
 
 Every logged model has a tensor signature (float32 [-1, C, H, W] -> one double column per class), an input
 example (one image of the training data) and the architecture in its metadata (``deeplense.arch``: model,
 size, overrides, image shape, classes, pixel scale, normalisation), from which ``jobs/predict.py`` rebuilds
 the preprocessing. :func:`register_model` registers a logged model and can point an alias (``champion``)
-at it.
+at it. Models logged by earlier versions (the ``pytorch`` flavor, pickle format) load only where the user
+trusts the store (``jobs/predict.py --trust-pickled-model``); their pyfunc is :func:`_load_pyfunc` below.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 MODEL_ARTIFACT = "model"
 METADATA_KEY = "deeplense"
-#: The module MLflow imports to load the python_function flavor (its ``_load_pyfunc``).
+#: The package file MLflow stores with each model and runs to load it (``mlflow.models.set_model`` inside).
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+#: The artifacts of a logged model (names in its MLmodel's python_function flavor) and the spec's file.
+SPEC_ARTIFACT = "spec"
+WEIGHTS_ARTIFACT = "weights"
+SPEC_FILE = "spec.json"
+SPEC_FORMAT = 1
+#: The module MLflow imports to load the python_function flavor of a model in the older pickle format.
 PYFUNC_LOADER = "deeplense_ray.tracking.models"
-
-
-class _ClassifierFlavor:
-    """What ``mlflow.models.Model.log`` calls as a flavor module: the pytorch flavor's ``save_model``, then
-    the python_function flavor pointed at :data:`PYFUNC_LOADER` (probabilities instead of logits)."""
-
-    __name__ = "pytorch"
-
-    @staticmethod
-    def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
-        import mlflow.pytorch
-        from mlflow.models.model import MLMODEL_FILE_NAME
-
-        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-        mlflow_model.flavors["python_function"]["loader_module"] = PYFUNC_LOADER
-        mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
 def model_requirements() -> list[str]:
@@ -82,13 +83,34 @@ def log_classifier_model(
     arch: Mapping[str, Any],
     input_example: np.ndarray | None = None,
 ) -> str:
-    """Log ``model`` (a :class:`NormalizedClassifier`) into run ``run_id`` with both flavors; returns its URI.
+    """Log ``model`` (a :class:`NormalizedClassifier`) into run ``run_id`` (module docstring); its URI.
 
     ``arch``: the checkpoint's architecture dict (``meta.json["arch"]``); ``input_example``: float32 images
     [n, C, H, W] (default: one image of zeros). The example is checked by MLflow through the pyfunc.
     """
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="deeplense-model-") as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        return _log_weights(tracking_uri, run_id, weights, arch, input_example)
+
+
+def log_checkpoint_model(
+    checkpoint: Any, tracking_uri: str, run_id: str, *, input_example: np.ndarray | None = None
+) -> str:
+    """:func:`log_classifier_model` of a training checkpoint (directory or ``ray.train.Checkpoint``): its
+    ``model.pt`` (a state_dict) is logged as the weights as it is, nothing is rebuilt."""
+    from deeplense_ray.train.checkpoint import MODEL_FILE, _as_dir, read_meta
+
+    with _as_dir(checkpoint) as d:
+        return _log_weights(tracking_uri, run_id, Path(d) / MODEL_FILE, read_meta(d)["arch"], input_example)
+
+
+def _log_weights(
+    tracking_uri: str, run_id: str, weights: Path, arch: Mapping[str, Any], input_example: np.ndarray | None
+) -> str:
     import mlflow
-    from mlflow.models import Model
 
     from deeplense_ray.tracking.mlflow_utils import use_tracking_uri
 
@@ -99,41 +121,82 @@ def log_classifier_model(
     example = np.ascontiguousarray(input_example, dtype=np.float32)
     if list(example.shape[1:]) != shape:
         raise ValueError(f"input example shape {list(example.shape)} does not match image shape {shape}")
-    # MLflow checks the example by loading the logged model and predicting, on CUDA where the process sees a
-    # GPU: the CPU does for one example, and a driver that holds no GPU must not create a CUDA context on one
-    # a training task uses (a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins)
-    with use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), _env_default(
-        "MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"
-    ):
-        info = Model.log(
-            None,  # artifact_path (deprecated; the name is the model's name)
-            name=MODEL_ARTIFACT,
-            flavor=_ClassifierFlavor,
-            flavor_name="pytorch",
-            run_id=run_id,
-            pytorch_model=model,
-            signature=classifier_signature(shape, names),
-            input_example=example,
-            pip_requirements=model_requirements(),
-            serialization_format="pickle",
-            metadata={METADATA_KEY: {"arch": _plain(dict(arch)), "input_dtype": "float32"}},
-        )
+    plain_arch = _plain(dict(arch))
+    with tempfile.TemporaryDirectory(prefix="deeplense-spec-") as tmp:
+        spec = Path(tmp) / SPEC_FILE
+        spec.write_text(json.dumps({"format": SPEC_FORMAT, "arch": plain_arch}, indent=2, sort_keys=True))
+        # MLflow checks the example by loading the logged model and predicting, on CUDA where the process
+        # sees a GPU: the CPU does for one example, and a driver that holds no GPU must not create a CUDA
+        # context on one a training task uses (a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins)
+        with use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), _env_default(
+            "MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"
+        ):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=str(PYFUNC_CODE),
+                artifacts={SPEC_ARTIFACT: str(spec), WEIGHTS_ARTIFACT: str(weights)},
+                signature=classifier_signature(shape, names),
+                input_example=example,
+                pip_requirements=model_requirements(),
+                metadata={METADATA_KEY: {"arch": plain_arch, "input_dtype": "float32"}},
+            )
     return info.model_uri
 
 
-def log_checkpoint_model(
-    checkpoint: Any, tracking_uri: str, run_id: str, *, input_example: np.ndarray | None = None
-) -> str:
-    """:func:`log_classifier_model` of a training checkpoint (directory or ``ray.train.Checkpoint``)."""
-    from deeplense_ray.train.checkpoint import load_model_from_checkpoint, read_meta
+# ---------------------------------------------------------------------------------------------- loading
+def prediction_device() -> str:
+    """Where a loaded pyfunc predicts: ``$MLFLOW_DEFAULT_PREDICTION_DEVICE`` (as MLflow's own flavors), else
+    CUDA when the process sees a GPU, else the CPU."""
+    from deeplense_ray.infer.model import default_device
 
-    return log_classifier_model(
-        tracking_uri,
-        run_id,
-        load_model_from_checkpoint(checkpoint),
-        arch=read_meta(checkpoint)["arch"],
-        input_example=input_example,
-    )
+    return os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or default_device()
+
+
+def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The architecture in a logged model's ``spec.json``; ValueError naming the file when it is not one."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model spec {path} is not readable JSON: {exc}") from exc
+    arch = spec.get("arch") if isinstance(spec, dict) and spec.get("format") == SPEC_FORMAT else None
+    if not isinstance(arch, dict):
+        raise ValueError(f"model spec {path} is not a spec of format {SPEC_FORMAT} with an 'arch' object")
+    return arch
+
+
+def module_from_artifacts(spec: str | os.PathLike[str], weights: str | os.PathLike[str]) -> Any:
+    """The network of a logged model: rebuilt by the package from ``spec``, its state_dict read from
+    ``weights`` with weights_only loading (CheckpointError naming the file otherwise); eval mode, CPU."""
+    from deeplense_ray.train.checkpoint import load_weights
+
+    return load_weights(read_spec(spec), weights)
+
+
+def is_weights_model(flavors: Mapping[str, Any]) -> bool:
+    """Whether an MLmodel's flavors are those of a model logged by :func:`log_classifier_model`."""
+    artifacts = (flavors.get("python_function") or {}).get("artifacts") or {}
+    return SPEC_ARTIFACT in artifacts and WEIGHTS_ARTIFACT in artifacts
+
+
+def load_logged_model(model_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """(network, architecture) of a model logged by :func:`log_classifier_model` and downloaded to
+    ``model_dir``: reads its MLmodel (YAML), spec (JSON) and weights (weights_only), runs none of its code.
+    ValueError naming the file when an artifact is missing or lies outside ``model_dir``."""
+    from mlflow.models import Model
+
+    root = Path(model_dir).resolve()
+    flavors = Model.load(str(root)).flavors
+    if not is_weights_model(flavors):
+        raise ValueError(f"{root} is not a model with {SPEC_ARTIFACT!r} and {WEIGHTS_ARTIFACT!r} artifacts")
+    paths = {}
+    for name in (SPEC_ARTIFACT, WEIGHTS_ARTIFACT):
+        rel = str((flavors["python_function"]["artifacts"][name] or {}).get("path", ""))
+        path = (root / rel).resolve()
+        if not rel or not path.is_relative_to(root) or not path.is_file():
+            raise ValueError(f"model {root}: artifact {name!r} ({rel!r}) is not a file inside the model")
+        paths[name] = path
+    arch = read_spec(paths[SPEC_ARTIFACT])
+    return module_from_artifacts(paths[SPEC_ARTIFACT], paths[WEIGHTS_ARTIFACT]), arch
 
 
 def example_images(data_dir: str | os.PathLike[str], n: int = 1) -> np.ndarray | None:
@@ -209,7 +272,8 @@ def _plain(x: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- pyfunc
 class ProbabilityModel:
-    """The python_function flavor: images [N, C, H, W] -> DataFrame of class probabilities (rows sum to 1)."""
+    """What the pyfunc predicts with: images [N, C, H, W] -> DataFrame of class probabilities (rows sum to
+    1)."""
 
     def __init__(self, module: Any, device: Any):
         self.module = module.eval()
@@ -232,7 +296,8 @@ class ProbabilityModel:
 
 
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ProbabilityModel:
-    """Called by ``mlflow.pyfunc.load_model``: the pytorch flavor's loader (it picks the device), wrapped."""
+    """Called by ``mlflow.pyfunc.load_model`` for a model in the older pickle format (it unpickles the
+    module): the pytorch flavor's loader (it picks the device), wrapped."""
     import mlflow.pytorch
 
     wrapper = mlflow.pytorch._load_pyfunc(path, model_config=dict(model_config or {}))
