@@ -675,7 +675,7 @@ def _build_locked(
     stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """:func:`build_dataset` once it holds the lock of ``out``: the directory checks again (another build
-    may have finished in between), then plan, render, write."""
+    may have finished in between), then clear or keep shards, render and write the rest, the manifest."""
     preset_dict = preset.to_dict()
     class_names = tuple(preset.class_names)
     check_out_dir(out, resume=resume, overwrite=overwrite)
