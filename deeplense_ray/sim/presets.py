@@ -572,7 +572,7 @@ def _validate_population(p: Preset) -> None:
     if p.mass_compensation not in ("none", "ring"):
         _fail("mass_compensation", p.mass_compensation, "one of ['none', 'ring']")
     if "cdm_smooth" in p.class_names and p.sigma_sub is None:
-        _fail("class_names", list(p.class_names), "'cdm_smooth' only with a normalised population (sigma_sub)")
+        _fail("class_names", list(p.class_names), "'cdm_smooth' only with a normalised population: sigma_sub")
     if p.sigma_sub is None:
         return
     _in_range("sigma_sub", p.sigma_sub, 0.0, 1.0)  # kpc^-2; a negative Sigma_sub fails here

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from . import cosmology
+from .compensation import lens_mass_model
 from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .presets import Preset
-from .compensation import lens_mass_model
 from .substructure import draw_subhalos
 
 _F64 = torch.float64

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .compensation import alpha_radial_table
 from .lens import (
     alpha_epl,
     alpha_line_segment,
@@ -23,7 +24,6 @@ from .lens import (
     epl_series_terms,
     point_chain,
 )
-from .compensation import alpha_radial_table
 from .light import pixelated_source, sersic_elliptical
 from .presets import Preset, resolve_preset
 from .render import (

@@ -1,0 +1,271 @@
+"""Class-independent lens mass (ring compensation), the effective Einstein radius and the smooth-substructure
+control ``cdm_smooth``: all from Gauss's theorem in the lens plane.
+
+For any projected mass distribution the deflection obeys div alpha = 2 kappa, so the azimuthal mean of the
+radial deflection on a circle of radius r about a point c is
+
+    <alpha_r>(r) = M(<r) / (pi Sigma_crit r)        [arcsec; M / Sigma_crit in arcsec^2],
+
+M(<r) the projected mass inside the circle, whatever the distribution looks like (clumps, segments, an
+ellipsoid). Three uses:
+
+- **ring compensation** (``Preset.mass_compensation = "ring"``): per image, a_sub = <alpha_r> of the
+  substructure (subhalos, vortex) on the circle r = theta_E about the lens centre, and the main deflector
+  gives that mass up: its own mean is theta_E^(gamma-1) r^(2-gamma) h(q, gamma) (``macro_mean_factor``), so
+  theta_E' = theta_E (1 - a_sub / (theta_E h))^(1 / (gamma - 1)) keeps M(<theta_E) of the whole lens equal
+  to the substructure-free lens's (SIE: theta_E' = theta_E - a_sub / h). External shear and multipoles
+  (m >= 1) carry no monopole: their mean radial deflection on any circle about the centre is 0.
+- **effective Einstein radius** ``theta_E_eff``: the radius where the mean convergence inside the circle is
+  1, i.e. <alpha_r>(r) = r for macro + substructure (tabulated at ``EFF_NODES`` x theta_E, linear
+  interpolation; outside that range the end segment is extrapolated).
+- **cdm_smooth**: the azimuthal average of a subhalo population about the lens centre is a circularly
+  symmetric mass whose deflection is radial with magnitude <alpha_r>(r) of the population: tabulated per
+  image at r_j = j theta_E / ``SMOOTH_NODES_PER_THETA_E`` (j = 0..R-1, the last node beyond every pixel) and
+  interpolated linearly at each pixel's radius; beyond the last node the enclosed mass is held (1/r).
+
+Subhalo means are computed from the subhalo deflection the renderer uses (``alpha_tnfw`` with its floors)
+at ``RING_ANGLES`` equally spaced angles (spectrally accurate for deflections smooth on the scale of the
+point spacing: tNFW subhalos, Rs ~ 0.1-0.3"); point masses use Gauss exactly (theta_E^2 / r inside the
+circle, half of it on it). The vortex segment and point chain are exact too (their mass inside r).
+Units: arcsec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .lens import alpha_tnfw, ellipticity_to_phi_q
+
+_F64 = torch.float64
+
+#: angles per circle of the subhalo mean radial deflection
+RING_ANGLES = 64
+#: radii / theta_E where every image's mean radial deflection is tabulated (theta_E_eff); 1.0: the ring
+EFF_NODES = (0.8, 0.9, 1.0, 1.1, 1.2)
+#: nodes of the cdm_smooth table per theta_E (so the EFF_NODES and the ring are nodes of it)
+SMOOTH_NODES_PER_THETA_E = 10
+#: ``Preset.mass_compensation`` values
+MASS_COMPENSATIONS = ("none", "ring")
+
+
+def macro_mean_factor(e1: Tensor, e2: Tensor, gamma: Tensor | None = None, *, n: int = 256) -> Tensor:
+    """h(q, gamma) = (1/2pi) int (q cos^2 phi + sin^2 phi / q)^((1-gamma)/2) dphi: the main deflector's
+    azimuthal-mean radial deflection is theta_E^(gamma-1) r^(2-gamma) h at every r (lenstronomy SIE / EPL,
+    kappa = (3-gamma)/2 (theta_E / sqrt(q x'^2 + y'^2/q))^(gamma-1); gamma = 2 if None). h = 1 for q = 1;
+    for the SIE h = sqrt(q) / AGM(1, q) (0.984 at q = 0.6). Midpoint rule on a quarter period (the
+    integrand is smooth, even and pi-periodic: spectral accuracy)."""
+    _, q, _ = ellipticity_to_phi_q(e1.to(_F64), e2.to(_F64))
+    g = torch.full_like(q, 2.0) if gamma is None else gamma.to(_F64)
+    phi = (torch.arange(n, dtype=_F64, device=q.device) + 0.5) * (0.5 * math.pi / n)
+    c2, s2 = torch.cos(phi) ** 2, torch.sin(phi) ** 2
+    w = (q[:, None] * c2 + s2 / q[:, None]) ** (0.5 * (1.0 - g[:, None]))
+    return w.mean(-1)
+
+
+def macro_mean_radial(r: Tensor, theta_E: Tensor, h: Tensor, gamma: Tensor | None = None) -> Tensor:
+    """Mean radial deflection [B, R] of the main deflector at radii r [B, R]: theta_E^(g-1) r^(2-g) h."""
+    if gamma is None:
+        return (theta_E * h)[:, None].expand_as(r)
+    g = gamma[:, None]
+    return theta_E[:, None] ** (g - 1.0) * r ** (2.0 - g) * h[:, None]
+
+
+def compensated_theta_E(
+    theta_E: Tensor, a_sub: Tensor, h: Tensor, gamma: Tensor | None = None, *, floor: float = 0.01
+) -> Tensor:
+    """The main deflector's Einstein radius that keeps the mass inside r = theta_E when substructure of mean
+    radial deflection ``a_sub`` [arcsec] on that circle is added: theta_E (1 - a_sub / (theta_E h))^(1/(g-1))
+    (SIE: theta_E - a_sub / h). If the substructure alone holds more than the ring mass the factor is
+    floored at ``floor`` (not reached by the presets' priors: a_sub / theta_E ~ 1 % at 1x Sigma_sub)."""
+    frac = (1.0 - a_sub / (theta_E * h)).clamp_min(floor)
+    if gamma is None:
+        return theta_E * frac
+    return theta_E * frac ** (1.0 / (gamma - 1.0))
+
+
+def effective_einstein_radius(radii: Tensor, mean_alpha: Tensor) -> Tensor:
+    """Radius [B] where mean_alpha(r) = r (mean convergence inside = 1), from a table at increasing radii
+    [B, R]: the first crossing from above, linear in each cell; without a crossing the end cell nearest to it
+    is extrapolated linearly."""
+    g = mean_alpha - radii
+    cross = (g[:, :-1] >= 0) & (g[:, 1:] < 0)
+    first = torch.argmax(cross.to(torch.int8), dim=1)
+    above = (g >= 0).all(dim=1)  # root beyond the last node
+    j = torch.where(cross.any(dim=1), first, torch.where(above, g.shape[1] - 2, 0))[:, None]
+    r0, r1 = radii.gather(1, j), radii.gather(1, j + 1)
+    g0, g1 = g.gather(1, j), g.gather(1, j + 1)
+    den = torch.where(g0 == g1, torch.ones_like(g0), g0 - g1)
+    return (r0 + g0 * (r1 - r0) / den)[:, 0]
+
+
+def vortex_mean_radial(
+    r: Tensor, theta_E_tot: Tensor, half_length: Tensor, profile: str, points: int
+) -> Tensor:
+    """Mean radial deflection [B, R] of a vortex through the lens centre (Gauss, exact): theta_E_tot^2 times
+    its mass fraction inside r, over r. ``segment``: min(1, r / half_length); ``point_chain``: the share of
+    its ``points`` equal masses at |s| < r (half for one on the circle)."""
+    te2 = (theta_E_tot * theta_E_tot)[:, None]
+    h = half_length[:, None].clamp_min(1e-12)
+    if profile == "point_chain":
+        t = torch.linspace(-1.0, 1.0, int(points), dtype=r.dtype, device=r.device).abs()
+        s = h[..., None] * t  # [B, 1, N]
+        rr = r[..., None]
+        frac = ((s < rr).to(r.dtype) + 0.5 * (s == rr).to(r.dtype)).mean(-1)
+    else:
+        frac = (r / h).clamp(max=1.0)
+    return te2 * frac / r
+
+
+def subhalo_mean_radial(
+    p: dict[str, Tensor],
+    rows: Tensor,
+    radii: Tensor,
+    profile: str,
+    *,
+    device: torch.device,
+    n_phi: int = RING_ANGLES,
+) -> Tensor:
+    """Mean radial deflection [len(rows), R] (float64, on ``radii``'s device) of the subhalos of images
+    ``rows`` on circles of radii [len(rows), R] about their lens centres.
+
+    ``p`` holds the [n, K] subhalo tables (zero padded after ``subhalo_count``) and ``center_x/y`` [n].
+    tNFW: the renderer's ``alpha_tnfw`` at ``n_phi`` angles, on ``device`` in float32, images in chunks of
+    similar subhalo counts (each chunk cut to its largest count; sums in a fixed order, so the result does
+    not depend on the chunking or on atomics). Point masses: Gauss exactly."""
+    out_dev = radii.device
+    m, R = radii.shape
+    out = torch.zeros((m, R), dtype=_F64, device=out_dev)
+    if m == 0:
+        return out
+    count = p["subhalo_count"][rows]
+    order = torch.argsort(count, stable=True)
+    cs = count[order].tolist()  # one host sync
+    if profile == "point_mass":
+        keys = ("subhalo_theta_E", "subhalo_x", "subhalo_y")
+        P = R
+    else:
+        keys = ("subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc", "subhalo_x", "subhalo_y")
+        P = R * n_phi
+        phi = 2.0 * math.pi * torch.arange(n_phi, dtype=torch.float32, device=device) / n_phi
+        cos, sin = torch.cos(phi).repeat(R), torch.sin(phi).repeat(R)  # [P], radius-major
+    budget = 2**27 if device.type == "cuda" else 2**22  # elements of one [chunk, K, P] temporary
+    i = next((k for k, c in enumerate(cs) if c > 0), m)  # images without subhalos keep 0
+    while i < m:
+        c = max(1, budget // (P * cs[i]))
+        j = min(m, i + c)
+        kb = cs[j - 1]
+        if kb * P * (j - i) > 2 * budget:
+            j = min(m, i + max(1, budget // (P * kb)))
+            kb = cs[j - 1]
+        sel = rows[order[i:j]]
+        f = {k: p[k][sel, :kb].to(device=device, dtype=torch.float32) for k in keys}
+        cx = p["center_x"][sel].to(device=device, dtype=torch.float32)[:, None, None]
+        cy = p["center_y"][sel].to(device=device, dtype=torch.float32)[:, None, None]
+        rad = radii[order[i:j]].to(device=device, dtype=torch.float32)  # [c, R]
+        if profile == "point_mass":
+            s = torch.hypot(f["subhalo_x"] - cx[..., 0], f["subhalo_y"] - cy[..., 0])[..., None]  # [c, kb, 1]
+            rr = rad[:, None, :]
+            inside = (s < rr).to(torch.float32) + 0.5 * (s == rr).to(torch.float32)
+            val = ((f["subhalo_theta_E"] ** 2)[..., None] * inside).sum(1) / rad  # [c, R]
+        else:
+            rp = rad.repeat_interleave(n_phi, dim=1)[:, None, :]  # [c, 1, P]
+            x, y = cx + rp * cos, cy + rp * sin
+            e = {k: v[..., None] for k, v in f.items()}  # [c, kb, 1]
+            ax, ay = alpha_tnfw(
+                x, y, e["subhalo_Rs"].clamp_min(1e-6), e["subhalo_alpha_Rs"],
+                e["subhalo_r_trunc"].clamp_min(1e-6), e["subhalo_x"], e["subhalo_y"],
+            )  # fmt: skip
+            val = (ax * cos + ay * sin).sum(1).view(j - i, R, n_phi).mean(-1)
+        out[order[i:j]] = val.to(device=out_dev, dtype=_F64)
+        i = j
+    return out
+
+
+def smooth_table_size(preset) -> int:
+    """Nodes R of the cdm_smooth table: node R-1 lies beyond every sub-pixel of the preset's grid for any
+    lens centre and theta_E of its priors (spacing theta_E / SMOOTH_NODES_PER_THETA_E)."""
+    half = 0.5 * preset.num_pix * preset.delta_pix
+    cmax = max(abs(preset.lens_center[0]), abs(preset.lens_center[1]))
+    r_cover = math.sqrt(2.0) * (half + cmax)
+    theta_min = preset.theta_E[0] if preset.lens_mass is None else 0.5  # a fixed lens mass: theta_E >~ 1"
+    return int(math.ceil(r_cover / theta_min * SMOOTH_NODES_PER_THETA_E)) + 2
+
+
+def alpha_radial_table(
+    x: Tensor, y: Tensor, center_x: Tensor, center_y: Tensor, dr: Tensor, table: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Deflection of a circularly symmetric mass with mean radial deflection ``table`` [B, R] at radii
+    j dr (dr [B, 1], centre [B, 1]) at x, y [B, P] or [P]: linear interpolation; beyond node R-1 the enclosed
+    mass is held (alpha ~ 1/r)."""
+    dx, dy = x - center_x, y - center_y
+    r = torch.sqrt(dx * dx + dy * dy).clamp_min(1e-12)
+    R = table.shape[1]
+    u = r / dr.clamp_min(1e-12)
+    i = u.floor().clamp(0, R - 2)
+    t = (u - i).clamp(max=1.0)
+    i = i.long()
+    if i.shape[0] != table.shape[0]:
+        i, t = i.expand(table.shape[0], -1), t.expand(table.shape[0], -1)
+    a = table.gather(1, i) * (1.0 - t) + table.gather(1, i + 1) * t
+    r_last = dr * (R - 1)
+    a = torch.where(u > R - 1, table[:, -1:] * r_last / r, a)
+    return a * dx / r, a * dy / r
+
+
+def lens_mass_model(
+    preset, p: dict[str, Tensor], *, clumps: Tensor, smooth: Tensor, partner: Tensor, device: torch.device
+) -> dict[str, Tensor]:
+    """The lens-mass step after the draws: the compensated main-deflector ``theta_E`` and the per-image
+    diagnostics ``theta_E_compensation`` (drawn minus rendered theta_E [arcsec]; 0 without substructure or
+    with ``mass_compensation = "none"``) and ``theta_E_eff`` (effective Einstein radius of the whole lens
+    [arcsec]); with cdm_smooth in the preset's classes also ``subhalo_smooth_alpha`` [n, R] (the smoothed
+    population's mean radial deflection at radii j ``subhalo_smooth_dr``; zeros elsewhere) and
+    ``subhalo_smooth_dr`` [n] (> 0 marks a cdm_smooth image: its subhalos are not rendered as clumps).
+
+    ``p``: the drawn parameters (float64 on one device; ``gamma`` [n] if the main deflector is an EPL);
+    ``clumps`` / ``smooth``: bool [n] images with clumpy / smoothed subhalos; ``partner`` [n]: for a smooth
+    image, the image whose population it shares (-1: none), whose ring mean (so compensation) it takes.
+    The subhalo integrals run on ``device`` (the render device); results come back to ``p``'s device."""
+    te = p["theta_E"]
+    n = te.shape[0]
+    dev = te.device
+    gamma = p.get("gamma")
+    h = macro_mean_factor(p["e1"], p["e2"], gamma)
+    nodes = torch.tensor(EFF_NODES, dtype=_F64, device=dev)
+    radii = te[:, None] * nodes  # [n, E]
+    a_sub = torch.zeros_like(radii)
+    out: dict[str, Tensor] = {}
+    ring = EFF_NODES.index(1.0)
+    profile = preset.subhalo_profile
+    rows = torch.nonzero(clumps).squeeze(1)
+    a_sub[rows] = subhalo_mean_radial(p, rows, radii[rows], profile, device=device)
+    if "cdm_smooth" in preset.class_names:
+        J = SMOOTH_NODES_PER_THETA_E
+        R = smooth_table_size(preset)
+        rows_s = torch.nonzero(smooth).squeeze(1)
+        steps = torch.arange(R, dtype=_F64, device=dev) / J
+        table = subhalo_mean_radial(p, rows_s, te[rows_s, None] * steps, profile, device=device)
+        full = torch.zeros((n, R), dtype=_F64, device=dev)
+        full[rows_s] = table
+        idx = torch.tensor([round(t * J) for t in EFF_NODES], device=dev)
+        a_sub[rows_s] = table[:, idx]
+        # a partnered image takes its partner's ring mean (the same population, so the same compensation)
+        has = smooth & (partner >= 0)
+        a_sub[has, ring] = a_sub[partner[has], ring]
+        out["subhalo_smooth_alpha"] = full
+        out["subhalo_smooth_dr"] = torch.where(smooth, te / J, torch.zeros_like(te))
+    if "vortex_theta_E" in p:
+        prof, pts = preset.vortex_profile, preset.vortex_points
+        a_sub = a_sub + vortex_mean_radial(radii, p["vortex_theta_E"], p["vortex_half_length"], prof, pts)
+    if preset.mass_compensation == "ring":
+        te_new = torch.where(a_sub[:, ring] != 0, compensated_theta_E(te, a_sub[:, ring], h, gamma), te)
+    else:
+        te_new = te
+    alpha = macro_mean_radial(radii, te_new, h, gamma) + a_sub
+    out["theta_E"] = te_new
+    out["theta_E_compensation"] = te - te_new
+    out["theta_E_eff"] = effective_einstein_radius(radii, alpha)
+    return out

@@ -1,0 +1,162 @@
+"""Class-independent lens mass (sim/compensation.py), the cdm_smooth control and the ring-size observer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deeplense_ray.sim import resolve_preset, simulate
+from deeplense_ray.sim.compensation import alpha_radial_table, macro_mean_factor
+from deeplense_ray.sim.observers import ring_size_aucs
+from deeplense_ray.sim.sampling import draw_parameters
+from deeplense_ray.sim.simulate import resolve_labels
+
+F64 = torch.float64
+#: 8x the model_ii Sigma_sub prior, the heavier subhalos only (70 % of the mass, a third of the count: fast)
+HEAVY_8X = {"sigma_sub": [0.0, 0.032], "subhalo_mass": [1e9, 1e10]}
+SMALL = {"num_pix": 24, "delta_pix": 0.27, "supersampling": 1}
+SIS = {"lens_profile": "sie", "lens_gamma": [2.0, 2.0], "lens_gamma_sd": 0.0, "lens_q": [1.0, 1.0],
+       **{f"lens_multipole_a{m}": [0.0, 0.0] for m in (1, 3, 4)}}  # fmt: skip
+
+
+def _draw(over: dict, n: int, seed: int, classes=("no_sub", "cdm", "cdm_smooth"), paired=True):
+    pre = resolve_preset("model_ii", {**over, "class_names": list(classes)})
+    lab = resolve_labels(pre, n, None, None)
+    return pre, lab, draw_parameters(pre, lab, torch.Generator().manual_seed(seed), paired=paired)
+
+
+def _ring_mean(lens_model, kwargs, cx: float, cy: float, r: float, n_phi: int = 1024) -> float:
+    """lenstronomy's azimuthal-mean radial deflection on a circle (Gauss: M(<r) / (pi Sigma_crit r))."""
+    phi = 2 * np.pi * (np.arange(n_phi) + 0.5) / n_phi
+    ax, ay = lens_model.alpha(cx + r * np.cos(phi), cy + r * np.sin(phi), kwargs)
+    return float(np.mean(ax * np.cos(phi) + ay * np.sin(phi)))
+
+
+def _tnfw_kwargs(p, i: int) -> list[dict]:
+    keys = (("Rs", "subhalo_Rs"), ("alpha_Rs", "subhalo_alpha_Rs"), ("r_trunc", "subhalo_r_trunc"),
+            ("center_x", "subhalo_x"), ("center_y", "subhalo_y"))  # fmt: skip
+    return [{a: float(p[b][i, j]) for a, b in keys} for j in range(int(p["subhalo_count"][i]))]
+
+
+def test_ring_size_observer_blind_with_compensation():
+    """(a) At 8x Sigma_sub the ring radius and theta_E_eff tell cdm from no_sub without compensation, not
+    with it (paired images: the same macro lens and source)."""
+    over = {**SMALL, **HEAVY_8X}
+    on = ring_size_aucs("model_ii", 150, 0, overrides={**over, "mass_compensation": "ring"}, device="cpu")
+    off = ring_size_aucs("model_ii", 150, 0, overrides={**over, "mass_compensation": "none"}, device="cpu")
+    on, off = on["cdm_vs_no_sub"], off["cdm_vs_no_sub"]
+    assert off["auc_ring_radius"] > 0.62 and off["auc_theta_E_eff"] > 0.62
+    assert abs(on["auc_ring_radius"] - 0.5) < 0.05 and abs(on["auc_theta_E_eff"] - 0.5) < 0.03
+    assert abs(on["mean_shift_theta_E_eff"]) < 0.1 * off["mean_shift_theta_E_eff"]
+
+
+def test_compensated_lens_against_lenstronomy():
+    """(b) lenstronomy's mean radial deflection on the drawn ring of (compensated EPL + the TNFW
+    subhalos) equals the substructure-free EPL's; h(q, gamma) is lenstronomy's EPL ring mean."""
+    pytest.importorskip("lenstronomy")
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    _, lab, p = _draw(HEAVY_8X, 9, seed=3)
+    for i in (1, 4):
+        assert lab[i] == 1 and int(p["subhalo_count"][i]) > 20 and float(p["theta_E_compensation"][i]) > 0.01
+        cx, cy = float(p["center_x"][i]), float(p["center_y"][i])
+        drawn = float(p["theta_E"][i] + p["theta_E_compensation"][i])
+        # the no_sub image of the same group keeps the drawn main deflector
+        assert float(p["theta_E"][i - 1]) == pytest.approx(drawn, abs=1e-12)
+
+        shape = {k: float(p[k][i]) for k in ("gamma", "e1", "e2", "center_x", "center_y")}
+        epl = lambda te, shape=shape: {"theta_E": te, **shape}  # noqa: E731
+
+        subs = _tnfw_kwargs(p, i)
+        ref = _ring_mean(LensModel(["EPL"]), [epl(drawn)], cx, cy, drawn)
+        comp = _ring_mean(LensModel(["EPL"] + ["TNFW"] * len(subs)), [epl(float(p["theta_E"][i]))] + subs,
+                          cx, cy, drawn)  # fmt: skip
+        assert abs(comp - ref) < 1e-4
+        h = macro_mean_factor(p["e1"][i : i + 1], p["e2"][i : i + 1], p["gamma"][i : i + 1])
+        assert abs(float(h) * drawn - ref) < 1e-6
+    # SIE closed form: h = sqrt(q) / AGM(1, q)
+    q = 0.6
+    e1 = torch.tensor([(1 - q) / (1 + q)], dtype=F64)
+    a, b = 1.0, q
+    for _ in range(8):
+        a, b = 0.5 * (a + b), (a * b) ** 0.5
+    assert float(macro_mean_factor(e1, torch.zeros(1, dtype=F64))) == pytest.approx(q**0.5 / a, rel=1e-12)
+
+
+def test_cdm_smooth_deflection_against_lenstronomy():
+    """(b) The cdm_smooth image's deflection is radial with the population's azimuthal-mean radial deflection
+    (lenstronomy TNFW, Gauss) at every radius, interpolated between the table's nodes; cdm and cdm_smooth of a
+    group share the population and the compensation."""
+    pytest.importorskip("lenstronomy")
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    _, lab, p = _draw(HEAVY_8X, 6, seed=5)
+    i, s = 1, 2
+    assert lab[i] == 1 and lab[s] == 2
+    for k in ("subhalo_count", "subhalo_x", "subhalo_Rs", "subhalo_sigma_sub"):
+        assert torch.equal(p[k][i], p[k][s])
+    assert float(p["theta_E"][s]) == float(p["theta_E"][i])
+    assert float(p["subhalo_smooth_dr"][i]) == 0 and float(p["subhalo_smooth_dr"][s]) > 0
+    subs = _tnfw_kwargs(p, s)
+    lm = LensModel(["TNFW"] * len(subs))
+    cx, cy, dr = float(p["center_x"][s]), float(p["center_y"][s]), float(p["subhalo_smooth_dr"][s])
+    table = p["subhalo_smooth_alpha"][s]
+    drawn = float(p["theta_E"][s] + p["theta_E_compensation"][s])
+    radii = np.array([0.35, 0.8, 1.0, 1.13, 1.47, 2.0, 2.9]) * drawn
+    ref = np.array([_ring_mean(lm, subs, cx, cy, r) for r in radii])
+    # the renderer's smooth deflection at those radii, along a direction
+    ang = 0.7
+    x = torch.tensor(cx + radii * np.cos(ang))[None]
+    y = torch.tensor(cy + radii * np.sin(ang))[None]
+    col = lambda k: p[k][s : s + 1, None]  # noqa: E731
+    ax, ay = alpha_radial_table(x, y, col("center_x"), col("center_y"), col("subhalo_smooth_dr"), table[None])
+    mag = (ax * np.cos(ang) + ay * np.sin(ang))[0].numpy()
+    assert float((ax * np.sin(ang) - ay * np.cos(ang)).abs().max()) < 1e-12  # radial
+    assert np.abs(mag - ref).max() < 1e-3 * max(1.0, ref.max() / 0.1)
+    nodes = np.arange(3, 30, 4)
+    ref_nodes = np.array([_ring_mean(lm, subs, cx, cy, j * dr) for j in nodes])
+    assert np.abs(table[nodes].numpy() - ref_nodes).max() < 1e-4
+
+
+def test_diagnostics_sis_and_vortex():
+    """(c) theta_E_eff of a no_sub SIS is its theta_E; compensation keeps it for cdm and axion and lowers the
+    main deflector by the substructure's ring mean (a vortex of half length h < theta_E: its whole mass);
+    without compensation cdm and axion rings grow."""
+    over = {**SIS, **HEAVY_8X, "vortex_half_length_ref": 0.003}
+    _, lab, p = _draw(over, 30, seed=2, classes=("no_sub", "axion", "cdm"))
+    _, _, q = _draw({**over, "mass_compensation": "none"}, 30, seed=2, classes=("no_sub", "axion", "cdm"))
+    drawn = p["theta_E"] + p["theta_E_compensation"]
+    assert torch.equal(drawn, q["theta_E"])
+    assert torch.allclose(p["theta_E_eff"], drawn, atol=1e-5)
+    nosub, axion, cdm = lab == 0, lab == 1, lab == 2
+    assert torch.equal(p["theta_E_compensation"][nosub], torch.zeros(int(nosub.sum()), dtype=F64))
+    assert bool((p["theta_E_compensation"][cdm] > 0).all())
+    tv = p["vortex_theta_E"][axion]
+    assert torch.allclose(p["theta_E_compensation"][axion], tv * tv / drawn[axion], rtol=1e-9)
+    assert torch.equal(q["theta_E_compensation"], torch.zeros(30, dtype=F64))
+    assert torch.allclose(q["theta_E_eff"][nosub], q["theta_E"][nosub], rtol=0, atol=1e-12)
+    assert bool((q["theta_E_eff"][cdm | axion] > q["theta_E"][cdm | axion] + 1e-3).all())
+
+
+def test_cdm_smooth_renders_and_validates():
+    """cdm_smooth images render on the eager and the dense path alike; the class needs a normalised
+    population; the published presets keep the uncompensated recipe."""
+    over = {**SMALL, **HEAVY_8X, "class_names": ["no_sub", "cdm", "cdm_smooth"], "noise": "none"}
+    a = simulate("model_ii", 6, seed=1, device="cpu", overrides=over, paired=True)
+    assert torch.isfinite(a.images).all()
+    from deeplense_ray.sim.simulate import Renderer
+
+    pre = a.preset
+    pf = {k: (v.float() if v.is_floating_point() else v) for k, v in a.params.items()}
+    eager = Renderer(preset=pre, device=torch.device("cpu"), dtype=torch.float32)(pf)
+    dense = Renderer(preset=pre, device=torch.device("cpu"), dtype=torch.float32, dense=True)(pf)
+    assert float((eager - dense).norm() / eager.norm()) < 1e-5
+    # the smooth image differs from both the clumpy and the substructure-free one
+    assert not torch.equal(a.images[1], a.images[2]) and not torch.equal(a.images[0], a.images[2])
+    with pytest.raises(ValueError, match="cdm_smooth"):
+        resolve_preset("deeplense_model_ii", {"class_names": ["no_sub", "cdm_smooth"]})
+    with pytest.raises(ValueError, match="mass_compensation"):
+        resolve_preset("model_ii", {"mass_compensation": "sheet"})
+    assert resolve_preset("deeplense_model_i").mass_compensation == "none"
+    assert resolve_preset("model_ii").class_names == ("no_sub", "axion", "cdm")
