@@ -273,7 +273,11 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args).resolved()
-        cfg.validate()  # before Ray starts
+        info = cfg.validate()  # before Ray starts
+        if cfg.simulate is not None:
+            from deeplense_ray.train.online import check_online_memory
+
+            check_online_memory(cfg, info.image_shape)
         runner = resolve_runner(args.runner, cfg)
         check_runner(runner, cfg)
         check_resume(cfg)

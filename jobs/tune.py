@@ -30,6 +30,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
+from deeplense_ray.cli import count_arg  # noqa: E402
 from deeplense_ray.config import parse_overrides, parse_value  # noqa: E402
 from deeplense_ray.tune.settings import METRIC_MODES, SEARCH_ALGORITHMS, TuneSettings  # noqa: E402
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-samples", "--num_samples", dest="num_samples", type=int, default=10, help="trials (default 10)")
     a("--data", default=None, help="dataset directory (default: simulate a small --preset dataset first)")
     a("--preset", default="model_ii", help="preset of the simulated dataset when --data is not given")
-    a("--num-per-class", type=int, default=300, help="images per class of the simulated dataset")
+    a("--num-per-class", type=count_arg, default=300, help="images per class of the simulated dataset")
     a(
         "--preset-override",
         action="append",
@@ -196,6 +197,38 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
     )
 
 
+def check_room(settings: TuneSettings) -> None:
+    """Before Ray: the dataset a search without --data simulates fits on disk and its build plan in memory;
+    with --simulate, a trial's fixed val/test sets and training chunks fit in memory (at the largest batch
+    size searched by default). ValueError naming the flag, the size needed and the room there is."""
+    if settings.resume:
+        return  # the search's dataset exists already
+    if settings.simulate:
+        import dataclasses
+
+        from deeplense_ray.config import TrainConfig
+        from deeplense_ray.train.online import check_online_memory, resolve_sim_preset
+        from deeplense_ray.tune.spaces import batch_size_choices
+
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        workers = settings.workers_per_trial
+        trial = TrainConfig(
+            **{k: v for k, v in settings.train_overrides.items() if k in fields},
+            model=settings.model,
+            data_dir=settings.data_dir,
+            simulate=settings.preset,
+            num_workers=workers,
+            batch_size=max(batch_size_choices(workers)),
+        )
+        check_online_memory(trial, resolve_sim_preset(settings.preset, settings.preset_overrides).image_shape)
+    elif settings.data_dir is None:
+        from deeplense_ray.data.room import check_dataset_room
+        from deeplense_ray.tune.dataset import dataset_config, dataset_dir_for
+
+        out = dataset_dir_for(settings, os.path.abspath(settings.storage_path))
+        check_dataset_room(dataset_config(settings), out)
+
+
 def summary_lines(result, registered: str | None = None) -> list[str]:
     """What the search prints last: the trial table, the best trial, its test metrics, where everything is."""
     from deeplense_ray.tracking.console import human_bytes, where_lines
@@ -244,6 +277,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args).validate()
+        check_room(settings)
         if args.register is not None:
             from deeplense_ray.tracking.models import check_registered_name
 

@@ -448,7 +448,7 @@ def check_override(name: str, key: str, value: Any) -> Any:
     try:
         if isinstance(default, tuple):
             if not isinstance(value, (tuple, list)) or not value:
-                raise ValueError(f"a list of {_TYPE_WORDS[type(default[0])]}s, e.g. {list(default)}")
+                raise ValueError(f"a list of {type(default[0]).__name__}s, e.g. {list(default)}")
             return tuple(_typed(v, type(default[0])) for v in value)
         return _typed(value, type(default))
     except ValueError as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -296,9 +297,33 @@ def example_input(cfg: Any):
     return simulate(cfg.simulated_info().sim_preset, 1, 0, "cpu").images.numpy()
 
 
+def check_online_memory(cfg: Any, image_shape: Sequence[int]) -> None:
+    """ValueError, before Ray starts, when one rank of an online run of ``cfg`` (a TrainConfig with
+    ``simulate``) would hold more float32 images at once than this machine has memory: its share of the fixed
+    val set (rendered once, kept for every epoch) with two training chunks (one training, one prefetched), or
+    the fixed test set (rendered on one device at the end). Without ``data_dir`` only; with it the val/test
+    splits stream from the dataset. The message names the flags and their values."""
+    from deeplense_ray.sizes import check_memory_room
+
+    image = 4 * math.prod(int(v) for v in image_shape)
+    workers = int(cfg.num_workers)
+    chunks = (2 if cfg.sim_prefetch else 1) * int(cfg.sim_chunk_batches) * (int(cfg.batch_size) // workers)
+    what = f"--sim-chunk-batches {cfg.sim_chunk_batches} x --batch-size {cfg.batch_size} / {workers} workers"
+    if cfg.data_dir is not None:
+        check_memory_room(chunks * image, what=f"a rank's training chunks ({what})")
+        return
+    val = -(-int(cfg.val_size) // workers)
+    check_memory_room(
+        (val + chunks) * image,
+        what=f"a rank's share of --val-size {cfg.val_size} ({val} images) with its training chunks ({what})",
+    )
+    check_memory_room(int(cfg.test_size) * image, what=f"--test-size {cfg.test_size}: the fixed test set")
+
+
 __all__ = [
     "EVAL_CHUNK",
     "STREAMS",
+    "check_online_memory",
     "chunk_seed",
     "eval_batches",
     "eval_chunks",

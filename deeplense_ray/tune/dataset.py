@@ -54,21 +54,27 @@ def dataset_lock(data_dir: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def dataset_config(settings: TuneSettings):
+    """The validated :class:`~deeplense_ray.data.DatasetConfig` of the auto-simulated dataset."""
+    from deeplense_ray.data import DatasetConfig
+
+    return DatasetConfig(
+        preset=settings.preset,
+        preset_overrides=dict(settings.preset_overrides),
+        num_per_class=settings.num_per_class,
+        seed=settings.data_seed,
+    ).validate()
+
+
 def ensure_dataset(settings: TuneSettings, storage_path: str) -> str:
     """``settings.data_dir``, or a small simulated ``settings.preset`` dataset (built once, then reused; a
     search finding another one building it waits for it, see :func:`dataset_lock`)."""
     if settings.data_dir is not None:
         return os.path.abspath(settings.data_dir)
-    from deeplense_ray.data import DatasetConfig, build_dataset, verify_dataset
+    from deeplense_ray.data import build_dataset, verify_dataset
 
     out = dataset_dir_for(settings, storage_path)
-    cfg = DatasetConfig(
-        preset=settings.preset,
-        preset_overrides=dict(settings.preset_overrides),
-        num_per_class=settings.num_per_class,
-        seed=settings.data_seed,
-    )
-    cfg.validate()
+    cfg = dataset_config(settings)
     with dataset_lock(out):
         if os.path.isfile(os.path.join(out, "manifest.json")) and not verify_dataset(out):
             return out

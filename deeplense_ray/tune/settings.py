@@ -138,6 +138,10 @@ class TuneSettings:
             raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(models)}")
         self.model = canon[self.model.lower()]
         _check_int("num_samples", self.num_samples, 1)
+        _check_int("workers_per_trial", self.workers_per_trial, 1)
+        from deeplense_ray.tune.spaces import search_space
+
+        search_space(self.model, overrides=self.space, num_workers=self.workers_per_trial)  # keys and values
         _check_int("max_epochs", self.max_epochs, 1)
         _check_int("grace_period", self.grace_period, 1)
         if self.grace_period > self.max_epochs:
