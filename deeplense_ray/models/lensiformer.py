@@ -21,6 +21,7 @@ from torch import nn
 
 from ._common import InputAdapter, patch_plan
 from ._vitlib import import_vit_module
+from .attention import fused_attention, sdpa
 from .lensing import DEFAULT_PIXEL_SCALE, DEFAULT_THETA_E, InverseLensLayer, saturate_k
 
 _vitsd = import_vit_module("vit_for_small_dataset")
@@ -46,10 +47,15 @@ class CrossLSA(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k = rearrange(self.to_qk(self.norm_x(x)), "b n (t h d) -> t b h n d", t=2, h=self.heads)
         v = rearrange(self.to_v(self.norm_c(context)), "b n (h d) -> b h n d", h=self.heads)
-        dots = (q @ k.transpose(-1, -2)) * self.temperature.exp()
-        eye = torch.eye(dots.shape[-1], device=dots.device, dtype=torch.bool)
-        dots = dots.masked_fill(eye, -torch.finfo(dots.dtype).max)
-        out = self.drop(dots.softmax(dim=-1)) @ v
+        if fused_attention():  # the learned temperature folded into q; True = attend (off the diagonal)
+            off_diagonal = ~torch.eye(q.shape[-2], device=q.device, dtype=torch.bool)
+            p_drop = self.drop.p if self.training else 0.0
+            out = sdpa(q * self.temperature.exp(), k, v, scale=1.0, attn_mask=off_diagonal, dropout_p=p_drop)
+        else:
+            dots = (q @ k.transpose(-1, -2)) * self.temperature.exp()
+            eye = torch.eye(dots.shape[-1], device=dots.device, dtype=torch.bool)
+            dots = dots.masked_fill(eye, -torch.finfo(dots.dtype).max)
+            out = self.drop(dots.softmax(dim=-1)) @ v
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

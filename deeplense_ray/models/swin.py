@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from ._common import InputAdapter, divisors, round_up
+from .attention import fused_attention, sdpa
 
 
 def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
@@ -40,14 +41,33 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (t h d) -> t b h n d", t=3, h=self.heads)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = attn + rearrange(self.bias_table[self.rel_index], "i j h -> h i j")
-        if mask is not None:  # mask [nW, n, n], x batch is (B*nW)
-            nw = mask.shape[0]
-            attn = rearrange(attn, "(b w) h i j -> b w h i j", w=nw) + mask[None, :, None]
-            attn = rearrange(attn, "b w h i j -> (b w) h i j")
-        out = self.drop(attn.softmax(dim=-1)) @ v
+        bias = rearrange(self.bias_table[self.rel_index], "i j h -> h i j")
+        if fused_attention():
+            out = self._fused(q, k, v, bias, mask)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = attn + bias
+            if mask is not None:  # mask [nW, n, n], x batch is (B*nW)
+                nw = mask.shape[0]
+                attn = rearrange(attn, "(b w) h i j -> b w h i j", w=nw) + mask[None, :, None]
+                attn = rearrange(attn, "b w h i j -> (b w) h i j")
+            out = self.drop(attn.softmax(dim=-1)) @ v
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _fused(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SDPA with the relative position bias [h, n, n] and the shifted-window mask [nW, n, n] as one
+        additive bias. With a mask the windows move onto the head axis ([(B nW), h] -> [B, (nW h)]), so the
+        bias is [nW h, n, n] whatever the batch size (no copy of it per image)."""
+        p_drop = self.drop.p if self.training else 0.0
+        if mask is None:
+            return sdpa(q, k, v, scale=self.scale, attn_mask=bias, dropout_p=p_drop)
+        nw = mask.shape[0]
+        q, k, v = (rearrange(t, "(b w) h n d -> b (w h) n d", w=nw) for t in (q, k, v))
+        full = rearrange(bias[None] + mask[:, None], "w h i j -> (w h) i j")
+        out = sdpa(q, k, v, scale=self.scale, attn_mask=full, dropout_p=p_drop)
+        return rearrange(out, "b (w h) n d -> (b w) h n d", w=nw)
 
 
 class SwinBlock(nn.Module):

@@ -3,6 +3,7 @@ from torch import nn, einsum
 import torch.nn.functional as F
 
 from einops import rearrange, repeat
+from ...attention import fused_attention, sdpa  # deeplense-ray: fused attention
 
 # helpers
 
@@ -101,11 +102,14 @@ class Attention(nn.Module):
 
         q = q * self.scale
 
-        attn = einsum('b h i d, b h j d -> b h i j', q, k)
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
+        if fused_attention():  # deeplense-ray: fused attention
+            x = sdpa(q, k, v, scale = 1., dropout_p = self.attn_drop.p if self.training else 0.)
+        else:
+            attn = einsum('b h i d, b h j d -> b h i j', q, k)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
 
-        x = einsum('b h i j, b h j d -> b h i d', attn, v)
+            x = einsum('b h i j, b h j d -> b h i d', attn, v)
         x = rearrange(x, 'b h n d -> b n (h d)')
 
         return self.proj_drop(self.proj(x))

@@ -2,6 +2,7 @@ import torch
 from torch import nn, einsum
 from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
+from ...attention import fused_attention, sdpa  # deeplense-ray: fused attention
 import torch.nn.functional as F
 
 # helpers
@@ -139,8 +140,6 @@ class Attention(nn.Module):
         q, k, v = map(lambda t: rearrange(t, 'b (h d) x y -> b h (x y) d', h = heads), (q, k, v))
         q = q * self.scale
 
-        sim = einsum('b h i d, b h j d -> b h i j', q, k)
-
         # add dynamic positional bias
 
         pos = torch.arange(-wsz, wsz + 1, device = device)
@@ -149,16 +148,21 @@ class Attention(nn.Module):
         biases = self.dpb(rel_pos.float())
         rel_pos_bias = biases[self.rel_pos_indices]
 
-        sim = sim + rel_pos_bias
+        if fused_attention():  # deeplense-ray: fused attention
+            out = sdpa(q, k, v, scale = 1., attn_mask = rel_pos_bias, dropout_p = self.dropout.p if self.training else 0.)
+        else:
+            sim = einsum('b h i d, b h j d -> b h i j', q, k)
 
-        # attend
+            sim = sim + rel_pos_bias
 
-        attn = sim.softmax(dim = -1)
-        attn = self.dropout(attn)
+            # attend
 
-        # merge heads
+            attn = sim.softmax(dim = -1)
+            attn = self.dropout(attn)
 
-        out = einsum('b h i j, b h j d -> b h i d', attn, v)
+            # merge heads
+
+            out = einsum('b h i j, b h j d -> b h i d', attn, v)
         out = rearrange(out, 'b h (x y) d -> b (h d) x y', x = wsz, y = wsz)
         out = self.to_out(out)
 

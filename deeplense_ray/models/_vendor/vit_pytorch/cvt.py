@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
+from ...attention import fused_attention, sdpa  # deeplense-ray: fused attention
 
 # helper methods
 
@@ -87,12 +88,15 @@ class Attention(nn.Module):
         q, k, v = (self.to_q(x), *self.to_kv(x).chunk(2, dim = 1))
         q, k, v = map(lambda t: rearrange(t, 'b (h d) x y -> (b h) (x y) d', h = h), (q, k, v))
 
-        dots = einsum('b i d, b j d -> b i j', q, k) * self.scale
+        if fused_attention():  # deeplense-ray: fused attention
+            out = sdpa(q, k, v, scale = self.scale, dropout_p = self.dropout.p if self.training else 0.)
+        else:
+            dots = einsum('b i d, b j d -> b i j', q, k) * self.scale
 
-        attn = self.attend(dots)
-        attn = self.dropout(attn)
+            attn = self.attend(dots)
+            attn = self.dropout(attn)
 
-        out = einsum('b i j, b j d -> b i d', attn, v)
+            out = einsum('b i j, b j d -> b i d', attn, v)
         out = rearrange(out, '(b h) (x y) d -> b (h d) x y', h = h, y = y)
         return self.to_out(out)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
+from ...attention import fused_attention, sdpa  # deeplense-ray: fused attention
 
 # helpers
 
@@ -96,14 +97,17 @@ class Attention(nn.Module):
         qkv = (q, self.to_k(x), self.to_v(x))
         q, k, v = map(lambda t: rearrange(t, 'b (h d) ... -> b h (...) d', h = h), qkv)
 
-        dots = einsum('b h i d, b h j d -> b h i j', q, k) * self.scale
+        if fused_attention():  # deeplense-ray: fused attention
+            out = sdpa(q, k, v, scale = self.scale, attn_mask = self.apply_pos_bias(0.), dropout_p = self.dropout.p if self.training else 0.)  # the bias alone
+        else:
+            dots = einsum('b h i d, b h j d -> b h i j', q, k) * self.scale
 
-        dots = self.apply_pos_bias(dots)
+            dots = self.apply_pos_bias(dots)
 
-        attn = self.attend(dots)
-        attn = self.dropout(attn)
+            attn = self.attend(dots)
+            attn = self.dropout(attn)
 
-        out = einsum('b h i j, b h j d -> b h i d', attn, v)
+            out = einsum('b h i j, b h j d -> b h i d', attn, v)
         out = rearrange(out, 'b h (x y) d -> b (h d) x y', h = h, y = y)
         return self.to_out(out)
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
+from ...attention import fused_attention, sdpa  # deeplense-ray: fused attention
 
 # helpers
 
@@ -50,16 +51,19 @@ class LSA(nn.Module):
         qkv = self.to_qkv(x).chunk(3, dim = -1)
         q, k, v = map(lambda t: rearrange(t, 'b n (h d) -> b h n d', h = self.heads), qkv)
 
-        dots = torch.matmul(q, k.transpose(-1, -2)) * self.temperature.exp()
+        if fused_attention():  # deeplense-ray: fused attention
+            out = sdpa(q * self.temperature.exp(), k, v, scale = 1., attn_mask = ~torch.eye(q.shape[-2], device = q.device, dtype = torch.bool), dropout_p = self.dropout.p if self.training else 0.)
+        else:
+            dots = torch.matmul(q, k.transpose(-1, -2)) * self.temperature.exp()
 
-        mask = torch.eye(dots.shape[-1], device = dots.device, dtype = torch.bool)
-        mask_value = -torch.finfo(dots.dtype).max
-        dots = dots.masked_fill(mask, mask_value)
+            mask = torch.eye(dots.shape[-1], device = dots.device, dtype = torch.bool)
+            mask_value = -torch.finfo(dots.dtype).max
+            dots = dots.masked_fill(mask, mask_value)
 
-        attn = self.attend(dots)
-        attn = self.dropout(attn)
+            attn = self.attend(dots)
+            attn = self.dropout(attn)
 
-        out = torch.matmul(attn, v)
+            out = torch.matmul(attn, v)
         out = rearrange(out, 'b h n d -> b n (h d)')
         return self.to_out(out)
 
