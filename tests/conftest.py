@@ -79,3 +79,17 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(ray_session, tmp_path_factory):
+    """One tiny model_ii dataset (16x16 pixels, 3 classes; 48 train / 6 val / 6 test rows in shards of 16)
+    shared by the training tests that need a dataset but not a particular one."""
+    from deeplense_ray.data import DatasetConfig, build_dataset
+
+    out = tmp_path_factory.mktemp("tiny-data") / "model_ii_16"
+    cfg = DatasetConfig(
+        preset="model_ii", preset_overrides={"num_pix": 16}, num_per_class=20, shard_size=16, seed=5
+    )
+    build_dataset(cfg, out, progress=False)
+    return out

@@ -82,9 +82,40 @@ VAL_CACHE_MB = 512
 #: Where ``_fail_at_epoch`` raises (fault injection for tests): as the epoch starts, after its checkpoint is
 #: written but before it is reported, or after the report but before the epoch is logged to MLflow.
 FAIL_POINTS = ("start", "before_report", "after_report")
+#: Loop config key (tests): a directory where every rank records what it trained and validated on each epoch
+#: (:func:`record_inputs`), so a test can check the inputs against ones it recomputes itself.
+RECORD_INPUTS_KEY = "_record_inputs"
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
+def input_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of a batch's float32 image bytes and int64 label bytes (what :func:`record_inputs` writes)."""
+    import hashlib
+
+    h = hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def row_digests(batches: Iterable[Mapping[str, torch.Tensor]]) -> list[str]:
+    """The :func:`input_digest` of every row (image and label) of ``batches``, in order."""
+    return [input_digest(x[None], y[None]) for b in batches for x, y in zip(b["image"], b["label"])]
+
+
+def record_inputs(
+    batches: Iterable[Mapping[str, torch.Tensor]], path: Path
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """``batches`` passed through; once they are all drawn, the :func:`input_digest` of each is written to
+    ``path`` (a JSON list, in order)."""
+    from deeplense_ray.io import atomic_write_json
+
+    digests = []
+    for batch in batches:
+        digests.append(input_digest(batch["image"], batch["label"]))
+        yield batch
+    atomic_write_json(path, digests)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (``numpy.random.SeedSequence``; independent streams per tuple)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
@@ -847,9 +878,17 @@ class Validator:
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """:func:`classification_metrics` of ``model`` (unwrapped) on the whole split (equal on all ranks)."""
         ctx = self.ctx
+        record = ctx.config.get(RECORD_INPUTS_KEY)
+        batches = self.batches()
+        if record:  # per shard, one digest per row: what this rank evaluated
+            from deeplense_ray.io import atomic_write_json
+
+            batches = {i: list(b) for i, b in batches.items()}
+            rows = {str(i): row_digests(b) for i, b in batches.items()}
+            atomic_write_json(Path(record) / f"val_r{ctx.rank}.json", rows)
         mine = {
             i: predict_batches(model, b, device=ctx.device, amp_dtype=ctx.amp_dtype)
-            for i, b in self.batches().items()
+            for i, b in batches.items()
         }
         logits, labels = merge_shard_predictions(_gather(mine, ctx.world), self.rows)
         return classification_metrics(labels, probabilities(logits), list(ctx.config["class_names"]))
@@ -864,9 +903,12 @@ def train_epoch(ctx: WorkerContext, training: Training, batches: TrainBatches, e
     torch.manual_seed(derive_seed(ctx.seed, epoch, ctx.rank))
     gen = torch.Generator(device=ctx.device).manual_seed(derive_seed(ctx.seed, epoch, ctx.rank, 1))
     lr = training.optimizer.param_groups[0]["lr"]
+    inputs = batches.epoch(epoch)
+    if record := ctx.config.get(RECORD_INPUTS_KEY):
+        inputs = record_inputs(inputs, Path(record) / f"train_e{epoch}_r{ctx.rank}.json")
     sums = train_one_epoch(
         training.model,
-        batches.epoch(epoch),
+        inputs,
         training.optimizer,
         device=ctx.device,
         amp_dtype=ctx.amp_dtype,
