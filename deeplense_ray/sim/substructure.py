@@ -184,11 +184,13 @@ def _depth_from_r0_profile(u: Tensor, r200: float, rs: float, *, n_table: int = 
     linearly (float64; paltas tabulates 1000)."""
     rc = 0.5 * r200
     dev = u.device
-    xs = torch.linspace(rc / rs, r200 / rs, n_table, dtype=_F64, device=dev)
-    G = torch.log(xs / (1.0 + xs)) + 1.0 / (1.0 + xs)
-    G = G - G[0]
-    core = rc / rs * float(cored_nfw_density(torch.tensor(rc, dtype=_F64), rc, rs))  # in units of rs
-    target = u.to(_F64) * (core + float(G[-1]))
+    xc, x2 = rc / rs, r200 / rs
+    xs = torch.linspace(xc, x2, n_table, dtype=_F64, device=dev)
+    G0 = math.log(xc / (1.0 + xc)) + 1.0 / (1.0 + xc)
+    G = torch.log(xs / (1.0 + xs)) + 1.0 / (1.0 + xs) - G0
+    tail_mass = math.log(x2 / (1.0 + x2)) + 1.0 / (1.0 + x2) - G0
+    core = 1.0 / (1.0 + xc) ** 2  # x_c rho(x_c) in units of rs: the core's share of the CDF
+    target = u.to(_F64) * (core + tail_mass)
     z = target * (rc / core)
     tail = torch.nonzero(target > core).squeeze(1)  # ~30 %: the inverse CDF only there
     want = target[tail] - core
