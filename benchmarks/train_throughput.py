@@ -1,6 +1,7 @@
 """Training throughput of every registered model: images/s and peak GPU memory.
 
-For each model x image size (64, 150) x precision (fp32, bf16 autocast) x mode (eager, torch.compile) the
+For each model x image size (64, 150) x precision (fp32, bf16 autocast) x mode (eager, torch.compile) x
+attention (``--attention``: fused SDPA and/or the original einsum, see deeplense_ray/models/attention.py) the
 script runs ``--warmup`` then ``--steps`` AdamW training steps on a fixed random batch (single channel,
 3 classes) and reports training images/s and peak allocated GPU memory. Prints a table and writes JSON
 (rewritten atomically after every configuration, so a run cut short still leaves its numbers).
@@ -9,6 +10,10 @@ Needs only torch, einops and numpy (no Ray). Examples:
 
     python benchmarks/train_throughput.py --quick --out /tmp/tp.json          # CPU smoke test
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json --compile on
+    python benchmarks/train_throughput.py --attention einsum,sdpa --precisions bf16 --out /tmp/tp_attn.json
+
+Models whose attention is the same both ways (CaiT keeps einsum; ResNet18, ResNetSimple, SISAutoencoder have
+none) run once per configuration, with attention "n/a".
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters, get_spec, list_models  # noqa: E402
+from deeplense_ray.models.attention import IMPLEMENTATIONS, attention  # noqa: E402
+
+#: models on which --attention changes nothing (run once, attention "n/a")
+SAME_BOTH_WAYS = frozenset({"CaiT", "ResNet18", "ResNetSimple", "SISAutoencoder"})
 
 # tiny overrides used by --quick (CPU smoke test: the code path, not the numbers)
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -161,7 +170,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     hdr = (
-        f"{'model':15s} {'size':>4s} {'prec':>4s} {'mode':>7s} {'params':>11s} {'img/s':>9s} {'ms/step':>8s} "
+        f"{'model':15s} {'size':>4s} {'prec':>4s} {'mode':>7s} {'attn':>6s} {'params':>11s} {'img/s':>9s} "
+        f"{'ms/step':>8s} "
     )
     hdr += f"{'peakMiB':>8s} {'1st s':>6s} status"
     print(hdr)
@@ -169,6 +179,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(
             f"{r['model']:15s} {r['image_size']:4d} {r['precision']:>4s} {r['mode']:>7s} "
+            f"{r.get('attention', 'sdpa'):>6s} "
             f"{_fmt(r.get('params'), ',d'):>11s} {_fmt(r.get('images_per_s'), '9.1f')} "
             f"{_fmt(r.get('step_ms'), '8.1f')} {_fmt(r.get('peak_mem_mib'), '8.0f')} "
             f"{_fmt(r.get('first_step_s'), '6.1f')} {r['status']}"
@@ -184,6 +195,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", choices=("off", "on", "only"), default="off", help="also / only torch.compile"
     )
     p.add_argument("--model-size", choices=("default", "comparable"), default="default")
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        help="comma-separated: sdpa (fused, the default) and/or einsum (the original matrix products)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -220,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"--precisions: unknown {bad}; valid: fp32, bf16")
     modes = {"off": ["eager"], "on": ["eager", "compile"], "only": ["compile"]}[args.compile]
+    impls = [s.strip() for s in args.attention.split(",") if s.strip()]
+    bad = [a for a in impls if a not in IMPLEMENTATIONS]
+    if bad or not impls:
+        raise SystemExit(f"--attention: unknown {bad or impls}; valid: {', '.join(IMPLEMENTATIONS)}")
     batch, warmup, steps = args.batch_size, args.warmup, args.steps
     if args.quick:
         batch, warmup, steps = 2, 1, 1
@@ -241,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "steps": steps,
         "model_size": args.model_size,
+        "attention": impls,
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -250,18 +271,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides = QUICK_OVERRIDES.get(name, {}) if args.quick else {}
         for size in sizes:
             for precision in precisions:
-                for mode in modes:
+                for mode, impl in [(m, a) for m in modes for a in impls]:
+                    if name in SAME_BOTH_WAYS and impl != impls[0]:
+                        continue
                     row: dict[str, Any] = {
                         "model": name,
                         "image_size": size,
                         "precision": precision,
                         "mode": mode,
+                        "attention": "n/a" if name in SAME_BOTH_WAYS else impl,
                     }
                     if args.time_budget and time.perf_counter() - start > args.time_budget:
                         row["status"] = "skipped (time budget)"
                     else:
                         try:
-                            with time_limit(args.timeout):
+                            with time_limit(args.timeout), attention(impl):
                                 row.update(
                                     measure(
                                         name, size, precision, mode == "compile", device=device,
@@ -282,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                                 torch.cuda.empty_cache()
                     rows.append(row)
                     print(
-                        f"[{time.perf_counter() - start:7.1f}s] {name} {size} {precision} {mode}: "
+                        f"[{time.perf_counter() - start:7.1f}s] {name} {size} {precision} {mode} "
+                        f"{row['attention']}: "
                         f"{row.get('images_per_s', float('nan')):.1f} img/s, {row['status']}",
                         flush=True,
                     )
