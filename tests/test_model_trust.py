@@ -133,3 +133,86 @@ def no_unpickling():
         yield
     finally:
         active[0] = False
+
+
+@pytest.fixture(scope="module")
+def models_store(tmp_path_factory):
+    """A checkpoint logged and registered as train/tune do ('lens' @ champion), and the same network logged
+    in the older pickle format (the pytorch flavor), in one real SQLite store; images to predict."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking import get_or_create_experiment, use_tracking_uri
+    from deeplense_ray.tracking.models import METADATA_KEY, classifier_signature, register_checkpoint
+
+    root = tmp_path_factory.mktemp("trust")
+    ckpt = _checkpoint(root / "ckpt", seed=5)
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(get_or_create_experiment("trust", uri))
+    model_uri, _ = register_checkpoint(ckpt, "lens", tracking_uri=uri, run_id=run.info.run_id)
+    old = client.create_run(get_or_create_experiment("trust", uri))
+    with use_tracking_uri(uri), mlflow.start_run(run_id=old.info.run_id):
+        pickled = mlflow.pytorch.log_model(
+            load_model_from_checkpoint(ckpt), name="model", serialization_format="pickle",
+            signature=classifier_signature([1, SIZE, SIZE], CLASSES), metadata={METADATA_KEY: {"arch": ARCH}},
+        ).model_uri  # fmt: skip
+    images = np.random.default_rng(0).normal(size=(3, 1, SIZE, SIZE)).astype(np.float32)
+    for k, image in enumerate(images):
+        np.save(root / f"img{k}.npy", image[0])
+    with torch.no_grad():
+        want = torch.softmax(load_model_from_checkpoint(ckpt)(torch.from_numpy(images)).double(), 1).numpy()
+    return {"uri": uri, "run_id": run.info.run_id, "model_uri": model_uri, "pickled": pickled, "root": root,
+            "images": images, "want": want}  # fmt: skip
+
+
+def test_a_logged_model_is_code_spec_and_weights_and_loads_without_unpickling(models_store, tmp_path, capsys):
+    """The logged model holds no pickle of an object (its weights load with weights_only); predict on
+    models:/NAME@ALIAS and runs:/, and mlflow.pyfunc, load it with any unpickling of a class made to raise."""
+    import mlflow
+    import pandas as pd
+
+    from deeplense_ray.infer import load_classifier
+    from deeplense_ray.tracking import use_tracking_uri
+
+    s = models_store
+    with use_tracking_uri(s["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts("models:/lens@champion", dst_path=str(tmp_path)))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert "MLmodel" in files and "pyfunc_model.py" in files and "artifacts/spec.json" in files, files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pth"))], files
+    weights = [f for f in files if f.startswith("artifacts/") and f.endswith(".pt")]
+    assert len(weights) == 1 and torch.load(local / weights[0], weights_only=True).keys()
+    assert "pytorch" not in mlflow.models.Model.load(str(local)).flavors
+    with no_unpickling():
+        for uri in ("models:/lens@champion", f"runs:/{s['run_id']}/model"):
+            loaded = load_classifier(uri, s["uri"])
+            assert loaded.arch["class_names"] == CLASSES and loaded.arch["normalize"] == "per_image_standard"
+        with use_tracking_uri(s["uri"]):
+            served = mlflow.pyfunc.load_model("models:/lens@champion").predict(s["images"])
+        out = tmp_path / "p.csv"
+        argv = ["--model-uri", "models:/lens@champion", "--input", str(s["root"] / "img*.npy"),
+                "--out", str(out), "--tracking-uri", s["uri"], "--no-mlflow", "--quiet"]  # fmt: skip
+        rc, err = _run(_job("predict").main, argv, capsys)
+    assert rc == 0, err
+    assert list(served.columns) == CLASSES
+    np.testing.assert_allclose(served.to_numpy(), s["want"], atol=1e-6)
+    table = pd.read_csv(out).sort_values("source")
+    np.testing.assert_allclose(table[[f"prob_{c}" for c in CLASSES]].to_numpy(), s["want"], atol=1e-6)
+
+
+def test_a_pickled_model_is_refused_unless_the_user_trusts_the_store(models_store, tmp_path, capsys):
+    from deeplense_ray.infer import load_classifier
+
+    s = models_store
+    argv = ["--model-uri", s["pickled"], "--input", str(s["root"] / "img*.npy"), "--tracking-uri", s["uri"],
+            "--no-mlflow", "--quiet"]  # fmt: skip
+    rc, err = _run(_job("predict").main, [*argv, "--out", str(tmp_path / "a.csv")], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert s["pickled"] in err[0] and "--trust-pickled-model" in err[0], err
+    assert not (tmp_path / "a.csv").exists()
+    trusted = [*argv, "--out", str(tmp_path / "b.csv"), "--trust-pickled-model"]
+    rc, err = _run(_job("predict").main, trusted, capsys)
+    assert rc == 0, err
+    with no_unpickling(), pytest.raises(RuntimeError, match="unpickled"):  # the guard sees a real unpickling
+        load_classifier(s["pickled"], s["uri"], trust_pickled_model=True)

@@ -159,20 +159,20 @@ def test_logging_a_model_checks_its_example_on_the_cpu_unless_the_user_chose(tmp
     """MLflow checks a logged model's input example by loading it and predicting, on CUDA where one is seen;
     log_classifier_model asks for the CPU (a driver holding no GPU must not open a CUDA context on one), only
     for that check, and a user's MLFLOW_DEFAULT_PREDICTION_DEVICE wins."""
-    import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
+    from deeplense_ray.tracking import models
     from deeplense_ray.tracking.models import log_classifier_model
     from deeplense_ray.train.modules import ARCH_KEYS, build_classifier
 
     seen = []
-    real = mlflow.pytorch._load_pyfunc
+    real = models.prediction_device
 
-    def spy(path, model_config=None, **kw):
+    def spy():  # what the logged pyfunc asks when MLflow loads it to check the example
         seen.append(os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE"))
-        return real(path, model_config=model_config, **kw)
+        return real()
 
-    monkeypatch.setattr(mlflow.pytorch, "_load_pyfunc", spy)
+    monkeypatch.setattr(models, "prediction_device", spy)
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
     arch = {k: None for k in ARCH_KEYS} | dict(
         model="ResNetSimple", model_size="default", image_shape=[1, 16, 16], model_overrides={"width": 8},
