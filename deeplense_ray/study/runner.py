@@ -249,6 +249,10 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
 
     try:
         s, out, state = _prepare(settings)
+        if s.data_dir is None:  # the dataset to simulate fits on disk and its build plan in memory
+            from deeplense_ray.data.room import check_dataset_room
+
+            check_dataset_room(StudySettings.dataset_config(s).validate(), out / "dataset")
     except (ValueError, FileNotFoundError) as exc:
         raise StudySetupError(str(exc)) from exc
     connect_ray(address)
