@@ -265,13 +265,11 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     # the parent run: the best trial's model and its test-split plots; the test AUC with its interval
     assert {"roc_test.png", "confusion_test.png", "curves.png", "metrics_test.json"} <= arts
     assert parent.data.tags["tune.best_model_uri"] == res.model_uri
-    import mlflow.pytorch
     import torch
 
-    from deeplense_ray.tracking import use_tracking_uri
+    from deeplense_ray.infer import load_classifier
 
-    with use_tracking_uri(settings.tracking_uri):
-        model = mlflow.pytorch.load_model(res.model_uri)
+    model = load_classifier(res.model_uri, settings.tracking_uri).module
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
     lo, hi = res.test_metrics["auc_macro_ci"]
     assert lo <= res.test_metrics["auc_macro"] <= hi
