@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-pickled-model",
         action="store_true",
-        help="load a model logged in the older pickle format (MLflow pytorch flavor): unpickling it runs\n"
+        help="load a model logged in the pickle format (MLflow pytorch flavor): unpickling it runs\n"
         "code stored in the tracking store, so trust everyone who can write to that store (the models\n"
         "train and tune log are a spec and weights, loaded without running code from the store)",
     )

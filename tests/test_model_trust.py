@@ -4,7 +4,7 @@ A checkpoint file that ``torch.load(weights_only=True)`` refuses ends a job with
 exit status 2 (predict with a checkpoint directory, train --resume). A model logged by train/tune is a pyfunc
 "from code" whose weights are a tensor file: ``jobs/predict.py --model-uri`` and ``mlflow.pyfunc`` load it
 without unpickling anything (an audit hook makes any unpickling of a class raise while it loads); a model
-logged in the older pickle format is refused unless the user says it is trusted.
+logged in the pickle format is refused unless the user says it is trusted.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def no_unpickling():
 @pytest.fixture(scope="module")
 def models_store(tmp_path_factory):
     """A checkpoint logged and registered as train/tune do ('lens' @ champion), and the same network logged
-    in the older pickle format (the pytorch flavor), in one real SQLite store; images to predict."""
+    in the pickle format (the pytorch flavor), in one real SQLite store; images to predict."""
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 

@@ -4,7 +4,7 @@
 downloaded from MLflow; a path loads a training checkpoint directory (``model.pt`` + ``meta.json``). Nothing
 runs code from the model: the network is rebuilt by this package from the architecture (the model's
 ``spec.json``, the checkpoint's ``meta.json``); its weights are read with ``torch.load(weights_only=True)``.
-A model logged in the older pickle format (the ``pytorch`` flavor) is refused unless ``trust_pickled_model``
+A model logged in the pickle format (the ``pytorch`` flavor) is refused unless ``trust_pickled_model``
 is set, which unpickles it, running whatever code the tracking store holds for it. Either way the module
 takes raw float32 images [B, C, H, W] as the HDF5 shards hold them (its per-image normalisation is inside,
 see ``train/modules.py``); there is no resize in training, so images must have the training image shape.
@@ -108,7 +108,7 @@ def _load_mlflow(uri: str, tracking_uri: str | None, trust_pickled_model: bool) 
                 module, spec_arch = mlflow.pytorch.load_model(uri, map_location="cpu").eval(), {}
             elif "pytorch" in info.flavors:
                 raise ValueError(
-                    f"model {uri!r} in {store} is a pickled torch module (the older pytorch flavor): loading "
+                    f"model {uri!r} in {store} is a pickled torch module (MLflow pytorch flavor): loading "
                     "it would run code stored in the tracking store; pass --trust-pickled-model if you trust "
                     "everyone who can write to that store, or log the model again"
                 )

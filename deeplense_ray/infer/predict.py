@@ -277,7 +277,7 @@ def run_prediction(
     Errors before any work (ValueError / FileNotFoundError naming the value or file): a bad ``out``, a model
     that does not load, an input that does not exist or holds an image of another shape than the model's.
     ``stack_axis0``: an [N, H, W] array for a 1-channel model is N images (else an error: it could be one
-    image of N channels). ``trust_pickled_model``: load a model logged in the older pickle format, running the
+    image of N channels). ``trust_pickled_model``: load a model logged in the pickle format, running the
     code the tracking store holds for it (see :func:`~deeplense_ray.infer.model.load_classifier`).
     """
     from deeplense_ray.infer.inputs import plan_inputs

@@ -19,7 +19,7 @@ Every logged model has a tensor signature (float32 [-1, C, H, W] -> one double c
 example (one image of the training data) and the architecture in its metadata (``deeplense.arch``: model,
 size, overrides, image shape, classes, pixel scale, normalisation), from which ``jobs/predict.py`` rebuilds
 the preprocessing. :func:`register_model` registers a logged model and can point an alias (``champion``)
-at it. Models logged by earlier versions (the ``pytorch`` flavor, pickle format) load only where the user
+at it. Models in the pickle format (the ``pytorch`` flavor) load only where the user
 trusts the store (``jobs/predict.py --trust-pickled-model``); their pyfunc is :func:`_load_pyfunc` below.
 """
 
@@ -44,7 +44,7 @@ SPEC_ARTIFACT = "spec"
 WEIGHTS_ARTIFACT = "weights"
 SPEC_FILE = "spec.json"
 SPEC_FORMAT = 1
-#: The module MLflow imports to load the python_function flavor of a model in the older pickle format.
+#: The module MLflow imports to load the python_function flavor of a model in the pickle format.
 PYFUNC_LOADER = "deeplense_ray.tracking.models"
 
 
@@ -296,7 +296,7 @@ class ProbabilityModel:
 
 
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ProbabilityModel:
-    """Called by ``mlflow.pyfunc.load_model`` for a model in the older pickle format (it unpickles the
+    """Called by ``mlflow.pyfunc.load_model`` for a model in the pickle format (it unpickles the
     module): the pytorch flavor's loader (it picks the device), wrapped."""
     import mlflow.pytorch
 
