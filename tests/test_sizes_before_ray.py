@@ -182,3 +182,12 @@ def test_study_refuses_a_dataset_larger_than_the_disk_before_ray(tmp_path, no_ra
             "--storage-path", str(tmp_path / "study")]  # fmt: skip
     _, err = _run("study", argv, capsys)
     assert "--num-per-class 1000000000000: the dataset (3 classes" in err and "needs at least" in err, err
+
+
+def test_tune_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):  # noqa: F811
+    argv = ["--model", "ResNetSimple", "--num-samples", "1", "--simulate", "model_ii",
+            "--val-size", str(10**10), "--tracking-uri", str(tmp_path / "mlruns"),
+            "--storage-path", str(tmp_path / "tune")]  # fmt: skip
+    _, err = _run("tune", argv, capsys)
+    assert "a rank's share of --val-size 10000000000 (10000000000 images)" in err, err
+    assert "--batch-size 128 / 1 workers" in err and "more than this machine's" in err, err
