@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from deeplense_ray.infer.inputs import InputError, load_npy, npy_header
+from deeplense_ray.io import fsync_dir
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -367,6 +368,7 @@ def import_npy(
         if dest.exists():
             remove_dataset(dest, replaced)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
