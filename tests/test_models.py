@@ -5,6 +5,8 @@ The SIS reference images are rendered with lenstronomy (independent of deeplense
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,7 +148,8 @@ def test_size_150_physics_models_learn() -> None:
         torch.manual_seed(0)
         model = _no_dropout(build_model(name, 150, 1, 3, pixel_scale=0.05, **SMALL[name]))
         losses = _train_losses(model, x[:3], y[:3], 1e-3, steps=5)
-        assert losses[-1] < losses[0], f"{name}: {losses}"
+        # three images of three classes: a model blind to its input stays at or above ln 3 (its best constant)
+        assert losses[-1] < 0.75 * math.log(3), f"{name}: {losses}"
 
 
 @pytest.mark.parametrize("name", ["Lensiformer", "SISAutoencoder"])

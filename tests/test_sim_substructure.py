@@ -82,8 +82,31 @@ def test_positions_uniform_in_the_disk_and_diagnostics():
     assert math.isclose(float(pop["subhalo_max_mass"][i]), float(row[j]), rel_tol=1e-6)
     ring = abs(math.hypot(float(pop["subhalo_x"][i, j]), float(pop["subhalo_y"][i, j])) - 1.3)
     assert math.isclose(float(pop["subhalo_max_ring_distance"][i]), ring, abs_tol=1e-5)
+    # f_sub recomputed from the stored subhalos: their mass in the annulus 0.5-1.5 theta_E over the isothermal
+    # macro lens's mass there, pi Sigma_crit theta_E^2, with Sigma_crit from astropy's distances
+    from astropy import constants, units
+    from astropy.cosmology import FlatLambdaCDM
+
+    cosmo = FlatLambdaCDM(H0=pre.H0, Om0=pre.Om0)
+    d_l = cosmo.angular_diameter_distance(pre.z_lens)
+    d_s, d_ls = cosmo.angular_diameter_distance(pre.z_source), cosmo.angular_diameter_distance_z1z2(
+        pre.z_lens, pre.z_source
+    )
+    sigma_crit = constants.c**2 * d_s / (4 * math.pi * constants.G * d_l * d_ls) * (d_l / units.rad) ** 2
+    sigma_crit = sigma_crit.to(units.Msun / units.arcsec**2).value
+    # a tNFW subhalo counts its truncated total mass (Baltz, Marshall & Oguri 2009, tau = r_t / r_s):
+    # M200 F(tau) / m(c), F = tau^2 / (tau^2 + 1)^2 [(tau^2 - 1) ln tau + pi tau - (tau^2 + 1)]
+    assert pre.subhalo_profile == "tnfw"
+    c = pop["subhalo_concentration"].double().clamp(min=1e-9)
+    tau = (pop["subhalo_r_trunc"].double() / pop["subhalo_Rs"].double().clamp(min=1e-30)).clamp(min=1e-9)
+    f_tau = tau**2 / (tau**2 + 1) ** 2 * ((tau**2 - 1) * torch.log(tau) + math.pi * tau - (tau**2 + 1))
+    mass = pop["subhalo_mass"].double() * f_tau / (torch.log1p(c) - c / (1 + c))
+    rad = torch.hypot(pop["subhalo_x"], pop["subhalo_y"]).double()
+    in_annulus = (rad > 0.5 * 1.3) & (rad < 1.5 * 1.3) & (pop["subhalo_mass"] > 0)
+    expect = (mass * in_annulus).sum(1) / (math.pi * sigma_crit * 1.3**2)
     f = pop["subhalo_mass_fraction_arc"]
-    assert float(f.min()) > 0 and float(f.mean()) < 0.2
+    assert float(expect.max()) > 0
+    torch.testing.assert_close(f.double(), expect, rtol=1e-4, atol=0.0)
 
 
 def test_tnfw_population_against_lenstronomy():

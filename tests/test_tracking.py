@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +77,26 @@ def test_flatten_params_truncates_long_values():
     assert len(flat["long"]) == 6000 and flat["long"].endswith("...")
 
 
-def test_git_commit_of_this_checkout_and_outside(tmp_path):
-    commit = git_commit()
-    assert commit == "unknown" or len(commit.split("-")[0]) == 40
-    assert git_commit(tmp_path) == "unknown"
+def test_git_commit_of_a_checkout_and_outside(tmp_path):
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    repo.mkdir()
+    plain.mkdir()
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    git("init", "-q")
+    (repo / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    assert len(head) == 40 and git_commit(repo) == head
+    (repo / "f.txt").write_text("b")
+    assert git_commit(repo) == head + "-dirty"
+    assert git_commit(plain) == "unknown"
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # this package, from its checkout
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_commit()), git_commit()
 
 
 def test_plots_are_png_and_written_atomically(tmp_path):

@@ -96,7 +96,8 @@ def test_config_round_trip_and_overrides(tmp_path):
 
 
 def test_derive_seed_streams_differ():
-    assert derive_seed(0, 1, 0) == derive_seed(0, 1, 0)
+    # Pinned: a change here silently changes every seeded stream (training order, online images, augment).
+    assert derive_seed(0, 1, 0) == 2918264622725855778
     assert len({derive_seed(0, e, r) for e in range(5) for r in range(3)}) == 15
     assert 0 <= derive_seed(2**63 - 1, 7) < 2**63
 

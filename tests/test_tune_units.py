@@ -98,20 +98,34 @@ def test_lr_range_is_sane_and_log_uniform():
     assert type(space["weight_decay"].get_sampler()).__name__ == "_LogUniform"
 
 
+#: Heads keys whose width is not named ``<prefix>dim``, ``<prefix>emb_dim`` or ``<prefix>embedding_dim``.
+HEADS_WIDTH = {"sm_enc_heads": "sm_dim", "lg_enc_heads": "lg_dim", "cross_attn_heads": "sm_dim"}
+
+
 @pytest.mark.parametrize("model", list_models())
 def test_every_model_space_keeps_width_divisible_by_its_heads(model):
-    """Any (width, heads) draw of one stage is valid: dim % heads == 0 (e.g. ViT dim/heads, CvT s2_*)."""
+    """Any (width, heads) draw of one stage is valid: dim % heads == 0 (e.g. ViT dim/heads, CvT s2_*), where
+    either is searched (the other at its default); a per-stage heads tuple (Swin) against a width doubling per
+    stage. Every heads key of a model must name the width it divides."""
     hp = model_hparams(model)
     space = search_space(model)
     assert set(space) - {"lr", "weight_decay", "batch_size"} <= set(hp)
-    for hk, hdom in space.items():
-        if not hk.endswith("heads") or not hasattr(hdom, "categories"):
-            continue
+
+    def values(key: str) -> list:
+        return list(space[key].categories) if hasattr(space.get(key), "categories") else [hp[key]]
+
+    for hk in sorted(k for k in hp if k.endswith("heads")):
         prefix = hk.removesuffix("num_heads").removesuffix("heads")
-        for wk in (prefix + "dim", prefix + "emb_dim", prefix + "embedding_dim"):
-            if wk in space:
-                for w in space[wk].categories:
-                    assert all(w % h == 0 for h in hdom.categories), (model, wk, w, hk, hdom.categories)
+        widths = [prefix + "dim", prefix + "emb_dim", prefix + "embedding_dim"]
+        wk = HEADS_WIDTH.get(hk) or next((w for w in widths if w in hp), None)
+        assert wk is not None, f"{model}: no width for {hk} (add it to HEADS_WIDTH)"
+        if hk not in space and wk not in space:
+            continue  # both fixed: the model's own defaults
+        for w in values(wk):
+            for h in values(hk):
+                hs = h if isinstance(h, tuple) else (h,)
+                ws = w if isinstance(w, tuple) else tuple(w * 2**i for i in range(len(hs)))
+                assert all(a % b == 0 for a, b in zip(ws, hs, strict=True)), (model, wk, w, hk, h)
 
 
 def test_unknown_space_key_is_refused():
