@@ -158,3 +158,22 @@ def test_attention_switch() -> None:
     with pytest.raises(ValueError, match="'flash'.*valid: sdpa, einsum"):
         set_attention("flash")
     assert get_attention() == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_sdpa_matches_einsum_cuda(name: str) -> None:
+    """On CUDA the fused kernels run (memory-efficient in fp32; flash under bf16 autocast): fp32 outputs
+    agree with einsum (TF32 off), bf16 outputs within bf16 rounding."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model(name, 64, 1, 3).cuda().eval()
+    x = torch.rand(8, 1, 64, 64, device="cuda")
+    with torch.no_grad():
+        with attention("einsum"):
+            ref = model(x)
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
