@@ -123,12 +123,14 @@ def test_groups_left_by_a_killed_driver_are_removed_and_groups_in_use_are_kept(r
         leaked = _groups(job=job)
         if leaked:
             break
-    assert leaked, "Ray removed every group: the leak this guards against did not occur in 3 tries"
-    assert remove_orphaned_placement_groups() >= len(leaked)
-    t0 = time.time()
-    while _groups(job=job) and time.time() - t0 < 30:
-        time.sleep(0.2)
-    assert _groups(job=job) == []
+    # the leak needs Ray's race (a group registered while its job dies): when it is not hit, the groups in
+    # use are still checked below and the test ends as a visible skip, never as a pass
+    if leaked:
+        assert remove_orphaned_placement_groups() >= len(leaked)
+        t0 = time.time()
+        while _groups(job=job) and time.time() - t0 < 30:
+            time.sleep(0.2)
+        assert _groups(job=job) == []
     assert len(_groups("kept-by-live-job")) == 1 and len(_groups("kept-by-detached")) == 1
     assert remove_orphaned_placement_groups() == 0  # nothing else is an orphan
 
@@ -142,6 +144,8 @@ def test_groups_left_by_a_killed_driver_are_removed_and_groups_in_use_are_kept(r
     while ray_session.available_resources().get("CPU", 0.0) < free_before - 1e-6 and time.time() - t0 < 30:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0.0) == pytest.approx(free_before, abs=1e-6)
+    if not leaked:
+        pytest.skip("Ray's placement-group race did not occur in 3 tries: removing a leak is unchecked")
     # (Not asserted: that the spinner's 1-byte memory bundles all come back. In one CI run one byte stayed
     # reserved on the raylet although no group of the job was left in the GCS table: a group still being
     # placed when it was removed. A driver can neither see nor undo that; the GCS-level leak is checked.)

@@ -196,12 +196,10 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     assert "trial start-up (trial started -> first training batch): first trial" in summary
     # each trial names the process it trained in; trials in a reused process are told apart
     assert "that started their process: median" in summary
-    # where the trials' seconds went: the parts add up to the total (the rest is "other", never negative)
+    # where the trials' seconds went (checked against the parent run's numbers below)
     m = re.search(r"trial time \(summed over 4 trials\): (\d+) s = start-up (\d+) s \+ training (\d+) s \+ "
                   r"validation (\d+) s \+ other (\d+) s", summary)  # fmt: skip
     assert m, summary
-    total, *parts = (int(g) for g in m.groups())
-    assert abs(sum(parts) - total) <= 3  # five numbers rounded to whole seconds; the parent run: unrounded
 
     # MLflow: one parent, one child per trial, outcomes, per-epoch metrics, best config + test metrics
     client = MlflowClient(settings.tracking_uri)
@@ -231,9 +229,13 @@ def test_asha_stops_the_bad_trial_a_diverged_trial_ends_and_mlflow_nests_trials(
     pm = parent.data.metrics
     assert pm["best_val_loss"] == pytest.approx(res.best_metric)
     assert {"trial_startup_first_s", "trial_startup_later_median_s", "trial_startup_later_max_s"} <= set(pm)
-    parts = [pm[f"trial_time_{k}_s"] for k in ("startup", "train", "val", "other")]
-    assert pm["trial_time_train_s"] > 0 and pm["trial_time_val_s"] > 0
-    assert pm["trial_time_total_s"] - 1e-6 <= sum(parts) <= 1.05 * pm["trial_time_total_s"]
+    times = {k: pm[f"trial_time_{k}_s"] for k in ("total", "startup", "train", "val", "other")}
+    assert times["train"] > 0 and times["val"] > 0
+    # the summary prints these numbers; "other" is the rest of the trials' wall, never negative (no bound on
+    # the seconds themselves: the clocks of a loaded machine decide them)
+    assert [f"{v:.0f}" for v in times.values()] == list(m.groups()), (times, summary)
+    rest = times["total"] - times["startup"] - times["train"] - times["val"]
+    assert times["other"] == pytest.approx(max(0.0, rest), abs=1e-6)
     assert {"test_accuracy", "test_auc_macro", "test_loss"} <= set(pm)
     assert pm["test_accuracy"] == pytest.approx(res.test_metrics["accuracy"])
     assert parent.data.params["best.lr"] == "0.001"
