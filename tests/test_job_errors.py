@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
-import socket
 import time
 from pathlib import Path
 
@@ -23,12 +22,6 @@ def _job(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -63,16 +56,16 @@ def _argv(job: str, uri: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("job", ["train", "tune", "study", "predict"])
 @pytest.mark.parametrize("host", ["closed-port", "unresolvable"])
-def test_unreachable_tracking_server_exits_2_before_ray(job, host, tmp_path, no_ray, capsys):
+def test_unreachable_tracking_server_exits_2_before_ray(job, host, tmp_path, no_ray, capsys, closed_port):
     np.save(tmp_path / "x.npy", np.zeros((2, 32, 32), np.float32))
-    uri = f"http://127.0.0.1:{_closed_port()}" if host == "closed-port" else "http://no-such-host.invalid:5000"
+    uri = f"http://127.0.0.1:{closed_port}" if host == "closed-port" else "http://no-such-host.invalid:5000"
     mod = _job(job)
     t0 = time.perf_counter()
     rc = mod.main(_argv(job, uri, tmp_path))
     elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert elapsed < 5, elapsed
+    assert elapsed < 60, elapsed  # no HTTP retries (MLflow's own back off for minutes); loose: a shared CPU
     assert f"MLflow tracking server {uri} does not answer" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "p.csv").exists()
