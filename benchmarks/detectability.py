@@ -8,13 +8,23 @@ autocast on CUDA, AdamW + cosine, random 90-degree rotations and flips, per-imag
 measure on the test set:
 - ``auc_cdm``: ROC AUC of cdm against no_sub (score logit_cdm - logit_no_sub, no_sub and cdm test images);
 - ``auc_axion_bins``: ROC AUC of axion against no_sub per log10 m_axion bin (logit_axion - logit_no_sub);
-- ``accuracy`` (3 classes), the mean subhalo count and projected subhalo mass fraction of the cdm test images.
+- ``accuracy`` (3 classes), the mean subhalo count and projected subhalo mass fraction of the cdm test images;
+- with the ``cdm_smooth`` control among ``--classes``: ``auc_cdm_smooth`` (cdm_smooth against no_sub: a
+  network that sees clumps, not mass, sits at 0.5) and ``auc_cdm_vs_smooth`` (cdm against cdm_smooth: the
+  clumps alone; the two classes of a paired group share the subhalo population);
+- beside each point the ring-size observer (``deeplense_ray.sim.observers.ring_size_aucs``: the AUC of the
+  brightness-weighted ring radius of noise-free paired images and of theta_E_eff, per class pair, on
+  ``--test-per-class`` groups): what a classifier that sees only the ring size reaches.
+``--compensation ring|none`` sets the preset's ``mass_compensation`` (ring: the lens mass inside the Einstein
+ring does not depend on the class; none: subhalo mass added on top, the leak).
 Reports mean +- std over seeds per point, prints a table, writes JSON and a PNG (AUC against the scale, one
 line per model and profile) and logs both to MLflow when mlflow imports (``--tracking-uri``, default
 ``sqlite:///<out dir>/mlflow.db``; ``--no-mlflow`` to skip).
 
     python benchmarks/detectability.py --quick --out /tmp/det.json            # CPU smoke test (~1 min)
     python benchmarks/detectability.py --out benchmarks/results/detectability_h200.json   # one H200, ~8 min
+    python benchmarks/detectability.py --classes no_sub,cdm,cdm_smooth --scales 1 4 8 --profiles tnfw \
+        --models ResNet18 --compensation ring --out benchmarks/results/detectability_controls.json  # one GPU
 
 Each (profile, scale, seed) data set is simulated once and used by every model; the data seeds derive from
 (seed, profile, scale index), so models see the same images. ``--time-budget`` stops starting new points
@@ -40,6 +50,7 @@ from deeplense_ray.data.augment import normalize_batch  # noqa: E402
 from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
+from deeplense_ray.sim.observers import PAIRS, ring_size_aucs  # noqa: E402
 from deeplense_ray.train.loop import (  # noqa: E402
     autocast_dtype,
     build_optimizer,
@@ -50,6 +61,12 @@ from deeplense_ray.train.loop import (  # noqa: E402
 )
 
 PROFILES = ("tnfw", "point_mass")
+NAN = {"mean": math.nan, "std": math.nan}
+AUC_LABELS = {"auc_cdm": "cdm/no_sub", "auc_cdm_smooth": "cdm_smooth/no_sub",
+              "auc_cdm_vs_smooth": "cdm/cdm_smooth"}  # fmt: skip
+#: result key of each class pair's network AUC
+AUC_KEYS = {("cdm", "no_sub"): "auc_cdm", ("cdm_smooth", "no_sub"): "auc_cdm_smooth",
+            ("cdm", "cdm_smooth"): "auc_cdm_vs_smooth"}  # fmt: skip
 QUICK_MODEL_OVERRIDES = {"ResNet18": {"width": 8}, "ViT": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64}}
 
 
@@ -74,7 +91,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def make_data(preset, n_per_class: int, seed: int, device: torch.device):
     """Standardised images [3n, 1, H, W] on ``device``, labels, and the CPU params of one simulate() call."""
-    res = simulate(preset, 3 * n_per_class, seed, device=device, device_output=True)
+    res = simulate(preset, preset.num_classes * n_per_class, seed, device=device, device_output=True)
     x = normalize_batch(res.images.to(device), "per_image_standard")
     return x, res.labels.to(device), res.params
 
@@ -85,12 +102,12 @@ def evaluate(
     logits, labels = predict_batches(model, _batches(x, y, batch_size), device=device, amp_dtype=amp_dtype)
     c = {name: class_names.index(name) for name in class_names}
     no_sub = labels == c["no_sub"]
-    cdm = labels == c["cdm"]
-    s_cdm = logits[:, c["cdm"]] - logits[:, c["no_sub"]]
-    out: dict[str, Any] = {
-        "accuracy": float((logits.argmax(1) == labels).mean()),
-        "auc_cdm": _auc(s_cdm[cdm], s_cdm[no_sub]),
-    }
+    out: dict[str, Any] = {"accuracy": float((logits.argmax(1) == labels).mean())}
+    for a, b in PAIRS:  # AUC of class a against class b, score logit_a - logit_b
+        if a in c and b in c:
+            s_ab = logits[:, c[a]] - logits[:, c[b]]
+            out[AUC_KEYS[(a, b)]] = _auc(s_ab[labels == c[a]], s_ab[labels == c[b]])
+    cdm = labels == c.get("cdm", c.get("cdm_smooth"))
     if "axion" in c:
         s_ax = logits[:, c["axion"]] - logits[:, c["no_sub"]]
         log_m = np.log10(np.maximum(params["axion_mass"].double().numpy(), 1e-300))
@@ -156,10 +173,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for (model, profile), pts in sorted(groups.items()):
         pts = sorted(pts, key=lambda p: p["scale"])
         xs = [base * p["scale"] for p in pts]
-        m = [p["auc_cdm"]["mean"] for p in pts]
-        s = [p["auc_cdm"]["std"] for p in pts]
         style = "-o" if profile == "tnfw" else "--s"
-        axes[0].errorbar(xs, m, yerr=s, fmt=style, capsize=3, label=f"{model}, {profile}")
+        for k, what in ((k, AUC_LABELS[k]) for k in AUC_KEYS.values() if k in pts[0]):
+            m = [p[k]["mean"] for p in pts]
+            s = [p[k]["std"] for p in pts]
+            axes[0].errorbar(xs, m, yerr=s, fmt=style, capsize=3, label=f"{model}, {profile}: {what}")
+        if pts[0].get("ring_observer", {}).get("cdm_vs_no_sub"):
+            m = [p["ring_observer"]["cdm_vs_no_sub"]["auc_ring_radius"]["mean"] for p in pts]
+            axes[0].plot(xs, m, ":x", color="grey", label=f"ring-size observer, {profile}: cdm/no_sub")
         if pts[0].get("auc_axion_bins"):
             centres = result["config"]["axion_bin_centres"]
             mid = pts[len(pts) // 2]
@@ -171,13 +192,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_xscale("log")
     axes[0].axhline(0.5, color="grey", lw=0.8)
     axes[0].set_xlabel(r"mean $\Sigma_{\rm sub}$ [kpc$^{-2}$] (model_ii prior x scale)")
-    axes[0].set_ylabel("cdm vs no_sub test AUC")
+    axes[0].set_ylabel("test AUC")
     axes[0].set_title(f"model_ii, {result['config']['train_per_class']} train/class, mean +- std over seeds")
     axes[0].legend(fontsize=8)
     axes[1].axhline(0.5, color="grey", lw=0.8)
     axes[1].set_xlabel(r"log$_{10}$ m$_{\rm axion}$ [eV]")
     axes[1].set_ylabel("axion vs no_sub test AUC")
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:  # no axion class: an empty panel
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -198,8 +220,9 @@ def log_mlflow(result: dict[str, Any], png: Path, out: Path, tracking_uri: str |
     for k, v in result["config"].items():
         client.log_param(rid, k, json.dumps(v) if not isinstance(v, str) else v)
     for key, pt in result["points"].items():
-        client.log_metric(rid, f"auc_cdm_mean.{key}", pt["auc_cdm"]["mean"])
-        client.log_metric(rid, f"auc_cdm_std.{key}", pt["auc_cdm"]["std"])
+        for k in (k for k in AUC_KEYS.values() if k in pt):
+            client.log_metric(rid, f"{k}_mean.{key}", pt[k]["mean"])
+            client.log_metric(rid, f"{k}_std.{key}", pt[k]["std"])
     client.log_artifact(rid, str(png))
     client.log_artifact(rid, str(out))
     client.set_terminated(rid)
@@ -209,6 +232,13 @@ def log_mlflow(result: dict[str, Any], png: Path, out: Path, tracking_uri: str |
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cdm / axion detectability against Sigma_sub (one GPU)")
     ap.add_argument("--preset", default="model_ii")
+    ap.add_argument(
+        "--classes", type=lambda v: v.split(","), default=None,
+        help="comma-separated classes (default: the preset's), e.g. no_sub,cdm,cdm_smooth",
+    )  # fmt: skip
+    ap.add_argument("--compensation", choices=["ring", "none"], default=None,
+                    help="mass_compensation of the preset (default: the preset's)")  # fmt: skip
+    ap.add_argument("--no-observer", action="store_true", help="skip the ring-size observer")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     ap.add_argument("--models", nargs="+", default=["ResNet18", "ViT"])
@@ -240,9 +270,17 @@ def main(argv=None) -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(args.precision, dev)
     # --quick: 32x32 without supersampling, so the CPU smoke test takes about a minute
-    base = resolve_preset(args.preset, {"num_pix": 32, "supersampling": 1} if args.quick else None)
-    if base.sigma_sub is None or "cdm" not in base.class_names or "no_sub" not in base.class_names:
-        raise SystemExit(f"preset {args.preset!r} needs sigma_sub and the classes no_sub and cdm")
+    over0: dict[str, Any] = {"num_pix": 32, "supersampling": 1} if args.quick else {}
+    if args.classes:
+        over0["class_names"] = args.classes
+    if args.compensation:
+        over0["mass_compensation"] = args.compensation
+    base = resolve_preset(args.preset, over0)
+    if base.sigma_sub is None or "no_sub" not in base.class_names or not {"cdm", "cdm_smooth"} & set(
+        base.class_names
+    ):
+        raise SystemExit(f"preset {args.preset!r} needs sigma_sub, no_sub and cdm or cdm_smooth")
+    observer_classes = [c for c in base.class_names if c in ("no_sub", "cdm", "cdm_smooth")]
     lo_ax, hi_ax = base.axion_log10_mass
     bins = np.linspace(lo_ax, hi_ax, args.axion_bins + 1)
     bins[-1] += 1e-9
@@ -257,6 +295,8 @@ def main(argv=None) -> int:
         "subhalo_mass": list(base.subhalo_mass), "axion_bins": bins.tolist(),
         "axion_bin_centres": (0.5 * (bins[1:] + bins[:-1])).tolist(), "quick": args.quick,
         "num_pix": base.num_pix, "supersampling": base.supersampling,
+        "class_names": list(base.class_names), "mass_compensation": base.mass_compensation,
+        "observer": not args.no_observer,
     }  # fmt: skip
     print(f"device={dev} torch={torch.__version__} config={json.dumps(config)}", flush=True)
     t_start = time.perf_counter()
@@ -278,6 +318,13 @@ def main(argv=None) -> int:
                 xtr, ytr, _ = make_data(pre, args.train_per_class, derive_seed(seed, p_i, s_i, 0), dev)
                 xte, yte, pte = make_data(pre, args.test_per_class, derive_seed(seed, p_i, s_i, 1), dev)
                 sim_s += time.perf_counter() - t0
+                obs = None
+                if not args.no_observer:
+                    obs = ring_size_aucs(
+                        pre, args.test_per_class, derive_seed(seed, p_i, s_i, 2), classes=observer_classes,
+                        device=dev,
+                    )  # fmt: skip
+                    print(f"{profile}/x{scale:g} seed {seed}: ring-size observer {json.dumps(obs)}")
                 for name in args.models:
                     model, info = train_model(
                         name, xtr, ytr, args=args, seed=derive_seed(seed, 7), device=dev, amp_dtype=amp,
@@ -289,9 +336,10 @@ def main(argv=None) -> int:
                     )  # fmt: skip
                     key = f"{name}/{profile}/x{scale:g}"
                     raw.setdefault(key, {"model": name, "profile": profile, "scale": scale, "runs": []})
-                    raw[key]["runs"].append({"seed": seed, **ev, **info})
+                    raw[key]["runs"].append({"seed": seed, **ev, **info, "ring_observer": obs})
+                    aucs = "  ".join(f"{k} {ev[k]:.3f}" for k in AUC_KEYS.values() if k in ev)
                     print(
-                        f"{key:<28} seed {seed}: auc_cdm {ev['auc_cdm']:.3f}  acc {ev['accuracy']:.3f}  "
+                        f"{key:<28} seed {seed}: {aucs}  acc {ev['accuracy']:.3f}  "
                         f"<N_sub> {ev['mean_subhalo_count_cdm']:.0f}  "
                         f"f_sub {ev.get('mean_fsub_arc_cdm', 0):.4f}  "
                         f"train {info['train_s']:.1f} s  [{time.perf_counter() - t_start:.0f} s]",
@@ -304,9 +352,15 @@ def main(argv=None) -> int:
         runs = r["runs"]
         pt = {k: r[k] for k in ("model", "profile", "scale")}
         pt["sigma_sub_mean"] = config["sigma_sub_default_mean"] * r["scale"]
-        for m in ("auc_cdm", "auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm"):
+        for m in (*AUC_KEYS.values(), "auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm"):
             if m in runs[0]:
                 pt[m] = _summary([x[m] for x in runs])
+        if runs[0].get("ring_observer"):
+            pt["ring_observer"] = {
+                pair: {k: _summary([x["ring_observer"][pair][k] for x in runs]) for k in v}
+                for pair, v in runs[0]["ring_observer"].items()
+                if pair != "mean_theta_E_compensation"
+            }
         if "auc_axion_bins" in runs[0]:
             pt["auc_axion_bins"] = [
                 _summary([x["auc_axion_bins"][b] for x in runs]) for b in range(len(bins) - 1)
@@ -325,13 +379,14 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "points": points,
     }
-    print(f"\n{'model/profile/scale':<28} {'Sigma_sub':>10} {'AUC cdm':>15} {'AUC axion':>15} {'<N_sub>':>8}")
+    cols = ["auc_cdm", "auc_cdm_smooth", "auc_cdm_vs_smooth", "auc_axion"]
+    head = "".join(f"{c:>19}" for c in cols)
+    print(f"\n{'model/profile/scale':<28} {'Sigma_sub':>10}{head} {'ring obs':>9} {'<N_sub>':>8}")
     for key, pt in points.items():
-        a, ax = pt["auc_cdm"], pt.get("auc_axion", {"mean": math.nan, "std": math.nan})
-        print(
-            f"{key:<28} {pt['sigma_sub_mean']:>10.2e} {a['mean']:>8.3f} +- {a['std']:.3f} "
-            f"{ax['mean']:>8.3f} +- {ax['std']:.3f} {pt['mean_subhalo_count_cdm']['mean']:>8.0f}"
-        )
+        vals = "".join(f"{pt.get(c, NAN)['mean']:>10.3f} +- {pt.get(c, NAN)['std']:.3f}" for c in cols)
+        ring = pt.get("ring_observer", {}).get("cdm_vs_no_sub", {}).get("auc_ring_radius", NAN)["mean"]
+        n_sub = pt["mean_subhalo_count_cdm"]["mean"]
+        print(f"{key:<28} {pt['sigma_sub_mean']:>10.2e}{vals} {ring:>9.3f} {n_sub:>8.0f}")
     print(f"wall {wall:.0f} s (simulation {sim_s:.0f} s); skipped {len(skipped)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")

@@ -113,7 +113,7 @@ def test_cdm_smooth_deflection_against_lenstronomy():
     ax, ay = alpha_radial_table(x, y, col("center_x"), col("center_y"), col("subhalo_smooth_dr"), table[None])
     mag = (ax * np.cos(ang) + ay * np.sin(ang))[0].numpy()
     assert float((ax * np.sin(ang) - ay * np.cos(ang)).abs().max()) < 1e-12  # radial
-    assert np.abs(mag - ref).max() < 1e-3 * max(1.0, ref.max() / 0.1)
+    assert len(subs) > 20 and np.abs(mag - ref).max() < 1e-4 + 5e-3 * ref.max()  # linear between nodes
     nodes = np.arange(3, 30, 4)
     ref_nodes = np.array([_ring_mean(lm, subs, cx, cy, j * dr) for j in nodes])
     assert np.abs(table[nodes].numpy() - ref_nodes).max() < 1e-4

@@ -15,7 +15,12 @@ distribution; the class only decides the substructure:
   ``subhalo_mass``, radius uniform in ``subhalo_radius`` around the lens centre, angle uniform;
 - ``axion``: a uniform line segment (vortex) through the lens centre at a random angle, total mass
   ``vortex_mass``, half length ``vortex_half_length_ref * (1e-22 eV / m_axion)``,
-  log10 m_axion uniform in ``axion_log10_mass``.
+  log10 m_axion uniform in ``axion_log10_mass``;
+- ``cdm_smooth`` (a control, not in the default class list; with ``sigma_sub`` set): the cdm population
+  averaged over angle about the lens centre, no clumps (``sim/compensation.py``).
+
+``mass_compensation`` ("ring", the default; "none" in the published presets) lowers the main deflector's
+theta_E per image so that the projected mass inside the Einstein ring does not depend on the class.
 
 Noise (``noise``):
 - ``"none"``: noise-free images;
