@@ -235,7 +235,8 @@ def run_one(
     optimizer = build_optimizer(model.parameters(), {**RECIPE, "momentum": 0.9})
     n_train, bs = int(data["train_y"].numel()), RECIPE["batch_size"]
     # --compile: whole batches only, so the graph is compiled once (a last, smaller batch would recompile)
-    per_epoch = n_train // bs if args.compile else -(-n_train // bs)
+    drop_last = args.compile and n_train >= bs
+    per_epoch = n_train // bs if drop_last else -(-n_train // bs)
     warmup, total = RECIPE["warmup_epochs"] * per_epoch, epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: published_lr_factor(step, warmup_steps=warmup, total_steps=total)
@@ -252,7 +253,7 @@ def run_one(
             size=args.image_size,
             generator=gen,
             flip_p=RECIPE["flip_p"] if args.augment else 0.0,
-            drop_last=args.compile,
+            drop_last=drop_last,
         )
         stats = train_one_epoch(
             step_model, stepping(train, scheduler), optimizer, device=device, amp_dtype=amp
