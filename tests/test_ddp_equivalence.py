@@ -73,3 +73,21 @@ def test_a_search_with_two_workers_per_trial_runs_a_trial_end_to_end(tiny_datase
     client = MlflowClient(tracking_uri=res.tracking_uri)
     assert res.best_config["train_config"]["num_workers"] == 2
     assert sorted(m.step for m in client.get_metric_history(trial.child_run_id, "val_loss")) == [1, 2]
+
+    # jobs/tune.py --register, then predict from the registry on two splits of the dataset
+    import pandas as pd
+
+    from deeplense_ray.data.manifest import load_manifest, shard_paths
+    from deeplense_ray.infer.predict import run_prediction
+    from deeplense_ray.tracking.models import register_model
+
+    assert register_model(res.model_uri, "ddp-best", res.tracking_uri, alias="champion") == "1"
+    pred = run_prediction(
+        "models:/ddp-best@champion", tiny_dataset, tmp_path / "p.csv", tracking_uri=res.tracking_uri,
+        splits=["val", "test"], progress=False, log_mlflow=False,
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert pred.labelled and pred.num_images == len(table) == 12
+    manifest = load_manifest(tiny_dataset)
+    shards = {str(p) for split in ("val", "test") for p in shard_paths(tiny_dataset, split, manifest)}
+    assert {str(Path(p).resolve()) for p in table["source"]} == {str(Path(p).resolve()) for p in shards}
