@@ -151,7 +151,7 @@ def subhalo_mean_radial(
         P = R * n_phi
         phi = 2.0 * math.pi * torch.arange(n_phi, dtype=torch.float32, device=device) / n_phi
         cos, sin = torch.cos(phi).repeat(R), torch.sin(phi).repeat(R)  # [P], radius-major
-    budget = 2**27 if device.type == "cuda" else 2**22  # elements of one [chunk, K, P] temporary
+    budget = 2**25 if device.type == "cuda" else 2**22  # elements of one [chunk, K, P] temporary
     i = next((k for k, c in enumerate(cs) if c > 0), m)  # images without subhalos keep 0
     while i < m:
         c = max(1, budget // (P * cs[i]))
