@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -22,11 +23,18 @@ JOB = REPO / "jobs" / "simulate.py"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+#: The test head's token: its GCS listens beyond loopback (jobs are handed the node's routable address), so
+#: the head and every client use token auth, as a real cluster must (auth disabled is refused there).
+_TOKEN = secrets.token_hex(16)
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN, "RAY_USAGE_STATS_ENABLED": "0",
+         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     )
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
@@ -171,7 +179,9 @@ def _head_ready(proc: subprocess.Popen, log_path: Path, url: str, timeout: float
     while time.monotonic() < deadline and proc.poll() is None:
         if "Ray runtime started" in log_path.read_text(errors="replace"):
             try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+                auth = {"Authorization": f"Bearer {_TOKEN}"}
+                req = urllib.request.Request(f"{url}/api/version", headers=auth)
+                with urllib.request.urlopen(req, timeout=5) as r:
                     if r.status == 200:
                         return True
             except OSError:
@@ -241,7 +251,7 @@ def test_plain_python_and_ray_job_submit(ray_head, tmp_path):
     head_log = (tmp_path / "ray_head.log").read_text(errors="replace")[-3000:]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:] + "\nHEAD LOG:\n" + head_log
     assert "succeeded" in proc.stdout + proc.stderr
-    assert "joined " in proc.stdout and "(RAY_ADDRESS, auth disabled)" in proc.stdout
+    assert "joined " in proc.stdout and "(RAY_ADDRESS, auth token)" in proc.stdout
     manifest = json.loads((out_job / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 9 and manifest["config"]["seed"] == 3
 
