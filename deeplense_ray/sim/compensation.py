@@ -48,7 +48,10 @@ EFF_NODES = (0.8, 0.9, 1.0, 1.1, 1.2)
 #: nodes of the cdm_smooth table per theta_E (so the EFF_NODES and the ring are nodes of it)
 SMOOTH_NODES_PER_THETA_E = 10
 #: ``Preset.mass_compensation`` values
-MASS_COMPENSATIONS = ("none", "ring")
+MASS_COMPENSATIONS = ("none", "ring", "ring_slope")
+#: half width / theta_E of the annulus about the ring whose mean convergence ``"ring_slope"`` keeps (its
+#: edges, 0.9 and 1.1 theta_E, are EFF_NODES: no extra subhalo integral)
+SLOPE_HALF_WIDTH = 0.1
 
 
 def macro_mean_factor(e1: Tensor, e2: Tensor, gamma: Tensor | None = None, *, n: int = 256) -> Tensor:
@@ -84,6 +87,53 @@ def compensated_theta_E(
     if gamma is None:
         return theta_E * frac
     return theta_E * frac ** (1.0 / (gamma - 1.0))
+
+
+def annulus_convergence(r_lo: Tensor, a_lo: Tensor, r_hi: Tensor, a_hi: Tensor) -> Tensor:
+    """Mean convergence in the annulus r_lo < r < r_hi of a mass with mean radial deflections a_lo, a_hi on
+    its edges (Gauss: M(<r) / (pi Sigma_crit) = r <alpha_r>(r)): (r_hi a_hi - r_lo a_lo) / (r_hi^2 - r_lo^2);
+    the ring-mean convergence (1 / 2r) d(r <alpha_r>) / dr as the annulus shrinks."""
+    return (r_hi * a_hi - r_lo * a_lo) / (r_hi * r_hi - r_lo * r_lo)
+
+
+def slope_factor(gamma: Tensor, d: float = SLOPE_HALF_WIDTH) -> Tensor:
+    """D(gamma) = ((1+d)^(3-gamma) - (1-d)^(3-gamma)) / (4d): an EPL of mean radial deflection B at r =
+    theta_0 has mean convergence (B / theta_0) D(gamma) in (1-d) theta_0 < r < (1+d) theta_0 (its mean
+    deflection is B (r / theta_0)^(2-gamma) at every r); (3 - gamma) / 2 as d -> 0, decreasing in gamma."""
+    return ((1.0 + d) ** (3.0 - gamma) - (1.0 - d) ** (3.0 - gamma)) / (4.0 * d)
+
+
+def compensated_theta_E_gamma(
+    e1: Tensor,
+    e2: Tensor,
+    theta_E: Tensor,
+    gamma: Tensor,
+    a_sub: Tensor,
+    kappa_sub: Tensor,
+    gamma_range: tuple[float, float],
+    *,
+    d: float = SLOPE_HALF_WIDTH,
+    floor: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """(theta_E', gamma') [B] of the main EPL that, with substructure of mean radial deflection ``a_sub`` on
+    the circle r = theta_E and mean convergence ``kappa_sub`` in the annulus (1 -+ d) theta_E, keeps both of
+    the substructure-free lens (theta_E, gamma): (i) the mass inside the ring, theta_E'^(g'-1) theta_E^(2-g')
+    h(q, g') = theta_E h(q, gamma) - a_sub, and (ii) the mean convergence of the annulus (the local slope of
+    the enclosed mass), (B' / theta_E) D(g') = h(q, gamma) D(gamma) - kappa_sub with B' the right side of (i)
+    (``slope_factor``). (ii) fixes g' alone: D(g') = (h D(gamma) - kappa_sub) / (h - a_sub / theta_E), solved
+    by Newton steps from the d -> 0 root 3 - 2 D; g' is clipped to ``gamma_range`` (then (ii) holds only
+    approximately, (i) still exactly); then theta_E' from (i) with h(q, g') (``macro_mean_factor``)."""
+    h = macro_mean_factor(e1, e2, gamma)
+    rest = (h - a_sub / theta_E).clamp_min(floor * h)  # B' / theta_E
+    target = (h * slope_factor(gamma, d) - kappa_sub) / rest
+    g = 3.0 - 2.0 * target
+    lp, lm = math.log1p(d), math.log1p(-d)
+    for _ in range(4):  # D is smooth, monotonic and nearly linear in gamma: 4 steps reach float64 precision
+        dD = -((1.0 + d) ** (3.0 - g) * lp - (1.0 - d) ** (3.0 - g) * lm) / (4.0 * d)
+        g = g - (slope_factor(g, d) - target) / dD
+    g = g.clamp(gamma_range[0], gamma_range[1])
+    h_new = macro_mean_factor(e1, e2, g)
+    return theta_E * ((rest / h_new).clamp_min(floor)) ** (1.0 / (g - 1.0)), g
 
 
 def effective_einstein_radius(radii: Tensor, mean_alpha: Tensor) -> Tensor:
@@ -215,6 +265,11 @@ def alpha_radial_table(
     return a * dx / r, a * dy / r
 
 
+def _node(x: float) -> int:
+    """Index of the EFF_NODES node at x."""
+    return min(range(len(EFF_NODES)), key=lambda k: abs(EFF_NODES[k] - x))
+
+
 def lens_mass_model(
     preset, p: dict[str, Tensor], *, clumps: Tensor, smooth: Tensor, partner: Tensor, device: torch.device
 ) -> dict[str, Tensor]:
@@ -252,20 +307,36 @@ def lens_mass_model(
         full[rows_s] = table
         idx = torch.tensor([round(t * J) for t in EFF_NODES], device=dev)
         a_sub[rows_s] = table[:, idx]
-        # a partnered image takes its partner's ring mean (the same population, so the same compensation)
+        # a partnered image takes its partner's ring means (the same population, so the same compensation)
         has = smooth & (partner >= 0)
-        a_sub[has, ring] = a_sub[partner[has], ring]
+        a_sub[has] = a_sub[partner[has]]
         out["subhalo_smooth_alpha"] = full
         out["subhalo_smooth_dr"] = torch.where(smooth, te / J, torch.zeros_like(te))
     if "vortex_theta_E" in p:
         prof, pts = preset.vortex_profile, preset.vortex_points
         a_sub = a_sub + vortex_mean_radial(radii, p["vortex_theta_E"], p["vortex_half_length"], prof, pts)
-    if preset.mass_compensation == "ring":
-        te_new = torch.where(a_sub[:, ring] != 0, compensated_theta_E(te, a_sub[:, ring], h, gamma), te)
+    g_new = gamma
+    sub = a_sub[:, ring] != 0
+    clipped = torch.zeros_like(sub)
+    if preset.mass_compensation == "ring_slope" and preset.lens_profile == "epl":
+        lo, hi = (_node(1.0 + s * SLOPE_HALF_WIDTH) for s in (-1, 1))
+        kappa = annulus_convergence(radii[:, lo], a_sub[:, lo], radii[:, hi], a_sub[:, hi])
+        te_c, g_c = compensated_theta_E_gamma(
+            p["e1"], p["e2"], te, gamma, a_sub[:, ring], kappa, preset.lens_gamma
+        )
+        te_new, g_new = torch.where(sub, te_c, te), torch.where(sub, g_c, gamma)
+        clipped = sub & ((g_new <= preset.lens_gamma[0]) | (g_new >= preset.lens_gamma[1]))
+        h = macro_mean_factor(p["e1"], p["e2"], g_new)
+    elif preset.mass_compensation in ("ring", "ring_slope"):  # an SIE keeps gamma = 2: theta_E alone
+        te_new = torch.where(sub, compensated_theta_E(te, a_sub[:, ring], h, gamma), te)
     else:
         te_new = te
-    alpha = macro_mean_radial(radii, te_new, h, gamma) + a_sub
+    alpha = macro_mean_radial(radii, te_new, h, g_new) + a_sub
     out["theta_E"] = te_new
     out["theta_E_compensation"] = te - te_new
+    if gamma is not None:
+        out["gamma"] = g_new
+        out["gamma_compensation"] = gamma - g_new
+        out["gamma_clipped"] = clipped.to(torch.int64)
     out["theta_E_eff"] = effective_einstein_radius(radii, alpha)
     return out

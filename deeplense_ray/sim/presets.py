@@ -155,10 +155,11 @@ class Preset:
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
     vortex_points: int = 100
-    # lens mass (sim/compensation.py): "ring" lowers the main deflector's theta_E per image so that the mass
-    # inside the Einstein ring does not depend on the class (substructure and vortex mass are taken from it);
-    # "none" adds them on top (the published recipe)
-    mass_compensation: str = "ring"
+    # lens mass (sim/compensation.py): "ring_slope" sets the main deflector's theta_E and gamma per image so
+    # that the mass inside the Einstein ring and the mean convergence of an annulus about it (the local slope)
+    # do not depend on the class (an SIE: theta_E alone); "ring" lowers theta_E alone (the ring mass);
+    # "none" adds substructure and vortex on top (the published recipe)
+    mass_compensation: str = "ring_slope"
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -574,8 +575,8 @@ def _validate_population(p: Preset) -> None:
             _fail(name, getattr(p, name), "a finite number")
     if not _finite(p.subhalo_conc_scatter) or p.subhalo_conc_scatter < 0:
         _fail("subhalo_conc_scatter", p.subhalo_conc_scatter, "a finite number >= 0 [dex]")
-    if p.mass_compensation not in ("none", "ring"):
-        _fail("mass_compensation", p.mass_compensation, "one of ['none', 'ring']")
+    if p.mass_compensation not in ("none", "ring", "ring_slope"):
+        _fail("mass_compensation", p.mass_compensation, "one of ['none', 'ring', 'ring_slope']")
     if "cdm_smooth" in p.class_names and p.sigma_sub is None:
         _fail("class_names", list(p.class_names), "'cdm_smooth' only with a normalised population: sigma_sub")
     if p.sigma_sub is None:
