@@ -61,6 +61,7 @@ from deeplense_ray.train.loop import (  # noqa: E402
 )
 
 PROFILES = ("tnfw", "point_mass")
+POINT_METRICS = ("auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm")
 NAN = {"mean": math.nan, "std": math.nan}
 AUC_LABELS = {"auc_cdm": "cdm/no_sub", "auc_cdm_smooth": "cdm_smooth/no_sub",
               "auc_cdm_vs_smooth": "cdm/cdm_smooth"}  # fmt: skip
@@ -303,6 +304,43 @@ def main(argv=None) -> int:
     raw: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
     sim_s = 0.0
+
+    def summarise() -> dict[str, Any]:
+        """The result so far (rewritten after every point, so a run cut short keeps what finished)."""
+        points = {}
+        for key, r in raw.items():
+            runs = r["runs"]
+            pt = {k: r[k] for k in ("model", "profile", "scale")}
+            pt["sigma_sub_mean"] = config["sigma_sub_default_mean"] * r["scale"]
+            for m in (*AUC_KEYS.values(), *POINT_METRICS):
+                if m in runs[0]:
+                    pt[m] = _summary([x[m] for x in runs])
+            if runs[0].get("ring_observer"):
+                pt["ring_observer"] = {
+                    pair: {k: _summary([x["ring_observer"][pair][k] for x in runs]) for k in v}
+                    for pair, v in runs[0]["ring_observer"].items()
+                    if pair != "mean_theta_E_compensation"
+                }
+            if "auc_axion_bins" in runs[0]:
+                pt["auc_axion_bins"] = [
+                    _summary([x["auc_axion_bins"][b] for x in runs]) for b in range(len(bins) - 1)
+                ]
+            pt["runs"] = runs
+            points[key] = pt
+        wall = time.perf_counter() - t_start
+        result = {
+            "config": config,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+            "host": {"hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M")},
+            "wall_s": wall,
+            "simulate_s": sim_s,
+            "skipped": skipped,
+            "points": points,
+        }
+        return result
+
     for p_i, profile in enumerate(args.profiles):
         for s_i, scale in enumerate(args.scales):
             over = {
@@ -347,38 +385,10 @@ def main(argv=None) -> int:
                     )
                     del model
                 del xtr, ytr, xte, yte
-    points = {}
-    for key, r in raw.items():
-        runs = r["runs"]
-        pt = {k: r[k] for k in ("model", "profile", "scale")}
-        pt["sigma_sub_mean"] = config["sigma_sub_default_mean"] * r["scale"]
-        for m in (*AUC_KEYS.values(), "auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm"):
-            if m in runs[0]:
-                pt[m] = _summary([x[m] for x in runs])
-        if runs[0].get("ring_observer"):
-            pt["ring_observer"] = {
-                pair: {k: _summary([x["ring_observer"][pair][k] for x in runs]) for k in v}
-                for pair, v in runs[0]["ring_observer"].items()
-                if pair != "mean_theta_E_compensation"
-            }
-        if "auc_axion_bins" in runs[0]:
-            pt["auc_axion_bins"] = [
-                _summary([x["auc_axion_bins"][b] for x in runs]) for b in range(len(bins) - 1)
-            ]
-        pt["runs"] = runs
-        points[key] = pt
-    wall = time.perf_counter() - t_start
-    result = {
-        "config": config,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
-        "torch": torch.__version__,
-        "host": {"hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M")},
-        "wall_s": wall,
-        "simulate_s": sim_s,
-        "skipped": skipped,
-        "points": points,
-    }
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(args.out, json.dumps(summarise(), indent=2), fsync=False)
+    result = summarise()
+    points, wall = result["points"], result["wall_s"]
     cols = ["auc_cdm", "auc_cdm_smooth", "auc_cdm_vs_smooth", "auc_axion"]
     head = "".join(f"{c:>19}" for c in cols)
     print(f"\n{'model/profile/scale':<28} {'Sigma_sub':>10}{head} {'ring obs':>9} {'<N_sub>':>8}")
