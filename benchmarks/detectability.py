@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         "--classes", type=lambda v: v.split(","), default=None,
         help="comma-separated classes (default: the preset's), e.g. no_sub,cdm,cdm_smooth",
     )  # fmt: skip
-    ap.add_argument("--compensation", choices=["ring", "none"], default=None,
+    ap.add_argument("--compensation", choices=["ring_slope", "ring", "none"], default=None,
                     help="mass_compensation of the preset (default: the preset's)")  # fmt: skip
     ap.add_argument("--no-observer", action="store_true", help="skip the ring-size observer")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])

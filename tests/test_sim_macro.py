@@ -152,7 +152,7 @@ def test_slope_prior_is_the_truncated_normal_and_macro_draws_are_class_independe
         assert stats.kstest(rel, stats.uniform(0, hi).cdf).pvalue > 1e-3
         phi = a.params[f"multipole_phi{m}"].double().numpy()
         assert phi.min() >= 0 and phi.max() < 2 * math.pi / m
-    # class independence (the cdm images' theta_E is lowered by the mass compensation, not drawn anew)
+    # class independence (the cdm images' theta_E and gamma are set by the mass compensation, not drawn anew)
     n = 200
     a, b = (
         simulate(
@@ -160,9 +160,11 @@ def test_slope_prior_is_the_truncated_normal_and_macro_draws_are_class_independe
         )
         for c in (0, 2)
     )
-    keys = ["gamma", "e1", "source_amp"] + [f"multipole_{k}{m}" for m in (1, 3, 4) for k in ("a", "phi")]
+    keys = ["e1", "source_amp"] + [f"multipole_{k}{m}" for m in (1, 3, 4) for k in ("a", "phi")]
     for k in keys:
         assert torch.equal(a.params[k], b.params[k]), k
+    drawn = b.params["gamma"].double() + b.params["gamma_compensation"].double()
+    assert torch.allclose(a.params["gamma"].double(), drawn, rtol=0, atol=1e-6)
     # the published presets keep the SIE and draw nothing new (their bytes are pinned elsewhere)
     p = simulate("deeplense_model_ii", 4, seed=1, device="cpu")
     assert torch.all(p.params["gamma"] == 2.0) and "multipole_a1" not in p.params

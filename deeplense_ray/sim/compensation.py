@@ -7,7 +7,7 @@ radial deflection on a circle of radius r about a point c is
     <alpha_r>(r) = M(<r) / (pi Sigma_crit r)        [arcsec; M / Sigma_crit in arcsec^2],
 
 M(<r) the projected mass inside the circle, whatever the distribution looks like (clumps, segments, an
-ellipsoid). Three uses:
+ellipsoid). Its uses:
 
 - **ring compensation** (``Preset.mass_compensation = "ring"``): per image, a_sub = <alpha_r> of the
   substructure (subhalos, vortex) on the circle r = theta_E about the lens centre, and the main deflector
@@ -15,6 +15,17 @@ ellipsoid). Three uses:
   theta_E' = theta_E (1 - a_sub / (theta_E h))^(1 / (gamma - 1)) keeps M(<theta_E) of the whole lens equal
   to the substructure-free lens's (SIE: theta_E' = theta_E - a_sub / h). External shear and multipoles
   (m >= 1) carry no monopole: their mean radial deflection on any circle about the centre is 0.
+- **ring and slope compensation** (``"ring_slope"``, the default): strong lensing measures the mass inside the
+  Einstein ring and the local radial slope of the mass there (the convergence at the ring; Sonnenfeld 2018,
+  "On the choice of lens density profile in time delay cosmography"; Kochanek 2020, "Overconstrained
+  gravitational lens models and the Hubble constant"; Kochanek 2021, "What do gravitational lens time delays
+  measure?"), so a smooth macro model absorbs the smooth part of the substructure into its theta_E and gamma.
+  Per image the EPL's (theta_E, gamma) are set so that the whole lens keeps both the ring mass and the mean
+  convergence of the annulus (1 -+ ``SLOPE_HALF_WIDTH``) theta_E (from the mean deflections at its edges,
+  EFF_NODES: no extra integral; ``annulus_convergence``, ``compensated_theta_E_gamma``). gamma' is clipped to
+  the preset's ``lens_gamma`` range (``gamma_clipped``). An SIE (gamma fixed at 2) has no slope to move:
+  theta_E alone, as "ring". Without it, substructure spread over ~3 theta_E acts on the ring like a mass
+  sheet: the same ring, radially stretched arcs (a mass-sheet-like transform).
 - **effective Einstein radius** ``theta_E_eff``: the radius where the mean convergence inside the circle is
   1, i.e. <alpha_r>(r) = r for macro + substructure (tabulated at ``EFF_NODES`` x theta_E, linear
   interpolation; outside that range the end segment is extrapolated).
@@ -23,10 +34,12 @@ ellipsoid). Three uses:
   image at r_j = j theta_E / ``SMOOTH_NODES_PER_THETA_E`` (j = 0..R-1, the last node beyond every pixel) and
   interpolated linearly at each pixel's radius; beyond the last node the enclosed mass is held (1/r).
 
-Subhalo means are computed from the subhalo deflection the renderer uses (``alpha_tnfw`` with its floors)
-at ``RING_ANGLES`` equally spaced angles (spectrally accurate for deflections smooth on the scale of the
-point spacing: tNFW subhalos, Rs ~ 0.1-0.3"); point masses use Gauss exactly (theta_E^2 / r inside the
-circle, half of it on it). The vortex segment and point chain are exact too (their mass inside r).
+The vortex and cdm_smooth images take the same step (cdm_smooth in paired mode: its cdm partner's means, so
+the same theta_E' and gamma'). Subhalo means are computed from the subhalo deflection the renderer uses
+(``alpha_tnfw`` with its floors) at ``RING_ANGLES`` equally spaced angles (spectrally accurate for
+deflections smooth on the scale of the point spacing: tNFW subhalos, Rs ~ 0.1-0.3"); point masses use Gauss
+exactly (theta_E^2 / r inside the circle, half of it on it). The vortex segment and point chain are exact
+too (their mass inside r).
 Units: arcsec.
 """
 
@@ -108,22 +121,26 @@ def compensated_theta_E_gamma(
     e2: Tensor,
     theta_E: Tensor,
     gamma: Tensor,
+    h: Tensor,
     a_sub: Tensor,
     kappa_sub: Tensor,
     gamma_range: tuple[float, float],
     *,
     d: float = SLOPE_HALF_WIDTH,
     floor: float = 0.01,
-) -> tuple[Tensor, Tensor]:
-    """(theta_E', gamma') [B] of the main EPL that, with substructure of mean radial deflection ``a_sub`` on
-    the circle r = theta_E and mean convergence ``kappa_sub`` in the annulus (1 -+ d) theta_E, keeps both of
-    the substructure-free lens (theta_E, gamma): (i) the mass inside the ring, theta_E'^(g'-1) theta_E^(2-g')
-    h(q, g') = theta_E h(q, gamma) - a_sub, and (ii) the mean convergence of the annulus (the local slope of
-    the enclosed mass), (B' / theta_E) D(g') = h(q, gamma) D(gamma) - kappa_sub with B' the right side of (i)
-    (``slope_factor``). (ii) fixes g' alone: D(g') = (h D(gamma) - kappa_sub) / (h - a_sub / theta_E), solved
-    by Newton steps from the d -> 0 root 3 - 2 D; g' is clipped to ``gamma_range`` (then (ii) holds only
-    approximately, (i) still exactly); then theta_E' from (i) with h(q, g') (``macro_mean_factor``)."""
-    h = macro_mean_factor(e1, e2, gamma)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(theta_E', gamma', h(q, gamma')) [B] of the main EPL that, with substructure of mean radial deflection
+    ``a_sub`` on the circle r = theta_E and mean convergence ``kappa_sub`` in the annulus (1 -+ d) theta_E,
+    keeps two numbers of the substructure-free lens (theta_E, gamma; ``h`` = h(q, gamma)):
+
+    (i) the mass inside the ring: theta_E'^(g'-1) theta_E^(2-g') h(q, g') = theta_E h - a_sub =: B';
+    (ii) the mean convergence of the annulus (the local slope of the enclosed mass, which sets the radial
+         stretch of the arcs): (B' / theta_E) D(g') = h D(gamma) - kappa_sub (``slope_factor``).
+
+    (ii) fixes g' alone, D(g') = (h D(gamma) - kappa_sub) / (B' / theta_E), solved by Newton steps from the
+    d -> 0 root 3 - 2 D; g' is clipped to ``gamma_range`` (then (ii) holds only approximately, (i) still
+    exactly); theta_E' follows from (i). Elliptical lenses need no other factor: the EPL's ring-mean
+    deflection and convergence carry the same h(q, g) at every r (``macro_mean_factor``)."""
     rest = (h - a_sub / theta_E).clamp_min(floor * h)  # B' / theta_E
     target = (h * slope_factor(gamma, d) - kappa_sub) / rest
     g = 3.0 - 2.0 * target
@@ -133,7 +150,7 @@ def compensated_theta_E_gamma(
         g = g - (slope_factor(g, d) - target) / dD
     g = g.clamp(gamma_range[0], gamma_range[1])
     h_new = macro_mean_factor(e1, e2, g)
-    return theta_E * ((rest / h_new).clamp_min(floor)) ** (1.0 / (g - 1.0)), g
+    return theta_E * ((rest / h_new).clamp_min(floor)) ** (1.0 / (g - 1.0)), g, h_new
 
 
 def effective_einstein_radius(radii: Tensor, mean_alpha: Tensor) -> Tensor:
@@ -273,12 +290,14 @@ def _node(x: float) -> int:
 def lens_mass_model(
     preset, p: dict[str, Tensor], *, clumps: Tensor, smooth: Tensor, partner: Tensor, device: torch.device
 ) -> dict[str, Tensor]:
-    """The lens-mass step after the draws: the compensated main-deflector ``theta_E`` and the per-image
-    diagnostics ``theta_E_compensation`` (drawn minus rendered theta_E [arcsec]; 0 without substructure or
-    with ``mass_compensation = "none"``) and ``theta_E_eff`` (effective Einstein radius of the whole lens
-    [arcsec]); with cdm_smooth in the preset's classes also ``subhalo_smooth_alpha`` [n, R] (the smoothed
-    population's mean radial deflection at radii j ``subhalo_smooth_dr``; zeros elsewhere) and
-    ``subhalo_smooth_dr`` [n] (> 0 marks a cdm_smooth image: its subhalos are not rendered as clumps).
+    """The lens-mass step after the draws: the compensated main-deflector ``theta_E`` and ``gamma`` (if drawn)
+    and the per-image diagnostics ``theta_E_compensation`` and ``gamma_compensation`` (drawn minus rendered; 0
+    without substructure, with ``mass_compensation = "none"``, and for gamma with "ring" or an SIE),
+    ``gamma_clipped`` (int64 1 where the slope solve left the preset's lens_gamma range) and ``theta_E_eff``
+    (effective Einstein radius of the whole lens [arcsec]); with cdm_smooth in the preset's classes also
+    ``subhalo_smooth_alpha`` [n, R] (the smoothed population's mean radial deflection at radii j
+    ``subhalo_smooth_dr``; zeros elsewhere) and ``subhalo_smooth_dr`` [n] (> 0 marks a cdm_smooth image: its
+    subhalos are not rendered as clumps).
 
     ``p``: the drawn parameters (float64 on one device; ``gamma`` [n] if the main deflector is an EPL);
     ``clumps`` / ``smooth``: bool [n] images with clumpy / smoothed subhalos; ``partner`` [n]: for a smooth
@@ -321,12 +340,11 @@ def lens_mass_model(
     if preset.mass_compensation == "ring_slope" and preset.lens_profile == "epl":
         lo, hi = (_node(1.0 + s * SLOPE_HALF_WIDTH) for s in (-1, 1))
         kappa = annulus_convergence(radii[:, lo], a_sub[:, lo], radii[:, hi], a_sub[:, hi])
-        te_c, g_c = compensated_theta_E_gamma(
-            p["e1"], p["e2"], te, gamma, a_sub[:, ring], kappa, preset.lens_gamma
+        te_c, g_c, h_c = compensated_theta_E_gamma(
+            p["e1"], p["e2"], te, gamma, h, a_sub[:, ring], kappa, preset.lens_gamma
         )
-        te_new, g_new = torch.where(sub, te_c, te), torch.where(sub, g_c, gamma)
+        te_new, g_new, h = torch.where(sub, te_c, te), torch.where(sub, g_c, gamma), torch.where(sub, h_c, h)
         clipped = sub & ((g_new <= preset.lens_gamma[0]) | (g_new >= preset.lens_gamma[1]))
-        h = macro_mean_factor(p["e1"], p["e2"], g_new)
     elif preset.mass_compensation in ("ring", "ring_slope"):  # an SIE keeps gamma = 2: theta_E alone
         te_new = torch.where(sub, compensated_theta_E(te, a_sub[:, ring], h, gamma), te)
     else:

@@ -10,7 +10,9 @@ group of C images, one per class) it is computed from two numbers per image:
   stand-in for a fitted one.
 
 ``ring_size_aucs`` returns the ROC AUC of each against the class, per class pair (the first class of a pair
-the positive one). With a class-independent ring mass (``mass_compensation = "ring"``) both sit near 0.5.
+the positive one). With a class-independent ring mass and slope (``mass_compensation = "ring_slope"``, the
+default) both sit near 0.5; with the ring mass alone (``"ring"``) theta_E_eff does, the ring radius not quite
+(arcs stretched radially by the substructure's sheet-like part).
 """
 
 from __future__ import annotations
