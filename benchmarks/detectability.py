@@ -15,8 +15,9 @@ measure on the test set:
 - beside each point the ring-size observer (``deeplense_ray.sim.observers.ring_size_aucs``: the AUC of the
   brightness-weighted ring radius of noise-free paired images and of theta_E_eff, per class pair, on
   ``--test-per-class`` groups): what a classifier that sees only the ring size reaches.
-``--compensation ring|none`` sets the preset's ``mass_compensation`` (ring: the lens mass inside the Einstein
-ring does not depend on the class; none: subhalo mass added on top, the leak).
+``--compensation ring_slope|ring|none`` sets the preset's ``mass_compensation`` (ring_slope: the lens mass
+inside the Einstein ring and its slope there do not depend on the class; ring: the mass alone; none:
+subhalo mass added on top, the leak).
 Reports mean +- std over seeds per point, prints a table, writes JSON and a PNG (AUC against the scale, one
 line per model and profile) and logs both to MLflow when mlflow imports (``--tracking-uri``, default
 ``sqlite:///<out dir>/mlflow.db``; ``--no-mlflow`` to skip).
