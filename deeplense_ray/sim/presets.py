@@ -19,8 +19,10 @@ distribution; the class only decides the substructure:
 - ``cdm_smooth`` (a control, not in the default class list; with ``sigma_sub`` set): the cdm population
   averaged over angle about the lens centre, no clumps (``sim/compensation.py``).
 
-``mass_compensation`` ("ring", the default; "none" in the published presets) lowers the main deflector's
-theta_E per image so that the projected mass inside the Einstein ring does not depend on the class.
+``mass_compensation`` ("ring_slope", the default; "ring"; "none" in the published presets) sets the main
+deflector's theta_E and gamma per image so that the projected mass inside the Einstein ring and its slope
+there (the mean convergence of the annulus 0.9-1.1 theta_E) do not depend on the class ("ring", or an SIE:
+theta_E alone, the mass).
 
 Noise (``noise``):
 - ``"none"``: noise-free images;
