@@ -208,9 +208,13 @@ def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):
     assert flatten_metrics(m, "val")["val_diverged"] == 1.0
 
 
-def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path, one_thread):
+def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
     """compile=True: torch.compile (inductor) in place; the checkpoint has the uncompiled parameter names and
-    reloads into a plain model that predicts the same; unwrap sees through a torch.compile wrapper too."""
+    reloads into a plain model that predicts the same; unwrap sees through a torch.compile wrapper too.
+
+    Runs with the default thread count, not ``one_thread``: on an AMD EPYC without AVX-512, torch 2.13's CPU
+    inductor backward of this ResNetSimple corrupts the heap with one intra-op thread ("free(): invalid
+    pointer", the process aborts) and runs correctly with two."""
     from deeplense_ray.train.modules import compile_model, unwrap
 
     torch.manual_seed(0)
