@@ -184,7 +184,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"verify {args.verify}: OK, {n} shards match the manifest")
         return 0
 
-    from deeplense_ray.data.manifest import dataset_lock
+    from deeplense_ray.data.manifest import LOCK_NAME, dataset_lock
     from deeplense_ray.data.pipeline import check_out_dir
 
     with contextlib.ExitStack() as held:
@@ -195,10 +195,16 @@ def _main(argv: list[str] | None = None) -> int:
 
             check_dataset_room(cfg, out)  # disk space and the build plan's memory, before Ray
             # The whole job holds the directory's lock: a second job writing the same --out stops here.
+            made = [q for q in (out, out / LOCK_NAME) if not q.exists()]
             held.enter_context(dataset_lock(out))
-            check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
-            if args.resume:
-                check_resume_dir(out)
+            try:
+                check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
+                if args.resume:
+                    check_resume_dir(out)
+            except ValueError:  # not a directory of ours: leave it as it was, without our lock file
+                for q in reversed(made):
+                    q.unlink() if q.is_file() else q.rmdir()
+                raise
                 from deeplense_ray.data.pipeline import _check_resume_config, resolved_config
                 from deeplense_ray.sim import resolve_preset
 
