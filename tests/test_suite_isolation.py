@@ -1,5 +1,6 @@
 """The suite itself: a missing physics reference stops the session (never a silent skip of every independent
-check), and the suite's Ray runtime lives in its own temp dir (a developer's running cluster is never joined)."""
+check), and the suite's Ray runtime lives in its own temp dir (a developer's running cluster is never
+joined)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def _collect(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     (fake / "__init__.py").write_text("raise ImportError('colossus broken for this test')\n")
     base = {k: v for k, v in os.environ.items() if k != ALLOW_MISSING_ENV}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_io.py"],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests/test_io.py"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**base, "PYTHONPATH": str(fake.parent), **env},
     )  # fmt: skip
