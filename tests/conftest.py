@@ -110,3 +110,20 @@ def tiny_dataset(ray_session, tmp_path_factory):
     )
     build_dataset(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any start of or connection to Ray fails the test (the jobs must stop before)."""
+    import ray
+
+    import deeplense_ray.runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(deeplense_ray.runtime, "connect", refuse)
+    monkeypatch.setattr(deeplense_ray.runtime, "start_local_ray", refuse)
+    # The suite's shared runtime may be up from an earlier test: the job must not see it either.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -94,7 +94,7 @@ with dataset_lock(sys.argv[1]):
 """
 
 
-def test_second_simulate_job_on_a_locked_out_exits_2_at_once_and_touches_nothing(tmp_path):
+def test_second_simulate_job_on_a_locked_out_exits_2_at_once_and_touches_nothing(tmp_path, no_ray):
     """A first job (another process) holds ``--out``: the second, even with --overwrite, stops before Ray
     with one line naming the directory; the first's shards, manifest and temporary file stay."""
     out = _tiny_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
@@ -118,12 +118,9 @@ def test_second_simulate_job_on_a_locked_out_exits_2_at_once_and_touches_nothing
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    import ray
-
-    assert not ray.is_initialized()
 
 
-def test_dataset_writer_takes_the_lock_before_any_write(tmp_path):
+def test_dataset_writer_takes_the_lock_before_any_write(tmp_path, no_ray):
     """build_dataset (Ray Data writing from Python) refuses a directory another thread's writer holds, before
     it deletes or writes anything; the lock nests within one thread and is free again afterwards."""
     from deeplense_ray.data import DatasetConfig, build_dataset
@@ -155,9 +152,6 @@ def test_dataset_writer_takes_the_lock_before_any_write(tmp_path):
         other.join(30)
     with dataset_lock(out) as lock, dataset_lock(out):  # free again; nested in one thread
         assert lock == out.resolve() / LOCK_NAME
-    import ray
-
-    assert not ray.is_initialized()
 
 
 def test_overwrite_removes_only_the_dataset_files_it_recognises(tmp_path):
@@ -229,7 +223,7 @@ def test_directory_is_fsynced_after_shard_manifest_and_checkpoint_renames(tmp_pa
 # ---------------------------------------------------------------------------------------------- manifests
 
 
-def test_shard_holding_fewer_rows_than_its_manifest_entry_is_an_error_everywhere(tmp_path):
+def test_shard_holding_fewer_rows_than_its_manifest_entry_is_an_error_everywhere(tmp_path, no_ray):
     """5 rows claimed, 3 in the file: open, read, verify, the torch dataset and jobs/train.py all refuse,
     naming the shard file and both counts."""
     from deeplense_ray.data import LensShardDataset
@@ -252,13 +246,10 @@ def test_shard_holding_fewer_rows_than_its_manifest_entry_is_an_error_everywhere
         _job("train").main, ["--model", "ResNetSimple", "--data", str(out), "--epochs", "1"]
     )
     assert rc == 2 and said in err, err
-    import ray
-
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("bad", ["../outside/shard-00000.h5", "/etc/passwd", "train/../../outside.h5"])
-def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, bad):
+def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, bad, no_ray):
     out = _tiny_dataset(tmp_path / "data", {"train": 3, "val": 2, "test": 2})
     outside = tmp_path / "outside" / "shard-00000.h5"
     outside.parent.mkdir()
@@ -276,6 +267,3 @@ def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, bad):
     train = ["--model", "ResNetSimple", "--data", str(out), "--epochs", "1"]
     rc, err, _ = _run_main(_job("train").main, train)
     assert rc == 2 and said in err, err
-    import ray
-
-    assert not ray.is_initialized()

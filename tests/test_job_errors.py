@@ -24,23 +24,6 @@ def _job(name: str):
     return mod
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Any start of or connection to Ray fails the test (the jobs must stop before)."""
-    import ray
-
-    import deeplense_ray.runtime
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(deeplense_ray.runtime, "connect", refuse)
-    monkeypatch.setattr(deeplense_ray.runtime, "start_local_ray", refuse)
-    # The suite's shared runtime may be up from an earlier test: the job must not see it either.
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-
-
 def _argv(job: str, uri: str, tmp_path: Path) -> list[str]:
     return {
         "train": ["--model", "ResNetSimple", "--simulate", "model_ii", "--tracking-uri", uri,

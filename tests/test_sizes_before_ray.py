@@ -19,7 +19,6 @@ from deeplense_ray.sizes import (
     physical_memory,
 )
 from tests.test_job_args import _job
-from tests.test_job_errors import no_ray  # noqa: F401 - the fixture: any start of Ray fails the test
 
 WARM_IMPORTS = ("torch", "ray", "ray.tune", "ray.train", "mlflow.tracking", "deeplense_ray.sim")
 
@@ -42,7 +41,7 @@ def _run(job: str, argv: list[str], capsys) -> tuple[int, str]:
     return rc, lines[-1]
 
 
-def test_simulate_refuses_a_dataset_larger_than_the_disk(tmp_path, no_ray, capsys):  # noqa: F811
+def test_simulate_refuses_a_dataset_larger_than_the_disk(tmp_path, no_ray, capsys):
     out = tmp_path / "new" / "data"
     _, err = _run("simulate", ["--num-per-class", "1e12", "--out", str(out)], capsys)
     # 3 classes x 1e12 images of 1x64x64 float32 (16 KiB) + an 8-byte label each
@@ -99,7 +98,7 @@ def test_simulate_plan_memory_is_checked(tmp_path):
             check_dataset_room(big, tmp_path / "d")
 
 
-def test_train_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):  # noqa: F811
+def test_train_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):
     base = ["--model", "ResNetSimple", "--simulate", "model_ii", "--sim-override", "num_pix=32",
             "--tracking-uri", str(tmp_path / "mlruns"), "--storage-path", str(tmp_path / "runs")]  # fmt: skip
     _, err = _run("train", [*base, "--val-size", str(10**10)], capsys)
@@ -109,7 +108,7 @@ def test_train_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys): 
     assert "--test-size 10000000000: the fixed test set needs" in err, err
 
 
-def test_train_model_override_of_the_wrong_type_exits_2(tmp_path, no_ray, capsys):  # noqa: F811
+def test_train_model_override_of_the_wrong_type_exits_2(tmp_path, no_ray, capsys):
     base = ["--model", "ResNetSimple", "--simulate", "model_ii", "--tracking-uri", str(tmp_path / "mlruns")]
     _, err = _run("train", [*base, "--model-override", "width=abc"], capsys)
     assert err == "error: model 'ResNetSimple': override width='abc' must be an integer (default 32)", err
@@ -146,7 +145,7 @@ def test_override_types_follow_the_constructor_defaults():
     assert resolve_hparams("ResNetSimple", width=16.0)["width"] == 16
 
 
-def test_tune_choice_values_are_checked_against_the_space_before_ray(tmp_path, no_ray, capsys):  # noqa: F811
+def test_tune_choice_values_are_checked_against_the_space_before_ray(tmp_path, no_ray, capsys):
     base = ["--model", "ResNetSimple", "--num-samples", "1", "--tracking-uri", str(tmp_path / "mlruns"),
             "--storage-path", str(tmp_path / "tune")]  # fmt: skip
     _, err = _run("tune", [*base, "--choice", "lr=a,b"], capsys)
@@ -176,7 +175,7 @@ def test_search_space_keeps_numbers_as_numbers():
     assert isinstance(space["weight_decay"], tune.search.sample.Float)  # a range stays a range
 
 
-def test_study_refuses_a_dataset_larger_than_the_disk_before_ray(tmp_path, no_ray, capsys):  # noqa: F811
+def test_study_refuses_a_dataset_larger_than_the_disk_before_ray(tmp_path, no_ray, capsys):
     argv = ["--models", "ResNetSimple", "--simulate", "model_ii", "--num-per-class", str(10**12), "--seeds",
             "1", "--epochs", "1", "--tracking-uri", str(tmp_path / "mlruns"),
             "--storage-path", str(tmp_path / "study")]  # fmt: skip
@@ -184,7 +183,7 @@ def test_study_refuses_a_dataset_larger_than_the_disk_before_ray(tmp_path, no_ra
     assert "--num-per-class 1000000000000: the dataset (3 classes" in err and "needs at least" in err, err
 
 
-def test_tune_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):  # noqa: F811
+def test_tune_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):
     argv = ["--model", "ResNetSimple", "--num-samples", "1", "--simulate", "model_ii",
             "--val-size", str(10**10), "--tracking-uri", str(tmp_path / "mlruns"),
             "--storage-path", str(tmp_path / "tune")]  # fmt: skip
