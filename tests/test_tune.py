@@ -336,7 +336,9 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(
     ]
     # the search state saved at every step, so that a finished trial is on record before the next one ends
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="0")
+    # the suite's runtime listens on this machine's routable address, with auth disabled: accepted here
     env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    env["DEEPLENSE_ALLOW_INSECURE_RAY"] = "1"
     cpus_free = _wait_cpus_free(ray_session, ray_session.cluster_resources()["CPU"], timeout=30)
     out_dir = Path(settings.storage_path) / kw["name"]
     log = open(tmp_path / "first.log", "w")
