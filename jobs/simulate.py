@@ -33,7 +33,13 @@ except ImportError:
 
 from deeplense_ray.cli import count_arg  # noqa: E402
 from deeplense_ray.config import parse_overrides  # noqa: E402
-from deeplense_ray.data.config import STORAGE_DTYPES, DatasetConfig, load_preset_yaml, parse_splits  # noqa: E402
+from deeplense_ray.data.config import (  # noqa: E402
+    STORAGE_DTYPES,
+    DatasetConfig,
+    check_splits,
+    load_preset_yaml,
+    parse_splits,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -105,10 +111,7 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
             raise ValueError(f"--preset {base!r} contradicts 'preset: {yaml_base}' in {args.config}")
         base = base or yaml_base or overrides.get("name")
     overrides = {**overrides, **parse_overrides(args.preset_override, "--preset-override")}
-    if args.num_per_class is None:
-        raise ValueError("--num-per-class is required")
-    if args.out is None:
-        raise ValueError("--out is required")
+    # A bad value is reported before a missing flag: the values given are checked first.
     if args.dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype must be one of {list(STORAGE_DTYPES)}, got {args.dtype!r}")
     if args.workers < 1:
@@ -117,16 +120,17 @@ def config_from_args(args: argparse.Namespace) -> DatasetConfig:
         raise ValueError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    cfg = DatasetConfig(
-        preset=base or "model_ii",
-        preset_overrides=overrides,
-        num_per_class=args.num_per_class,
-        splits=parse_splits(args.splits),
-        shard_size=args.shard_size,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
+    splits = parse_splits(args.splits)
+    fields = dict(preset=base or "model_ii", preset_overrides=overrides, shard_size=args.shard_size,
+                  seed=args.seed, dtype=args.dtype)
+    missing = [flag for flag, value in (("--num-per-class", args.num_per_class), ("--out", args.out))
+               if value is None]
     try:
+        if missing:  # everything but the count: the preset, its overrides, shard size, seed, split fractions
+            check_splits(splits)
+            DatasetConfig(**fields, num_per_class=1, splits={"all": 1.0}).validate()
+            raise ValueError(f"{missing[0]} is required")
+        cfg = DatasetConfig(**fields, num_per_class=args.num_per_class, splits=splits)
         cfg.validate()
     except KeyError as exc:  # unknown preset name: get_preset lists the valid ones
         raise ValueError(exc.args[0] if exc.args else str(exc)) from None

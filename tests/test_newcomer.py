@@ -1,0 +1,62 @@
+"""What a newcomer meets on a fresh clone, following README and docs/deployment.md: flag errors in a useful
+order, outputs that stay out of git and out of `ray job submit --working-dir .`, quiet Ray output, an
+installable package without warnings, and train/tune/study on data that shows something."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_newcomer_job", ROOT / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def ray_forbidden(monkeypatch):
+    import deeplense_ray.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(deeplense_ray.runtime, "connect", no_ray)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--workers", "0"], "--workers"),
+        (["--shard-size", "0"], "shard_size"),
+        (["--dtype", "int8"], "'int8'"),
+        (["--splits", "train=2"], "2.0"),
+        (["--seed", "-1"], "-1"),
+        (["--gpus-per-worker", "-1"], "-1"),
+        (["--preset", "nope"], "'nope'"),
+        (["--preset-override", "num_pixx=3"], "num_pixx"),
+        (["--resume", "--overwrite"], "--resume"),
+        (["--num-per-class", "5", "--workers", "0"], "--workers"),
+    ],
+)
+def test_simulate_names_a_bad_value_before_a_missing_flag(argv, needle, capsys, ray_forbidden):
+    """A value the user typed that is wrong is the error, not the --num-per-class or --out not yet given."""
+    t0 = time.perf_counter()
+    assert _job("simulate").main(argv) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "required" not in err[0], err
+
+
+def test_simulate_asks_for_a_missing_flag_once_the_values_are_good(capsys, ray_forbidden):
+    simulate = _job("simulate")
+    assert simulate.main([]) == 2
+    assert capsys.readouterr().err.strip() == "error: --num-per-class is required"
+    assert simulate.main(["--num-per-class", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --out is required"
