@@ -60,3 +60,22 @@ def test_simulate_asks_for_a_missing_flag_once_the_values_are_good(capsys, ray_f
     assert capsys.readouterr().err.strip() == "error: --num-per-class is required"
     assert simulate.main(["--num-per-class", "5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --out is required"
+
+
+def test_pyproject_licence_is_an_spdx_string_with_its_files_and_reads_without_warnings():
+    """`pip install -e .` printed setuptools' deprecation box for a `license = {text = ...}` table."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] and all((ROOT / f).is_file() for f in project["license-files"])
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]  # the first to read an SPDX string
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert dist.metadata.license_expression == "MIT"
