@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,11 +32,34 @@ from pathlib import Path
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
+_handed_ports: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that nothing is bound to right now, drawn at random below the kernel's ephemeral range
+    (from 20000; ports the kernel never gives to outgoing connections) and never returned twice by this
+    process. Another process can still take it before the server binds it: retry with a new one then."""
+    eph_lo, eph_hi = _ephemeral_range()
+    lo, hi = (20000, eph_lo) if eph_lo - 20000 >= 2000 else (eph_hi + 1, 65536)
+    candidates = [p for p in range(lo, hi) if p not in _handed_ports]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_ports.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{lo}, {hi})")
 
 
 def start_mlflow_server(

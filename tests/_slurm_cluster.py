@@ -15,10 +15,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ports  # noqa: E402
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
 FINISHED_STATES = {
@@ -48,34 +52,10 @@ def _which(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_block(size: int, *, start: int = 20000, stop: int = 32000, step: int = 200) -> int:
-    """A port ``p`` (``start`` plus a multiple of ``step``, tried in random order so that concurrent callers
-    rarely pick the same block) such that p..p+size-1 are all free now."""
-    import random
-
-    bases = list(range(start, stop - size, step))
-    random.shuffle(bases)
-    for base in bases:
-        socks = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("0.0.0.0", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {size} free ports in [{start}, {stop})")
+# Ports below the kernel's ephemeral range, never handed out twice in this process (see _ports.py);
+# test_slurm.py and test_ray_job_submit.py import free_port_block from here.
+free_port = _ports.free_port
+free_port_block = _ports.free_port_block
 
 
 @dataclass
@@ -252,9 +232,21 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
-def start_slurm_cluster(*, timeout: float = 60.0) -> SlurmCluster:
+def start_slurm_cluster(*, timeout: float = 60.0, attempts: int = 3) -> SlurmCluster:
     """Write a config under a new temporary directory, start munged, slurmctld and slurmd, wait until the
-    node is idle. Raises RuntimeError (with the daemons' logs) if it does not come up within ``timeout`` s."""
+    node is idle. Raises RuntimeError (with the daemons' logs) if it does not come up within ``timeout`` s.
+    A daemon that could not bind its port (taken by another process since it was checked free) is
+    started again with fresh ports, up to ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_slurm_cluster_once(timeout=timeout)
+        except RuntimeError as exc:
+            if attempt == attempts or not _ports.address_in_use(str(exc)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_slurm_cluster_once(*, timeout: float) -> SlurmCluster:
     root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
     os.chmod(root, 0o700)
     node = socket.gethostname().split(".")[0]

@@ -6,9 +6,13 @@ from __future__ import annotations
 import importlib.util
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ports  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,19 +38,37 @@ def demo_store(tmp_path_factory, ray_session):
     return {"out": out, "paths": demo.paths(out), "settings": demo.QUICK, "module": demo}
 
 
+def _start_server(p: dict, log_dir: Path, tries: int = 3):
+    """`mlflow server` on a port from _ports.py; started again on a new port, up to ``tries`` times in all,
+    if it exits early or its log says the address is in use (another process took the port after it was
+    checked free). A server that neither comes up nor fails to bind ends the fixture with its log tail."""
+    tails = []
+    for attempt in range(1, tries + 1):
+        port = _ports.free_port()
+        log = log_dir / f"server-{attempt}.log"
+        proc = shot.start_mlflow_server(f"sqlite:///{p['db']}", port=port,
+                                        artifacts_destination=str(p["artifacts"]), log_path=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            shot.wait_healthy(base, proc, timeout=300)
+            time.sleep(1)  # /health may have been answered by another process's server on a taken port
+            if proc.poll() is None and not _ports.address_in_use(log.read_text(errors="replace")):
+                return proc, base
+            error = "it exited, or its log says the address is in use, after /health answered"
+        except RuntimeError as exc:
+            error = str(exc)
+        exited = proc.poll() is not None
+        shot.stop_server(proc)
+        text = log.read_text(errors="replace")
+        tails.append(f"try {attempt} on port {port}: {error}\n{text[-3000:]}")
+        if not (exited or _ports.address_in_use(text)):
+            break  # up and running but never healthy: not a port problem
+    raise RuntimeError("mlflow server did not come up:\n" + "\n".join(tails))
+
+
 @pytest.fixture(scope="module")
 def server(demo_store, tmp_path_factory):
-    p = demo_store["paths"]
-    port = shot.free_port()
-    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
-    proc = shot.start_mlflow_server(f"sqlite:///{p['db']}", port=port,
-                                    artifacts_destination=str(p["artifacts"]), log_path=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        shot.wait_healthy(base, proc, timeout=300)
-    except RuntimeError:
-        shot.stop_server(proc)
-        raise RuntimeError(log.read_text()[-3000:]) from None
+    proc, base = _start_server(demo_store["paths"], tmp_path_factory.mktemp("mlflow-server"))
     yield base
     shot.stop_server(proc)
     assert proc.poll() is not None

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ports  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "simulate.py"
@@ -97,29 +98,6 @@ def test_bad_flags_fail_before_ray_starts(tmp_path):
     assert not fresh.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_port_range(size: int = 100) -> tuple[int, int]:
-    """A random block of ports below the ephemeral range, all free right now."""
-    for _ in range(50):
-        lo = random.randrange(20000, 30000 - size)
-        ok = True
-        for port in range(lo, lo + size, 7):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return lo, lo + size - 1
-    raise RuntimeError("no free worker port range")
-
-
 def _pids_using(marker: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
@@ -154,15 +132,20 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 
 def _start_head(log_path: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     temp_dir = tempfile.mkdtemp(prefix="dlrd-", dir="/tmp")
-    gcs, dash = _free_port(), _free_port()
-    wlo, whi = _worker_port_range()
+    # One block of ports below the ephemeral range, never handed out before in this process (_ports.py):
+    # nine for the head's servers, the rest for its workers. A retry of the fixture draws a new block.
+    base = _ports.free_port_block(110)
+    gcs, dash, client, node_mgr, obj_mgr, agent_listen, agent_grpc, runtime_env, metrics = range(
+        base, base + 9
+    )
+    wlo, whi = base + 10, base + 109
     cmd = [
         os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--ray-client-server-port", str(_free_port()), "--node-manager-port", str(_free_port()),
-        "--object-manager-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-        "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()),
+        "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
+        "--object-manager-port", str(obj_mgr), "--dashboard-agent-listen-port", str(agent_listen),
+        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+        "--metrics-export-port", str(metrics),
         "--min-worker-port", str(wlo), "--max-worker-port", str(whi),
         "--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
@@ -196,16 +179,18 @@ def ray_head(tmp_path):
 
     `ray stop` would stop every Ray on this machine, so only this head's process group (and any process
     naming its temp dir) is stopped at the end. On an overloaded machine the raylet can miss its start-up
-    deadline: one more attempt is made before failing."""
+    deadline: one more attempt is made, with fresh ports, before failing; a head that could not bind a port
+    (taken by another process since it was checked free) gets a third."""
     log_path = tmp_path / "ray_head.log"
-    for attempt in range(2):
+    for attempt in range(1, 4):
         proc, temp_dir, addr = _start_head(log_path)
         if _head_ready(proc, log_path, addr["dashboard"], timeout=330):
             break
         _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if attempt == 1:
-            raise RuntimeError(f"ray head did not come up: {log_path.read_text()[-3000:]}")
+        log = log_path.read_text(errors="replace")
+        if attempt == 3 or (attempt == 2 and not _ports.address_in_use(log)):
+            raise RuntimeError(f"ray head did not come up: {log[-3000:]}")
     try:
         yield addr
     finally:
