@@ -125,6 +125,14 @@ def setup_ray_auth(p: dict[str, Path]) -> None:
 MIN_LOGICAL_CPUS = 4
 
 
+def cpus_text(logical: float, cores: int | None) -> str:
+    """The runtime's CPUs for the demo's first line; says why when Ray was given more than the cores."""
+    if cores and logical > cores:
+        return (f"{logical:g} logical CPUs on {cores} cores (Ray slots, so that a trial's training worker "
+                f"and the Ray Data readers feeding it are all scheduled; the work runs on the {cores} cores)")
+    return f"{logical:g} CPUs"
+
+
 def start_ray() -> bool:
     """A local Ray runtime on 127.0.0.1 (dashboard too, see RAY_NOTES); False if one was already up."""
     import ray
@@ -237,8 +245,9 @@ def _main(argv: list[str] | None = None) -> int:
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
         s = for_hardware(QUICK if args.quick else DemoSettings(), gpus)
         device = f"{gpus:g} GPU(s): {torch.cuda.get_device_name(0)}" if gpus > 0 else "CPU only"
-        print(f"[demo] Ray {ray.__version__} local runtime, {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-              f"{device}; results in {p['out']}", flush=True)
+        cpus = cpus_text(ray.cluster_resources().get("CPU", 0), os.cpu_count())
+        print(f"[demo] Ray {ray.__version__} local runtime, {cpus}, {device}; results in {p['out']}",
+              flush=True)
 
         t = time.perf_counter()
         manifest = simulate(s, p, gpus)

@@ -5,6 +5,7 @@ installable package without warnings, and train/tune/study on data that shows so
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _job(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_newcomer_job", ROOT / "jobs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -79,3 +81,11 @@ def test_pyproject_licence_is_an_spdx_string_with_its_files_and_reads_without_wa
         warnings.simplefilter("error")
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert dist.metadata.license_expression == "MIT"
+
+
+def test_demo_says_why_it_gives_ray_more_cpus_than_cores():
+    demo = _job("demo")
+    line = demo.cpus_text(demo.MIN_LOGICAL_CPUS, 2)
+    assert line.startswith(f"{demo.MIN_LOGICAL_CPUS} logical CPUs on 2 cores (")
+    assert "Ray Data readers" in line
+    assert demo.cpus_text(16, 16) == "16 CPUs"
