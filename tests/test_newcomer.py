@@ -89,3 +89,51 @@ def test_demo_says_why_it_gives_ray_more_cpus_than_cores():
     assert line.startswith(f"{demo.MIN_LOGICAL_CPUS} logical CPUs on 2 cores (")
     assert "Ray Data readers" in line
     assert demo.cpus_text(16, 16) == "16 CPUs"
+
+
+#: What the jobs, the demo and the benchmarks write into the checkout with their default paths or the paths
+#: README shows ($PWD/data/...): none of it may be committed or uploaded by `ray job submit --working-dir .`.
+OUTPUTS = ["data/model_ii/train/shard-00000.h5", "data/model_ii/manifest.json", "demo_output/mlflow.db",
+           "mlflow.db", "mlflow.db-journal", "mlartifacts/1/a/model.pt", "mlruns/0/meta.yaml",
+           "ray_results/run/checkpoint.pt", "tune_results/search/best_config.yaml",
+           "study_results/report.json", "runs/17/job_settings.env", "train_scaling.json", "test.csv",
+           "basic_auth.db", "jobs/x.h5"]
+#: What a submitted job needs.
+CODE = ["jobs/simulate.py", "deeplense_ray/__init__.py", "deeplense_ray/sim/data/hdf_galaxies.npz",
+        "benchmarks/results/demo_cpu_actor.json", "pyproject.toml"]
+
+
+def test_outputs_are_ignored_by_git_and_nothing_tracked_is():
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    if git("rev-parse", "--git-dir").returncode != 0:
+        pytest.skip("not a git checkout")
+    ignored = git("check-ignore", "--no-index", *OUTPUTS, *CODE).stdout.split()
+    assert sorted(ignored) == sorted(OUTPUTS)
+    assert git("ls-files", "-ci", "--exclude-standard").stdout == ""  # no tracked file matches a pattern
+
+
+@pytest.mark.parametrize("include_gitignore", [True, False])
+def test_ray_working_dir_upload_leaves_the_outputs_out(tmp_path, include_gitignore):
+    """Ray's own packaging walk over a copy of the ignore files with outputs and code in place: the outputs
+    stay out with .gitignore honoured, and with .rayignore alone (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)."""
+    import shutil
+
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    for name in (".gitignore", ".rayignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for rel in OUTPUTS + CODE:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    packed: list[str] = []
+
+    def handler(path: Path) -> None:
+        if path.is_file():
+            packed.append(str(path.relative_to(tmp_path)))
+
+    _dir_travel(tmp_path, [], handler, include_gitignore=include_gitignore)
+    assert sorted(packed) == sorted([*CODE, ".gitignore", ".rayignore"])
