@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# Triton for its CPU interpreter (the fused renderer's tests; CUDA builds of torch ship it), kept out of
+	# the environment's import path: the tests put it on theirs
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q --no-deps --target $(VENV)/triton-interp triton==3.5.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -15,9 +15,10 @@ measure on the test set:
 - beside each point the ring-size observer (``deeplense_ray.sim.observers.ring_size_aucs``: the AUC of the
   brightness-weighted ring radius of noise-free paired images and of theta_E_eff, per class pair, on
   ``--test-per-class`` groups): what a classifier that sees only the ring size reaches.
-``--compensation ring_slope|ring|none`` sets the preset's ``mass_compensation`` (ring_slope: the lens mass
-inside the Einstein ring and its slope there do not depend on the class; ring: the mass alone; none:
-subhalo mass added on top, the leak).
+``--compensation monopole|ring_slope|ring|none`` sets the preset's ``mass_compensation`` (monopole, the
+physical presets' default: each image's substructure monopole is subtracted, so the enclosed mass at every
+radius does not depend on the class and cdm_smooth equals no_sub; ring_slope: the lens mass inside the
+Einstein ring and its slope there; ring: the mass alone; none: subhalo mass added on top, the leak).
 Reports mean +- std over seeds per point, prints a table, writes JSON and a PNG (AUC against the scale, one
 line per model and profile) and logs both to MLflow when mlflow imports (``--tracking-uri``, default
 ``sqlite:///<out dir>/mlflow.db``; ``--no-mlflow`` to skip).
@@ -52,6 +53,7 @@ from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.sim.observers import PAIRS, ring_size_aucs  # noqa: E402
+from deeplense_ray.sim.presets import MASS_COMPENSATIONS  # noqa: E402
 from deeplense_ray.train.loop import (  # noqa: E402
     autocast_dtype,
     build_optimizer,
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
         "--classes", type=lambda v: v.split(","), default=None,
         help="comma-separated classes (default: the preset's), e.g. no_sub,cdm,cdm_smooth",
     )  # fmt: skip
-    ap.add_argument("--compensation", choices=["ring_slope", "ring", "none"], default=None,
+    ap.add_argument("--compensation", choices=list(MASS_COMPENSATIONS), default=None,
                     help="mass_compensation of the preset (default: the preset's)")  # fmt: skip
     ap.add_argument("--no-observer", action="store_true", help="skip the ring-size observer")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])

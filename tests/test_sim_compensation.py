@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ from deeplense_ray.sim.simulate import resolve_labels
 F64 = torch.float64
 #: 8x the model_ii Sigma_sub prior, the heavier subhalos only (70 % of the mass, a third of the count: fast)
 HEAVY_8X = {"sigma_sub": [0.0, 0.032], "subhalo_mass": [1e9, 1e10]}
+#: the main deflector's (theta_E, gamma) solved per image (the monopole default leaves them as drawn)
+RING_SLOPE = {"mass_compensation": "ring_slope"}
 SMALL = {"num_pix": 24, "delta_pix": 0.27, "supersampling": 1}
 SIS = {"lens_profile": "sie", "lens_gamma": [2.0, 2.0], "lens_gamma_sd": 0.0, "lens_q": [1.0, 1.0],
        **{f"lens_multipole_a{m}": [0.0, 0.0] for m in (1, 3, 4)}}  # fmt: skip
@@ -69,7 +73,7 @@ def test_compensated_lens_against_lenstronomy():
     pytest.importorskip("lenstronomy")
     from lenstronomy.LensModel.lens_model import LensModel
 
-    pre, lab, p = _draw(HEAVY_8X, 9, seed=3)
+    pre, lab, p = _draw({**HEAVY_8X, **RING_SLOPE}, 9, seed=3)
     for i in (1, 4):
         assert lab[i] == 1 and int(p["subhalo_count"][i]) > 20 and float(p["theta_E_compensation"][i]) > 0.01
         assert float(p["gamma_compensation"][i]) < -0.02  # the substructure's mass is flatter than the EPL's
@@ -108,17 +112,18 @@ def test_cdm_smooth_deflection_against_lenstronomy():
     pytest.importorskip("lenstronomy")
     from lenstronomy.LensModel.lens_model import LensModel
 
-    _, lab, p = _draw(HEAVY_8X, 6, seed=5)
+    _, lab, p = _draw({**HEAVY_8X, **RING_SLOPE}, 6, seed=5)
     i, s = 1, 2
     assert lab[i] == 1 and lab[s] == 2
     for k in ("subhalo_count", "subhalo_x", "subhalo_Rs", "subhalo_sigma_sub"):
         assert torch.equal(p[k][i], p[k][s])
     assert float(p["theta_E"][s]) == float(p["theta_E"][i])
-    assert float(p["subhalo_smooth_dr"][i]) == 0 and float(p["subhalo_smooth_dr"][s]) > 0
+    assert float(p["radial_dr"][i]) == 0 and float(p["radial_dr"][s]) > 0
+    assert int(p["subhalo_smoothed"][i]) == 0 and int(p["subhalo_smoothed"][s]) == 1
     subs = _tnfw_kwargs(p, s)
     lm = LensModel(["TNFW"] * len(subs))
-    cx, cy, dr = float(p["center_x"][s]), float(p["center_y"][s]), float(p["subhalo_smooth_dr"][s])
-    table = p["subhalo_smooth_alpha"][s]
+    cx, cy, dr = float(p["center_x"][s]), float(p["center_y"][s]), float(p["radial_dr"][s])
+    table = p["radial_alpha"][s]
     drawn = float(p["theta_E"][s] + p["theta_E_compensation"][s])
     radii = np.array([0.35, 0.8, 1.0, 1.13, 1.47, 2.0, 2.9]) * drawn
     ref = np.array([_ring_mean(lm, subs, cx, cy, r) for r in radii])
@@ -127,7 +132,7 @@ def test_cdm_smooth_deflection_against_lenstronomy():
     x = torch.tensor(cx + radii * np.cos(ang))[None]
     y = torch.tensor(cy + radii * np.sin(ang))[None]
     col = lambda k: p[k][s : s + 1, None]  # noqa: E731
-    ax, ay = alpha_radial_table(x, y, col("center_x"), col("center_y"), col("subhalo_smooth_dr"), table[None])
+    ax, ay = alpha_radial_table(x, y, col("center_x"), col("center_y"), col("radial_dr"), table[None])
     mag = (ax * np.cos(ang) + ay * np.sin(ang))[0].numpy()
     assert float((ax * np.sin(ang) - ay * np.cos(ang)).abs().max()) < 1e-12  # radial
     assert len(subs) > 20 and np.abs(mag - ref).max() < 1e-4 + 5e-3 * ref.max()  # linear between nodes
@@ -141,7 +146,7 @@ def test_diagnostics_sis_and_vortex():
     main deflector by the substructure's ring mean (a vortex of half length h < theta_E: its whole mass);
     without compensation cdm and axion rings grow."""
     over = {**SIS, **HEAVY_8X, "vortex_half_length_ref": 0.003}
-    _, lab, p = _draw(over, 30, seed=2, classes=("no_sub", "axion", "cdm"))
+    _, lab, p = _draw({**over, **RING_SLOPE}, 30, seed=2, classes=("no_sub", "axion", "cdm"))
     _, _, q = _draw({**over, "mass_compensation": "none"}, 30, seed=2, classes=("no_sub", "axion", "cdm"))
     drawn = p["theta_E"] + p["theta_E_compensation"]
     assert torch.equal(drawn, q["theta_E"])
@@ -165,7 +170,7 @@ def test_slope_compensation_diagnostics_and_vortex():
     circ = {"lens_q": [1.0, 1.0], **{f"lens_multipole_a{m}": [0.0, 0.0] for m in (1, 3, 4)}}
     over = {**circ, **HEAVY_8X, "vortex_half_length_ref": 0.003}
     classes = ("no_sub", "axion", "cdm", "cdm_smooth")
-    pre, lab, p = _draw(over, 40, seed=2, classes=classes)
+    pre, lab, p = _draw({**over, **RING_SLOPE}, 40, seed=2, classes=classes)
     _, _, q = _draw({**over, "mass_compensation": "ring"}, 40, seed=2, classes=classes)
     g0, te0 = p["gamma"] + p["gamma_compensation"], p["theta_E"] + p["theta_E_compensation"]
     assert torch.equal(te0, q["theta_E"] + q["theta_E_compensation"]) and torch.allclose(g0, q["gamma"])
@@ -197,7 +202,8 @@ def test_slope_compensation_diagnostics_and_vortex():
 def test_cdm_smooth_renders_and_validates():
     """cdm_smooth images render on the eager and the dense path alike; the class needs a normalised
     population; the published presets keep the uncompensated recipe."""
-    over = {**SMALL, **HEAVY_8X, "class_names": ["no_sub", "cdm", "cdm_smooth"], "noise": "none"}
+    over = {**SMALL, **HEAVY_8X, **RING_SLOPE, "class_names": ["no_sub", "cdm", "cdm_smooth"]}
+    over["noise"] = "none"
     a = simulate("model_ii", 6, seed=1, device="cpu", overrides=over, paired=True)
     assert torch.isfinite(a.images).all()
     from deeplense_ray.sim.simulate import Renderer
@@ -215,3 +221,99 @@ def test_cdm_smooth_renders_and_validates():
         resolve_preset("model_ii", {"mass_compensation": "sheet"})
     assert resolve_preset("deeplense_model_i").mass_compensation == "none"
     assert resolve_preset("model_ii").class_names == ("no_sub", "axion", "cdm")
+
+
+def test_monopole_compensation_against_lenstronomy():
+    """(b) "monopole" (the default): lenstronomy's EPL (as drawn) + the image's TNFW subhalos + the image's
+    radial table has the substructure-free EPL's enclosed mass (mean radial deflection, Gauss) at radii on
+    and between the table's nodes, inside and outside the ring (to 2 % of the subhalos' own monopole); the
+    macro lens keeps its drawn theta_E and gamma."""
+    pytest.importorskip("lenstronomy")
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    pre, lab, p = _draw(HEAVY_8X, 9, seed=3)
+    assert pre.mass_compensation == "monopole"
+    for i in (1, 4):
+        assert lab[i] == 1 and int(p["subhalo_count"][i]) > 20
+        assert float(p["theta_E_compensation"][i]) == 0 and float(p["gamma_compensation"][i]) == 0
+        assert float(p["theta_E"][i]) == float(p["theta_E"][i - 1])  # the no_sub partner's macro lens
+        assert float(p["substructure_ring_alpha"][i]) > 0.01
+        te, cx, cy = float(p["theta_E"][i]), float(p["center_x"][i]), float(p["center_y"][i])
+        shape = {k: float(p[k][i]) for k in ("e1", "e2", "center_x", "center_y")}
+        epl = [{"theta_E": te, "gamma": float(p["gamma"][i]), **shape}]
+        subs = _tnfw_kwargs(p, i)
+        lm_epl, lm_sub = LensModel(["EPL"]), LensModel(["TNFW"] * len(subs))
+        radii = np.array([0.37, 0.8, 0.95, 1.0, 1.13, 1.5, 2.21]) * te
+        ang = np.linspace(0.0, 2 * np.pi, 1024, endpoint=False)
+        c = {k: p[k][i : i + 1, None] for k in ("center_x", "center_y", "radial_dr")}
+        for r in radii:
+            x, y = torch.tensor(cx + r * np.cos(ang))[None], torch.tensor(cy + r * np.sin(ang))[None]
+            ax, ay = alpha_radial_table(x, y, c["center_x"], c["center_y"], c["radial_dr"],
+                                        p["radial_alpha"][i : i + 1])  # fmt: skip
+            table_mean = float((ax[0].numpy() * np.cos(ang) + ay[0].numpy() * np.sin(ang)).mean())
+            sub_mean = _ring_mean(lm_sub, subs, cx, cy, r)
+            assert table_mean < 0 < sub_mean
+            # the whole lens's enclosed mass is the EPL's: the residual is a small part of the subhalos' own
+            assert abs(sub_mean + table_mean) < 1e-4 + 0.02 * sub_mean, (r / te, sub_mean, table_mean)
+            total = _ring_mean(lm_epl, epl, cx, cy, r) + sub_mean + table_mean
+            assert abs(total - _ring_mean(lm_epl, epl, cx, cy, r)) < 1e-4 + 0.02 * sub_mean
+
+
+def test_monopole_smooth_control_is_no_sub_and_ring_blind():
+    """Under "monopole" a cdm_smooth image is its no_sub partner, byte for byte (the smoothed population's
+    deflection minus the same monopole is 0), on the eager and the dense renderer; cdm and axion images carry
+    a table, and the ring radius and theta_E_eff no longer tell cdm from no_sub at 8x Sigma_sub."""
+    over = {**SMALL, **HEAVY_8X, "class_names": ["no_sub", "cdm", "cdm_smooth", "axion"], "noise": "none"}
+    a = simulate("model_ii", 8, seed=1, device="cpu", overrides=over, paired=True)
+    p = a.params
+    assert torch.equal(a.images[2], a.images[0]) and torch.equal(a.images[6], a.images[4])
+    assert not torch.equal(a.images[1], a.images[0])
+    assert p["subhalo_smoothed"].tolist() == [0, 0, 1, 0] * 2
+    assert bool((p["radial_dr"][1::4] > 0).all() and (p["radial_dr"][3::4] > 0).all())
+    assert not bool(p["radial_dr"][0::4].any() or p["radial_dr"][2::4].any())
+    from deeplense_ray.sim.simulate import Renderer
+
+    pf = {k: (v.float() if v.is_floating_point() else v) for k, v in p.items()}
+    eager = Renderer(preset=a.preset, device=torch.device("cpu"), dtype=torch.float32)(pf)
+    dense = Renderer(preset=a.preset, device=torch.device("cpu"), dtype=torch.float32, dense=True)(pf)
+    assert float((eager - dense).norm() / eager.norm()) < 1e-5
+    aucs = ring_size_aucs("model_ii", 150, 0, overrides={**SMALL, **HEAVY_8X}, device="cpu")["cdm_vs_no_sub"]
+    assert abs(aucs["auc_ring_radius"] - 0.5) <= 0.03 and abs(aucs["auc_theta_E_eff"] - 0.5) <= 1e-9
+
+
+def test_triton_kernel_radial_tables_match_torch():
+    """The fused kernel's radial tables (cdm_smooth, minus a monopole), run by Triton's interpreter on the
+    CPU, render what the torch renderer does (skipped visibly where triton is not installed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        interp = Path(sys.prefix) / "triton-interp"  # where `make install` puts it on a CPU machine
+        if not (interp / "triton").is_dir():
+            pytest.skip(f"triton is not installed (nor in {interp}): the kernel's radial tables go unchecked")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(interp), env.get("PYTHONPATH", "")]))
+    code = (
+        "import torch\n"
+        "from deeplense_ray.sim.simulate import _TritonBatches, _TorchBatches, resolve_labels\n"
+        "from deeplense_ray.sim.presets import resolve_preset\n"
+        "from deeplense_ray.sim.sampling import draw_parameters\n"
+        "worst = 0.0\n"
+        "for comp in ('monopole', 'ring_slope'):\n"
+        "    over = {'num_pix': 20, 'noise': 'none', 'mass_compensation': comp, 'sigma_sub': [0.0, 0.032],\n"
+        "            'class_names': ['no_sub', 'cdm', 'cdm_smooth', 'axion']}\n"
+        "    pre = resolve_preset('model_ii', over)\n"
+        "    lab = resolve_labels(pre, 8, None, None)\n"
+        "    p = draw_parameters(pre, lab, torch.Generator().manual_seed(3), paired=True)\n"
+        "    assert bool((p['radial_dr'] > 0).any())\n"
+        "    a = _TritonBatches(pre, p, torch.device('cpu'), 1)(0, 8)\n"
+        "    b = _TorchBatches(pre, p, torch.device('cpu'), torch.float32, None, 1, compile=False)(0, 8)\n"
+        "    worst = max(worst, float((a - b).abs().max() / b.abs().max()))\n"
+        "print(worst)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5

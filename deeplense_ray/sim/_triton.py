@@ -164,6 +164,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         tn_ptr,  # [B, KT, TNFW_FIELDS] tNFW subhalos (``tnfw_table``)
         tcount_ptr,  # [B] int32: tNFW subhalos per image
         coord_ptr,  # [N*SS] sub-pixel centre coordinates [arcsec]
+        rad_ptr,  # [B, R] float32: circularly symmetric deflection tables (mean radial, at j * dr)
+        rdr_ptr,  # [B] float32: their node spacing dr (0: no table)
         scale,  # delta_pix^2 / SS^2
         N: tl.constexpr,
         SS: tl.constexpr,
@@ -176,6 +178,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         BLOCK: tl.constexpr,
         EPL_TERMS: tl.constexpr = -1,  # -1: SIE; else the EPL series' terms after the first
         HAS_MULTIPOLE: tl.constexpr = False,
+        HAS_RADIAL: tl.constexpr = False,
+        R: tl.constexpr = 2,  # nodes of a radial table
     ):
         NB: tl.constexpr = (N * N + BLOCK - 1) // BLOCK
         pid = tl.program_id(0)
@@ -326,6 +330,24 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
                         a_v = v_mu * (_atan2(v, um) - _atan2(v, up))
                         ax += v_cos * a_u - v_sin * a_v
                         ay += v_sin * a_u + v_cos * a_v
+                if HAS_RADIAL:
+                    rdr = tl.load(rdr_ptr + img)
+                    if rdr > 0:  # uniform per program
+                        # linear in the table (``compensation.alpha_radial_table``); beyond node R-1 the
+                        # enclosed mass is held (alpha ~ 1/r)
+                        rr = tl.maximum(tl.sqrt(dx * dx + dy * dy), 1e-12)
+                        u = rr / rdr
+                        fi = tl.minimum(tl.floor(u), R - 2.0)
+                        t = tl.minimum(u - fi, 1.0)
+                        ii = fi.to(tl.int32)
+                        rbase = rad_ptr + img.to(tl.int64) * R
+                        a0 = tl.load(rbase + ii, mask=mask, other=0.0)
+                        a1 = tl.load(rbase + ii + 1, mask=mask, other=0.0)
+                        ar = a0 * (1.0 - t) + a1 * t
+                        alast = tl.load(rbase + (R - 1))
+                        ar = tl.where(u > R - 1.0, alast * (rdr * (R - 1.0)) / rr, ar)
+                        ax += ar * dx / rr
+                        ay += ar * dy / rr
                 # Sersic source at the source-plane position
                 sdx = (x - ax) - s_cx
                 sdy = (y - ay) - s_cy
@@ -414,12 +436,16 @@ def render_sersic(
     block: int = 256,
     epl_terms: int = -1,
     has_multipole: bool = False,
+    radial: Tensor | None = None,
+    radial_dr: Tensor | None = None,
 ) -> Tensor:
     """Noise-free, PSF-free flux per pixel [B, N, N] float32 (see module docstring). ``tnfw`` [B, KT, 8]
     (``tnfw_table``) with ``tnfw_count`` [B] int32 adds truncated-NFW subhalos (each image loops over its own
     count; KT is compiled in, so callers round it up to a few sizes: ``tnfw_slots``). ``epl_terms`` >= 0
     renders an EPL main deflector with that many series terms (``simulate.macro_kind``; -1: the SIE);
-    ``has_multipole`` adds the multipoles m = 1, 3, 4 (the scalars' m* columns)."""
+    ``has_multipole`` adds the multipoles m = 1, 3, 4 (the scalars' m* columns); ``radial`` [B, R] float32
+    with ``radial_dr`` [B] adds circularly symmetric deflections about the lens centre (mean radial
+    deflection at radii j dr; images with dr = 0 skip it)."""
     B = scalars.shape[0]
     N, ss = int(num_pix), int(supersampling)
     out = torch.empty((B, N, N), device=scalars.device, dtype=torch.float32)
@@ -431,12 +457,16 @@ def render_sersic(
     if not has_tnfw:
         tnfw, tnfw_count = scalars, scalars  # never read
     KT = int(tnfw.shape[1]) if has_tnfw else 0
+    has_radial = radial is not None
+    if not has_radial:
+        radial, radial_dr = scalars, scalars  # never read
+    R = int(radial.shape[1]) if has_radial else 2
     nb = -(-N * N // block)
     _render_kernel[(B * nb,)](
-        out, scalars, te2, sub_x, sub_y, tnfw, tnfw_count, coord,
+        out, scalars, te2, sub_x, sub_y, tnfw, tnfw_count, coord, radial, radial_dr,
         float(delta_pix * delta_pix / (ss * ss)),
         N=N, SS=ss, K=K, NC=NCOL, HAS_SUB=has_sub, HAS_VORTEX=bool(has_vortex), HAS_TNFW=has_tnfw, KT=KT,
-        BLOCK=block, EPL_TERMS=int(epl_terms), HAS_MULTIPOLE=bool(has_multipole),
+        BLOCK=block, EPL_TERMS=int(epl_terms), HAS_MULTIPOLE=bool(has_multipole), HAS_RADIAL=has_radial, R=R,
     )  # fmt: skip
     return out
 

@@ -26,13 +26,26 @@ ellipsoid). Its uses:
   the preset's ``lens_gamma`` range (``gamma_clipped``). An SIE (gamma fixed at 2) has no slope to move:
   theta_E alone, as "ring". Without it, substructure spread over ~3 theta_E acts on the ring like a mass
   sheet: the same ring, radially stretched arcs (a mass-sheet-like transform).
+- **monopole compensation** (``"monopole"``, the default of the physical presets): the substructure's
+  monopole about the lens centre is subtracted at every radius, so cdm = macro + (subhalos - their azimuthal
+  average) and the whole lens's enclosed mass M(<r) equals the substructure-free lens's at every r, not only
+  at the ring. Subhalos are part of the host halo's mass, not mass on top of it: the host's smooth profile
+  is what a lens model fits, and it absorbs every circularly symmetric part of the substructure (a free
+  radial profile absorbs more than the two numbers of "ring_slope"). What stays is the clumps: the m >= 1
+  angular structure of the population about the centre. Each image's own monopole is subtracted, not the
+  population's expected profile (the negative convergence sheet of pyHalo, Gilman et al. 2020), so no image
+  keeps a Poisson fluctuation of its enclosed mass that scales with Sigma_sub; the macro lens keeps its drawn
+  theta_E and gamma. The subtracted deflection is the cdm_smooth table below with the opposite sign (a
+  cdm_smooth image is then identical to its no_sub partner: smoothed substructure carries no signal by
+  construction, and cdm vs no_sub measures clumps alone); the vortex's monopole likewise (exact, Gauss).
 - **effective Einstein radius** ``theta_E_eff``: the radius where the mean convergence inside the circle is
   1, i.e. <alpha_r>(r) = r for macro + substructure (tabulated at ``EFF_NODES`` x theta_E, linear
   interpolation; outside that range the end segment is extrapolated).
-- **cdm_smooth**: the azimuthal average of a subhalo population about the lens centre is a circularly
-  symmetric mass whose deflection is radial with magnitude <alpha_r>(r) of the population: tabulated per
-  image at r_j = j theta_E / ``SMOOTH_NODES_PER_THETA_E`` (j = 0..R-1, the last node beyond every pixel) and
-  interpolated linearly at each pixel's radius; beyond the last node the enclosed mass is held (1/r).
+- **cdm_smooth** (and the "monopole" table): the azimuthal average of a subhalo population about the lens
+  centre is a circularly symmetric mass whose deflection is radial with magnitude <alpha_r>(r) of the
+  population: tabulated per image at r_j = j theta_E / ``SMOOTH_NODES_PER_THETA_E`` (j = 0..R-1, the last
+  node beyond every pixel) and interpolated linearly at each pixel's radius; beyond the last node the
+  enclosed mass is held (1/r).
 
 The vortex and cdm_smooth images take the same step (cdm_smooth in paired mode: its cdm partner's means, so
 the same theta_E' and gamma'). Subhalo means are computed from the subhalo deflection the renderer uses
@@ -60,8 +73,6 @@ RING_ANGLES = 64
 EFF_NODES = (0.8, 0.9, 1.0, 1.1, 1.2)
 #: nodes of the cdm_smooth table per theta_E (so the EFF_NODES and the ring are nodes of it)
 SMOOTH_NODES_PER_THETA_E = 10
-#: ``Preset.mass_compensation`` values
-MASS_COMPENSATIONS = ("none", "ring", "ring_slope")
 #: half width / theta_E of the annulus about the ring whose mean convergence ``"ring_slope"`` keeps (its
 #: edges, 0.9 and 1.1 theta_E, are EFF_NODES: no extra subhalo integral)
 SLOPE_HALF_WIDTH = 0.1
@@ -261,6 +272,13 @@ def smooth_table_size(preset) -> int:
     return int(math.ceil(r_cover / theta_min * SMOOTH_NODES_PER_THETA_E)) + 2
 
 
+def radial_table_needed(preset) -> bool:
+    """Whether the preset's images carry a radial deflection table (``radial_alpha``): the cdm_smooth
+    control, or "monopole" compensation with substructure in the classes."""
+    sub = any(c in preset.class_names for c in ("cdm", "cdm_smooth", "axion"))
+    return "cdm_smooth" in preset.class_names or (preset.mass_compensation == "monopole" and sub)
+
+
 def alpha_radial_table(
     x: Tensor, y: Tensor, center_x: Tensor, center_y: Tensor, dr: Tensor, table: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -294,9 +312,12 @@ def lens_mass_model(
     and the per-image diagnostics ``theta_E_compensation`` and ``gamma_compensation`` (drawn minus rendered; 0
     without substructure, with ``mass_compensation = "none"``, and for gamma with "ring" or an SIE),
     ``gamma_clipped`` (int64 1 where the slope solve left the preset's lens_gamma range) and ``theta_E_eff``
-    (effective Einstein radius of the whole lens [arcsec]); with cdm_smooth in the preset's classes also
-    ``subhalo_smooth_alpha`` [n, R] (the smoothed population's mean radial deflection at radii j
-    ``subhalo_smooth_dr``; zeros elsewhere) and ``subhalo_smooth_dr`` [n] (> 0 marks a cdm_smooth image: its
+    (effective Einstein radius of the whole lens [arcsec]); with compensation ``substructure_ring_alpha``
+    (the substructure's mean radial deflection on the ring, before compensation [arcsec]); where
+    ``radial_table_needed``: ``radial_alpha`` [n, R] (a circularly symmetric deflection added to the image,
+    its mean radial value at radii j ``radial_dr``: a cdm_smooth image's smoothed population, or with
+    "monopole" minus a cdm or axion image's own substructure monopole; zeros elsewhere), ``radial_dr`` [n]
+    (> 0 where the table is rendered) and ``subhalo_smoothed`` [n] (int64 1: a cdm_smooth image, whose
     subhalos are not rendered as clumps).
 
     ``p``: the drawn parameters (float64 on one device; ``gamma`` [n] if the main deflector is an EPL);
@@ -314,26 +335,49 @@ def lens_mass_model(
     out: dict[str, Tensor] = {}
     ring = EFF_NODES.index(1.0)
     profile = preset.subhalo_profile
+    monopole = preset.mass_compensation == "monopole"
+    vortex = "vortex_theta_E" in p
     rows = torch.nonzero(clumps).squeeze(1)
-    a_sub[rows] = subhalo_mean_radial(p, rows, radii[rows], profile, device=device)
-    if "cdm_smooth" in preset.class_names:
+    if not monopole:
+        a_sub[rows] = subhalo_mean_radial(p, rows, radii[rows], profile, device=device)
+    if radial_table_needed(preset):
         J = SMOOTH_NODES_PER_THETA_E
         R = smooth_table_size(preset)
-        rows_s = torch.nonzero(smooth).squeeze(1)
         steps = torch.arange(R, dtype=_F64, device=dev) / J
-        table = subhalo_mean_radial(p, rows_s, te[rows_s, None] * steps, profile, device=device)
-        full = torch.zeros((n, R), dtype=_F64, device=dev)
-        full[rows_s] = table
         idx = torch.tensor([round(t * J) for t in EFF_NODES], device=dev)
-        a_sub[rows_s] = table[:, idx]
-        # a partnered image takes its partner's ring means (the same population, so the same compensation)
+        full = torch.zeros((n, R), dtype=_F64, device=dev)
+        # the subhalo populations' mean radial deflections at r_j: cdm_smooth images always, cdm images
+        # under "monopole" (their own monopole is subtracted); the ring means follow at the EFF_NODES
+        tab = (smooth | clumps) if monopole else smooth
+        rows_t = torch.nonzero(tab).squeeze(1)
+        table = subhalo_mean_radial(p, rows_t, te[rows_t, None] * steps, profile, device=device)
+        if monopole:
+            full[rows_t] = -table * clumps[rows_t, None]  # cdm: minus its own monopole; cdm_smooth: 0
+        else:
+            full[rows_t] = table  # cdm_smooth: the population's azimuthal average, no clumps
+        a_sub[rows_t] = table[:, idx]
+        if monopole and vortex:
+            rv = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
+            rad_v = (te[rv, None] * steps).clamp_min(1e-6 * te[rv, None])  # node 0: the limit r -> 0
+            full[rv] = full[rv] - vortex_mean_radial(
+                rad_v, p["vortex_theta_E"][rv], p["vortex_half_length"][rv], preset.vortex_profile,
+                preset.vortex_points,
+            )  # fmt: skip
+        # a partnered cdm_smooth image takes its partner's ring means (the same population, so the same
+        # compensation)
         has = smooth & (partner >= 0)
         a_sub[has] = a_sub[partner[has]]
-        out["subhalo_smooth_alpha"] = full
-        out["subhalo_smooth_dr"] = torch.where(smooth, te / J, torch.zeros_like(te))
+        nonzero = (full != 0).any(dim=1)
+        out["radial_alpha"] = full
+        out["radial_dr"] = torch.where(nonzero, te / J, torch.zeros_like(te))
+        out["subhalo_smoothed"] = smooth.to(torch.int64)
     if "vortex_theta_E" in p:
         prof, pts = preset.vortex_profile, preset.vortex_points
         a_sub = a_sub + vortex_mean_radial(radii, p["vortex_theta_E"], p["vortex_half_length"], prof, pts)
+    if preset.mass_compensation != "none":
+        out["substructure_ring_alpha"] = a_sub[:, ring].clone()
+    if monopole:  # the substructure's monopole is subtracted at every radius: the macro lens stays as drawn
+        a_sub = torch.zeros_like(a_sub)
     g_new = gamma
     sub = a_sub[:, ring] != 0
     clipped = torch.zeros_like(sub)

@@ -10,9 +10,11 @@ group of C images, one per class) it is computed from two numbers per image:
   stand-in for a fitted one.
 
 ``ring_size_aucs`` returns the ROC AUC of each against the class, per class pair (the first class of a pair
-the positive one). With a class-independent ring mass and slope (``mass_compensation = "ring_slope"``, the
-default) both sit near 0.5; with the ring mass alone (``"ring"``) theta_E_eff does, the ring radius not quite
-(arcs stretched radially by the substructure's sheet-like part).
+the positive one). With the substructure's monopole subtracted (``mass_compensation = "monopole"``, the
+default) theta_E_eff is the substructure-free lens's and the ring radius moves only by the clumps; with a
+class-independent ring mass and slope (``"ring_slope"``) both sit near 0.5; with the ring mass alone
+(``"ring"``) theta_E_eff does, the ring radius not quite (arcs stretched radially by the substructure's
+sheet-like part).
 """
 
 from __future__ import annotations

@@ -19,10 +19,12 @@ distribution; the class only decides the substructure:
 - ``cdm_smooth`` (a control, not in the default class list; with ``sigma_sub`` set): the cdm population
   averaged over angle about the lens centre, no clumps (``sim/compensation.py``).
 
-``mass_compensation`` ("ring_slope", the default; "ring"; "none" in the published presets) sets the main
-deflector's theta_E and gamma per image so that the projected mass inside the Einstein ring and its slope
-there (the mean convergence of the annulus 0.9-1.1 theta_E) do not depend on the class ("ring", or an SIE:
-theta_E alone, the mass).
+``mass_compensation`` keeps the lens mass independent of the class: "monopole" (the default) subtracts each
+image's substructure monopole about the lens centre, so the enclosed mass at every radius is the
+substructure-free lens's and only clumps remain; "ring_slope" sets the main deflector's theta_E and gamma per
+image so that the projected mass inside the Einstein ring and its slope there (the mean convergence of the
+annulus 0.9-1.1 theta_E) do not depend on the class ("ring", or an SIE: theta_E alone, the mass); "none"
+(the published presets) adds the substructure on top.
 
 Noise (``noise``):
 - ``"none"``: noise-free images;
@@ -58,6 +60,8 @@ CONCENTRATION_MODELS = ("fixed", "dg19")
 VORTEX_PROFILES = ("segment", "point_chain")
 COUNT_UNITS = ("e-", "ADU")
 LENS_PROFILES = ("sie", "epl")
+#: ``Preset.mass_compensation`` values (sim/compensation.py)
+MASS_COMPENSATIONS = ("none", "ring", "ring_slope", "monopole")
 SOURCE_MAG_DISTS = ("uniform", "counts")
 
 
@@ -157,11 +161,13 @@ class Preset:
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
     vortex_points: int = 100
-    # lens mass (sim/compensation.py): "ring_slope" sets the main deflector's theta_E and gamma per image so
-    # that the mass inside the Einstein ring and the mean convergence of an annulus about it (the local slope)
-    # do not depend on the class (an SIE: theta_E alone); "ring" lowers theta_E alone (the ring mass);
-    # "none" adds substructure and vortex on top (the published recipe)
-    mass_compensation: str = "ring_slope"
+    # lens mass (sim/compensation.py): "monopole" subtracts each image's substructure monopole about the lens
+    # centre (the enclosed mass at every radius does not depend on the class: what is left is clumps);
+    # "ring_slope" sets the main deflector's theta_E and gamma per image so that the mass inside the Einstein
+    # ring and the mean convergence of an annulus about it (the local slope) do not depend on the class (an
+    # SIE: theta_E alone); "ring" lowers theta_E alone (the ring mass); "none" adds substructure and vortex
+    # on top (the published recipe)
+    mass_compensation: str = "monopole"
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -577,8 +583,8 @@ def _validate_population(p: Preset) -> None:
             _fail(name, getattr(p, name), "a finite number")
     if not _finite(p.subhalo_conc_scatter) or p.subhalo_conc_scatter < 0:
         _fail("subhalo_conc_scatter", p.subhalo_conc_scatter, "a finite number >= 0 [dex]")
-    if p.mass_compensation not in ("none", "ring", "ring_slope"):
-        _fail("mass_compensation", p.mass_compensation, "one of ['none', 'ring', 'ring_slope']")
+    if p.mass_compensation not in MASS_COMPENSATIONS:
+        _fail("mass_compensation", p.mass_compensation, f"one of {list(MASS_COMPENSATIONS)}")
     if "cdm_smooth" in p.class_names and p.sigma_sub is None:
         _fail("class_names", list(p.class_names), "'cdm_smooth' only with a normalised population: sigma_sub")
     if p.sigma_sub is None:

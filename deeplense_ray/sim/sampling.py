@@ -63,7 +63,7 @@ def draw_parameters(
     """All parameters (float64 / int64, on the generator's device) for images with the given class labels.
 
     Last comes the lens-mass step (``sim/compensation.py``: the compensated ``theta_E``, the diagnostics
-    ``theta_E_compensation`` and ``theta_E_eff``, the cdm_smooth tables); its subhalo integrals run on
+    ``theta_E_compensation`` and ``theta_E_eff``, the radial tables); its subhalo integrals run on
     ``compute_device`` (default: the generator's device; ``simulate`` passes the render device).
 
     The generator's device decides where everything is drawn and computed (labels and ``library_peak`` are

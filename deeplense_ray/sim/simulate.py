@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .compensation import alpha_radial_table
+from .compensation import alpha_radial_table, radial_table_needed
 from .lens import (
     alpha_epl,
     alpha_line_segment,
@@ -255,14 +255,8 @@ class Renderer:
         count = p.get("subhalo_count")
         if count is not None and pre.max_subhalos > 0:
             clumpy = count > 0
-            if "subhalo_smooth_dr" in p:  # cdm_smooth images: the population's azimuthal average, no clumps
-                smooth = p["subhalo_smooth_dr"] > 0
-                clumpy = clumpy & ~smooth
-                ii = torch.nonzero(smooth).squeeze(1)
-                if ii.numel():
-                    sx, sy = _smooth_alpha(x, y, {k: col[k][ii] for k in _SMOOTH_KEYS})
-                    ax = ax.index_add(0, ii, sx)
-                    ay = ay.index_add(0, ii, sy)
+            if "subhalo_smoothed" in p:  # cdm_smooth images: no clumps (their table below)
+                clumpy = clumpy & (p["subhalo_smoothed"] == 0)
             idx = torch.nonzero(clumpy).squeeze(1)
             for s in range(0, idx.numel(), self.sub_chunk):
                 ii = idx[s : s + self.sub_chunk]
@@ -277,6 +271,12 @@ class Renderer:
                 vx, vy = _vortex_alpha(x, y, {k: col[k][ii] for k in _VORTEX_KEYS}, _vortex_kind(pre))
                 ax = ax.index_add(0, ii, vx)
                 ay = ay.index_add(0, ii, vy)
+        if "radial_dr" in p:  # circularly symmetric tables: cdm_smooth, or minus a monopole
+            ii = torch.nonzero(p["radial_dr"] > 0).squeeze(1)
+            if ii.numel():
+                rx, ry = _radial_alpha(x, y, {k: col[k][ii] for k in _RADIAL_KEYS})
+                ax = ax.index_add(0, ii, rx)
+                ay = ay.index_add(0, ii, ry)
         return x - ax, y - ay
 
     def lens_light_image(self, p: Mapping[str, Tensor]) -> Tensor:
@@ -337,7 +337,7 @@ _SUB_KEYS = {
 }
 _TNFW_KERNEL_KEYS = ("subhalo_x", "subhalo_y", "subhalo_Rs", "subhalo_alpha_Rs", "subhalo_r_trunc")
 _VORTEX_KEYS = ("vortex_theta_E", "vortex_half_length", "vortex_angle", "center_x", "center_y")
-_SMOOTH_KEYS = ("subhalo_smooth_alpha", "subhalo_smooth_dr", "center_x", "center_y")
+_RADIAL_KEYS = ("radial_alpha", "radial_dr", "center_x", "center_y")
 
 
 def _hot_keys(pre: Preset) -> tuple[str, ...]:
@@ -348,16 +348,14 @@ def _hot_keys(pre: Preset) -> tuple[str, ...]:
         keys = keys + _SUB_KEYS[pre.subhalo_profile]
     if "axion" in pre.class_names:
         keys = keys + _VORTEX_KEYS[:3]
-    if "cdm_smooth" in pre.class_names:
-        keys = keys + _SMOOTH_KEYS[:2]
+    if radial_table_needed(pre):
+        keys = keys + _RADIAL_KEYS[:2] + ("subhalo_smoothed",)
     return keys
 
 
-def _smooth_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Deflection [B, P] of cdm_smooth images: their tabulated azimuthally averaged population."""
-    return alpha_radial_table(
-        x, y, c["center_x"], c["center_y"], c["subhalo_smooth_dr"], c["subhalo_smooth_alpha"]
-    )
+def _radial_alpha(x: Tensor, y: Tensor, c: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Deflection [B, P] of the images' circularly symmetric tables (``compensation.lens_mass_model``)."""
+    return alpha_radial_table(x, y, c["center_x"], c["center_y"], c["radial_dr"], c["radial_alpha"])
 
 
 def macro_kind(pre: Preset) -> tuple[int, tuple[int, ...]]:
@@ -480,14 +478,16 @@ def _dense_hot_path(
     if with_sub:
         sub = {k: c[k] for k in _SUB_KEYS[profile]}
         sx, sy = _subhalo_alpha(x, y, sub, profile)
-        if "subhalo_smooth_dr" in c:  # cdm_smooth images: the smoothed population instead of the clumps
-            smooth = c["subhalo_smooth_dr"] > 0
-            mx, my = _smooth_alpha(x, y, c)
-            sx, sy = torch.where(smooth, mx, sx), torch.where(smooth, my, sy)
+        if "subhalo_smoothed" in c:  # cdm_smooth images: no clumps (their table below)
+            keep = c["subhalo_smoothed"] == 0
+            sx, sy = torch.where(keep, sx, 0.0), torch.where(keep, sy, 0.0)
         ax, ay = ax + sx, ay + sy
     if vortex is not None:
         vx, vy = _vortex_alpha(x, y, c, vortex)
         ax, ay = ax + vx, ay + vy
+    if "radial_dr" in c:  # zero tables add nothing
+        rx, ry = _radial_alpha(x, y, c)
+        ax, ay = ax + rx, ay + ry
     bx, by = x - ax, y - ay
     if sersic:
         return _sersic_source(bx, by, c)
@@ -551,7 +551,6 @@ def triton_supported(preset: Preset, device: torch.device, dtype: torch.dtype) -
         and dtype == torch.float32
         and preset.source_kind == "sersic"
         and not preset.lens_light
-        and "cdm_smooth" not in preset.class_names  # the kernel takes no radial deflection table
     )
 
 
@@ -692,16 +691,24 @@ class _TritonBatches:
         self.K = pre.max_subhalos
         # a 'point_chain' vortex is rendered as vortex_points more point-mass slots after the subhalos
         self.chain = pre.vortex_points if self.has_vortex and pre.vortex_profile == "point_chain" else 0
-        cols = [params[k].reshape(-1, 1) for k in keys]
+        self.count = params["subhalo_count"]
+        if "subhalo_smoothed" in params:  # cdm_smooth images render their table, not their clumps
+            self.count = torch.where(params["subhalo_smoothed"] > 0, 0, self.count)
+        cols = [(self.count if k == "subhalo_count" else params[k]).reshape(-1, 1) for k in keys]
         self.pm = self.K > 0 and pre.subhalo_profile == "point_mass"
         if self.pm:
             cols += [params["subhalo_theta_E"], params["subhalo_x"], params["subhalo_y"]]
         # tNFW subhalos go per batch, cut to the batch's largest count (a population pads to its capacity)
         self.tnfw = [params[k] for k in _TNFW_KERNEL_KEYS] if self.K > 0 and not self.pm else None
-        self.count = params["subhalo_count"]
         self.count_cpu = self.count.cpu()  # per-batch largest counts without a host sync per batch
+        # circularly symmetric tables (cdm_smooth, minus a monopole), float32 on the device per batch
+        self.radial = (
+            (params["radial_alpha"].to(torch.float32), params["radial_dr"].to(torch.float32))
+            if "radial_dr" in params
+            else None
+        )
         table = torch.cat([c.to(torch.float32) for c in cols], dim=1)
-        self.table = table.pin_memory() if table.device.type == "cpu" else table
+        self.table = table.pin_memory() if table.device.type == "cpu" and dev.type == "cuda" else table
         self.keys = keys
         self.coord = _triton.sub_pixel_coords(pre.num_pix, pre.delta_pix, pre.supersampling, dev)
         self.ss_conv = _ss_convolution(pre)
@@ -735,6 +742,10 @@ class _TritonBatches:
         if self.chain:
             te2, sx, sy, p = _append_point_chain(te2, sx, sy, p, self.K if self.pm else 0, self.chain)
         sc = tk.derive_scalars(p, has_vortex=self.has_vortex and not self.chain)
+        rad = rdr = None
+        if self.radial is not None:
+            rad = self.radial[0][start:stop].to(self.dev).contiguous()
+            rdr = self.radial[1][start:stop].to(self.dev).contiguous()
         ss = pre.supersampling
         # with supersampled convolution the kernel renders every sub-pixel as a pixel of delta_pix / ss
         n_out, ss_k, d_k = (pre.num_pix, ss, pre.delta_pix)
@@ -743,7 +754,7 @@ class _TritonBatches:
         img = tk.render_sersic(
             sc, te2, sx, sy, self.coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k,
             has_vortex=self.has_vortex and not self.chain, tnfw=tn, tnfw_count=tcount,
-            epl_terms=self.macro[0], has_multipole=bool(self.macro[1]),
+            epl_terms=self.macro[0], has_multipole=bool(self.macro[1]), radial=rad, radial_dr=rdr,
         )  # fmt: skip
         if self.kernel is not None:
             img = tk.psf_separable(img, self.kernel)
