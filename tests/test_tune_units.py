@@ -15,6 +15,7 @@ from deeplense_ray.tune.settings import METRIC_MODES, TuneSettings, check_cluste
 from deeplense_ray.tune.spaces import (
     LR_RANGE,
     batch_size_choices,
+    model_space,
     search_space,
     split_trial_config,
     width_choices,
@@ -126,6 +127,21 @@ def test_every_model_space_keeps_width_divisible_by_its_heads(model):
                 hs = h if isinstance(h, tuple) else (h,)
                 ws = w if isinstance(w, tuple) else tuple(w * 2**i for i in range(len(hs)))
                 assert all(a % b == 0 for a, b in zip(ws, hs, strict=True)), (model, wk, w, hk, h)
+
+
+def test_widths_are_rounded_to_a_multiple_of_every_head_count_they_pair_with():
+    """Widths whose halves and doubles no head choice divides (no model's defaults are such: the test above
+    cannot see the rounding): every width drawn is a multiple of every head count of its stage; mlp_dim,
+    split by no heads, is not rounded."""
+    hp = {"dim": 20, "heads": 4, "s2_emb_dim": 18, "s2_heads": 3, "mlp_dim": 30}
+    space = model_space("toy", hp)
+    choices = {k: list(space[k].categories) for k in hp}
+    assert choices["heads"] == [2, 4, 8] and choices["s2_heads"] == [1, 3, 6]
+    assert choices["dim"] == [16, 24, 40]
+    assert choices["s2_emb_dim"] == [12, 18, 36]
+    assert choices["mlp_dim"] == [15, 30, 60]
+    for wk, hk in (("dim", "heads"), ("s2_emb_dim", "s2_heads")):
+        assert all(w % h == 0 for w in choices[wk] for h in choices[hk]), (wk, choices[wk], choices[hk])
 
 
 def test_unknown_space_key_is_refused():
