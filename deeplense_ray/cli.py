@@ -2,10 +2,10 @@
 
 :func:`run_main` runs a job's ``main(argv)``; an exception that :func:`error_message` recognises as the
 user's (a bad value, a missing or unreadable file, an HDF5 file that is not one, a refused unpickling, an
-MLflow store that refuses or does not answer, a Ray cluster that does not answer, and any of these raised
-inside a Ray task, actor or Train worker) is printed as ``error: <message>`` on stderr and the job returns
-:data:`EXIT_BAD_INPUT`. Anything else (``AttributeError``, ``TypeError``, ... inside the library: a bug)
-keeps its traceback.
+MLflow store that refuses or does not answer, a Ray cluster that does not answer, a dependency this Python
+cannot import, and any of these raised inside a Ray task, actor or Train worker) is printed as
+``error: <message>`` on stderr and the job returns :data:`EXIT_BAD_INPUT`. Anything else
+(``AttributeError``, ``TypeError``, ... inside the library: a bug) keeps its traceback.
 
 :func:`count_arg` is the argparse type of a count flag (``--num-per-class 1e6`` is one million;
 ``-5`` or ``1.5`` is refused naming the value, before any other check).
@@ -92,10 +92,26 @@ def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def missing_dependency(exc: BaseException) -> str | None:
+    """The line for a third-party module that this Python cannot import (the job runs under another
+    interpreter than the project's virtualenv, e.g. a bare ``python`` in ``ray job submit``), else None."""
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if not name or name.split(".")[0] == "deeplense_ray":
+        return None
+    return (
+        f"{exc} in {sys.executable}: this Python lacks the project's dependencies; run the job with the "
+        "virtualenv's python (.venv/bin/python, or `source .venv/bin/activate` first; for `ray job submit`, "
+        "before `ray start`)"
+    )
+
+
 def error_message(exc: BaseException) -> str | None:
     """The one line to print for a user-caused failure (Ray wrappers removed, the file named where the
     error knows it), or None when ``exc`` is not one (a bug: let its traceback show)."""
     cause = root_cause(exc)
+    missing = missing_dependency(cause)
+    if missing is not None:
+        return missing
     if not is_user_error(cause):
         return None
     lines = [ln.strip() for ln in _text(cause).strip().splitlines() if ln.strip()]

@@ -95,8 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--verify", metavar="DIR", default=None, help="check a dataset against its manifest and exit"
     )
-    ap.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
-    ap.add_argument("--verbose", action="store_true", help="forward the workers' output (Ray's own logs)")
+    ap.add_argument(
+        "--no-progress", action="store_true", help="no Ray Data progress bars, even with --verbose"
+    )
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's own output too (Ray Data progress bars and logs, the workers' output)",
+    )
     ap.add_argument("--no-preview", action="store_true", help="do not write DIR/preview.png")
     return ap
 
@@ -226,10 +232,12 @@ def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
 
     from deeplense_ray.data import build_dataset, manifest_hash
     from deeplense_ray.runtime import RayConnectError
+    from deeplense_ray.tracking.console import quiet_ray
 
     try:
-        # the driver's own progress bar stays (long step); the workers' output only with --verbose
-        how = connect_ray(args.address, **({} if args.verbose else {"log_to_driver": False}))
+        # Ray's own output (Ray Data's progress and logs, the workers' output) only with --verbose; set in
+        # this process, the driver, before the dataset runs: it holds under `ray job submit` too
+        how = connect_ray(args.address, **quiet_ray(args.verbose))
     except RayConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -241,6 +249,10 @@ def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
         f"gpus/worker {gpus:g}, out {Path(args.out).resolve()}",
         flush=True,
     )
+    note = cpu_note(ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0),
+                    args.workers)
+    if note:
+        print(f"simulate: {note}", flush=True)
     stats: dict = {}
     t0 = time.perf_counter()
     manifest = build_dataset(
@@ -250,7 +262,7 @@ def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
         gpus_per_worker=gpus,
         resume=args.resume,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=args.verbose and not args.no_progress,
         preview=not args.no_preview,
         stats=stats,
     )
@@ -269,6 +281,21 @@ def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
         )
     )
     return 0
+
+
+def cpu_note(total: float, free: float, workers: int) -> str | None:
+    """One line when the cluster's CPUs make the build wait (what Ray Data's "Dataset job will hang"
+    warning is about), else None. Each renderer actor holds 1 CPU and each write task WRITE_CPUS."""
+    from deeplense_ray.data.pipeline import WRITE_CPUS
+
+    if free < 1:
+        return (f"none of the cluster's {total:g} CPUs is free now (other jobs' tasks or actors hold them); "
+                "the build starts when one is released")
+    if total < workers + WRITE_CPUS:
+        return (f"the cluster's {total:g} CPUs cannot hold {workers} renderer actor(s) (1 CPU each) and a "
+                f"write task ({WRITE_CPUS:g} CPU) at once: shards are written once rendering ends; lower "
+                "--workers to write while rendering")
+    return None
 
 
 def done_lines(out: Path, manifest: dict, wall: float) -> list[str]:

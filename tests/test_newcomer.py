@@ -137,3 +137,50 @@ def test_ray_working_dir_upload_leaves_the_outputs_out(tmp_path, include_gitigno
 
     _dir_travel(tmp_path, [], handler, include_gitignore=include_gitignore)
     assert sorted(packed) == sorted([*CODE, ".gitignore", ".rayignore"])
+
+
+def test_simulate_says_in_one_line_why_the_cluster_makes_the_build_wait():
+    """Ray Data's "Dataset job will hang" warning is off with Ray's own output; the job says why."""
+    simulate = _job("simulate")
+    assert simulate.cpu_note(2, 2, 1) is None
+    busy = simulate.cpu_note(2, 0, 1)
+    assert "none of the cluster's 2 CPUs is free" in busy and "\n" not in busy
+    assert "--workers" in simulate.cpu_note(2, 2, 2)
+
+
+def test_a_missing_dependency_names_the_interpreter_and_the_fix():
+    """`ray job submit -- python ...` from a head started outside the virtualenv runs another Python."""
+    from deeplense_ray.cli import run_main
+
+    def job(argv):
+        raise ModuleNotFoundError("No module named 'h5py'", name="h5py")
+
+    assert run_main(job, []) == 2
+    from deeplense_ray.cli import error_message
+
+    line = error_message(ModuleNotFoundError("No module named 'h5py'", name="h5py"))
+    assert "h5py" in line and sys.executable in line and ".venv/bin/activate" in line
+    assert error_message(ModuleNotFoundError("x", name="deeplense_ray.nope")) is None  # ours: a bug
+
+
+@pytest.mark.slow
+def test_simulate_prints_no_ray_progress_or_actor_restart_lines(tmp_path):
+    """Ray Data's progress blocks, its "will hang" warning and Ray's error line about the renderer actors'
+    max_restarts stay out of a simulate run without --verbose (set in the driver, so under `ray job submit`
+    too, where the entrypoint is the driver)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env.update(RAY_USAGE_STATS_ENABLED="0")
+    res = subprocess.run(
+        [sys.executable, "jobs/simulate.py", "--preset", "model_ii", "--preset-override", "num_pix=16",
+         "--num-per-class", "10", "--shard-size", "8", "--out", str(tmp_path / "ds"), "--address", "local",
+         "--no-preview"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    for noise in ("max_restarts", "Running Dataset", "logging_progress", "will hang", "Execution plan",
+                  "ray_remote_args"):
+        assert noise not in out, out[-3000:]

@@ -62,6 +62,12 @@ FAULTS_ENV = "DEEPLENSE_DATA_FAULTS"
 WRITE_RETRIES = 2
 WRITE_CPUS = 1
 RENDER_CALLS_PER_ACTOR = 2
+#: Ray Data actor pools (renderers here, predictors in deeplense_ray.infer) are not restarted. Ray Data asks
+#: for endless restarts by default but passes its actors' constructor arguments through the object store,
+#: where Ray 2.60 does not keep them for a restart (it prints an error line for every such actor, and a
+#: restart can fail on an evicted argument). A lost renderer fails the build; ``--resume`` then renders only
+#: the shards not yet written.
+ACTOR_POOL_REMOTE_ARGS: dict[str, Any] = {"max_restarts": 0}
 PREVIEW_NAME = "preview.png"
 _PARAM_PREFIX = "p__"
 _TIMING_KEYS = ("render_s", "to_arrow_s", "from_arrow_s", "encode_s", "hash_s", "write_s")
@@ -520,6 +526,17 @@ def start_local_ray(**init_kwargs: Any) -> str:
     return start(preload_modules=WORKER_PRELOAD_MODULES, **init_kwargs)
 
 
+def map_batches_on_actors(ds: Any, fn: type, **kwargs: Any) -> Any:
+    """``ds.map_batches(fn, **kwargs)`` for a callable class on an actor pool, with
+    :data:`ACTOR_POOL_REMOTE_ARGS`. Ray 2.60 takes ``max_restarts`` only as a loose remote argument, which it
+    marks deprecated: that warning is not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, **ACTOR_POOL_REMOTE_ARGS)
+
+
 def _ensure_ray() -> None:
     """Join $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local runtime, unless Ray is up."""
     from deeplense_ray.runtime import connect
@@ -567,7 +584,8 @@ def _render_and_write(
         on_complete=on_complete,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
+    ds = map_batches_on_actors(
+        ds,
         ShardRenderer,
         fn_constructor_kwargs={
             "preset": dict(preset_dict),

@@ -154,6 +154,7 @@ def _predict_with_ray(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     import ray
 
+    from deeplense_ray.data.pipeline import map_batches_on_actors
     from deeplense_ray.runtime import connect
 
     connect(address, log_to_driver=False)  # joins $RAY_ADDRESS / a running cluster, else starts one
@@ -168,7 +169,8 @@ def _predict_with_ray(
         offset += sum(u.rows for u in chunk)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(_read_chunks, batch_size=1, fn_kwargs={"image_shape": list(model.image_shape)})
-    ds = ds.map_batches(
+    ds = map_batches_on_actors(
+        ds,
         _Predictor,
         fn_constructor_kwargs={"model_ref": [ray.put(model.module)], "batch_size": batch_size},
         batch_size=batch_size,
