@@ -7,7 +7,8 @@ Thin CLI over deeplense_ray.tune.run_search. Examples:
     python jobs/tune.py --model ViT --num-samples 16 --data data/m2 --resume  # continue the newest
     python jobs/tune.py --model ResNetSimple --num-samples 4 --fix width=16 --choice lr=1e-3,3e-3
 
-Without --data a small dataset of --preset (default model_ii) is simulated first into
+Without --data a small dataset of --preset (default deeplense_model_ii, the demo's data: the published
+DeepLense Model II recipe; --preset model_ii for realistic, physical data) is simulated first into
 <storage-path>/datasets/ (or reused from there when one with the same config exists). With --simulate PRESET
 no dataset is written: every trial's workers render fresh training images (online simulation, as
 jobs/train.py --simulate), validated and tested on fixed simulated sets or on the splits of --data.
@@ -32,7 +33,12 @@ except ImportError:
 
 from deeplense_ray.cli import count_arg  # noqa: E402
 from deeplense_ray.config import parse_overrides, parse_value  # noqa: E402
-from deeplense_ray.tune.settings import METRIC_MODES, SEARCH_ALGORITHMS, TuneSettings  # noqa: E402
+from deeplense_ray.tune.settings import (  # noqa: E402
+    DEFAULT_PRESET,
+    METRIC_MODES,
+    SEARCH_ALGORITHMS,
+    TuneSettings,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -43,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", required=True, help="model name (see deeplense_ray.models.list_models())")
     a("--num-samples", "--num_samples", dest="num_samples", type=int, default=10, help="trials (default 10)")
     a("--data", default=None, help="dataset directory (default: simulate a small --preset dataset first)")
-    a("--preset", default="model_ii", help="preset of the simulated dataset when --data is not given")
+    a("--preset", default=DEFAULT_PRESET,
+      help=f"preset of the simulated dataset when --data is not given (default {DEFAULT_PRESET}, the demo's "
+           "data; model_ii and the other physical presets are realistic)")  # fmt: skip
     a("--num-per-class", type=count_arg, default=300, help="images per class of the simulated dataset")
     a(
         "--preset-override",
@@ -271,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(_main, argv)
 
 
+def data_note(settings: TuneSettings) -> str | None:
+    """One line saying which data a search given no --data simulates, and how to choose a physical preset."""
+    if settings.data_dir is not None or settings.simulate:
+        return None
+    if settings.preset == DEFAULT_PRESET:
+        return (f"tune: no --data: simulating {DEFAULT_PRESET}, the demo's data (the published DeepLense "
+                "Model II recipe: substructure visible); --preset model_ii for a physical, realistic set")
+    return f"tune: no --data: simulating a {settings.preset} dataset"
+
+
 def _main(argv: list[str] | None = None) -> int:
     from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
 
@@ -290,6 +308,9 @@ def _main(argv: list[str] | None = None) -> int:
     from deeplense_ray.runtime import RayConnectError
     from deeplense_ray.tune import SearchSetupError, run_search
 
+    note = data_note(settings)
+    if note:
+        print(note, flush=True)
     try:
         result = run_search(settings, address=args.address)
     except (SearchSetupError, RayConnectError) as exc:

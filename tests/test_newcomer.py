@@ -184,3 +184,18 @@ def test_simulate_prints_no_ray_progress_or_actor_restart_lines(tmp_path):
     for noise in ("max_restarts", "Running Dataset", "logging_progress", "will hang", "Execution plan",
                   "ray_remote_args"):
         assert noise not in out, out[-3000:]
+
+
+def test_tune_without_data_simulates_the_demo_data_and_says_so():
+    """`python jobs/tune.py --model CvT --num_samples 10`, as README shows it, searches on the data the demo
+    uses (substructure visible), not on a physical preset where a small search ends at chance."""
+    tune = _job("tune")
+    args = tune.build_parser().parse_args(["--model", "CvT", "--num_samples", "10"])
+    settings = tune.settings_from_args(args)
+    assert settings.preset == "deeplense_model_ii" and settings.data_dir is None
+    note = tune.data_note(settings)
+    assert "deeplense_model_ii" in note and "--preset model_ii" in note and "\n" not in note
+    physical = tune.build_parser().parse_args(["--model", "CvT", "--preset", "model_ii"])
+    assert tune.settings_from_args(physical).preset == "model_ii"
+    assert tune.data_note(tune.settings_from_args(
+        tune.build_parser().parse_args(["--model", "CvT", "--data", "d"]))) is None

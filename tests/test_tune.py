@@ -67,7 +67,8 @@ def search_root(tmp_path_factory) -> Path:
 def tiny_data(ray_session, search_root) -> str:
     """The dataset a search without data_dir simulates into ``<storage_path>/datasets/`` (built here once)."""
     s = TuneSettings(
-        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset="model_ii",
+        preset_overrides=dict(SIM)
     ).validate()
     return ensure_dataset(s, str(search_root))
 
@@ -78,7 +79,7 @@ def _settings(tmp_path: Path, root: Path, **kw) -> TuneSettings:
         num_samples=4,
         data_dir=None,  # the simulated dataset under ``root`` (built once by the tiny_data fixture)
         num_per_class=NUM_PER_CLASS,
-        preset_overrides=dict(SIM),
+        preset="model_ii", preset_overrides=dict(SIM),
         max_epochs=2,
         grace_period=1,
         reduction_factor=2,
@@ -109,7 +110,8 @@ def test_without_data_a_small_dataset_is_simulated_once_then_reused(tiny_data, s
     from deeplense_ray.data import load_manifest, verify_dataset
 
     s = TuneSettings(
-        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset="model_ii",
+        preset_overrides=dict(SIM)
     ).validate()
     assert tiny_data == dataset_dir_for(s, str(search_root))
     assert tiny_data.startswith(str(search_root / "datasets"))
@@ -130,7 +132,8 @@ def test_a_search_waits_for_another_one_building_the_same_dataset(tiny_data, sea
     from deeplense_ray.data import verify_dataset
 
     s = TuneSettings(
-        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset_overrides=dict(SIM)
+        model="ViT", num_per_class=NUM_PER_CLASS, storage_path=str(search_root), preset="model_ii",
+        preset_overrides=dict(SIM)
     ).validate()
     out = Path(tiny_data)
     stamp = (out / "manifest.json").stat().st_mtime_ns

@@ -33,6 +33,12 @@ DRIVER_CPUS: float = 0.1
 TRIAL_RUNNERS: tuple[str, ...] = ("auto", "actor", "trainer")
 
 
+#: The data of a search given no dataset: the published DeepLense Model II recipe, as the demo uses (one fixed
+#: macro lens, point-mass subhalos, no noise: substructure a classifier can see). The physical presets
+#: (model_ii, ...) are realistic and weak: a small search on them ends near chance.
+DEFAULT_PRESET = "deeplense_model_ii"
+
+
 @dataclass
 class TuneSettings:
     """Everything one search needs; plain data (YAML/JSON-safe except ``space``).
@@ -83,7 +89,7 @@ class TuneSettings:
     model: str
     num_samples: int = 10
     data_dir: str | None = None
-    preset: str = "model_ii"
+    preset: str = DEFAULT_PRESET
     num_per_class: int = 300
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     data_seed: int = 0
