@@ -363,7 +363,7 @@ SIMULATOR = Section(
             ),
             [
                 _sim3_row("SIE, subhalo mass added on top (the presets before)", SK_BASE),
-                _sim3_row("EPL + multipoles, ring mass and slope compensated (the default now)", SK_PHYS),
+                _sim3_row("EPL + multipoles, ring mass and slope compensated (`ring_slope`)", SK_PHYS),
             ],
             caption="The physical macro model and the class-independent lens mass, measured in one call on "
             "one H100 beside the code before them, images per second:",
@@ -402,9 +402,10 @@ SIMULATOR = Section(
     "the CPU draws that limit a call: for the point-mass population the target set on it is met; the tNFW "
     "default was not re-measured with device draws. Device draws are another random stream than CPU draws "
     "(the same distributions, checked by KS tests; the same bytes for the same seed on the same GPU type): "
-    "[simulator.md](simulator.md). The physical macro model keeps the class mix above its target; what it "
-    "costs is in the parameter draws (the compensation evaluates every cdm image's subhalo deflection on "
-    "circles around the lens), not in the renderer.",
+    "[simulator.md](simulator.md). The physical macro model with `ring_slope` keeps the class mix above its "
+    "target; what it costs is in the parameter draws (the compensation evaluates every cdm image's subhalo "
+    "deflection on circles around the lens), not in the renderer. The default `monopole` compensation (a "
+    "radial table per cdm image, read by the kernel) has not been timed on a GPU.",
     values={
         "tnfw_cost": Div(
             V(SK_L25, "results[0].render_triton", "g"), V(SK_TNFW, "results[0].render_triton", "g"), "x0"
@@ -484,14 +485,15 @@ def _ctrl(scale: str, key: str) -> list:
 
 CONTROLS = Section(
     "Clumps, not mass: the detectability controls",
-    "`benchmarks/detectability.py --classes no_sub,cdm,cdm_smooth --compensation ring_slope` on one H100: "
-    "`model_ii` with the lens mass inside the Einstein ring and the local slope there kept independent of "
-    "the class (the default of the physical presets), ResNet18 trained on three classes, {train} training "
-    "and {test} test images per class, {epochs} epochs, mean ± std over {seeds} seeds. `cdm_smooth` holds "
-    "the same subhalo population as `cdm`, spread into its azimuthal mean (no clumps), so `cdm_smooth` "
-    "against `no_sub` measures what is left of the mass leak and `cdm` against `cdm_smooth` measures the "
-    "clumps alone. The ring-size observer is the AUC of the brightness-weighted ring radius of paired "
-    "noise-free images, and of the effective Einstein radius.",
+    "`benchmarks/detectability.py --classes no_sub,cdm,cdm_smooth --compensation ring_slope` on one H100:"
+    " `model_ii` with the lens mass inside the Einstein ring and the local slope there kept independent "
+    "of the class (`ring_slope`; the physical presets' default, `monopole`, subtracts each image's "
+    "substructure monopole instead, under which `cdm_smooth` is identical to `no_sub`), ResNet18 trained "
+    "on three classes, {train} training and {test} test images per class, {epochs} epochs, mean ± std "
+    "over {seeds} seeds. `cdm_smooth` holds the same subhalo population as `cdm`, spread into its "
+    "azimuthal mean (no clumps), so `cdm_smooth` against `no_sub` measures what is left of the mass leak "
+    "and `cdm` against `cdm_smooth` measures the clumps alone. The ring-size observer is the AUC of the "
+    "brightness-weighted ring radius of paired noise-free images, and of the effective Einstein radius.",
     [
         Table(
             (
