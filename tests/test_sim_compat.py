@@ -173,7 +173,10 @@ def test_simulate_noise_free_matches_lenstronomy():
     """The batched renderer (not only the compat path) reproduces lenstronomy for drawn no_sub/cdm images."""
     # point-mass subhalos (the normalised tNFW population is checked in test_sim_substructure.py); the PSF
     # on the supersampled grid as model_ii has it (lenstronomy supersampling_convolution=True)
-    pm = {"sigma_sub": None, "subhalo_profile": "point_mass", "subhalo_mass": [1e6, 1e10]}
+    # (the "monopole" compensation's radial table has no lenstronomy profile: test_sim_compensation.py checks
+    # it against lenstronomy's subhalo deflections; here the lens is what lenstronomy's kwargs hold)
+    pm = {"sigma_sub": None, "subhalo_profile": "point_mass", "subhalo_mass": [1e6, 1e10],
+          "mass_compensation": "ring_slope"}  # fmt: skip
     over = {"num_pix": 40, "noise": "none", "source_amp": [5.0, 10.0], "subhalo_count": [5, 8], **pm}
     res = simulate("model_ii", 4, seed=3, device="cpu", classes=["no_sub", "cdm"], overrides=over)
     pre = res.preset

@@ -263,13 +263,14 @@ def subhalo_mean_radial(
 
 
 def smooth_table_size(preset) -> int:
-    """Nodes R of the cdm_smooth table: node R-1 lies beyond every sub-pixel of the preset's grid for any
-    lens centre and theta_E of its priors (spacing theta_E / SMOOTH_NODES_PER_THETA_E)."""
+    """Nodes R of the radial tables: node R-1 lies beyond every sub-pixel of the preset's grid for any lens
+    centre and theta_E of its priors, and beyond the EFF_NODES (spacing theta_E / SMOOTH_NODES_PER_THETA_E)."""
     half = 0.5 * preset.num_pix * preset.delta_pix
     cmax = max(abs(preset.lens_center[0]), abs(preset.lens_center[1]))
     r_cover = math.sqrt(2.0) * (half + cmax)
     theta_min = preset.theta_E[0] if preset.lens_mass is None else 0.5  # a fixed lens mass: theta_E >~ 1"
-    return int(math.ceil(r_cover / theta_min * SMOOTH_NODES_PER_THETA_E)) + 2
+    cover = int(math.ceil(r_cover / theta_min * SMOOTH_NODES_PER_THETA_E)) + 2
+    return max(cover, round(max(EFF_NODES) * SMOOTH_NODES_PER_THETA_E) + 2)  # the EFF_NODES are nodes of it
 
 
 def radial_table_needed(preset) -> bool:
