@@ -263,8 +263,8 @@ def subhalo_mean_radial(
 
 
 def smooth_table_size(preset) -> int:
-    """Nodes R of the radial tables: node R-1 lies beyond every sub-pixel of the preset's grid for any lens
-    centre and theta_E of its priors, and beyond the EFF_NODES (spacing theta_E / SMOOTH_NODES_PER_THETA_E)."""
+    """Nodes R of the radial tables (spacing theta_E / SMOOTH_NODES_PER_THETA_E): node R-1 lies beyond every
+    sub-pixel of the preset's grid for any lens centre and theta_E of its priors, and beyond the EFF_NODES."""
     half = 0.5 * preset.num_pix * preset.delta_pix
     cmax = max(abs(preset.lens_center[0]), abs(preset.lens_center[1]))
     r_cover = math.sqrt(2.0) * (half + cmax)
