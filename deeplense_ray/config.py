@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The data of a run or search given no dataset: the published DeepLense Model II recipe, the demo's data (one
+#: fixed macro lens, point-mass subhalos, no noise: substructure a classifier can see). The physical presets
+#: (model_ii, ...) are realistic and weak: a small run on them ends near chance.
+DEFAULT_DATA_PRESET = "deeplense_model_ii"
+#: Images per class of that data, as the demo sizes it: on CPU, and with a GPU per worker.
+DEFAULT_DATA_PER_CLASS: dict[str, int] = {"cpu": 500, "gpu": 5000}
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")

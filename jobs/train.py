@@ -9,6 +9,7 @@ Several workers train with Ray Train (DDP); one worker trains in one Ray task ho
 
 With --simulate PRESET every rank renders fresh training images on its own device each epoch (no dataset);
 validation and test are fixed sets rendered from their own seeds, or the val/test splits of --data if given.
+With neither flag it renders the demo's data (deeplense_model_ii) online, sized as the demo sizes its dataset.
 
 Everything is validated before Ray starts: a missing data directory or manifest, an unknown model or one that
 cannot take the dataset's images or classes exits with status 2 and a message naming the value.
@@ -26,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deeplense_ray.config import (  # noqa: E402
+    DEFAULT_DATA_PER_CLASS,
+    DEFAULT_DATA_PRESET,
     INGEST_MODES,
     NORMALIZE_MODES,
     OPTIMIZERS,
@@ -71,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
     )
-    sim.add_argument("--images-per-epoch", type=int, default=d["images_per_epoch"])
-    sim.add_argument("--val-size", type=int, default=d["val_size"], help="simulated val images (no --data)")
-    sim.add_argument("--test-size", type=int, default=d["test_size"], help="simulated test images")
+    sim.add_argument("--images-per-epoch", type=int, default=None,
+                     help=f"training images rendered per epoch (default {d['images_per_epoch']})")
+    sim.add_argument("--val-size", type=int, default=None,
+                     help=f"simulated val images, without --data (default {d['val_size']})")
+    sim.add_argument("--test-size", type=int, default=None,
+                     help=f"simulated test images (default {d['test_size']})")
     sim.add_argument(
         "--sim-chunk-batches",
         type=int,
@@ -232,6 +238,28 @@ def connect_for(cfg: TrainConfig, address: str | None, *, verbose: bool = False)
     return how
 
 
+#: The online set sizes of the default data, per class: train, val, test (the demo's 80/10/10 split).
+_SPLIT = {"images_per_epoch": 0.8, "val_size": 0.1, "test_size": 0.1}
+
+
+def apply_default_data(args: argparse.Namespace) -> str | None:
+    """Given neither --data nor --simulate: render :data:`DEFAULT_DATA_PRESET` online, sized as the demo sizes
+    its dataset (per class: :data:`DEFAULT_DATA_PER_CLASS`, GPU when --gpus-per-worker > 0; split 80/10/10),
+    for the sizes the user did not give; returns the line that says so (None when data was given). Sizes
+    still unset take TrainConfig's defaults (:func:`config_from_args`)."""
+    note = None
+    if args.data_dir is None and args.simulate is None and not (args.sim_config or args.sim_overrides):
+        args.simulate = DEFAULT_DATA_PRESET
+        per_class = DEFAULT_DATA_PER_CLASS["gpu" if args.gpus_per_worker > 0 else "cpu"]
+        for name, share in _SPLIT.items():
+            if getattr(args, name) is None:
+                setattr(args, name, int(3 * per_class * share))
+        note = (f"train: no --data: rendering {DEFAULT_DATA_PRESET} online, the demo's data (the published "
+                f"DeepLense Model II recipe: substructure visible), {per_class} images per class; "
+                "--simulate model_ii for a physical, realistic preset, --data DIR for a dataset")
+    return note
+
+
 def sim_overrides_from_args(args: argparse.Namespace) -> dict:
     """--sim-config (a YAML of preset fields; its 'preset: NAME' must agree with --simulate) plus
     --sim-override; ValueError naming the file or value. Empty without --simulate (an error if given)."""
@@ -251,7 +279,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of the parsed flags: every flag's dest is the field it sets (except :data:`JOB_ONLY`),
     so no field list is copied here; the KEY=VALUE lists are parsed into their mappings."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = {k: v for k, v in vars(args).items() if k in fields and not (k in _SPLIT and v is None)}
     values["model_overrides"] = parse_overrides(args.model_overrides, "--model-override")
     values["sim_overrides"] = sim_overrides_from_args(args)
     return TrainConfig(**values)
@@ -271,6 +299,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)
+    note = apply_default_data(args)
+    if note is not None:
+        print(note, flush=True)
     try:
         cfg = config_from_args(args).resolved()
         info = cfg.validate()  # before Ray starts

@@ -199,3 +199,24 @@ def test_tune_without_data_simulates_the_demo_data_and_says_so():
     assert tune.settings_from_args(physical).preset == "model_ii"
     assert tune.data_note(tune.settings_from_args(
         tune.build_parser().parse_args(["--model", "CvT", "--data", "d"]))) is None
+
+
+def test_train_without_data_renders_the_demo_data_online_and_says_so():
+    """`python jobs/train.py --model ViT` with no data flag trains on the demo's data (deeplense_model_ii)
+    rendered online, sized as the demo sizes its dataset, and says so in one line; sizes the user gives and
+    --data / --simulate are kept."""
+    train = _job("train")
+    args = train.build_parser().parse_args(["--model", "ViT"])
+    note = train.apply_default_data(args)
+    cfg = train.config_from_args(args)
+    assert cfg.simulate == "deeplense_model_ii" and cfg.data_dir is None
+    assert (cfg.images_per_epoch, cfg.val_size, cfg.test_size) == (1200, 150, 150)  # 500 per class, 80/10/10
+    assert "deeplense_model_ii" in note and "--simulate model_ii" in note and "\n" not in note
+    gpu = train.build_parser().parse_args(["--model", "ViT", "--gpus-per-worker", "1", "--val-size", "64"])
+    train.apply_default_data(gpu)
+    assert (gpu.images_per_epoch, gpu.val_size, gpu.test_size) == (12000, 64, 1500)
+    for argv in (["--data", "d"], ["--simulate", "model_ii"]):
+        given = train.build_parser().parse_args(["--model", "ViT", *argv])
+        assert train.apply_default_data(given) is None
+        cfg = train.config_from_args(given)
+        assert cfg.images_per_epoch == 8192 and cfg.simulate == (None if "--data" in argv else "model_ii")

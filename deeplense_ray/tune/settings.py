@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deeplense_ray.config import DEFAULT_DATA_PRESET
 from deeplense_ray.runtime import DATA_RESERVE_CPUS, check_cpu_room
 
 #: Metrics the training loop reports every epoch that a search may optimise, with their natural mode.
@@ -33,10 +34,8 @@ DRIVER_CPUS: float = 0.1
 TRIAL_RUNNERS: tuple[str, ...] = ("auto", "actor", "trainer")
 
 
-#: The data of a search given no dataset: the published DeepLense Model II recipe, as the demo uses (one fixed
-#: macro lens, point-mass subhalos, no noise: substructure a classifier can see). The physical presets
-#: (model_ii, ...) are realistic and weak: a small search on them ends near chance.
-DEFAULT_PRESET = "deeplense_model_ii"
+#: The data of a search given no dataset (:data:`deeplense_ray.config.DEFAULT_DATA_PRESET`).
+DEFAULT_PRESET = DEFAULT_DATA_PRESET
 
 
 @dataclass
