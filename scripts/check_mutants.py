@@ -86,7 +86,8 @@ def mutant_env(mutant: dict, clone: Path) -> dict[str, str]:
 
 def run_tests(mutant: dict, clone: Path, python: str, timeout: float) -> tuple[int | None, str, float]:
     """(exit status or None on a time-out, output tail, seconds) of the mutant's tests in ``clone``."""
-    cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant["tests"]]
+    cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", "--tb=short",
+           *mutant["tests"]]  # fmt: skip
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=clone, env=mutant_env(mutant, clone), capture_output=True, text=True,
@@ -112,6 +113,14 @@ def classify(mutant: dict, rc: int | None, output: str) -> str:
     return f"error: pytest exit {rc}"
 
 
+def reason(output: str) -> str:
+    """The first error line of a pytest output (``E   ...``, else ``ERROR: ...``), for the record."""
+    for line in output.splitlines():
+        if line.startswith("E ") or line.startswith("ERROR:"):
+            return line[:300].strip()
+    return ""
+
+
 def check_one(mutant: dict, clone: Path, python: str, timeout: float, baseline: bool) -> dict:
     row = {"name": mutant["name"], "broken": mutant["broken"], "tests": mutant["tests"]}
     reset(clone)
@@ -128,7 +137,8 @@ def check_one(mutant: dict, clone: Path, python: str, timeout: float, baseline: 
             row.update(outcome="patch does not apply", seconds=0.0, tail=applied.stderr[-2000:])
             return row
     rc, out, secs = run_tests(mutant, clone, python, timeout)
-    row.update(outcome=classify(mutant, rc, out), exit=rc, seconds=round(secs, 1), tail=out)
+    row.update(outcome=classify(mutant, rc, out), exit=rc, seconds=round(secs, 1))
+    row.update(reason=reason(out), tail=out)
     reset(clone)
     return row
 
