@@ -1366,14 +1366,14 @@ HEADLINE = Table(
             "[the demo](docs/benchmarks.md#the-demo)",
         ),
         (
-            "`simulate()`, `model_ii` (EPL, multipoles, tNFW subhalos, compensated lens mass), class mix, "
+            "`simulate()`, `model_ii` (EPL, multipoles, tNFW subhalos, `ring_slope` lens mass), class mix, "
             "one H100",
             [V(SK_PHYS, "results[0].sim_default_mix", "k0"), " img/s"],
             "[simulator](docs/benchmarks.md#simulator-throughput)",
         ),
         (
-            "ResNet18, `model_ii` at eight times the Sigma_sub prior: AUC of cdm vs no_sub, of the smooth "
-            "control vs no_sub, of cdm vs the smooth control",
+            "ResNet18, `model_ii` (`ring_slope`) at eight times the Sigma_sub prior: AUC of cdm vs no_sub, "
+            "of the smooth control vs no_sub, of cdm vs the smooth control",
             [_ctrl("8", "auc_cdm")[0], ", ", _ctrl("8", "auc_cdm_smooth")[0], ", ",
              _ctrl("8", "auc_cdm_vs_smooth")[0]],
             "[controls](docs/benchmarks.md#clumps-not-mass-the-detectability-controls)",
