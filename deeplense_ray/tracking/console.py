@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from deeplense_ray import ranking
+
 #: Validation metrics shown on an epoch line, in order (when reported).
 EPOCH_KEYS: tuple[str, ...] = ("val_loss", "val_acc", "val_auc_macro")
 #: Seconds without a printed line after which a heartbeat line says what is still running.
@@ -161,21 +163,12 @@ class SearchConsole(Callback):
         print(text, file=self.stream or sys.stdout, flush=True)
         self.last_print = time.time()
 
-    def _better(self, a: float, b: float) -> bool:
-        if not math.isfinite(a):
-            return False
-        if not math.isfinite(b):
-            return True
-        return a > b if self.mode == "max" else a < b
-
     def best_overall(self) -> tuple[str, float, int] | None:
         """(trial id, best metric, its epoch) over all trials so far, or None; ties go to the smaller trial
-        id, as in the search's summary (:func:`deeplense_ray.tune.best.pick_best`)."""
-        out = None
-        for tid, (v, e) in sorted(self.best.items()):
-            if out is None or self._better(v, out[1]):
-                out = (tid, v, e)
-        return out
+        id, as in the search's summary (:func:`deeplense_ray.tune.best.pick_best`, by
+        :mod:`deeplense_ray.ranking`)."""
+        found = ranking.best(self.best.items(), lambda kv: kv[1][0], self.mode, tie_of=lambda kv: str(kv[0]))
+        return (found[0], *found[1]) if found is not None else None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started[trial.trial_id] = time.time()
@@ -197,8 +190,8 @@ class SearchConsole(Callback):
                   for k, v in result.items()}
         v = result.get(self.metric)
         v = float(v) if isinstance(v, (int, float)) else math.nan
-        prev = self.best.get(tid)
-        if prev is None or self._better(v, prev[0]):
+        prev = self.best.get(tid)  # a trial's best epoch as its curve's: the metric, then the earlier epoch
+        if prev is None or ranking.epoch_key(v, epoch, self.mode) < ranking.epoch_key(*prev, self.mode):
             self.best[tid] = (v, epoch)
         elapsed = time.time() - self.started.get(tid, self.t0)
         keys = tuple(dict.fromkeys((*EPOCH_KEYS, self.metric)))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deeplense_ray.ranking import checkpoint_key
 from deeplense_ray.train.loop import LoopSession
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -39,17 +40,29 @@ def checkpoint_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}epoch_{int(epoch):05d}"
 
 
-def metric_of(checkpoint_dir: Path, metric: str) -> tuple[float, int]:
-    """(metric, epoch) recorded in a checkpoint's meta.json ((nan, 0) if unreadable)."""
+def metrics_of(checkpoint_dir: Path) -> dict[str, Any]:
+    """The epoch's metrics recorded in a checkpoint's meta.json, with its ``epoch`` ({} if unreadable)."""
     try:
         meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return math.nan, 0
+        return {}
+    metrics = meta.get("metrics") if isinstance(meta, dict) else None
+    out = dict(metrics) if isinstance(metrics, dict) else {}
     try:
-        v = float(meta.get("metrics", {}).get(metric))
+        out["epoch"] = int(meta.get("epoch", 0))
+    except (TypeError, ValueError):
+        out["epoch"] = 0
+    return out
+
+
+def metric_of(checkpoint_dir: Path, metric: str) -> tuple[float, int]:
+    """(metric, epoch) recorded in a checkpoint's meta.json ((nan, 0) if unreadable)."""
+    metrics = metrics_of(checkpoint_dir)
+    try:
+        v = float(metrics.get(metric))
     except (TypeError, ValueError):
         v = math.nan
-    return v, int(meta.get("epoch", 0))
+    return v, int(metrics.get("epoch", 0))
 
 
 def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -58,13 +71,10 @@ def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def ranked_checkpoints(run_dir: str | os.PathLike[str], metric: str, mode: str) -> list[Path]:
-    """A run's checkpoints, best ``metric`` first (``mode`` 'max' or 'min'); NaN last; ties: earlier epoch."""
-
-    def rank(p: Path) -> tuple[float, int]:
-        v, epoch = metric_of(p, metric)
-        return (math.inf if math.isnan(v) else (-v if mode == "max" else v)), epoch
-
-    return sorted(run_checkpoints(run_dir), key=rank)
+    """A run's checkpoints, best first by :func:`deeplense_ray.ranking.checkpoint_key` (``metric`` under
+    ``mode`` 'max' or 'min', NaN last; ties: lower val_loss, then the earlier epoch), as
+    :func:`deeplense_ray.train.trainer.best_checkpoint` ranks a Ray Train run's."""
+    return sorted(run_checkpoints(run_dir), key=lambda p: checkpoint_key(metrics_of(p), metric, mode))
 
 
 class LocalRunSession(LoopSession):

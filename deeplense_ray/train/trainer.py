@@ -14,7 +14,6 @@ metrics keep going to the same MLflow run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from deeplense_ray.config import DatasetInfo, TrainConfig
 from deeplense_ray.io import atomic_write_json
+from deeplense_ray.ranking import checkpoint_key
 from deeplense_ray.train.checkpoint import (
     STATE_FILE,
     check_checkpoints,
@@ -295,28 +295,17 @@ def _simulation_params(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     }
 
 
-def _score(metrics: Mapping[str, Any], metric: str, mode: str) -> tuple[float, float, int]:
-    """Sort key, larger is better: ``metric`` (negated for 'min'; NaN or missing ranks last), then the lower
-    val_loss, then the earlier epoch."""
-    sign = 1.0 if mode == "max" else -1.0
-    value = metrics.get(metric)
-    value = sign * float(value) if value is not None and not math.isnan(float(value)) else -math.inf
-    loss = metrics.get("val_loss")
-    loss = float(loss) if loss is not None and not math.isnan(float(loss)) else math.inf
-    return value, -loss, -int(metrics.get("epoch", 0))
-
-
 def best_checkpoint(
     result: Any, metric: str = SCORE_ATTRIBUTE, mode: str = SCORE_MODE
 ) -> tuple[Any, dict[str, Any]]:
-    """(Checkpoint, metrics) with the best ``metric`` (``mode`` 'max' or 'min') among the kept checkpoints
-    (ties: lower val_loss, then the earlier epoch)."""
+    """(Checkpoint, metrics) with the best ``metric`` (``mode`` 'max' or 'min') among the kept checkpoints,
+    by :func:`deeplense_ray.ranking.checkpoint_key` (ties: lower val_loss, then the earlier epoch)."""
     candidates = list(result.best_checkpoints or [])
     if not candidates:
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
         return result.checkpoint, dict(result.metrics or {})
-    ckpt, metrics = max(candidates, key=lambda cm: _score(cm[1], metric, mode))
+    ckpt, metrics = min(candidates, key=lambda cm: checkpoint_key(cm[1] or {}, metric, mode))
     return ckpt, dict(metrics)
 
 

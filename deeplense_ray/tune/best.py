@@ -1,18 +1,19 @@
 """The search's winner: its best trial, that trial's best still existing checkpoint, and its test metrics.
 
-One rule names the best everywhere (summary table, parent run, live console): the best of the trials'
-best-epoch metrics, ties to the smaller trial id (:func:`rank_key`). What stays on disk afterwards is
-:mod:`deeplense_ray.tune.disk`'s business.
+One rule names the best everywhere (summary table, parent run, live console), :mod:`deeplense_ray.ranking`'s:
+the best of the trials' best-epoch metrics, ties to the smaller trial id (:func:`rank_key`); a trial's
+checkpoint as a run's: the metric, then the lower val_loss, then the earlier epoch. What stays on disk
+afterwards is :mod:`deeplense_ray.tune.disk`'s business.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from deeplense_ray.tune.results import TrialSummary, as_metric, is_better, worst_value
+from deeplense_ray import ranking
+from deeplense_ray.tune.results import TrialSummary
 
 #: Result key holding the path of the checkpoint a report carried.
 CHECKPOINT_PATH_KEY = "checkpoint_path"
@@ -20,30 +21,33 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 def rank_key(t: TrialSummary, mode: str) -> tuple[float, str]:
     """Sort key of a trial, best first: its best metric under ``mode`` (NaN last), then its trial id."""
-    v = t.best_metric
-    return ((-v if mode == "max" else v) if math.isfinite(v) else math.inf), t.trial_id
+    return ranking.trial_key(t.best_metric, t.trial_id, mode)
 
 
 def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary:
     """The search's best trial: the best of the trials' best-epoch metrics; ties go to the smaller trial id
-    (the same rule as the live console, so every place names the same trial)."""
-    return min(trials, key=lambda t: rank_key(t, mode))
+    (the same rule as the live console, so every place names the same trial). ValueError for no trials."""
+    found = ranking.best(trials, lambda t: t.best_metric, mode, tie_of=lambda t: str(t.trial_id))
+    if found is None:
+        raise ValueError("pick_best() of no trials")
+    return found
 
 
 def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, int]:
-    """Path of the best *still existing* checkpoint of one trial by ``metric`` (and its epoch)."""
+    """Path of the best *still existing* checkpoint of one trial by ``metric`` (and its epoch), ranked as a
+    run's checkpoints (:func:`deeplense_ray.ranking.checkpoint_key`); (None, 0) if none exists."""
     df = result.metrics_dataframe
     if df is None or CHECKPOINT_PATH_KEY not in df:
         return None, 0
-    best, best_v, best_e = None, worst_value(mode), 0
+    rows = []
     for _, row in df.iterrows():
         p = row.get(CHECKPOINT_PATH_KEY)
         if not isinstance(p, str) or not os.path.isdir(p):
             continue
-        v = as_metric(row[metric])
-        if best is None or is_better(v, best_v, mode):
-            best, best_v, best_e = p, v, int(row.get("epoch", row.get("training_iteration", 0)))
-    return best, best_e
+        epoch = int(row.get("epoch", row.get("training_iteration", 0)))
+        rows.append((p, {metric: row.get(metric), "val_loss": row.get("val_loss"), "epoch": epoch}))
+    found = min(rows, key=lambda pm: ranking.checkpoint_key(pm[1], metric, mode), default=None)
+    return (found[0], found[1]["epoch"]) if found is not None else (None, 0)
 
 
 def best_train_fields(best: TrialSummary, result, base_train: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,19 +2,24 @@
 
 :func:`trial_summaries` turns Tune's ``ResultGrid`` into :class:`TrialSummary` rows (curve, best epoch,
 outcome); :func:`trial_statuses` reads the statuses from Tune's saved experiment state while a search runs.
-A diverged report's finite stand-in (``|v| >= DIVERGED_VALUE``) reads back as NaN (:func:`as_metric`).
+A diverged report's finite stand-in (``|v| >= DIVERGED_VALUE``) reads back as NaN (:func:`as_metric`); a
+trial's best epoch is the best of its curve by :mod:`deeplense_ray.ranking` (ties: the earlier epoch).
+:func:`is_better`, :func:`worst_value` and :func:`as_metric` are :mod:`deeplense_ray.ranking`'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
+from deeplense_ray.ranking import as_metric as as_metric
+from deeplense_ray.ranking import epoch_key
+from deeplense_ray.ranking import is_better as is_better
+from deeplense_ray.ranking import worst_value as worst_value
+from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY
 from deeplense_ray.tune.settings import TuneSettings
 
 
@@ -56,26 +61,6 @@ class SearchResult:
     model_uri: str | None = None
     disk_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
-
-
-def is_better(a: float, b: float, mode: str) -> bool:
-    """True if metric value ``a`` beats ``b`` under ``mode`` (NaN never beats anything)."""
-    if a is None or not math.isfinite(a):
-        return False
-    if b is None or not math.isfinite(b):
-        return True
-    return a > b if mode == "max" else a < b
-
-
-def worst_value(mode: str) -> float:
-    """The value every real metric value beats under ``mode`` (-inf for 'max', +inf for 'min')."""
-    return -math.inf if mode == "max" else math.inf
-
-
-def as_metric(v: float) -> float:
-    """A reported metric value for summaries: NaN for a diverged report (``|v| >= DIVERGED_VALUE``)."""
-    v = float(v)
-    return math.nan if not math.isfinite(v) or abs(v) >= DIVERGED_VALUE else v
 
 
 def trial_id_of(result) -> str:
@@ -120,10 +105,10 @@ def trial_summaries(
         if df is not None and len(df) and settings.metric in df:
             ep = df["epoch"] if "epoch" in df else df["training_iteration"]
             curve = sorted({int(e): as_metric(v) for e, v in zip(ep, df[settings.metric])}.items())
-        best_m, best_e = worst_value(mode), 0
-        for e, v in curve:
-            if is_better(v, best_m, mode) or best_e == 0:
-                best_m, best_e = v, e
+        # an empty curve: no epoch (0) and the worst value
+        best_e, best_m = min(
+            curve, key=lambda ev: epoch_key(ev[1], ev[0], mode), default=(0, worst_value(mode))
+        )
         epochs = max((e for e, _ in curve), default=0)
         tid = trial_id_of(r)
         diverged_at = None
