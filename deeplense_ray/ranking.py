@@ -28,8 +28,8 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-#: Magnitude of the finite stand-in a diverged epoch reports for its metric; ranked as NaN (the same value as
-#: ``deeplense_ray.tune.mlflow_runs.DIVERGED_VALUE``, which a test checks).
+#: Magnitude of the finite stand-in a diverged epoch reports for its metric (what a diverged trial reports to
+#: Tune; logged to MLflow as NaN); ranked as NaN.
 DIVERGED_VALUE = 1e30
 #: The modes a metric ranks under.
 MODES: tuple[str, ...] = ("max", "min")

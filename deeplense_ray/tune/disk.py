@@ -22,7 +22,8 @@ KEEP_CHOICES: tuple[str, ...] = ("best", "trials")
 
 
 def best_checkpoint_dir(trial_dir: str | os.PathLike[str], metric: str, mode: str) -> Path | None:
-    """The trial's checkpoint with the best ``metric`` (ties and NaN: the earlier epoch), or None."""
+    """The trial's checkpoint with the best ``metric`` (:func:`deeplense_ray.ranking.checkpoint_key`), or
+    None."""
     ranked = ranked_checkpoints(trial_dir, metric, mode)
     return ranked[0] if ranked else None
 

@@ -17,6 +17,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+# the finite worst value a diverged trial reports for its metric (logged to MLflow as NaN)
+from deeplense_ray.ranking import DIVERGED_VALUE  # noqa: F401  (imported from here by tune and tracking)
+
 #: Tag keys written on child runs.
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL_ID = "tune.trial_id"
@@ -29,8 +32,6 @@ TAG_ROLE = "tune.role"
 TAG_PROCESS = "tune.process"
 #: Result key set to 1.0 on a report whose target metric was non-finite (the trial's training diverged).
 DIVERGED_KEY = "diverged"
-#: Magnitude of the finite worst value a diverged trial reports for its metric (logged to MLflow as NaN).
-DIVERGED_VALUE = 1e30
 #: A trial's start-up, logged to its child run at the first report of each worker-group attempt: seconds from
 #: Tune starting the trial to its training workers' loop start, and to its first training batch.
 WORKERS_UP_KEY, STARTUP_KEY = "trial_workers_up_s", "trial_startup_s"
