@@ -3,8 +3,10 @@
 Binding port 0 hands out a port from the kernel's ephemeral range, which the kernel also gives to outgoing
 connections: another process can take it between the pick and the server's bind, and two picks in one
 process can return the same port. The ports here are drawn at random from a range *below* the ephemeral
-range (no outgoing connection is ever given one of them), checked free by binding, and never handed out
-twice within one process. A port can still be taken by another process between the check and the server's
+range (no outgoing connection is ever given one of them), checked free by binding, and not handed out twice
+within one process while others are left (single ports come from the lower quarter of the range and blocks
+from the rest, so single ports never split the blocks; once every port was handed out, one handed out before
+and free again is reused). A port can still be taken by another process between the check and the server's
 bind, so a fixture that starts a server on one retries with fresh ports when the server fails to bind.
 """
 
@@ -65,23 +67,28 @@ def is_free(port: int) -> bool:
     return True
 
 
-def _bounds(lo: int | None, hi: int | None) -> tuple[int, int]:
+def _bounds(lo: int | None, hi: int | None, *, block: bool) -> tuple[int, int]:
+    """``[lo, hi)``, by default: single ports in the lower quarter of :func:`port_range`, blocks above it."""
     dlo, dhi = port_range()
-    return (dlo if lo is None else lo), (dhi if hi is None else hi)
+    cut = dlo + (dhi - dlo) // 4
+    d = (cut, dhi) if block else (dlo, cut)
+    return (d[0] if lo is None else lo), (d[1] if hi is None else hi)
 
 
 def free_port(*, lo: int | None = None, hi: int | None = None) -> int:
-    """A port in ``[lo, hi)`` (default :func:`port_range`) that is free now and that this process has not
-    handed out before. RuntimeError if every port there is taken or already handed out."""
-    lo, hi = _bounds(lo, hi)
+    """A port in ``[lo, hi)`` (default: the lower quarter of :func:`port_range`) that is free now, one this
+    process has not handed out before while there is one. RuntimeError if every port there is taken."""
+    lo, hi = _bounds(lo, hi, block=False)
     with _lock:
-        candidates = [p for p in range(lo, hi) if p not in _handed]
-        random.shuffle(candidates)
-        for port in candidates:
+        fresh = [p for p in range(lo, hi) if p not in _handed]
+        used = [p for p in range(lo, hi) if p in _handed]
+        random.shuffle(fresh)
+        random.shuffle(used)
+        for port in fresh + used:  # a port handed out before only once no fresh one is free
             if is_free(port):
                 _handed.add(port)
                 return port
-    raise RuntimeError(f"no free port in [{lo}, {hi}) that this process has not handed out")
+    raise RuntimeError(f"no free port in [{lo}, {hi})")
 
 
 def free_ports(n: int, **bounds: int | None) -> list[int]:
@@ -92,17 +99,20 @@ def free_ports(n: int, **bounds: int | None) -> list[int]:
 def free_port_block(
     size: int, *, lo: int | None = None, hi: int | None = None, step: int | None = None
 ) -> int:
-    """A port ``p`` such that ``p .. p+size-1`` are all free now (bound together to check) and none of them
-    was handed out by this process before; all of them are handed out now.
+    """A port ``p`` such that ``p .. p+size-1`` are all free now (bound together to check), preferring blocks
+    none of whose ports this process handed out before; all of them are handed out now.
 
     ``p`` is ``lo`` plus a multiple of ``step`` (default ``size``), tried in random order: blocks of one size
     either coincide or do not overlap, so processes drawing at the same time rarely collide."""
-    lo, hi = _bounds(lo, hi)
+    lo, hi = _bounds(lo, hi, block=True)
     step = step or size
     with _lock:
-        bases = [b for b in range(lo, hi - size + 1, step) if not _handed.intersection(range(b, b + size))]
-        random.shuffle(bases)
-        for base in bases:
+        bases = list(range(lo, hi - size + 1, step))
+        fresh = [b for b in bases if not _handed.intersection(range(b, b + size))]
+        used = [b for b in bases if _handed.intersection(range(b, b + size))]
+        random.shuffle(fresh)
+        random.shuffle(used)
+        for base in fresh + used:  # a block with ports handed out before only once no fresh one is free
             held: list[socket.socket] = []
             try:
                 for port in range(base, base + size):
@@ -114,7 +124,7 @@ def free_port_block(
                     s.close()
             _handed.update(range(base, base + size))
             return base
-    raise RuntimeError(f"no block of {size} free ports in [{lo}, {hi}) that this process has not handed out")
+    raise RuntimeError(f"no block of {size} free ports in [{lo}, {hi})")
 
 
 def address_in_use(log_text: str) -> bool:

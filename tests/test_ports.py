@@ -1,4 +1,5 @@
-"""tests/_ports.py: ports below the ephemeral range, free when handed out, never handed out twice."""
+"""tests/_ports.py: ports below the ephemeral range, free when handed out, not handed out twice while others
+are left."""
 
 from __future__ import annotations
 
@@ -58,17 +59,24 @@ def test_a_port_held_by_another_socket_is_never_returned():
             held.append(s)
         got = sorted(_ports.free_port(lo=lo, hi=hi) for _ in range(4))
         assert got == list(range(lo + 1, hi, 2))  # exactly the ports nobody holds
-        with pytest.raises(RuntimeError):  # held ones are never handed out, even when nothing else is left
-            _ports.free_port(lo=lo, hi=hi)
-        with pytest.raises(RuntimeError):
+        # every free port of the window handed out: one of them is reused (free again), a held one never
+        assert _ports.free_port(lo=lo, hi=hi) in got
+        with pytest.raises(RuntimeError):  # no two adjacent ports are free
             _ports.free_port_block(2, lo=lo, hi=hi, step=1)
     finally:
         for s in held:
             s.close()
-    # released: those are handed out now, once each, and then the window is used up
+    # released: the ports never handed out come first, once each
     assert sorted(_ports.free_port(lo=lo, hi=hi) for _ in range(4)) == list(range(lo, hi, 2))
-    with pytest.raises(RuntimeError):
-        _ports.free_port(lo=lo, hi=hi)
+
+
+def test_a_suites_worth_of_ports_and_blocks_never_runs_out():
+    """Hundreds of single ports do not split the blocks (they come from another part of the range), and more
+    blocks than the range holds are handed out by reusing free ones (a whole suite draws that many)."""
+    singles = set(_ports.free_ports(400))
+    lo, hi = _ports.port_range()
+    bases = [_ports.free_port_block(200) for _ in range((hi - lo) // 200 + 5)]
+    assert not singles & {p for b in bases for p in range(b, b + 200)}
 
 
 def test_address_in_use_messages():

@@ -308,6 +308,8 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(
         str(samples),
         "--trial-runner",
         runner,
+        "--preset",
+        "model_ii",
         "--num-per-class",
         str(NUM_PER_CLASS),
         *[a for k, v in SIM.items() for a in ("--preset-override", f"{k}={v}")],
