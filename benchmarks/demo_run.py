@@ -7,7 +7,7 @@
 The demo runs in a fresh temporary directory (its dataset is simulated anew). The JSON holds the machine
 (CPU count, GPU name, load average before the run: a busy machine slows the demo), the demo's wall time,
 the preset, the best trial and its test metrics (read from the search's best_config.yaml), and the demo
-targets (issue 13: <= 600 s and test macro AUC >= 0.85 on a 2-core CPU; macro AUC >= 0.95 with a GPU).
+targets (<= 600 s and test macro AUC >= 0.85 on a 2-core CPU; macro AUC >= 0.95 with a GPU).
 """
 
 from __future__ import annotations

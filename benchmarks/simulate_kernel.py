@@ -28,7 +28,7 @@ CPU timings are only meaningful on an idle machine: the load average is recorded
 ``--profile DIR`` also writes torch.profiler tables of one default simulate() call (model_ii, ss=2, cdm), CPU
 draws and CPU output, and of one with device draws and device output.
 ``--no-eager`` skips the eager (and compile) renders and simulate() calls: the Triton/default numbers alone.
-The issue-15 target (whole call with device draws and device output >= 1M images/s, model_ii on one H200):
+The device-draw target (whole call with device draws and device output >= 1M images/s, model_ii on one H200):
     python benchmarks/simulate_kernel.py --presets model_ii --supersampling 2 --population legacy25 \
         --no-eager --out runs/bench_sim_devdraw_h200.json                     # then read sim_devdraw_cdm
 Prints a table and writes JSON (``--out``).

@@ -1,4 +1,4 @@
-"""Online simulation vs training from memory: throughput, and learning at equal steps (issue 15).
+"""Online simulation vs training from memory: throughput, and learning at equal steps.
 
 1. Throughput: for each model x preset, images/s of the training step (the loop's ``train_one_epoch``: AdamW,
    bf16 autocast on CUDA, dihedral augmentation) fed three ways on one device:

@@ -5,8 +5,8 @@ Runs ``jobs/train.py`` itself (a subprocess per variant, a fresh local Ray runti
 one dataset (simulated first with ``jobs/simulate.py`` unless --data is given), reads the job's timeline
 (``timeline.json``, logged to its MLflow run by ``deeplense_ray.train.timeline``) and reports per variant:
 the wall time seen from outside (process start to exit), the job's own wall (its timeline), the train and
-validation seconds of its epochs, ``overhead_s`` = job wall - train - val (target <= 15 s on one H200,
-issue 16), the first validation's seconds, compile seconds (``--variants base,compile``), images/s per
+validation seconds of its epochs, ``overhead_s`` = job wall - train - val (target <= 15 s on one H200),
+the first validation's seconds, compile seconds (``--variants base,compile``), images/s per
 epoch (MLflow ``images_per_s``; steady = median of epochs 2..E, and the compile speed-up from it) and every
 phase. Variant ``split`` forces the Ray Data input (``base`` reads a split of up to 2 GiB into memory), for
 comparison. Variants ``joined`` / ``joined_compile`` run the job against a Ray head started for it with
