@@ -264,8 +264,8 @@ _PUBLISHED = dict(
 _HST_F160W = dict(num_pix=64, delta_pix=0.08, psf_fwhm=0.08, exposure_time_single=5400.0, num_exposures=1,
                   sky_brightness=22.3, zero_point=25.96, read_noise=4.0, gain=2.5)
 
-#: Euclid VIS as the installed lenstronomy has it now (``SimulationAPI/ObservationConfig/Euclid.py``, updated
-#: 2026-04-06: 4 x 566 s, sky 22.3 mag/arcsec^2, zero point 25.72, seeing 0.16", read noise 4.2 e-, gain 3.1,
+#: Euclid VIS as the installed lenstronomy has it now (``SimulationAPI/ObservationConfig/Euclid.py``:
+#: 4 x 566 s, sky 22.3 mag/arcsec^2, zero point 25.72, seeing 0.16", read noise 4.2 e-, gain 3.1,
 #: 0.101"/px); ``_EUCLID`` keeps the 2022 values the published DeepLense Model II used.
 _EUCLID_VIS_NOW = {**_EUCLID, "exposure_time_single": 566.0, "sky_brightness": 22.3, "zero_point": 25.72}
 

@@ -497,7 +497,7 @@ def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: M
 
 #: What a training process imports before its first batch, imported by a ``runner="task"`` run's warm-up
 #: worker (:func:`_warm_task_worker`). Having every worker of the job's runtime pre-import them as Ray starts
-#: it (``RAY_preload_python_modules``) was slower on one H200 (2026-12-03: Ray starts 16 workers there, all
+#: it (``RAY_preload_python_modules``) was slower on one H200 (Ray starts 16 workers there, all
 #: importing at once; the job's fixed cost 29-30 s against 21-23 s, its training 12k against 14-16k img/s).
 #: The driver imports ``_RESULT_IMPORTS`` while the run trains, for logging its results.
 _TRAIN_IMPORTS = (
