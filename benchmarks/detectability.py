@@ -93,11 +93,30 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[pos, neg]))
 
 
+#: images per simulate() call of make_data (a million-image set is drawn in parts of this size)
+MAKE_DATA_PART = 1 << 18
+
+
 def make_data(preset, n_per_class: int, seed: int, device: torch.device):
-    """Standardised images [3n, 1, H, W] on ``device``, labels, and the CPU params of one simulate() call."""
-    res = simulate(preset, preset.num_classes * n_per_class, seed, device=device, device_output=True)
-    x = normalize_batch(res.images.to(device), "per_image_standard")
-    return x, res.labels.to(device), res.params
+    """Standardised images [C n, 1, H, W] on ``device``, labels, and the CPU params (balanced classes).
+
+    Sets larger than ``MAKE_DATA_PART`` images are simulated in parts, part i with seed (seed, i), so the
+    CPU parameter draws of one call stay small; the images of a part do not depend on the others.
+    """
+    n = preset.num_classes * n_per_class
+    xs, ys, ps = [], [], []
+    for i, s in enumerate(range(0, n, MAKE_DATA_PART)):
+        k = min(MAKE_DATA_PART, n - s)
+        res = simulate(preset, k, seed if n <= MAKE_DATA_PART else derive_seed(seed, i), device=device,
+                       device_output=True)  # fmt: skip
+        xs.append(normalize_batch(res.images.to(device), "per_image_standard"))
+        ys.append(res.labels.to(device))
+        ps.append(res.params)
+    if len(xs) == 1:
+        return xs[0], ys[0], ps[0]
+    keys = [k for k in ps[0] if all(isinstance(p.get(k), torch.Tensor) for p in ps)]
+    same = [k for k in keys if all(p[k].shape[1:] == ps[0][k].shape[1:] for p in ps)]
+    return torch.cat(xs), torch.cat(ys), {k: torch.cat([p[k] for p in ps]) for k in same}
 
 
 def evaluate(
@@ -164,46 +183,73 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """AUC against Sigma_sub (one line per model, profile and training-set size), AUC against the
+    training-set size (one line per model and scale), and axion/no_sub AUC per log10 m bin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     base = result["config"]["sigma_sub_default_mean"]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for pt in result["points"].values():
-        groups.setdefault((pt["model"], pt["profile"]), []).append(pt)
-    for (model, profile), pts in sorted(groups.items()):
+    pts_all = list(result["points"].values())
+    sizes = sorted({p["n_train"] for p in pts_all})
+    by_scale: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    by_size: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for pt in pts_all:
+        by_scale.setdefault((pt["model"], pt["profile"], pt["n_train"]), []).append(pt)
+        by_size.setdefault((pt["model"], pt["profile"], pt["scale"]), []).append(pt)
+    observer_drawn = set()
+    for (model, profile, n_train), pts in sorted(by_scale.items()):
         pts = sorted(pts, key=lambda p: p["scale"])
         xs = [base * p["scale"] for p in pts]
         style = "-o" if profile == "tnfw" else "--s"
         for k, what in ((k, AUC_LABELS[k]) for k in AUC_KEYS.values() if k in pts[0]):
             m = [p[k]["mean"] for p in pts]
             s = [p[k]["std"] for p in pts]
-            axes[0].errorbar(xs, m, yerr=s, fmt=style, capsize=3, label=f"{model}, {profile}: {what}")
-        if pts[0].get("ring_observer", {}).get("cdm_vs_no_sub"):
+            axes[0].errorbar(
+                xs, m, yerr=s, fmt=style, capsize=3, label=f"{model} {profile} n={n_train:.0e}: {what}"
+            )
+        if pts[0].get("ring_observer", {}).get("cdm_vs_no_sub") and profile not in observer_drawn:
+            observer_drawn.add(profile)
             m = [p["ring_observer"]["cdm_vs_no_sub"]["auc_ring_radius"]["mean"] for p in pts]
             axes[0].plot(xs, m, ":x", color="grey", label=f"ring-size observer, {profile}: cdm/no_sub")
-        if pts[0].get("auc_axion_bins"):
-            centres = result["config"]["axion_bin_centres"]
-            mid = pts[len(pts) // 2]
-            bins = mid["auc_axion_bins"]
-            axes[1].errorbar(
-                centres, [b["mean"] for b in bins], yerr=[b["std"] for b in bins], fmt=style, capsize=3,
-                label=f"{model}, {profile} (x{mid['scale']:g})",
+    for (model, profile, scale), pts in sorted(by_size.items()):
+        if len(pts) < 2:
+            continue
+        pts = sorted(pts, key=lambda p: p["n_train"])
+        k = "auc_cdm" if "auc_cdm" in pts[0] else "auc_cdm_vs_smooth"
+        axes[1].errorbar(
+            [p["n_train"] for p in pts], [p[k]["mean"] for p in pts], yerr=[p[k]["std"] for p in pts],
+            fmt="-o", capsize=3, label=f"{model} {profile} x{scale:g}: {AUC_LABELS[k]}",
+        )  # fmt: skip
+    axion = [p for p in pts_all if p.get("auc_axion_bins")]
+    if axion:
+        centres = result["config"]["axion_bin_centres"]
+        mid_scale = min(axion, key=lambda p: abs(math.log(p["scale"])))["scale"]  # the scale nearest 1
+        for pt in sorted(axion, key=lambda p: (p["model"], p["n_train"])):
+            if pt["scale"] != mid_scale:
+                continue
+            bins = pt["auc_axion_bins"]
+            axes[2].errorbar(
+                centres, [b["mean"] for b in bins], yerr=[b["std"] for b in bins], fmt="-o", capsize=3,
+                label=f"{pt['model']} {pt['profile']} n={pt['n_train']:.0e} (x{pt['scale']:g})",
             )  # fmt: skip
     axes[0].set_xscale("log")
-    axes[0].axhline(0.5, color="grey", lw=0.8)
-    axes[0].set_xlabel(r"mean $\Sigma_{\rm sub}$ [kpc$^{-2}$] (model_ii prior x scale)")
-    axes[0].set_ylabel("test AUC")
-    axes[0].set_title(f"model_ii, {result['config']['train_per_class']} train/class, mean +- std over seeds")
-    axes[0].legend(fontsize=8)
-    axes[1].axhline(0.5, color="grey", lw=0.8)
-    axes[1].set_xlabel(r"log$_{10}$ m$_{\rm axion}$ [eV]")
-    axes[1].set_ylabel("axion vs no_sub test AUC")
-    if axes[1].get_legend_handles_labels()[0]:  # no axion class: an empty panel
-        axes[1].legend(fontsize=8)
+    axes[0].set_xlabel(r"mean $\Sigma_{\rm sub}$ [kpc$^{-2}$] (prior x scale)")
+    axes[0].set_title(
+        f"{result['config']['preset']}, {result['config']['mass_compensation']}: mean +- std over seeds"
+    )
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(f"training images (all classes; sizes {', '.join(f'{n:.0e}' for n in sizes)})")
+    axes[2].set_xlabel(r"log$_{10}$ m$_{\rm axion}$ [eV]")
+    axes[2].set_ylabel("axion vs no_sub test AUC")
+    for ax in axes:
+        ax.axhline(0.5, color="grey", lw=0.8)
+        if ax is not axes[2]:
+            ax.set_ylabel("test AUC")
+        if ax.get_legend_handles_labels()[0]:  # a panel without data stays empty
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -233,6 +279,40 @@ def log_mlflow(result: dict[str, Any], png: Path, out: Path, tracking_uri: str |
     return uri
 
 
+#: config entries that must agree for --extend to add to a result (the grid axes may differ)
+EXTEND_MUST_MATCH = (
+    "preset",
+    "test_per_class",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "precision",
+    "class_names",
+    "mass_compensation",
+    "num_pix",
+    "supersampling",
+    "axion_bins",
+    "quick",
+)
+
+
+def load_extend(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-seed runs of an earlier result with the same settings, keyed as this run keys them."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--extend {path}: cannot read a result JSON ({e})") from None
+    diff = [k for k in EXTEND_MUST_MATCH if old.get("config", {}).get(k) != config[k]]
+    if diff:
+        raise SystemExit(f"--extend {path}: settings differ in {', '.join(diff)}")
+    raw = {}
+    for key, pt in old.get("points", {}).items():
+        fields = ("model", "profile", "scale", "train_per_class", "n_train")
+        raw[key] = {**{k: pt[k] for k in fields}, "runs": list(pt["runs"])}
+    return raw
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cdm / axion detectability against Sigma_sub (one GPU)")
     ap.add_argument("--preset", default="model_ii")
@@ -247,7 +327,19 @@ def main(argv=None) -> int:
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     ap.add_argument("--models", nargs="+", default=["ResNet18", "ViT"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--train-per-class", type=int, default=6144)
+    ap.add_argument(
+        "--train-per-class",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training images per class (default 6144, --quick 48); several: the training-set-size axis",
+    )
+    ap.add_argument(
+        "--extend",
+        type=Path,
+        default=None,
+        help="a result JSON of the same settings: its points are kept and not recomputed",
+    )
     ap.add_argument("--test-per-class", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -264,9 +356,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.scales, args.seeds = args.scales[:2] if len(args.scales) > 2 else args.scales, min(args.seeds, 2)
-        args.train_per_class, args.test_per_class, args.epochs, args.batch_size = 48, 32, 1, 32
+        args.test_per_class, args.epochs, args.batch_size = 32, 1, 32
         args.axion_bins = 2
-    if args.seeds < 1 or args.epochs < 1 or args.train_per_class < 1 or args.test_per_class < 2:
+    args.train_per_class = args.train_per_class or ([48] if args.quick else [6144])
+    if args.seeds < 1 or args.epochs < 1 or min(args.train_per_class) < 1 or args.test_per_class < 2:
         raise SystemExit(f"bad sizes: seeds={args.seeds} epochs={args.epochs} train/test per class "
                          f"{args.train_per_class}/{args.test_per_class}")  # fmt: skip
     if any(not (s > 0 and math.isfinite(s)) for s in args.scales):
@@ -280,8 +373,10 @@ def main(argv=None) -> int:
     if args.compensation:
         over0["mass_compensation"] = args.compensation
     base = resolve_preset(args.preset, over0)
-    if base.sigma_sub is None or "no_sub" not in base.class_names or not {"cdm", "cdm_smooth"} & set(
-        base.class_names
+    if (
+        base.sigma_sub is None
+        or "no_sub" not in base.class_names
+        or not {"cdm", "cdm_smooth"} & set(base.class_names)
     ):
         raise SystemExit(f"preset {args.preset!r} needs sigma_sub, no_sub and cdm or cdm_smooth")
     observer_classes = [c for c in base.class_names if c in ("no_sub", "cdm", "cdm_smooth")]
@@ -304,7 +399,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     print(f"device={dev} torch={torch.__version__} config={json.dumps(config)}", flush=True)
     t_start = time.perf_counter()
-    raw: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, Any]] = load_extend(args.extend, config) if args.extend else {}
     skipped: list[str] = []
     sim_s = 0.0
 
@@ -313,7 +408,7 @@ def main(argv=None) -> int:
         points = {}
         for key, r in raw.items():
             runs = r["runs"]
-            pt = {k: r[k] for k in ("model", "profile", "scale")}
+            pt = {k: r[k] for k in ("model", "profile", "scale", "train_per_class", "n_train")}
             pt["sigma_sub_mean"] = config["sigma_sub_default_mean"] * r["scale"]
             for m in (*AUC_KEYS.values(), *POINT_METRICS):
                 if m in runs[0]:
@@ -344,62 +439,83 @@ def main(argv=None) -> int:
         }
         return result
 
-    for p_i, profile in enumerate(args.profiles):
-        for s_i, scale in enumerate(args.scales):
+    def done(key: str, seed: int) -> bool:
+        return any(r["seed"] == seed for r in raw.get(key, {}).get("runs", ()))
+
+    for profile in args.profiles:
+        p_i = PROFILES.index(profile)
+        for scale in args.scales:
+            s_id = int(round(scale * 1e6))  # data seeds follow the values, not their place in the lists
             over = {
                 "sigma_sub": [base.sigma_sub[0] * scale, base.sigma_sub[1] * scale],
                 "subhalo_profile": profile,
             }
             pre = resolve_preset(base, over)
             for seed in range(args.seeds):
+                todo = [
+                    (n_pc, name, f"{name}/{profile}/x{scale:g}/n{pre.num_classes * n_pc}")
+                    for n_pc in args.train_per_class
+                    for name in args.models
+                ]
+                todo = [t for t in todo if not done(t[2], seed)]
+                if not todo:
+                    continue
                 if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
-                    skipped.append(f"{profile}/x{scale:g}/seed{seed}")
+                    skipped.extend(f"{key}/seed{seed}" for *_, key in todo)
                     continue
                 t0 = time.perf_counter()
-                xtr, ytr, _ = make_data(pre, args.train_per_class, derive_seed(seed, p_i, s_i, 0), dev)
-                xte, yte, pte = make_data(pre, args.test_per_class, derive_seed(seed, p_i, s_i, 1), dev)
+                xte, yte, pte = make_data(pre, args.test_per_class, derive_seed(seed, p_i, s_id, 1), dev)
                 sim_s += time.perf_counter() - t0
                 obs = None
                 if not args.no_observer:
                     obs = ring_size_aucs(
-                        pre, args.test_per_class, derive_seed(seed, p_i, s_i, 2), classes=observer_classes,
+                        pre, args.test_per_class, derive_seed(seed, p_i, s_id, 2), classes=observer_classes,
                         device=dev,
                     )  # fmt: skip
                     print(f"{profile}/x{scale:g} seed {seed}: ring-size observer {json.dumps(obs)}")
-                for name in args.models:
-                    model, info = train_model(
-                        name, xtr, ytr, args=args, seed=derive_seed(seed, 7), device=dev, amp_dtype=amp,
-                        num_classes=pre.num_classes, image_size=pre.num_pix,
-                    )  # fmt: skip
-                    ev = evaluate(
-                        model, xte, yte, pte, pre.class_names, device=dev, amp_dtype=amp,
-                        batch_size=4 * args.batch_size, axion_bins=bins,
-                    )  # fmt: skip
-                    key = f"{name}/{profile}/x{scale:g}"
-                    raw.setdefault(key, {"model": name, "profile": profile, "scale": scale, "runs": []})
-                    raw[key]["runs"].append({"seed": seed, **ev, **info, "ring_observer": obs})
-                    aucs = "  ".join(f"{k} {ev[k]:.3f}" for k in AUC_KEYS.values() if k in ev)
-                    print(
-                        f"{key:<28} seed {seed}: {aucs}  acc {ev['accuracy']:.3f}  "
-                        f"<N_sub> {ev['mean_subhalo_count_cdm']:.0f}  "
-                        f"f_sub {ev.get('mean_fsub_arc_cdm', 0):.4f}  "
-                        f"train {info['train_s']:.1f} s  [{time.perf_counter() - t_start:.0f} s]",
-                        flush=True,
-                    )
-                    del model
-                del xtr, ytr, xte, yte
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(args.out, json.dumps(summarise(), indent=2), fsync=False)
+                for n_pc in dict.fromkeys(t[0] for t in todo):
+                    if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                        skipped.extend(f"{key}/seed{seed}" for n, _, key in todo if n == n_pc)
+                        continue
+                    t0 = time.perf_counter()
+                    xtr, ytr, _ = make_data(pre, n_pc, derive_seed(seed, p_i, s_id, n_pc, 0), dev)
+                    sim_s += time.perf_counter() - t0
+                    for _, name, key in (t for t in todo if t[0] == n_pc):
+                        model, info = train_model(
+                            name, xtr, ytr, args=args, seed=derive_seed(seed, 7), device=dev, amp_dtype=amp,
+                            num_classes=pre.num_classes, image_size=pre.num_pix,
+                        )  # fmt: skip
+                        ev = evaluate(
+                            model, xte, yte, pte, pre.class_names, device=dev, amp_dtype=amp,
+                            batch_size=4 * args.batch_size, axion_bins=bins,
+                        )  # fmt: skip
+                        raw.setdefault(key, {"model": name, "profile": profile, "scale": scale,
+                                             "train_per_class": n_pc, "n_train": pre.num_classes * n_pc,
+                                             "runs": []})  # fmt: skip
+                        raw[key]["runs"].append({"seed": seed, **ev, **info, "ring_observer": obs})
+                        aucs = "  ".join(f"{k} {ev[k]:.3f}" for k in AUC_KEYS.values() if k in ev)
+                        print(
+                            f"{key:<34} seed {seed}: {aucs}  acc {ev['accuracy']:.3f}  "
+                            f"<N_sub> {ev['mean_subhalo_count_cdm']:.0f}  "
+                            f"f_sub {ev.get('mean_fsub_arc_cdm', 0):.4f}  "
+                            f"train {info['train_s']:.1f} s  [{time.perf_counter() - t_start:.0f} s]",
+                            flush=True,
+                        )
+                        del model
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_text(args.out, json.dumps(summarise(), indent=2), fsync=False)
+                    del xtr, ytr
+                del xte, yte
     result = summarise()
     points, wall = result["points"], result["wall_s"]
     cols = ["auc_cdm", "auc_cdm_smooth", "auc_cdm_vs_smooth", "auc_axion"]
     head = "".join(f"{c:>19}" for c in cols)
-    print(f"\n{'model/profile/scale':<28} {'Sigma_sub':>10}{head} {'ring obs':>9} {'<N_sub>':>8}")
+    print(f"\n{'model/profile/scale/n_train':<34} {'Sigma_sub':>10}{head} {'ring obs':>9} {'<N_sub>':>8}")
     for key, pt in points.items():
         vals = "".join(f"{pt.get(c, NAN)['mean']:>10.3f} +- {pt.get(c, NAN)['std']:.3f}" for c in cols)
         ring = pt.get("ring_observer", {}).get("cdm_vs_no_sub", {}).get("auc_ring_radius", NAN)["mean"]
         n_sub = pt["mean_subhalo_count_cdm"]["mean"]
-        print(f"{key:<28} {pt['sigma_sub_mean']:>10.2e}{vals} {ring:>9.3f} {n_sub:>8.0f}")
+        print(f"{key:<34} {pt['sigma_sub_mean']:>10.2e}{vals} {ring:>9.3f} {n_sub:>8.0f}")
     print(f"wall {wall:.0f} s (simulation {sim_s:.0f} s); skipped {len(skipped)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
