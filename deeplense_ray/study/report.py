@@ -145,8 +145,7 @@ def write_report(s, out: Path, *, client, state: Mapping[str, Any]):
     ``out`` and the parent MLflow run (metrics ``<model>.<metric>_mean`` / ``_std`` too)."""
     from deeplense_ray.config import describe_dataset
     from deeplense_ray.io import atomic_write_text
-    from deeplense_ray.study.runner import RUNS_DIR, StudyResult, run_key
-    from deeplense_ray.study.settings import PROTOCOLS, slug
+    from deeplense_ray.study.settings import PROTOCOLS, RUNS_DIR, StudyResult, run_key, slug
 
     info = describe_dataset(state["data_dir"])
     classes = list(info.class_names)

@@ -24,15 +24,13 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deeplense_ray.io import atomic_path, atomic_write_json, atomic_write_text
-from deeplense_ray.study.settings import StudySettings, slug
+from deeplense_ray.study.settings import RUNS_DIR, StudyResult, StudySettings, run_key
 
 STATE_FILE = "study_state.json"
-RUNS_DIR = "runs"
 TRAINERS_DIR = "trainers"
 TAG_PARENT = "mlflow.parentRunId"
 
@@ -45,24 +43,6 @@ class StudyIncomplete(RuntimeError):
     """Some runs failed; the finished ones are kept and ``resume=True`` runs only the rest."""
 
 
-@dataclass
-class StudyResult:
-    name: str
-    output_dir: str
-    parent_run_id: str
-    experiment_id: str
-    data_dir: str
-    table: list[dict[str, Any]]
-    markdown: str
-    runs: list[dict[str, Any]]
-    artifacts: list[str] = field(default_factory=list)
-    ran_now: list[str] = field(default_factory=list)
-
-
-def run_key(model: str, seed: int) -> str:
-    return f"{slug(model)}-s{seed}"
-
-
 # ----------------------------------------------------------------------------------------------- trial
 def _images_per_s(client, run_id: str) -> float:
     """Training images/s of a run: the median over epochs 2.. of its logged ``images_per_s`` (epoch 1 holds
@@ -72,8 +52,6 @@ def _images_per_s(client, run_id: str) -> float:
     hist = sorted(client.get_metric_history(run_id, "images_per_s"), key=lambda m: m.step)
     values = [m.value for m in hist if m.step >= 2] or [m.value for m in hist]
     return float(np.median(values)) if values else float("nan")
-
-
 
 
 def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,31 @@ def slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model)
 
 
+def run_key(model: str, seed: int) -> str:
+    """The name of one (model, seed) run's result files under ``RUNS_DIR``."""
+    return f"{slug(model)}-s{seed}"
+
+
+#: the study directory's folder of per-run results (``<run_key>.json`` / ``.npz``)
+RUNS_DIR = "runs"
+
+
+@dataclass
+class StudyResult:
+    """What :func:`deeplense_ray.study.run_study` returns: the table, the runs and where they are."""
+
+    name: str
+    output_dir: str
+    parent_run_id: str
+    experiment_id: str
+    data_dir: str
+    table: list[dict[str, Any]]
+    markdown: str
+    runs: list[dict[str, Any]]
+    artifacts: list[str] = field(default_factory=list)
+    ran_now: list[str] = field(default_factory=list)
+
+
 def parse_models(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """``"ViT,CvT"`` (or a list) -> canonical names, in order; ValueError naming an unknown or repeated name
     (``timm:<arch>`` is checked against timm, which must be importable)."""

@@ -4,7 +4,7 @@ The trial's function runs the training loop itself, in the Tune actor that holds
 share (train/local.py), and Tune reuses that actor for the next trial (``reuse_actors``): after the first
 trial no process is started. Each epoch's checkpoint goes to ``<trainer_storage>/<trial_id>/`` as in a
 one-worker Ray Train run, and the report to Tune carries ``checkpoint_path`` (tune/best.py) and passes
-through :func:`~deeplense_ray.tune.trial.sanitize_result`, as the ``TuneReportCallback`` of a trainer does:
+through :func:`~deeplense_ray.tune.diverged.sanitize_result`, as the ``TuneReportCallback`` of a trainer does:
 what the search does with trials (ASHA, MLflow child runs, disk pruning, the best checkpoint's test) is the
 same for both runners. A stopped trial ends at its next report (Tune's function API).
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from deeplense_ray.train.local import LocalRunSession, checkpoint_name, fit_here, local_loop_config
 from deeplense_ray.tune.best import CHECKPOINT_PATH_KEY
+from deeplense_ray.tune.diverged import sanitize_result
 
 
 class ActorTrialSession(LocalRunSession):
@@ -23,8 +24,6 @@ class ActorTrialSession(LocalRunSession):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.tune
-
-        from deeplense_ray.tune.trial import sanitize_result
 
         out = dict(metrics)
         epoch = int(metrics["epoch"])

@@ -9,44 +9,16 @@ everything it needs (:func:`param_space`: the sampled values + ``_search``); not
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ray.tune import Stopper
-
-from deeplense_ray.tune.mlflow_runs import DIVERGED_KEY, DIVERGED_VALUE
+from deeplense_ray.tune.diverged import DivergedStopper, diverged_value, sanitize_result
 from deeplense_ray.tune.settings import TuneSettings
 
 if TYPE_CHECKING:
     from deeplense_ray.tune.plan import SearchPlan
 
-
-def diverged_value(mode: str) -> float:
-    """What a diverged trial reports to Tune instead of a NaN/inf metric: ``-+DIVERGED_VALUE``.
-
-    Finite on purpose: ASHA's rung cutoff interpolates a percentile of the recorded values, and with
-    -inf among them the interpolation yields NaN (inf - inf); Optuna marks a NaN trial failed and learns
-    nothing from it. Every real value beats it (AUC/accuracy lie in [0, 1]; a loss stays far below 1e30).
-    """
-    return -DIVERGED_VALUE if mode == "max" else DIVERGED_VALUE
-
-
-def sanitize_result(metrics: Mapping[str, Any], metric: str, mode: str) -> dict[str, Any]:
-    """One epoch's report as Tune should see it: a diverged epoch gets the worst finite ``metric``.
-
-    The train loop reports a diverged epoch (non-finite loss or outputs) with ``diverged`` = 1 and NaN
-    losses/AUCs instead of raising. Such a report, or one whose ``metric`` is not a finite number, gets
-    ``metric`` = :func:`diverged_value` and ``diverged`` = 1: ASHA and the searcher rank it below every real
-    trial, and :class:`DivergedStopper` ends the trial (its weights are NaN; more epochs cannot help).
-    """
-    out = dict(metrics)
-    v = out.get(metric)
-    bad_value = metric in out and (not isinstance(v, (int, float)) or not math.isfinite(float(v)))
-    if bad_value or out.get(DIVERGED_KEY) == 1:
-        out[metric] = diverged_value(mode)
-        out[DIVERGED_KEY] = 1
-    return out
+__all__ = ["DivergedStopper", "diverged_value", "param_space", "sanitize_result", "train_trial"]
 
 
 def _sanitizing_report_callback(metric: str, mode: str):
@@ -60,16 +32,6 @@ def _sanitizing_report_callback(metric: str, mode: str):
             super().after_report(run_context, metrics, checkpoint)
 
     return _Report()
-
-
-class DivergedStopper(Stopper):
-    """Tune stopper (``RunConfig(stop=...)``): ends a trial at its first diverged report."""
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return result.get(DIVERGED_KEY) == 1
-
-    def stop_all(self) -> bool:
-        return False
 
 
 def param_space(settings: TuneSettings, plan: SearchPlan) -> dict[str, Any]:
