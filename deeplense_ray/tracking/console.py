@@ -6,9 +6,7 @@ printed by the driver, as plain text (no escape codes), so a log of a long searc
 
 - :func:`epoch_line`: ``epoch 3/10  loss 0.9812  val_loss 1.0021  val_acc 0.512  val_auc_macro 0.6530
   412 img/s  elapsed 0:01:12  eta 0:02:48``;
-- :class:`SearchConsole`: a driver-side Tune callback printing a line when a trial starts, one per epoch
-  and one when it ends (with its best epoch by the search metric: the same "best" as the summary table and
-  the MLflow tags), and a heartbeat while nothing else is printed (start-up, first epoch);
+- ``deeplense_ray.tune.console.SearchConsole`` prints the same lines for the trials of a search;
 - :class:`RunWatcher`: the same epoch lines for one training run (``jobs/train.py``), read from its MLflow
   run by a driver thread while ``trainer.fit()`` blocks;
 - :func:`mlflow_ui_command`, :func:`where_lines`: where a job's results are, and how to open them;
@@ -26,10 +24,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ray.tune import Callback
-
-from deeplense_ray import ranking
-
 #: Validation metrics shown on an epoch line, in order (when reported).
 EPOCH_KEYS: tuple[str, ...] = ("val_loss", "val_acc", "val_auc_macro")
 #: Seconds without a printed line after which a heartbeat line says what is still running.
@@ -44,7 +38,7 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _num(v: Any, digits: int = 4) -> str:
+def fmt_num(v: Any, digits: int = 4) -> str:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -69,8 +63,8 @@ def epoch_line(
 ) -> str:
     """One epoch as one line: epoch k/n, train loss, validation metrics, images/s, elapsed and ETA."""
     epoch = int(metrics.get("epoch", 0))
-    parts = [f"epoch {epoch}/{max_epochs}", f"loss {_num(metrics.get('train_loss'))}"]
-    parts += [f"{k} {_num(metrics[k])}" for k in keys if k in metrics]
+    parts = [f"epoch {epoch}/{max_epochs}", f"loss {fmt_num(metrics.get('train_loss'))}"]
+    parts += [f"{k} {fmt_num(metrics[k])}" for k in keys if k in metrics]
     if metrics.get("images_per_s") is not None:
         parts.append(f"{float(metrics['images_per_s']):.0f} img/s")
     parts.append(f"elapsed {hms(elapsed)}")
@@ -120,124 +114,6 @@ def quiet_ray(verbose: bool) -> dict[str, Any]:
 def tune_verbosity(verbose: bool) -> int:
     """``tune.RunConfig(verbose=...)``: Tune's status tables and config boxes only with ``--verbose``."""
     return 1 if verbose else 0
-
-
-# ----------------------------------------------------------------------------------------------- a search
-class SearchConsole(Callback):
-    """Driver-side Tune callback: trial start, one line per epoch, trial end; a heartbeat when quiet.
-
-    The trial-end line and the running "best so far" use the best epoch of each trial by ``metric``
-    (``mode``), the same definition as the search's summary table and its MLflow tags.
-    """
-
-    def __init__(
-        self,
-        *,
-        metric: str,
-        mode: str,
-        max_epochs: int,
-        num_samples: int,
-        stream: TextIO | None = None,
-        heartbeat_s: float = HEARTBEAT_S,
-    ) -> None:
-        self.metric = metric
-        self.mode = mode
-        self.max_epochs = int(max_epochs)
-        self.num_samples = int(num_samples)
-        self.stream = stream
-        self.heartbeat_s = float(heartbeat_s)
-        self.started: dict[str, float] = {}
-        self.best: dict[str, tuple[float, int]] = {}
-        self.epochs: dict[str, int] = {}
-        self.diverged: dict[str, int] = {}
-        self.ended = 0
-        self.t0 = time.time()
-        self.last_print = self.t0
-
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["stream"] = None
-        return d
-
-    def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
-        self.last_print = time.time()
-
-    def best_overall(self) -> tuple[str, float, int] | None:
-        """(trial id, best metric, its epoch) over all trials so far, or None; ties go to the smaller trial
-        id, as in the search's summary (:func:`deeplense_ray.tune.best.pick_best`, by
-        :mod:`deeplense_ray.ranking`)."""
-        found = ranking.best(self.best.items(), lambda kv: kv[1][0], self.mode, tie_of=lambda kv: str(kv[0]))
-        return (found[0], *found[1]) if found is not None else None
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.started[trial.trial_id] = time.time()
-        n = len(self.started)
-        sampled = {k: v for k, v in trial.config.items() if k != "_search"}
-        text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sampled.items())
-        self._print(f"[trial {trial.trial_id}] start ({n}/{self.num_samples}): {text}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from deeplense_ray.tune.mlflow_runs import DIVERGED_VALUE, STARTUP_KEY, trial_startup
-
-        tid = trial.trial_id
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.epochs[tid] = max(epoch, self.epochs.get(tid, 0))
-        if result.get("diverged") == 1:
-            self.diverged.setdefault(tid, epoch)
-        # a diverged epoch reports a finite stand-in (+-1e30) for the metric: shown as nan
-        result = {k: math.nan if isinstance(v, (int, float)) and abs(float(v)) >= DIVERGED_VALUE else v
-                  for k, v in result.items()}
-        v = result.get(self.metric)
-        v = float(v) if isinstance(v, (int, float)) else math.nan
-        prev = self.best.get(tid)  # a trial's best epoch as its curve's: the metric, then the earlier epoch
-        if prev is None or ranking.epoch_key(v, epoch, self.mode) < ranking.epoch_key(*prev, self.mode):
-            self.best[tid] = (v, epoch)
-        elapsed = time.time() - self.started.get(tid, self.t0)
-        keys = tuple(dict.fromkeys((*EPOCH_KEYS, self.metric)))
-        line = epoch_line(
-            result, max_epochs=self.max_epochs, elapsed=elapsed, prefix=f"[trial {tid}] ", keys=keys
-        )
-        startup = trial_startup(result, self.started.get(tid))  # the first report of a worker-group start
-        if startup:
-            line += f"  (first batch {startup[STARTUP_KEY]:.1f} s after the trial started)"
-        self._print(line)
-
-    def _end_line(self, trial, how: str) -> None:
-        self.ended += 1
-        tid = trial.trial_id
-        v, e = self.best.get(tid, (math.nan, 0))
-        elapsed = time.time() - self.started.get(tid, self.t0)
-        overall = self.best_overall()
-        lead = f"; best so far: trial {overall[0]} {self.metric} {_num(overall[1])} (epoch {overall[2]})" \
-            if overall is not None and math.isfinite(overall[1]) else ""
-        self._print(
-            f"[trial {tid}] end ({self.ended}/{self.num_samples}): {how} after {self.epochs.get(tid, 0)} "
-            f"epoch(s), best {self.metric} {_num(v)} at epoch {e}, {hms(elapsed)}{lead}"
-        )
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from deeplense_ray.tune.mlflow_runs import outcome
-
-        tid = trial.trial_id
-        text, _ = outcome(self.epochs.get(tid, 0), self.max_epochs, diverged_at=self.diverged.get(tid))
-        self._end_line(trial, text)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        where = getattr(trial, "path", None) or ""
-        self._end_line(trial, f"FAILED (error log under {where})")
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        now = time.time()
-        if now - self.last_print < self.heartbeat_s:
-            return
-        running = [t.trial_id for t in trials if t.status == "RUNNING"]
-        pending = sum(t.status == "PENDING" for t in trials)
-        self._print(
-            f"[search] {hms(now - self.t0)} elapsed: {len(running)} running "
-            f"({', '.join(running) or '-'}), {pending} pending, {self.ended}/{self.num_samples} ended; "
-            "waiting for the next epoch"
-        )
 
 
 # ----------------------------------------------------------------------------------------------- one run
@@ -370,7 +246,7 @@ def chance_warning(metric: str, value: float, ci: Sequence[float] | None) -> str
     if not lo <= 0.5 <= hi:
         return None
     return (
-        f"WARNING: {metric} = {_num(value)} is consistent with chance: its 95% bootstrap interval "
+        f"WARNING: {metric} = {fmt_num(value)} is consistent with chance: its 95% bootstrap interval "
         f"[{lo:.4f}, {hi:.4f}] includes 0.5 (more data, epochs or a larger model are needed)"
     )
 

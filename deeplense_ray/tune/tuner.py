@@ -32,9 +32,9 @@ def trial_name(trial) -> str:
 
 def console_callbacks(settings: TuneSettings, trainer_storage: str) -> list:
     """The driver-side callbacks of what a researcher sees and keeps: one line per trial start, epoch and
-    end (:class:`~deeplense_ray.tracking.console.SearchConsole`), and an ended trial's checkpoints pruned to
+    end (:class:`~deeplense_ray.tune.console.SearchConsole`), and an ended trial's checkpoints pruned to
     its best (:class:`~deeplense_ray.tune.disk.CheckpointPruner`)."""
-    from deeplense_ray.tracking.console import SearchConsole
+    from deeplense_ray.tune.console import SearchConsole
     from deeplense_ray.tune.disk import CheckpointPruner
 
     mode = settings.resolved_mode
