@@ -8,6 +8,8 @@ autocast on CUDA, AdamW + cosine, random 90-degree rotations and flips, per-imag
 measure on the test set:
 - ``auc_cdm``: ROC AUC of cdm against no_sub (score logit_cdm - logit_no_sub, no_sub and cdm test images);
 - ``auc_axion_bins``: ROC AUC of axion against no_sub per log10 m_axion bin (logit_axion - logit_no_sub);
+- with the wave-dark-matter class ``fdm`` among the classes (e.g. ``--preset model_ii_fdm``): ``auc_fdm`` and
+  ``auc_fdm_bins`` (fdm against no_sub per log10 m bin of ``--fdm-bins`` over the preset's range);
 - ``accuracy`` (3 classes), the mean subhalo count and projected subhalo mass fraction of the cdm test images;
 - with the ``cdm_smooth`` control among ``--classes``: ``auc_cdm_smooth`` (cdm_smooth against no_sub: a
   network that sees clumps, not mass, sits at 0.5) and ``auc_cdm_vs_smooth`` (cdm against cdm_smooth: the
@@ -65,12 +67,18 @@ from deeplense_ray.train.loop import (  # noqa: E402
 
 PROFILES = ("tnfw", "point_mass")
 POINT_METRICS = ("auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm")
+#: per-mass-bin AUCs of the wave-dark-matter classes against no_sub: result key -> (class, stored parameter,
+#: whether it is the mass itself, not its log10)
+MASS_BIN_KEYS = {
+    "auc_axion_bins": ("axion", "axion_mass", True),
+    "auc_fdm_bins": ("fdm", "fdm_log10_m", False),
+}
 NAN = {"mean": math.nan, "std": math.nan}
 AUC_LABELS = {"auc_cdm": "cdm/no_sub", "auc_cdm_smooth": "cdm_smooth/no_sub",
-              "auc_cdm_vs_smooth": "cdm/cdm_smooth"}  # fmt: skip
+              "auc_cdm_vs_smooth": "cdm/cdm_smooth", "auc_fdm": "fdm/no_sub"}  # fmt: skip
 #: result key of each class pair's network AUC
 AUC_KEYS = {("cdm", "no_sub"): "auc_cdm", ("cdm_smooth", "no_sub"): "auc_cdm_smooth",
-            ("cdm", "cdm_smooth"): "auc_cdm_vs_smooth"}  # fmt: skip
+            ("cdm", "cdm_smooth"): "auc_cdm_vs_smooth", ("fdm", "no_sub"): "auc_fdm"}  # fmt: skip
 QUICK_MODEL_OVERRIDES = {"ResNet18": {"width": 8}, "ViT": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64}}
 
 
@@ -119,9 +127,8 @@ def make_data(preset, n_per_class: int, seed: int, device: torch.device):
     return torch.cat(xs), torch.cat(ys), {k: torch.cat([p[k] for p in ps]) for k in same}
 
 
-def evaluate(
-    model, x, y, params, class_names, *, device, amp_dtype, batch_size, axion_bins
-) -> dict[str, Any]:
+def evaluate(model, x, y, params, class_names, *, device, amp_dtype, batch_size, mass_bins) -> dict[str, Any]:
+    """Test metrics; ``mass_bins``: the log10 m bin edges of each key of ``MASS_BIN_KEYS``."""
     logits, labels = predict_batches(model, _batches(x, y, batch_size), device=device, amp_dtype=amp_dtype)
     c = {name: class_names.index(name) for name in class_names}
     no_sub = labels == c["no_sub"]
@@ -133,12 +140,18 @@ def evaluate(
     cdm = labels == c.get("cdm", c.get("cdm_smooth"))
     if "axion" in c:
         s_ax = logits[:, c["axion"]] - logits[:, c["no_sub"]]
-        log_m = np.log10(np.maximum(params["axion_mass"].double().numpy(), 1e-300))
-        ax = labels == c["axion"]
-        out["auc_axion"] = _auc(s_ax[ax], s_ax[no_sub])
-        out["auc_axion_bins"] = [
-            _auc(s_ax[ax & (log_m >= lo) & (log_m < hi)], s_ax[no_sub])
-            for lo, hi in zip(axion_bins[:-1], axion_bins[1:])
+        out["auc_axion"] = _auc(s_ax[labels == c["axion"]], s_ax[no_sub])
+    for key, (cls, param, linear) in MASS_BIN_KEYS.items():
+        if cls not in c:
+            continue
+        s_cls = logits[:, c[cls]] - logits[:, c["no_sub"]]
+        v = params[param].double().numpy()
+        log_m = np.log10(np.maximum(v, 1e-300)) if linear else v
+        is_cls = labels == c[cls]
+        edges = mass_bins[key]
+        out[key] = [
+            _auc(s_cls[is_cls & (log_m >= lo) & (log_m < hi)], s_cls[no_sub])
+            for lo, hi in zip(edges[:-1], edges[1:])
         ]
     cnt = params["subhalo_count"].double().numpy()[cdm]
     out["mean_subhalo_count_cdm"] = float(cnt.mean()) if cnt.size else math.nan
@@ -223,17 +236,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
             [p["n_train"] for p in pts], [p[k]["mean"] for p in pts], yerr=[p[k]["std"] for p in pts],
             fmt="-o", capsize=3, label=f"{model} {profile} x{scale:g}: {AUC_LABELS[k]}",
         )  # fmt: skip
-    axion = [p for p in pts_all if p.get("auc_axion_bins")]
-    if axion:
-        centres = result["config"]["axion_bin_centres"]
-        mid_scale = min(axion, key=lambda p: abs(math.log(p["scale"])))["scale"]  # the scale nearest 1
-        for pt in sorted(axion, key=lambda p: (p["model"], p["n_train"])):
+    for key, (cls, _, _) in MASS_BIN_KEYS.items():
+        wave = [p for p in pts_all if p.get(key)]
+        if not wave:
+            continue
+        centres = result["config"][f"{cls}_bin_centres"]
+        mid_scale = min(wave, key=lambda p: abs(math.log(p["scale"])))["scale"]  # the scale nearest 1
+        for pt in sorted(wave, key=lambda p: (p["model"], p["n_train"])):
             if pt["scale"] != mid_scale:
                 continue
-            bins = pt["auc_axion_bins"]
             axes[2].errorbar(
-                centres, [b["mean"] for b in bins], yerr=[b["std"] for b in bins], fmt="-o", capsize=3,
-                label=f"{pt['model']} {pt['profile']} n={pt['n_train']:.0e} (x{pt['scale']:g})",
+                centres, [b["mean"] for b in pt[key]], yerr=[b["std"] for b in pt[key]],
+                fmt="-o" if cls == "axion" else "--s", capsize=3,
+                label=f"{cls}: {pt['model']} {pt['profile']} n={pt['n_train']:.0e} (x{pt['scale']:g})",
             )  # fmt: skip
     axes[0].set_xscale("log")
     axes[0].set_xlabel(r"mean $\Sigma_{\rm sub}$ [kpc$^{-2}$] (prior x scale)")
@@ -242,8 +257,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     axes[1].set_xscale("log")
     axes[1].set_xlabel(f"training images (all classes; sizes {', '.join(f'{n:.0e}' for n in sizes)})")
-    axes[2].set_xlabel(r"log$_{10}$ m$_{\rm axion}$ [eV]")
-    axes[2].set_ylabel("axion vs no_sub test AUC")
+    axes[2].set_xlabel(r"log$_{10}$ m [eV] (axion: the vortex's m$_{\rm axion}$; fdm: the particle mass)")
+    axes[2].set_ylabel("axion or fdm vs no_sub test AUC")
     for ax in axes:
         ax.axhline(0.5, color="grey", lw=0.8)
         if ax is not axes[2]:
@@ -347,6 +362,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--axion-bins", type=int, default=4, help="equal log10 m_axion bins over the prior")
+    ap.add_argument("--fdm-bins", type=int, default=5, help="equal log10 m bins of the fdm class's prior")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; stop starting new points after")
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
@@ -357,7 +373,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.scales, args.seeds = args.scales[:2] if len(args.scales) > 2 else args.scales, min(args.seeds, 2)
         args.test_per_class, args.epochs, args.batch_size = 32, 1, 32
-        args.axion_bins = 2
+        args.axion_bins = args.fdm_bins = 2
     args.train_per_class = args.train_per_class or ([48] if args.quick else [6144])
     if args.seeds < 1 or args.epochs < 1 or min(args.train_per_class) < 1 or args.test_per_class < 2:
         raise SystemExit(f"bad sizes: seeds={args.seeds} epochs={args.epochs} train/test per class "
@@ -379,10 +395,13 @@ def main(argv=None) -> int:
         or not {"cdm", "cdm_smooth"} & set(base.class_names)
     ):
         raise SystemExit(f"preset {args.preset!r} needs sigma_sub, no_sub and cdm or cdm_smooth")
-    observer_classes = [c for c in base.class_names if c in ("no_sub", "cdm", "cdm_smooth")]
+    observer_classes = [c for c in base.class_names if c in ("no_sub", "cdm", "cdm_smooth", "fdm")]
     lo_ax, hi_ax = base.axion_log10_mass
     bins = np.linspace(lo_ax, hi_ax, args.axion_bins + 1)
     bins[-1] += 1e-9
+    fdm_bins = np.linspace(*base.fdm_log10_mass, args.fdm_bins + 1)
+    fdm_bins[-1] += 1e-9
+    mass_bins = {"auc_axion_bins": bins, "auc_fdm_bins": fdm_bins}
     args.pixel_scale = base.delta_pix
     config = {
         "preset": args.preset, "scales": args.scales, "profiles": args.profiles, "models": args.models,
@@ -393,6 +412,7 @@ def main(argv=None) -> int:
         "sigma_sub_default": list(base.sigma_sub), "sigma_sub_default_mean": float(np.mean(base.sigma_sub)),
         "subhalo_mass": list(base.subhalo_mass), "axion_bins": bins.tolist(),
         "axion_bin_centres": (0.5 * (bins[1:] + bins[:-1])).tolist(), "quick": args.quick,
+        "fdm_bins": fdm_bins.tolist(), "fdm_bin_centres": (0.5 * (fdm_bins[1:] + fdm_bins[:-1])).tolist(),
         "num_pix": base.num_pix, "supersampling": base.supersampling,
         "class_names": list(base.class_names), "mass_compensation": base.mass_compensation,
         "observer": not args.no_observer,
@@ -419,10 +439,8 @@ def main(argv=None) -> int:
                     for pair, v in runs[0]["ring_observer"].items()
                     if pair != "mean_theta_E_compensation"
                 }
-            if "auc_axion_bins" in runs[0]:
-                pt["auc_axion_bins"] = [
-                    _summary([x["auc_axion_bins"][b] for x in runs]) for b in range(len(bins) - 1)
-                ]
+            for mk in (k for k in MASS_BIN_KEYS if k in runs[0]):
+                pt[mk] = [_summary([x[mk][b] for x in runs]) for b in range(len(mass_bins[mk]) - 1)]
             pt["runs"] = runs
             points[key] = pt
         wall = time.perf_counter() - t_start
@@ -487,7 +505,7 @@ def main(argv=None) -> int:
                         )  # fmt: skip
                         ev = evaluate(
                             model, xte, yte, pte, pre.class_names, device=dev, amp_dtype=amp,
-                            batch_size=4 * args.batch_size, axion_bins=bins,
+                            batch_size=4 * args.batch_size, mass_bins=mass_bins,
                         )  # fmt: skip
                         raw.setdefault(key, {"model": name, "profile": profile, "scale": scale,
                                              "train_per_class": n_pc, "n_train": pre.num_classes * n_pc,
@@ -508,7 +526,7 @@ def main(argv=None) -> int:
                 del xte, yte
     result = summarise()
     points, wall = result["points"], result["wall_s"]
-    cols = ["auc_cdm", "auc_cdm_smooth", "auc_cdm_vs_smooth", "auc_axion"]
+    cols = ["auc_cdm", "auc_cdm_smooth", "auc_cdm_vs_smooth", "auc_axion", "auc_fdm"]
     head = "".join(f"{c:>19}" for c in cols)
     print(f"\n{'model/profile/scale/n_train':<34} {'Sigma_sub':>10}{head} {'ring obs':>9} {'<N_sub>':>8}")
     for key, pt in points.items():

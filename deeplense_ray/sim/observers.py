@@ -31,7 +31,7 @@ from .render import pixel_grid
 from .simulate import simulate
 
 #: class pairs (positive, negative) whose AUCs ``ring_size_aucs`` reports when their classes are simulated
-PAIRS = (("cdm", "no_sub"), ("cdm_smooth", "no_sub"), ("cdm", "cdm_smooth"))
+PAIRS = (("cdm", "no_sub"), ("cdm_smooth", "no_sub"), ("cdm", "cdm_smooth"), ("fdm", "no_sub"))
 
 
 def ring_radius(images: Tensor, center_x: Tensor, center_y: Tensor, delta_pix: float) -> Tensor:
