@@ -91,6 +91,7 @@ def _param_batch(pre, bs, dev):
 def _triton_render_fn(pre, pd, dev):
     """The Triton kernels alone (render, PSF, binning after a supersampled PSF); parameters on the device."""
     from deeplense_ray.sim import _triton as tk
+    from deeplense_ray.sim.los import lens_plane_w, los_capacity, los_enabled, triton_los_table
     from deeplense_ray.sim.render import gaussian_kernel_1d
     from deeplense_ray.sim.simulate import _TNFW_KERNEL_KEYS, _psf_pixel, _ss_convolution
 
@@ -107,12 +108,17 @@ def _triton_render_fn(pre, pd, dev):
     ss, n = pre.supersampling, pre.num_pix
     conv = _ss_convolution(pre)
     n_out, ss_k, d_k = (n * ss, 1, pre.delta_pix / ss) if conv else (n, ss, pre.delta_pix)
+    los = {}
+    if los_enabled(pre):  # line-of-sight halos (multi-plane in the kernel)
+        kl = tk.tnfw_slots(int(pd["los_count"].max()), los_capacity(pre), step=8)
+        tab, cnt = triton_los_table(pd, 0, int(pd["los_count"].shape[0]), kl, dev)
+        los = {"los": tab, "los_count": cnt, "w_lens": lens_plane_w(pre)}
 
     def fn():
         sc = tk.derive_scalars(pd, has_vortex=True)
         img = tk.render_sersic(
             sc, te2, sx, sy, coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k, has_vortex=True,
-            tnfw=tn, tnfw_count=tcount,
+            tnfw=tn, tnfw_count=tcount, **los,
         )  # fmt: skip
         img = tk.psf_separable(img, kern)
         return img.reshape(-1, n, ss, n, ss).sum(dim=(2, 4)) if conv else img
@@ -130,8 +136,12 @@ LEGACY25 = {
 }
 
 
+#: ``--population los``: the presets' own population plus line-of-sight halos (sim/los.py, delta_los U(0, 2))
+LOS = {"delta_los": [0.0, 2.0]}
+
+
 def _population(population: str) -> dict:
-    return dict(LEGACY25) if population == "legacy25" else {}
+    return dict(LEGACY25) if population == "legacy25" else dict(LOS) if population == "los" else {}
 
 
 def bench_config(
@@ -347,8 +357,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     ap.add_argument(
-        "--population", choices=["default", "legacy25"], default="default",
-        help="substructure: the presets' own (normalised tNFW) or the earlier 25 point masses",
+        "--population", choices=["default", "legacy25", "los"], default="default",
+        help="substructure: the presets' own (normalised tNFW), the earlier 25 point masses, or the presets' "
+        "own plus line-of-sight halos (delta_los U(0, 2))",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/bench_simulate_kernel.json"))
     args = ap.parse_args(argv)

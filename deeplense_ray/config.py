@@ -33,6 +33,8 @@ INGEST_MODES: tuple[str, ...] = ("auto", "split", "per_rank", "memory")
 MEMORY_INGEST_MAX_MB: float = 2048.0
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_image_minmax", "per_image_standard")
 REQUIRED_SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Training tasks: class probabilities, or per-lens Gaussian posteriors of named targets (train/targets.py).
+TASKS: tuple[str, ...] = ("classification", "inference")
 _MAX_SEED = 2**63 - 1
 
 
@@ -106,11 +108,13 @@ def check_model_fits(
     *,
     size: str = "default",
     overrides: Mapping[str, Any] | None = None,
+    num_outputs: int | None = None,
 ) -> None:
     """Build ``model`` for the dataset and run one forward pass on a zero batch [2, C, H, W] (CPU, eval).
 
     Raises ValueError naming the model, the dataset directory, its image shape and classes when the model
-    cannot be built for them or does not return logits [2, num_classes].
+    cannot be built for them or does not return logits [2, num_classes] (``num_outputs``: that many outputs
+    instead, the head of task 'inference').
     """
     import torch
 
@@ -127,9 +131,10 @@ def check_model_fits(
     if h != w:
         raise ValueError(f"model {model!r} needs square images; {what} is not square")
     resolve_hparams(model, size, **dict(overrides or {}))  # a bad override: its own message, not the data's
+    outputs = info.num_classes if num_outputs is None else int(num_outputs)
     try:
         net = build_model(
-            model, h, c, info.num_classes, pixel_scale=info.pixel_scale, size=size, **dict(overrides or {})
+            model, h, c, outputs, pixel_scale=info.pixel_scale, size=size, **dict(overrides or {})
         )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"model {model!r} cannot take {what}: {exc}") from exc
@@ -139,11 +144,11 @@ def check_model_fits(
             out = net(torch.zeros(2, c, h, w))
     except Exception as exc:  # any failure of a forward pass means the model cannot take this data
         raise ValueError(f"model {model!r} cannot take {what}: forward pass failed: {exc}") from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
             f"model {model!r} cannot take {what}: it returns {shape} for a batch of 2, "
-            f"expected logits (2, {info.num_classes})"
+            f"expected logits (2, {outputs})"
         )
 
 
@@ -211,6 +216,12 @@ class TrainConfig:
             training inputs each rank saw (averaged over ranks), so evaluation, checkpoints and the logged
             model never use running averages that lag the weights (on images of one fixed macro lens they
             collapsed eval-mode predictions to one class). 0 = off; models without BatchNorm are unaffected.
+        task: 'classification' (the default: class probabilities, cross-entropy) or 'inference' (per-lens
+            Gaussian posteriors over ``targets``: docs/parameter_inference.md, train/targets.py).
+        targets: task 'inference': the per-image scalars to infer (``sigma_sub``, ``log10_m_axion``,
+            ``theta_E`` or any stored per-image parameter by name).
+        classes: task 'inference': the classes whose images are used (None: those every target exists on,
+            e.g. cdm for ``sigma_sub``, else all); online runs render only these.
     """
 
     model: str
@@ -254,6 +265,19 @@ class TrainConfig:
     sim_prefetch: bool = True
     compile: bool = False
     bn_recal_images: int = 4096
+    task: str = "classification"
+    targets: tuple[str, ...] = ()
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # a comma list or a list (JSON, YAML) -> a tuple, so configs compare and hash alike
+        for name in ("targets", "classes"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = tuple(x.strip() for x in v.split(",") if x.strip())
+            elif isinstance(v, list):
+                v = tuple(v)
+            setattr(self, name, v)
 
     # ------------------------------------------------------------------ validation
     def validate_options(self) -> TrainConfig:
@@ -322,7 +346,28 @@ class TrainConfig:
         for name in ("resume", "augment", "augment_free_rotation", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        from deeplense_ray.train.targets import check_task_options
+
+        check_task_options(self.task, self.targets, self.classes)
         return self
+
+    @property
+    def inference(self) -> bool:
+        """Task 'inference' (per-lens posteriors over ``targets``)."""
+        return self.task == "inference"
+
+    def task_classes(self, available: Iterable[str]) -> tuple[str, ...]:
+        """Task 'inference': the classes whose images are used (``classes`` or the default of the targets,
+        train/targets.py), each checked against ``available``; ValueError naming them."""
+        from deeplense_ray.train.targets import default_classes
+
+        avail = tuple(available)
+        if self.classes is None:
+            return default_classes(self.targets, avail)
+        missing = [c for c in self.classes if c not in avail]
+        if missing:
+            raise ValueError(f"classes {missing} are not in the data's classes {list(avail)}")
+        return tuple(self.classes)
 
     def _validate_simulate_options(self) -> None:
         if not isinstance(self.simulate, str) or not self.simulate:
@@ -346,7 +391,11 @@ class TrainConfig:
         and a hash of all that (resume refuses another). ValueError naming a bad preset name or override."""
         from deeplense_ray.train.online import resolve_sim_preset, sim_hash
 
-        pre = resolve_sim_preset(str(self.simulate), self.sim_overrides)
+        overrides = dict(self.sim_overrides)
+        if self.inference:  # render only the images the targets exist on
+            base = resolve_sim_preset(str(self.simulate), overrides)
+            overrides["class_names"] = list(self.task_classes(base.class_names))
+        pre = resolve_sim_preset(str(self.simulate), overrides)
         preset = pre.to_dict()
         rows = {"train": int(self.images_per_epoch), "val": int(self.val_size), "test": int(self.test_size)}
         where, data_hash = f"simulate:{pre.name}", None
@@ -355,7 +404,10 @@ class TrainConfig:
             for split in ("val", "test"):
                 if data.split_rows.get(split, 0) < 1:
                     raise ValueError(f"dataset {data.data_dir} has no {split!r} rows to evaluate on")
-            if tuple(data.image_shape) != tuple(pre.image_shape) or data.class_names != pre.class_names:
+            same_classes = data.class_names == pre.class_names or (
+                self.inference and set(pre.class_names) <= set(data.class_names)
+            )
+            if tuple(data.image_shape) != tuple(pre.image_shape) or not same_classes:
                 raise ValueError(
                     f"dataset {data.data_dir} (image shape {list(data.image_shape)}, classes "
                     f"{list(data.class_names)}) does not match preset {pre.name!r} with overrides "
@@ -391,7 +443,7 @@ class TrainConfig:
         self.validate_options()
         if self.simulate is not None:
             info = self.simulated_info()
-            check_model_fits(self.model, info, size=self.model_size, overrides=self.model_overrides)
+            self._check_model(info)
             return info
         info = describe_dataset(self.data_dir)
         for split in REQUIRED_SPLITS:
@@ -400,7 +452,7 @@ class TrainConfig:
                     f"dataset {info.data_dir} has no {split!r} split rows (splits: {info.split_rows}); "
                     f"training needs {list(REQUIRED_SPLITS)}"
                 )
-        if info.num_classes < 2:
+        if info.num_classes < 2 and not self.inference:
             raise ValueError(f"dataset {info.data_dir} has {info.num_classes} class(es); need >= 2")
         if info.split_rows["train"] < self.num_workers:
             raise ValueError(
@@ -413,8 +465,29 @@ class TrainConfig:
                 f"{len(info.train_shard_rows)} train shard(s) for num_workers={self.num_workers} "
                 "(use ingest='split' or a smaller --shard-size)"
             )
-        check_model_fits(self.model, info, size=self.model_size, overrides=self.model_overrides)
+        if self.inference and self.ingest_mode(info) != "memory":
+            raise ValueError(
+                f"task 'inference' reads a stored train split into device memory (ingest 'memory'); "
+                f"ingest={self.ingest!r} with {info.data_dir} ({info.split_rows['train']} train rows) would "
+                f"stream it: use ingest 'auto' / 'memory' (a split of up to {MEMORY_INGEST_MAX_MB:g} MiB) or "
+                "--simulate"
+            )
+        self._check_model(info)
         return info
+
+    def _check_model(self, info: DatasetInfo) -> None:
+        """The model takes the data; task 'inference': with the Gaussian head's outputs, and its targets
+        and classes exist in the data (train/regression.py, before Ray starts)."""
+        outputs = None
+        if self.inference:
+            from deeplense_ray.train.gaussian import num_outputs
+            from deeplense_ray.train.regression import inference_fields
+
+            inference_fields(self, info)  # targets, classes and their standardisation: errors name them
+            outputs = num_outputs(len(self.targets))
+        check_model_fits(
+            self.model, info, size=self.model_size, overrides=self.model_overrides, num_outputs=outputs
+        )
 
     # ------------------------------------------------------------------ conversion
     def resolved(self, base_dir: str | os.PathLike[str] | None = None) -> TrainConfig:
@@ -463,6 +536,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["model_overrides"] = dict(self.model_overrides)
         d["sim_overrides"] = dict(self.sim_overrides)
+        d["targets"] = list(self.targets)
+        d["classes"] = None if self.classes is None else list(self.classes)
         return d
 
     @classmethod

@@ -35,6 +35,22 @@ DIVERGED_VALUE = 1e30
 MODES: tuple[str, ...] = ("max", "min")
 #: The tie-break metric of checkpoints of one run (lower is better).
 TIE_LOSS = "val_loss"
+#: The metric and mode that pick a run's best checkpoint, per training task: classification by the validation
+#: macro AUC, parameter inference (per-lens Gaussian posteriors) by the validation negative log-likelihood,
+#: which rewards both accuracy and calibrated uncertainties. A search on a task defaults to the same.
+TASK_SCORES: dict[str, tuple[str, str]] = {
+    "classification": ("val_auc_macro", "max"),
+    "inference": ("val_nll", "min"),
+}
+
+
+def task_score(task: str | None) -> tuple[str, str]:
+    """(metric, mode) of :data:`TASK_SCORES` for ``task`` (None: classification); ValueError if unknown."""
+    key = task or "classification"
+    if key not in TASK_SCORES:
+        raise ValueError(f"task must be one of {list(TASK_SCORES)}, got {task!r}")
+    return TASK_SCORES[key]
+
 
 T = TypeVar("T")
 

@@ -9,8 +9,15 @@
 
 One row per image (source file, index in it), one probability column per class, the predicted class. With
 labels (a dataset, or class folders axion/ cdm/ no_sub/) the metrics, ROC and confusion plots go to an MLflow
-run of their own. A bad model URI, output name, or an image of the wrong size is refused before any work,
-with status 2 and a message naming it.
+run of their own.
+
+A model of task 'inference' (jobs/train.py --task inference) gives per-lens posteriors instead: with --out
+*.npz a posterior file (deeplense_ray/infer/posteriors.py: mean and covariance in physical units, the truth
+where a dataset stores it, the training prior, ids, the model URI; what jobs/population.py reads), else a
+table with mean_<target>, std_<target> (and true_<target>) per image of the model's classes.
+
+A bad model URI, output name, or an image of the wrong size is refused before any work, with status 2 and a
+message naming it.
 """
 
 from __future__ import annotations
@@ -41,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset directory (manifest.json), .npy or FITS file or folder (class folders give labels), "
         "or a quoted glob",
     )
-    p.add_argument("--out", required=True, help="output table, .csv or .parquet (written atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output table, .csv or .parquet (written atomically); a model of task 'inference' also takes\n"
+        ".npz: its per-lens posteriors as a posterior file",
+    )
     p.add_argument(
         "--stack-axis0",
         action="store_true",
@@ -138,7 +150,10 @@ def _main(argv: list[str] | None = None) -> int:
         "mlflow_run_id": result.run_id,
     }
     if result.metrics is not None:
-        summary["metrics"] = {k: result.metrics[k] for k in ("n", "accuracy", "auc_macro", "auc", "loss")}
+        keys = ("n", "nll", "rmse", "bias", "coverage_68", "coverage_95", "calibrated")
+        if "accuracy" in result.metrics:
+            keys = ("n", "accuracy", "auc_macro", "auc", "loss")
+        summary["metrics"] = {k: result.metrics[k] for k in keys}
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -34,6 +34,7 @@ from deeplense_ray.config import (  # noqa: E402
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
+    TASKS,
     TrainConfig,
     parse_overrides,
 )
@@ -49,6 +50,11 @@ RUNNER_WHAT = {
 }
 #: Flags whose KEY=VALUE lists become the mapping field of the same name (parsed, see config_from_args).
 KEY_VALUE_FIELDS = ("model_overrides", "sim_overrides")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma list of names (``--targets sigma_sub,log10_m_axion``) as a tuple."""
+    return tuple(x.strip() for x in str(text).split(",") if x.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
     p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    task = p.add_argument_group("task (docs/parameter_inference.md)")
+    task.add_argument(
+        "--task",
+        choices=TASKS,
+        default=d["task"],
+        help="classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
+    )
+    task.add_argument(
+        "--targets",
+        type=_names,
+        default=d["targets"],
+        metavar="T1[,T2...]",
+        help="--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
+    )
+    task.add_argument(
+        "--classes",
+        type=_names,
+        default=d["classes"],
+        metavar="C1[,C2...]",
+        help="--task inference: the classes whose images are used (default: those every target exists on, "
+        "e.g. cdm for sigma_sub, axion for log10_m_axion)",
+    )
     p.add_argument(
         "--bn-recal-images",
         type=int,
@@ -342,10 +370,15 @@ def _main(argv: list[str] | None = None) -> int:
         "run_dir": result.run_dir,
         "best_epoch": result.best_epoch,
         "best_val_auc_macro": result.best_val.get("val_auc_macro"),
-        "test": {k: result.test_metrics[k] for k in ("accuracy", "auc_macro", "auc_micro", "loss", "auc")},
+        "test": {k: result.test_metrics.get(k) for k in CLASS_SUMMARY_KEYS},
         "model_uri": result.model_uri,
         "timeline": {k: result.timeline.get(k) for k in ("wall_s", "train_s", "val_s", "overhead_s")},
     }
+    if cfg.inference:  # per-target posterior metrics instead of class metrics
+        keys = ("nll", "rmse", "bias", "rmse_over_prior", "coverage_68", "coverage_95", "calibrated")
+        summary.pop("best_val_auc_macro")
+        summary["best_val_nll"] = result.best_val.get("val_nll")
+        summary["test"] = {k: result.test_metrics[k] for k in keys}
     if args.register is not None:
         from deeplense_ray.tracking.models import register_model
 
@@ -357,6 +390,10 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: Test metrics of a classification run in the job's JSON summary.
+CLASS_SUMMARY_KEYS = ("accuracy", "auc_macro", "auc_micro", "loss", "auc")
+
+
 def done_lines(result, cfg: TrainConfig, registered: str | None = None) -> list[str]:
     """The last lines of a training run: a chance warning if any, then where its results are."""
     from deeplense_ray.tracking.console import chance_warning, mlflow_run_url, where_lines
@@ -366,11 +403,26 @@ def done_lines(result, cfg: TrainConfig, registered: str | None = None) -> list[
     ci = test.get("auc_macro_ci")
     interval = f" (95% interval [{ci[0]:.4f}, {ci[1]:.4f}])" if ci and None not in ci else ""
     nan = float("nan")
-    return [
-        "",
+    headline = (
         f"best epoch {result.best_epoch}: val_auc_macro {result.best_val.get('val_auc_macro', nan):.4f}; "
         f"test accuracy {test.get('accuracy', nan):.4f}, auc_macro {test.get('auc_macro', nan):.4f}"
-        f"{interval}",
+        f"{interval}"
+    )
+    if cfg.inference:
+        per_target = "; ".join(
+            f"{t}: rmse {test['rmse'][t]:.4g} ({test['rmse_over_prior'][t]:.3f} x prior std), bias "
+            f"{test['bias'][t]:+.3g}, coverage 68% {test['coverage_68'][t]:.3f} / 95% "
+            f"{test['coverage_95'][t]:.3f}"
+            for t in cfg.targets
+        )
+        calibrated = "calibrated" if test.get("calibrated") else "NOT calibrated (coverage off by > 5 points)"
+        headline = (
+            f"best epoch {result.best_epoch}: val_nll {result.best_val.get('val_nll', nan):.4f}; test nll "
+            f"{test.get('nll', nan):.4f}, {per_target}; {calibrated}"
+        )
+    return [
+        "",
+        headline,
         *([warning] if warning else []),
         *where_lines(
             "Results:",

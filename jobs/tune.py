@@ -87,7 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
         "trainer: a Ray Train TorchTrainer per trial; auto (default): actor with one worker per trial",
     )
     a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
-    a("--metric", default="val_auc_macro", help=f"metric to optimise: {', '.join(METRIC_MODES)}")
+    a(
+        "--metric",
+        default="val_auc_macro",
+        help=f"metric to optimise: {', '.join(METRIC_MODES)} (--task inference: default val_nll)",
+    )
+    a(
+        "--task",
+        default="classification",
+        choices=("classification", "inference"),
+        help="training task of every trial: classification, or inference (per-lens posteriors of --targets)",
+    )
+    a("--targets", default=None, metavar="T1[,T2...]", help="--task inference: targets (e.g. sigma_sub)")
+    a(
+        "--classes",
+        default=None,
+        metavar="C1[,C2...]",
+        help="--task inference: classes whose images are used (default: those the targets exist on)",
+    )
     a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
     a("--scheduler", default="asha", help="asha (early stopping) or fifo (every trial runs --max-epochs)")
     a("--search", default="optuna", help=f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
@@ -171,6 +188,11 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
     train_overrides.update({k: v for k, v in online.items() if v is not None})
     if args.compile:
         train_overrides["compile"] = True
+    if args.task != "classification" or args.targets or args.classes:  # TrainConfig.task / targets / classes
+        train_overrides["task"] = args.task
+        for key in ("targets", "classes"):
+            if getattr(args, key):
+                train_overrides[key] = [x.strip() for x in getattr(args, key).split(",") if x.strip()]
     return TuneSettings(
         model=args.model,
         num_samples=args.num_samples,

@@ -92,6 +92,8 @@ def test_every_train_config_field_is_a_train_flag_that_reaches_the_config():
         "data_dir": ("d", "d"),
         "model_overrides": ("depth=2", {"depth": 2}),
         "sim_overrides": ("num_pix=32", None),
+        "targets": ("sigma_sub,theta_E", ("sigma_sub", "theta_E")),
+        "classes": ("cdm", ("cdm",)),
     }
     argv, expected = [], {}
     for name, default in fields.items():

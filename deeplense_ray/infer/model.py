@@ -164,6 +164,51 @@ def class_probabilities(
     return probabilities(np.concatenate(out))
 
 
+def is_inference(arch: Mapping[str, Any]) -> bool:
+    """A model of task 'inference' (per-lens Gaussian posteriors over ``arch["targets"]``)."""
+    return arch.get("task") == "inference"
+
+
+def head_outputs(
+    module: Any, images: np.ndarray, *, device: Any = None, batch_size: int = PREDICT_BATCH_SIZE
+) -> np.ndarray:
+    """Raw network outputs (float64 [N, P]) of float32 images [N, C, H, W], fp32, in batches."""
+    import torch
+
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"images must be float32 [N, C, H, W], got shape {list(x.shape)}")
+    dev = torch.device(device or default_device())
+    module = module.to(dev).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(dev)
+            out.append(module(batch).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float64)
+
+
+def gaussian_posteriors(
+    module: Any,
+    arch: Mapping[str, Any],
+    images: np.ndarray,
+    *,
+    device: Any = None,
+    batch_size: int = PREDICT_BATCH_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Task 'inference': the per-lens posterior (mean [N, T], covariance [N, T, T], physical units,
+    float64) of images, de-standardised with the model's ``target_loc`` / ``target_scale``. The one forward
+    path of ``jobs/predict.py`` and the MLflow pyfunc of such a model."""
+    from deeplense_ray.train.gaussian import head_to_gaussian, to_physical
+
+    t = len(arch["targets"])
+    out = head_outputs(module, images, device=device, batch_size=batch_size)
+    if len(out) == 0:
+        return np.zeros((0, t)), np.zeros((0, t, t))
+    mean, cov = head_to_gaussian(out, t)
+    return to_physical(mean, cov, arch["target_loc"], arch["target_scale"])
+
+
 def arch_params(model: LoadedModel) -> Mapping[str, Any]:
     """MLflow params describing the model of a prediction run."""
     return {
@@ -178,6 +223,9 @@ __all__ = [
     "LoadedModel",
     "class_probabilities",
     "default_device",
+    "gaussian_posteriors",
+    "head_outputs",
+    "is_inference",
     "is_mlflow_uri",
     "load_classifier",
 ]

@@ -1,4 +1,5 @@
-"""Class probabilities of a trained model over a set of images, written as CSV or Parquet.
+"""Class probabilities of a trained model over a set of images, written as CSV or Parquet; for a model of
+task 'inference' the per-lens posteriors of its targets (:func:`run_prediction`, module ``posteriors.py``).
 
 ``run_prediction(model_uri, source, out)``: load the model and its preprocessing (``infer/model.py``) -> find
 the images and check their shapes against the model (``infer/inputs.py``; a bad file fails here, naming it,
@@ -28,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from deeplense_ray.infer.inputs import InputPlan, chunk_units, read_units, units_from_json, units_to_json
-from deeplense_ray.infer.model import PREDICT_BATCH_SIZE, LoadedModel, class_probabilities
+from deeplense_ray.infer.model import PREDICT_BATCH_SIZE, LoadedModel, class_probabilities, is_inference
 
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+#: A model of task 'inference' also writes its posteriors as a posterior file (infer/posteriors.py).
+POSTERIOR_SUFFIX = ".npz"
 #: Inputs with more images than this go through Ray Data (``--ray-threshold``).
 DEFAULT_RAY_THRESHOLD = 10_000
 DEFAULT_EXPERIMENT = "deeplense-predict"
@@ -60,8 +63,8 @@ class PredictResult:
 def check_output_path(out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """The output path, absolute; ValueError naming it for a wrong suffix or an existing file."""
     path = Path(out).expanduser().resolve()
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"--out {out}: the file must end in .csv or .parquet")
+    if path.suffix.lower() not in (*OUTPUT_SUFFIXES, POSTERIOR_SUFFIX):
+        raise ValueError(f"--out {out}: the file must end in .csv or .parquet (or .npz: posteriors)")
     if path.is_dir():
         raise ValueError(f"--out {path} is a directory; name a .csv or .parquet file")
     if path.exists() and not overwrite:
@@ -102,10 +105,13 @@ def write_table_atomic(table: Any, path: Path) -> Path:
 def _predict_in_process(
     model: LoadedModel, plan: InputPlan, *, batch_size: int, progress: bool
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    from deeplense_ray.infer.model import head_outputs
+
     columns = read_units(plan.units, model.image_shape)  # every image read and checked before any work
     if progress:
         print(f"predict: {len(columns['image'])} images read and checked; predicting", file=sys.stderr)
-    probs = class_probabilities(model.module, columns.pop("image"), batch_size=batch_size)
+    predict = head_outputs if is_inference(model.arch) else class_probabilities
+    probs = predict(model.module, columns.pop("image"), batch_size=batch_size)
     return columns, probs
 
 
@@ -123,7 +129,7 @@ def _read_chunks(batch: dict[str, np.ndarray], image_shape: Sequence[int]) -> di
 class _Predictor:
     """Ray Data actor: the model on this actor's device (GPU when it holds one); image -> probs."""
 
-    def __init__(self, model_ref: list[Any], batch_size: int):
+    def __init__(self, model_ref: list[Any], batch_size: int, raw: bool = False):
         import ray
 
         from deeplense_ray.infer.model import default_device
@@ -133,12 +139,14 @@ class _Predictor:
         self.device = default_device()
         self.module = self.module.to(self.device).eval()
         self.batch_size = batch_size
+        self.raw = raw  # a model of task 'inference': the head's raw outputs (the driver de-standardises)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from deeplense_ray.infer.model import head_outputs
+
         images = batch.pop("image")
-        batch["probs"] = class_probabilities(
-            self.module, images, device=self.device, batch_size=self.batch_size
-        )
+        predict = head_outputs if self.raw else class_probabilities
+        batch["probs"] = predict(self.module, images, device=self.device, batch_size=self.batch_size)
         return batch
 
 
@@ -172,7 +180,11 @@ def _predict_with_ray(
     ds = map_batches_on_actors(
         ds,
         _Predictor,
-        fn_constructor_kwargs={"model_ref": [ray.put(model.module)], "batch_size": batch_size},
+        fn_constructor_kwargs={
+            "model_ref": [ray.put(model.module)],
+            "batch_size": batch_size,
+            "raw": is_inference(model.arch),
+        },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=int(actors)),
         num_gpus=float(gpus_per_actor),
@@ -297,10 +309,13 @@ def run_prediction(
     out_path = check_output_path(out, overwrite=overwrite)
     uri = resolve_tracking_uri(tracking_uri)
     model = load_classifier(model_uri, uri, trust_pickled_model=trust_pickled_model)
+    inference = is_inference(model.arch)
+    if out_path.suffix.lower() == POSTERIOR_SUFFIX and not inference:
+        raise ValueError(f"--out {out_path}: a .npz posterior file needs a model of task 'inference'")
     plan = plan_inputs(
         source,
         image_shape=model.image_shape,
-        class_names=model.class_names,
+        class_names=_input_classes(model, source) if inference else model.class_names,
         splits=splits,
         stack_axis0=stack_axis0,
     )
@@ -323,6 +338,11 @@ def run_prediction(
             progress=progress,
         )
     seconds = time.perf_counter() - t0
+    if inference:
+        return _finish_inference(
+            model, plan, columns, probs, out_path, seconds=seconds, mode=mode, tracking_uri=uri,
+            experiment=experiment, log_mlflow=log_mlflow, source=source,
+        )  # fmt: skip
     table = build_table(columns, probs, model.class_names, plan.labelled)
     write_table_atomic(table, out_path)
 
@@ -353,3 +373,160 @@ def run_prediction(
                 seconds=seconds,
             )
     return result
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def _input_classes(model: LoadedModel, source: Any) -> list[str]:
+    """The classes an input of a model of task 'inference' is labelled with: a dataset's own classes (its
+    rows of other classes than the model's are left out of the output), else the model's."""
+    path = Path(str(source)).expanduser()
+    if (path / "manifest.json").is_file():
+        from deeplense_ray.data.manifest import load_manifest
+
+        return [str(c) for c in load_manifest(path)["class_names"]]
+    return model.class_names
+
+
+def _truth(columns: Mapping[str, np.ndarray], targets: Sequence[str]) -> np.ndarray | None:
+    """[n, T] true target values of HDF5 rows (from the shards' per-image parameters), None when any row
+    is not from a shard holding them."""
+    import h5py
+
+    from deeplense_ray.train.targets import stored_param, target_values
+
+    names = sorted({stored_param(t) for t in targets})
+    out = np.full((len(columns["index"]), len(targets)), np.nan)
+    for src in np.unique(columns["source"]):
+        rows = np.flatnonzero(columns["source"] == src)
+        try:
+            with h5py.File(str(src), "r") as f:
+                params = {k: np.asarray(f["params"][k][:])[columns["index"][rows]] for k in names}
+        except (OSError, KeyError):
+            return None
+        out[rows] = target_values(params, targets)
+    return out
+
+
+def _finish_inference(
+    model: LoadedModel,
+    plan: InputPlan,
+    columns: dict[str, np.ndarray],
+    outputs: np.ndarray,
+    out_path: Path,
+    *,
+    seconds: float,
+    mode: str,
+    tracking_uri: str,
+    experiment: str,
+    log_mlflow: bool,
+    source: Any,
+) -> PredictResult:
+    """A model of task 'inference': the posteriors (mean, covariance, physical units) of the images of its
+    classes; a posterior file (.npz, infer/posteriors.py: with the truth where the input has it, the
+    training prior, ids, the model URI) or a table (mean_<t>, std_<t>, true_<t>); with the truth, the
+    metrics (RMSE, bias, NLL, coverage) in the result and in an MLflow run of its own."""
+    import pandas as pd
+
+    from deeplense_ray.infer.posteriors import gaussian_posteriors, write_posteriors
+    from deeplense_ray.train.gaussian import head_to_gaussian, standardize, to_physical
+
+    arch = model.arch
+    targets = [str(t) for t in arch["targets"]]
+    if plan.labelled:  # only the images of the model's classes (a dataset's other classes are left out)
+        names = _input_classes(model, source)
+        keep_ids = [k for k, c in enumerate(names) if c in model.class_names]
+        keep = np.isin(columns["label"], keep_ids)
+        columns = {k: v[keep] for k, v in columns.items()}
+        outputs = outputs[keep]
+    if len(outputs) == 0:
+        raise ValueError(f"{plan.description}: no image of the model's classes {model.class_names}")
+    mean, cov = to_physical(
+        *head_to_gaussian(outputs, len(targets)), arch["target_loc"], arch["target_scale"]
+    )
+    truth = _truth(columns, targets) if plan.labelled else None
+    ids = [f"{Path(str(s)).name}:{int(i)}" for s, i in zip(columns["source"], columns["index"])]
+    prior = [tuple(p) for p in arch["target_prior"]]
+    if out_path.suffix.lower() == POSTERIOR_SUFFIX:
+        post = gaussian_posteriors(
+            targets, mean, cov, prior, truth=truth, ids=tuple(ids), model_uri=model.uri
+        )
+        write_posteriors(out_path, post)
+        table = None
+    else:
+        sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        cols: dict[str, Any] = {"source": columns["source"].astype(str), "index": columns["index"]}
+        for k, t in enumerate(targets):
+            cols[f"mean_{t}"] = mean[:, k]
+            cols[f"std_{t}"] = sd[:, k]
+            if truth is not None:
+                cols[f"true_{t}"] = truth[:, k]
+        table = pd.DataFrame(cols)
+        write_table_atomic(table, out_path)
+    result = PredictResult(
+        out=str(out_path), num_images=len(mean), class_names=model.class_names, labelled=truth is not None,
+        mode=mode, seconds=seconds, input=plan.description, table=table,
+    )  # fmt: skip
+    if truth is not None:
+        from deeplense_ray.train.gaussian import regression_metrics
+        from deeplense_ray.train.targets import prior_std_of
+
+        z = standardize(truth, arch["target_loc"], arch["target_scale"])
+        metrics = regression_metrics(
+            outputs, z, targets, arch["target_loc"], arch["target_scale"], prior_std=prior_std_of(prior)
+        )
+        result.metrics = {k: v for k, v in metrics.items() if k not in ("mean", "cov", "truth")}
+        if log_mlflow:
+            result.run_id = _log_inference_run(
+                tracking_uri, experiment, model, plan, out_path, metrics, len(mean) / max(seconds, 1e-9)
+            )
+    return result
+
+
+def _log_inference_run(
+    tracking_uri: str,
+    experiment: str,
+    model: LoadedModel,
+    plan: InputPlan,
+    out: Path,
+    metrics: Mapping[str, Any],
+    images_per_s: float,
+) -> str:
+    """One MLflow run of a prediction with known truths: metrics, calibration and predicted-vs-true plots."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.infer.model import arch_params
+    from deeplense_ray.io import atomic_write_json
+    from deeplense_ray.tracking import get_or_create_experiment, log_metrics, log_params
+    from deeplense_ray.tracking.plots import plot_calibration, plot_predicted_vs_true
+    from deeplense_ray.train.gaussian import flatten_regression
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp_id = get_or_create_experiment(experiment, tracking_uri)
+    run = client.create_run(
+        exp_id,
+        run_name=f"predict-{out.stem}",
+        tags={"deeplense.role": "predict", "deeplense.model_uri": model.uri},
+    )
+    run_id = run.info.run_id
+    try:
+        log_params(tracking_uri, run_id, {**arch_params(model),
+                                          "input": {"source": plan.description, "images": plan.num_images},
+                                          "output": str(out)})  # fmt: skip
+        log_metrics(
+            tracking_uri, run_id, {**flatten_regression(metrics, "predict"), "images_per_s": images_per_s}
+        )
+        targets = list(metrics["targets"])
+        with tempfile.TemporaryDirectory(prefix="dlr-predict-") as tmp:
+            plot_calibration(metrics["calibration_curve"], targets, Path(tmp) / "calibration.png")
+            plot_predicted_vs_true(metrics["mean"], metrics["cov"], metrics["truth"], targets,
+                                   Path(tmp) / "pred_vs_true.png")  # fmt: skip
+            summary = {k: v for k, v in metrics.items() if k not in ("mean", "cov", "truth")}
+            atomic_write_json(Path(tmp) / "metrics.json", summary)
+            client.log_artifacts(run_id, tmp)
+        if out.stat().st_size <= MAX_LOGGED_TABLE_BYTES:
+            client.log_artifact(run_id, str(out))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -155,6 +155,29 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         return ax, ay
 
     @triton.jit
+    def _tnfw_w(ddx, ddy, o):
+        """The TNFW deflection's factor w (alpha = w (ddx, ddy)) of the ``tnfw_table`` row at ``o`` (the same
+        arithmetic as the subhalo loop of ``_render_kernel``)."""
+        inv_rs = tl.load(o + 2)
+        tau = tl.load(o + 3)
+        t2m1 = tl.load(o + 4)
+        b2 = tl.load(o + 5)
+        ct = tl.load(o + 6)
+        amp = tl.load(o + 7)
+        X = tl.maximum(tl.sqrt(ddx * ddx + ddy * ddy) * inv_rs, 1e-3)
+        X2 = X * X
+        d = X2 - 1.0
+        sd = tl.sqrt(tl.abs(d))
+        ssafe = tl.where(sd < 1e-4, 1.0, sd)
+        lx = tl.log(X)
+        far = tl.where(d > 0, _atan_pos_fast(ssafe), tl.log(1.0 + ssafe) - lx)
+        F = tl.where(sd < 1e-4, 1.0 - d / 3.0 + d * d / 5.0, tl.fdiv(far, ssafe))
+        sq = tl.sqrt(tau * tau + X2)
+        L = lx - tl.log(tau + sq)
+        g = (t2m1 + 2.0 * X2) * F + ct + sq * (L * b2 - 3.141592653589793)
+        return tl.fdiv(amp * g, X2)
+
+    @triton.jit
     def _render_kernel(
         out_ptr,  # [B, N*N] float32
         sc_ptr,  # [B, NCOL] float32
@@ -167,6 +190,9 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         rad_ptr,  # [B, R] float32: circularly symmetric deflection tables (mean radial, at j * dr)
         rdr_ptr,  # [B] float32: their node spacing dr (0: no table)
         scale,  # delta_pix^2 / SS^2
+        los_ptr,  # [B, KL, 9] LOS halos by redshift (``los.triton_los_table``): tnfw_table row, then w
+        lcount_ptr,  # [B, 2] int32: LOS halos in front of the lens, all LOS halos
+        w_lens,  # chi(z_lens) / chi(z_source)
         N: tl.constexpr,
         SS: tl.constexpr,
         K: tl.constexpr,
@@ -180,6 +206,8 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
         HAS_MULTIPOLE: tl.constexpr = False,
         HAS_RADIAL: tl.constexpr = False,
         R: tl.constexpr = 2,  # nodes of a radial table
+        HAS_LOS: tl.constexpr = False,  # multi-plane through LOS halos (``los.ray_shoot``)
+        KL: tl.constexpr = 0,  # LOS slots per image of los_ptr
     ):
         NB: tl.constexpr = (N * N + BLOCK - 1) // BLOCK
         pid = tl.program_id(0)
@@ -229,6 +257,33 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
             y = tl.load(coord_ptr + row * SS + a, mask=mask, other=0.0)
             for bb in tl.static_range(SS):
                 x = tl.load(coord_ptr + col * SS + bb, mask=mask, other=0.0)
+                if HAS_LOS:
+                    # multi-plane (``los.ray_shoot``): X (comoving position / chi_s) and angle A through the
+                    # LOS halos in front of the lens; x, y become the ray's position on the lens plane
+                    los_nf = tl.load(lcount_ptr + img.to(tl.int64) * 2)
+                    los_nt = tl.load(lcount_ptr + img.to(tl.int64) * 2 + 1)
+                    lbase = los_ptr + img.to(tl.int64) * KL * 9
+                    Ax = x + 0.0  # copies: the interpreter's -= works in place, and y serves SS sub-pixels
+                    Ay = y + 0.0
+                    Xx = x * 0.0
+                    Xy = y * 0.0
+                    wp = w_lens * 0.0
+                    for k in range(KL):
+                        if k < los_nf:  # uniform per program
+                            o = lbase + k * 9
+                            wk = tl.load(o + 8)
+                            Xx += Ax * (wk - wp)
+                            Xy += Ay * (wk - wp)
+                            wp = wk
+                            ldx = Xx / wk - tl.load(o)
+                            ldy = Xy / wk - tl.load(o + 1)
+                            lw = _tnfw_w(ldx, ldy, o)
+                            Ax -= lw * ldx
+                            Ay -= lw * ldy
+                    Xx += Ax * (w_lens - wp)
+                    Xy += Ay * (w_lens - wp)
+                    x = Xx / w_lens
+                    y = Xy / w_lens
                 dx = x - cx
                 dy = y - cy
                 xr = cos_p * dx + sin_p * dy
@@ -348,9 +403,32 @@ if HAVE_TRITON:  # pragma: no cover - compiled for the GPU
                         ar = tl.where(u > R - 1.0, alast * (rdr * (R - 1.0)) / rr, ar)
                         ax += ar * dx / rr
                         ay += ar * dy / rr
+                if HAS_LOS:  # the lens plane's deflection, then the LOS halos behind it
+                    inv_ls = 1.0 / (1.0 - w_lens)
+                    Ax -= ax * inv_ls
+                    Ay -= ay * inv_ls
+                    wp = w_lens
+                    for k in range(KL):
+                        if k >= los_nf:
+                            if k < los_nt:  # uniform per program
+                                o = lbase + k * 9
+                                wk = tl.load(o + 8)
+                                Xx += Ax * (wk - wp)
+                                Xy += Ay * (wk - wp)
+                                wp = wk
+                                ldx = Xx / wk - tl.load(o)
+                                ldy = Xy / wk - tl.load(o + 1)
+                                lw = _tnfw_w(ldx, ldy, o)
+                                Ax -= lw * ldx
+                                Ay -= lw * ldy
+                    bx = Xx + Ax * (1.0 - wp)
+                    by = Xy + Ay * (1.0 - wp)
+                else:
+                    bx = x - ax
+                    by = y - ay
                 # Sersic source at the source-plane position
-                sdx = (x - ax) - s_cx
-                sdy = (y - ay) - s_cy
+                sdx = bx - s_cx
+                sdy = by - s_cy
                 xs = ((1.0 - s_e1) * sdx - s_e2 * sdy) / s_norm
                 ys = (-s_e2 * sdx + (1.0 + s_e1) * sdy) / s_norm
                 r = tl.maximum(tl.sqrt(xs * xs + ys * ys), 1e-4)
@@ -438,6 +516,9 @@ def render_sersic(
     has_multipole: bool = False,
     radial: Tensor | None = None,
     radial_dr: Tensor | None = None,
+    los: Tensor | None = None,
+    los_count: Tensor | None = None,
+    w_lens: float = 0.0,
 ) -> Tensor:
     """Noise-free, PSF-free flux per pixel [B, N, N] float32 (see module docstring). ``tnfw`` [B, KT, 8]
     (``tnfw_table``) with ``tnfw_count`` [B] int32 adds truncated-NFW subhalos (each image loops over its own
@@ -445,7 +526,9 @@ def render_sersic(
     renders an EPL main deflector with that many series terms (``simulate.macro_kind``; -1: the SIE);
     ``has_multipole`` adds the multipoles m = 1, 3, 4 (the scalars' m* columns); ``radial`` [B, R] float32
     with ``radial_dr`` [B] adds circularly symmetric deflections about the lens centre (mean radial
-    deflection at radii j dr; images with dr = 0 skip it)."""
+    deflection at radii j dr; images with dr = 0 skip it); ``los`` [B, KL, 9] (``los.triton_los_table``) with
+    ``los_count`` [B, 2] int32 and ``w_lens`` ray-traces through line-of-sight halos on their own planes
+    before and after the lens plane (``los.ray_shoot``)."""
     B = scalars.shape[0]
     N, ss = int(num_pix), int(supersampling)
     out = torch.empty((B, N, N), device=scalars.device, dtype=torch.float32)
@@ -461,12 +544,17 @@ def render_sersic(
     if not has_radial:
         radial, radial_dr = scalars, scalars  # never read
     R = int(radial.shape[1]) if has_radial else 2
+    has_los = los is not None and los.shape[1] > 0
+    if not has_los:
+        los, los_count = scalars, scalars  # never read
+    KL = int(los.shape[1]) if has_los else 0
     nb = -(-N * N // block)
     _render_kernel[(B * nb,)](
         out, scalars, te2, sub_x, sub_y, tnfw, tnfw_count, coord, radial, radial_dr,
-        float(delta_pix * delta_pix / (ss * ss)),
+        float(delta_pix * delta_pix / (ss * ss)), los, los_count, float(w_lens),
         N=N, SS=ss, K=K, NC=NCOL, HAS_SUB=has_sub, HAS_VORTEX=bool(has_vortex), HAS_TNFW=has_tnfw, KT=KT,
         BLOCK=block, EPL_TERMS=int(epl_terms), HAS_MULTIPOLE=bool(has_multipole), HAS_RADIAL=has_radial, R=R,
+        HAS_LOS=has_los, KL=KL,
     )  # fmt: skip
     return out
 

@@ -17,7 +17,14 @@ distribution; the class only decides the substructure:
   ``vortex_mass``, half length ``vortex_half_length_ref * (1e-22 eV / m_axion)``,
   log10 m_axion uniform in ``axion_log10_mass``;
 - ``cdm_smooth`` (a control, not in the default class list; with ``sigma_sub`` set): the cdm population
-  averaged over angle about the lens centre, no clumps (``sim/compensation.py``).
+  averaged over angle about the lens centre, no clumps (``sim/compensation.py``);
+- ``fdm`` (wave / fuzzy dark matter, not in the default class list): the host halo's granule convergence
+  field, a zero-mean Gaussian random field with coherence length hbar / (m sigma_v) and the amplitude of
+  ``sim/fdm.py``, log10 m uniform in ``fdm_log10_mass``, rms scaled by ``fdm_amplitude``.
+
+Line-of-sight halos (``delta_los`` set; off in every built-in preset): paltas' LOSDG19 population between
+observer and source, the same for every class of an image (part of the environment), rendered by multi-plane
+ray tracing (``sim/los.py``).
 
 ``mass_compensation`` keeps the lens mass independent of the class: "monopole" (the default) subtracts each
 image's substructure monopole about the lens centre, so the enclosed mass at every radius is the
@@ -52,7 +59,7 @@ Range = tuple[float, float]
 #: the classes of a preset unless it names others
 DEFAULT_CLASSES = ("no_sub", "axion", "cdm")
 #: every class a preset may name: ``cdm_smooth`` is the control of the physical presets (module docstring)
-KNOWN_CLASSES = (*DEFAULT_CLASSES, "cdm_smooth")
+KNOWN_CLASSES = (*DEFAULT_CLASSES, "cdm_smooth", "fdm")
 SOURCE_KINDS = ("sersic", "real_galaxy")
 NOISE_KINDS = ("none", "snr", "instrument", "deeplense_i", "deeplense_x2")
 SUBHALO_PROFILES = ("point_mass", "tnfw")
@@ -161,6 +168,11 @@ class Preset:
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
     vortex_points: int = 100
+    # wave dark matter (class fdm, sim/fdm.py): particle mass, rms granule convergence x this factor, and the
+    # field grid's margin beyond the image
+    fdm_log10_mass: Range = (-22.5, -21.0)  # log10 eV
+    fdm_amplitude: float = 1.0
+    fdm_margin: float = 1.0  # arcsec
     # lens mass (sim/compensation.py): "monopole" subtracts each image's substructure monopole about the lens
     # centre (the enclosed mass at every radius does not depend on the class: what is left is clumps);
     # "ring_slope" sets the main deflector's theta_E and gamma per image so that the mass inside the Einstein
@@ -168,6 +180,13 @@ class Preset:
     # SIE: theta_E alone); "ring" lowers theta_E alone (the ring mass); "none" adds substructure and vortex
     # on top (the published recipe)
     mass_compensation: str = "monopole"
+    # line-of-sight halos (sim/los.py: paltas LOSDG19, multi-plane): delta_los [low, high] uniform per image
+    # (DG19 mass-function normalisation; null or [0, 0]: none), class independent; concentrations as dg19
+    delta_los: Range | None = None
+    los_mass: Range = (10**8.5, 1e10)  # Msun (M200), rendered range
+    los_cone_angle: float = 8.0  # arcsec: full opening angle of the DG19 double cone at the lens plane
+    los_dz: float = 0.01  # redshift slice width
+    los_z_min: float = 0.01  # first slice
 
     # --------------------------------------------------------------------------- derived
     @property
@@ -337,6 +356,16 @@ PRESETS: dict[str, Preset] = {
             **_PHYSICAL_SUB,
             **_PHYSICAL_MACRO,
         ),
+        # model_ii with wave dark matter (sim/fdm.py) in place of the axion vortex; masses from 10^-23.5 eV
+        # (granules resolved, excluded by other probes) to 1e-21 eV, to locate the detection limit
+        Preset(
+            name="model_ii_fdm",
+            class_names=("no_sub", "cdm", "fdm"),
+            fdm_log10_mass=(-23.5, -21.0),
+            **_EUCLID_VIS_NOW,
+            **_PHYSICAL_SUB,
+            **_PHYSICAL_MACRO,
+        ),
         # as published: lenstronomy ImageModel, amp 20, Model I's noise recipe (integer counts)
         Preset(
             name="deeplense_model_i",
@@ -399,7 +428,7 @@ def _finite(x: Any) -> bool:
 
 def _coerce(name: str, value: Any) -> Any:
     """Lists -> tuples, ints stay ints; type errors name the field."""
-    if name == "sigma_sub" and value is None:
+    if name in ("sigma_sub", "delta_los") and value is None:
         return None
     if name in _RANGE_FIELDS:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
@@ -524,6 +553,10 @@ def validate_preset(p: Preset) -> Preset:
     _in_range("subhalo_count", p.subhalo_count, 0, 10000)
     _validate_population(p)
     _validate_macro(p)
+    from .los import validate_los
+
+    validate_los(p, _fail)
+    _validate_fdm(p)
     for name in (
         "lens_center",
         "lens_orientation",
@@ -567,6 +600,18 @@ def _validate_macro(p: Preset) -> None:
         _fail("source_mag_count_slope", p.source_mag_count_slope, "a finite number [dex per magnitude]")
     if p.lens_light_subtracted and p.noise not in ("none", "snr", "instrument"):
         _fail("lens_light_subtracted", True, "only with noise 'none', 'snr' or 'instrument'")
+
+
+def _validate_fdm(p: Preset) -> None:
+    """Fields of the wave-dark-matter class (sim/fdm.py), checked whatever the classes."""
+    from .fdm import LOG10_MASS_LIMITS
+
+    lo, hi = LOG10_MASS_LIMITS
+    _in_range("fdm_log10_mass", p.fdm_log10_mass, lo, hi)
+    if not _finite(p.fdm_amplitude) or not 0 < p.fdm_amplitude <= 100:
+        _fail("fdm_amplitude", p.fdm_amplitude, "a number in (0, 100] (x the rms granule convergence)")
+    if not _finite(p.fdm_margin) or not 0 <= p.fdm_margin <= 10:
+        _fail("fdm_margin", p.fdm_margin, "a number in [0, 10] [arcsec]")
 
 
 def _validate_population(p: Preset) -> None:

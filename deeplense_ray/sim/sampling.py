@@ -18,8 +18,10 @@ from torch import Tensor
 
 from . import cosmology
 from .compensation import lens_mass_model
+from .fdm import draw_fdm
 from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
+from .los import draw_los, los_enabled
 from .presets import Preset
 from .substructure import draw_subhalos
 
@@ -255,6 +257,11 @@ def draw_parameters(
         extra = {k: v[torch.arange(n, device=dev) // C] for k, v in extra.items()}
     p.update(extra)
 
+    # ---- line-of-sight halos (sim/los.py): class independent (one draw per macro draw, shared by a paired
+    # group), from their own generator seeded by one draw made last (the draws above do not move)
+    if los_enabled(preset):
+        p.update(draw_los(preset, g, m, n, C if paired else None))
+
     # ---- lens mass: compensation and diagnostics (no draws)
     p.update(
         lens_mass_model(
@@ -262,6 +269,11 @@ def draw_parameters(
             device=torch.device(compute_device) if compute_device is not None else dev,
         )
     )  # fmt: skip
+
+    # ---- wave dark matter (sim/fdm.py): log10 m and a field seed drawn for every image (labels never shift
+    # the stream), made last; the amplitude from the rendered theta_E and gamma
+    if "fdm" in name_of:
+        p.update(draw_fdm(preset, p, labels == name_of.index("fdm"), g))
     return p
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .compensation import alpha_radial_table, radial_table_needed
+from .fdm import FdmGrid, add_fdm_deflection
 from .lens import (
     alpha_epl,
     alpha_line_segment,
@@ -25,6 +26,8 @@ from .lens import (
     point_chain,
 )
 from .light import pixelated_source, sersic_elliptical
+from .los import lens_plane_w, los_capacity, los_enabled, triton_los_table
+from .los import ray_shoot as los_ray_shoot
 from .presets import Preset, resolve_preset
 from .render import (
     add_deeplense_model_i_noise,
@@ -210,6 +213,11 @@ class Renderer:
         budget = 2**28 if device.type == "cuda" else 2**24  # elements of one [chunk, K, P] temporary
         self.sub_chunk = max(1, int(budget // max(1, p_ss * max(1, preset.max_subhalos))))
         self.dense = bool(compile) if dense is None else bool(dense)
+        self.los_w = lens_plane_w(preset) if los_enabled(preset) else None
+        self.dense = self.dense and self.los_w is None  # LOS halos: the eager multi-plane path (sim/los.py)
+        # wave dark matter: the granule field's FFT deflection, eager path only (sim/fdm.py)
+        self.fdm = FdmGrid(preset, device, dtype) if "fdm" in preset.class_names else None
+        self.dense = self.dense and self.fdm is None
         self._dense = torch.compile(_dense_hot_path, dynamic=True) if compile else _dense_hot_path
         self._dense_binned = torch.compile(_dense_binned, dynamic=True) if compile else _dense_binned
         self.macro = macro_kind(preset)
@@ -250,7 +258,15 @@ class Renderer:
         return sb
 
     def _ray_shoot_eager(self, x: Tensor, y: Tensor, p: Mapping[str, Tensor], col: Mapping[str, Tensor]):
+        if self.los_w is not None:  # multi-plane: LOS halos in front of and behind the lens plane
+            return los_ray_shoot(x, y, p, self.los_w, lambda xl, yl: self._lens_plane_alpha(xl, yl, p, col))
+        ax, ay = self._lens_plane_alpha(x, y, p, col)
+        return x - ax, y - ay
+
+    def _lens_plane_alpha(self, x: Tensor, y: Tensor, p: Mapping[str, Tensor], col: Mapping[str, Tensor]):
+        """Deflection [B, P] of everything on the main lens plane at positions x, y ([P] or [B, P])."""
         pre = self.preset
+        rows = lambda ii: (x[ii], y[ii]) if x.dim() == 2 else (x, y)  # noqa: E731
         ax, ay = _macro_alpha(x, y, col, self.macro)
         count = p.get("subhalo_count")
         if count is not None and pre.max_subhalos > 0:
@@ -262,22 +278,24 @@ class Renderer:
                 ii = idx[s : s + self.sub_chunk]
                 kb = int(count[ii].max())  # slots past the chunk's largest count are zero padding
                 sub = {k: p[k][ii, :kb] for k in _SUB_KEYS[pre.subhalo_profile]}
-                sx, sy = _subhalo_alpha(x, y, sub, pre.subhalo_profile)
+                sx, sy = _subhalo_alpha(*rows(ii), sub, pre.subhalo_profile)
                 ax = ax.index_add(0, ii, sx)
                 ay = ay.index_add(0, ii, sy)
         if "vortex_theta_E" in p:
             ii = torch.nonzero(p["vortex_theta_E"] > 0).squeeze(1)
             if ii.numel():
-                vx, vy = _vortex_alpha(x, y, {k: col[k][ii] for k in _VORTEX_KEYS}, _vortex_kind(pre))
+                vx, vy = _vortex_alpha(*rows(ii), {k: col[k][ii] for k in _VORTEX_KEYS}, _vortex_kind(pre))
                 ax = ax.index_add(0, ii, vx)
                 ay = ay.index_add(0, ii, vy)
         if "radial_dr" in p:  # circularly symmetric tables: cdm_smooth, or minus a monopole
             ii = torch.nonzero(p["radial_dr"] > 0).squeeze(1)
             if ii.numel():
-                rx, ry = _radial_alpha(x, y, {k: col[k][ii] for k in _RADIAL_KEYS})
+                rx, ry = _radial_alpha(*rows(ii), {k: col[k][ii] for k in _RADIAL_KEYS})
                 ax = ax.index_add(0, ii, rx)
                 ay = ay.index_add(0, ii, ry)
-        return x - ax, y - ay
+        if self.fdm is not None:  # wave dark matter: the granule field (sim/fdm.py)
+            ax, ay = add_fdm_deflection(self.fdm, ax, ay, p, x, y)
+        return ax, ay
 
     def lens_light_image(self, p: Mapping[str, Tensor]) -> Tensor:
         """The lens galaxy's light alone, flux per pixel [B, 1, N, N] through the same PSF and binning."""
@@ -551,6 +569,7 @@ def triton_supported(preset: Preset, device: torch.device, dtype: torch.dtype) -
         and dtype == torch.float32
         and preset.source_kind == "sersic"
         and not preset.lens_light
+        and "fdm" not in preset.class_names  # wave dark matter: the torch FFT deflection (sim/fdm.py)
     )
 
 
@@ -707,6 +726,10 @@ class _TritonBatches:
             if "radial_dr" in params
             else None
         )
+        # LOS halos (multi-plane in the kernel), per batch cut to its largest count rounded up to 8
+        self.los = params if los_enabled(pre) else None
+        self.los_cpu = params["los_count"].cpu() if self.los is not None else None
+        self.los_w = lens_plane_w(pre) if self.los is not None else 0.0
         table = torch.cat([c.to(torch.float32) for c in cols], dim=1)
         self.table = table.pin_memory() if table.device.type == "cpu" and dev.type == "cuda" else table
         self.keys = keys
@@ -746,6 +769,11 @@ class _TritonBatches:
         if self.radial is not None:
             rad = self.radial[0][start:stop].to(self.dev).contiguous()
             rdr = self.radial[1][start:stop].to(self.dev).contiguous()
+        los = lcount = None
+        if self.los is not None:
+            kl = tk.tnfw_slots(int(self.los_cpu[start:stop].max()), los_capacity(pre), step=8)
+            if kl > 0:
+                los, lcount = triton_los_table(self.los, start, stop, kl, self.dev)
         ss = pre.supersampling
         # with supersampled convolution the kernel renders every sub-pixel as a pixel of delta_pix / ss
         n_out, ss_k, d_k = (pre.num_pix, ss, pre.delta_pix)
@@ -755,6 +783,7 @@ class _TritonBatches:
             sc, te2, sx, sy, self.coord, num_pix=n_out, supersampling=ss_k, delta_pix=d_k,
             has_vortex=self.has_vortex and not self.chain, tnfw=tn, tnfw_count=tcount,
             epl_terms=self.macro[0], has_multipole=bool(self.macro[1]), radial=rad, radial_dr=rdr,
+            los=los, los_count=lcount, w_lens=self.los_w,
         )  # fmt: skip
         if self.kernel is not None:
             img = tk.psf_separable(img, self.kernel)

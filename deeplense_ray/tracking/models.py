@@ -63,8 +63,17 @@ def model_requirements() -> list[str]:
     ]
 
 
+def output_columns(arch: Mapping[str, Any]) -> list[str]:
+    """The pyfunc's output columns: one per class, or for a model of task 'inference' ``mean_<target>`` and
+    ``std_<target>`` per target (physical units)."""
+    if arch.get("task") == "inference":
+        targets = [str(t) for t in arch["targets"]]
+        return [f"mean_{t}" for t in targets] + [f"std_{t}" for t in targets]
+    return [str(c) for c in arch["class_names"]]
+
+
 def classifier_signature(image_shape: Sequence[int], class_names: Sequence[str]):
-    """float32 tensor [-1, C, H, W] in, one double column per class out."""
+    """float32 tensor [-1, C, H, W] in, one double column per class (or per :func:`output_columns`) out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -115,7 +124,7 @@ def _log_weights(
     from deeplense_ray.tracking.mlflow_utils import use_tracking_uri
 
     shape = [int(v) for v in arch["image_shape"]]
-    names = [str(c) for c in arch["class_names"]]
+    names = output_columns(arch)
     if input_example is None:
         input_example = np.zeros((1, *shape), np.float32)
     example = np.ascontiguousarray(input_example, dtype=np.float32)
@@ -293,6 +302,40 @@ class ProbabilityModel:
         probs = class_probabilities(self.module, np.asarray(data, dtype=np.float32), device=self.device)
         names = self.class_names or [f"class_{k}" for k in range(probs.shape[1])]
         return pd.DataFrame(probs, columns=names)
+
+
+class PosteriorModel:
+    """What the pyfunc of a model of task 'inference' predicts with: images [N, C, H, W] -> DataFrame of the
+    per-lens posterior mean and standard deviation of every target, physical units (``mean_<t>``,
+    ``std_<t>``; the full covariance: ``deeplense_ray.infer.model.gaussian_posteriors``)."""
+
+    def __init__(self, module: Any, device: Any, arch: Mapping[str, Any]):
+        self.module = module.eval()
+        self.device = device
+        self.arch = dict(arch)
+
+    def get_raw_model(self) -> Any:
+        return self.module
+
+    def predict(self, data: Any, params: Mapping[str, Any] | None = None):
+        import pandas as pd
+
+        from deeplense_ray.infer.model import gaussian_posteriors
+
+        if isinstance(data, pd.DataFrame):
+            raise TypeError("the model takes images as a float32 array [N, C, H, W], not a DataFrame")
+        images = np.asarray(data, np.float32)
+        mean, cov = gaussian_posteriors(self.module, self.arch, images, device=self.device)
+        std = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        return pd.DataFrame(np.concatenate([mean, std], axis=1), columns=output_columns(self.arch))
+
+
+def prediction_model(module: Any, device: Any, arch: Mapping[str, Any] | None = None):
+    """The pyfunc's predictor of a logged model: :class:`PosteriorModel` for task 'inference', else
+    :class:`ProbabilityModel`."""
+    if arch is not None and arch.get("task") == "inference":
+        return PosteriorModel(module, device, arch)
+    return ProbabilityModel(module, device)
 
 
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ProbabilityModel:

@@ -123,3 +123,64 @@ def plot_curves(
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     return _save_atomic(fig, path)
+
+
+def plot_calibration(
+    curve: Mapping[float, Sequence[float]],
+    targets: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "calibration",
+    tol: float = 0.05,
+) -> Path:
+    """Observed against expected coverage of the marginal central intervals, one line per target (from
+    ``{level: [coverage per target]}``), with the diagonal (calibrated) and a +-``tol`` band. Below the
+    diagonal: over-confident (intervals too narrow); above: under-confident."""
+    levels = sorted(float(q) for q in curve)
+    obs = np.asarray([list(curve[q]) for q in sorted(curve, key=float)], dtype=np.float64)
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    grid = np.linspace(0, 1, 11)
+    ax.fill_between(grid, grid - tol, grid + tol, color="grey", alpha=0.2, label=f"+-{tol:.0%}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for k, name in enumerate(targets):
+        if obs.size:
+            ax.plot(levels, obs[:, k], marker="o", markersize=3, label=str(name))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("expected coverage (interval level)")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    return _save_atomic(fig, path)
+
+
+def plot_predicted_vs_true(
+    mean: Any,
+    cov: Any,
+    truth: Any,
+    targets: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "predicted vs true",
+    max_points: int = 2000,
+) -> Path:
+    """Posterior mean (with its 1-sigma error bar) against the true value, one panel per target, with the
+    diagonal; at most ``max_points`` lenses drawn (the first ones)."""
+    m = np.asarray(mean, np.float64)[:max_points]
+    y = np.asarray(truth, np.float64)[:max_points]
+    sd = np.sqrt(np.diagonal(np.asarray(cov, np.float64), axis1=1, axis2=2))[:max_points]
+    t = len(targets)
+    fig = _new_figure(4.2 * t, 4.0)
+    for k, name in enumerate(targets):
+        ax = fig.add_subplot(1, t, k + 1)
+        ax.errorbar(y[:, k], m[:, k], yerr=sd[:, k], fmt="o", markersize=2, alpha=0.4, elinewidth=0.5)
+        finite = np.isfinite(y[:, k])
+        if finite.any():
+            lo, hi = float(np.min(y[finite, k])), float(np.max(y[finite, k]))
+            ax.plot([lo, hi], [lo, hi], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save_atomic(fig, path)

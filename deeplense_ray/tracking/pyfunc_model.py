@@ -14,7 +14,8 @@ from mlflow.pyfunc import PythonModel
 
 class LensClassifier(PythonModel):
     """Images (float32 [N, C, H, W], raw as in the shards) -> DataFrame of class probabilities, one column per
-    class. ``module`` is the network (images -> logits) once loaded."""
+    class (a model of task 'inference': ``mean_<target>``, ``std_<target>`` per target). ``module`` is the
+    network (images -> logits or the Gaussian head's outputs) once loaded."""
 
     def load_context(self, context):
         from deeplense_ray.tracking import models
@@ -23,7 +24,9 @@ class LensClassifier(PythonModel):
             context.artifacts[models.SPEC_ARTIFACT], context.artifacts[models.WEIGHTS_ARTIFACT]
         )
         device = (context.model_config or {}).get("device") or models.prediction_device()
-        self._probabilities = models.ProbabilityModel(self.module, device)
+        # a model of task 'inference' gives per-lens posterior means and stds instead of probabilities
+        arch = models.read_spec(context.artifacts[models.SPEC_ARTIFACT])
+        self._probabilities = models.prediction_model(self.module, device, arch)
 
     def predict(self, context, model_input: np.ndarray, params=None):  # a tensor signature: no inference
         return self._probabilities.predict(model_input, params)

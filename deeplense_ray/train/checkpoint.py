@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.io import atomic_path, atomic_write_text
-from deeplense_ray.train.modules import ARCH_KEYS, NormalizedClassifier, build_classifier
+from deeplense_ray.train.modules import NormalizedClassifier, arch_of, build_classifier
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -133,7 +133,7 @@ def save_checkpoint(
     meta = {
         "format": CHECKPOINT_FORMAT,
         "epoch": int(epoch),
-        "arch": {k: config.get(k) for k in ARCH_KEYS},
+        "arch": arch_of(config),
         "metrics": dict(metrics),
         "val_confusion_matrix": confusion,
     }

@@ -342,11 +342,18 @@ def memory_epoch_rows(
 
 
 def memory_batches(
-    images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, batch_size: int
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int,
+    targets: torch.Tensor | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``{"image": float32 [B, C, H, W], "label": int64 [B]}`` batches of ``images[rows]`` in ``rows``' order,
-    gathered on the tensors' device."""
+    gathered on the tensors' device; with ``targets`` [N, T] (task 'inference') also "target"."""
     idx_all = rows.to(images.device)
     for start in range(0, len(idx_all), int(batch_size)):
         idx = idx_all[start : start + int(batch_size)]
-        yield {"image": images.index_select(0, idx).to(torch.float32), "label": labels.index_select(0, idx)}
+        batch = {"image": images.index_select(0, idx).to(torch.float32), "label": labels.index_select(0, idx)}
+        if targets is not None:
+            batch["target"] = targets.index_select(0, idx)
+        yield batch

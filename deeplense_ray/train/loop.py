@@ -286,9 +286,12 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.0,
     keep: RecentBatches | None = None,
+    regression: bool = False,
 ) -> dict[str, float]:
     """One pass over ``batches`` ({"image": [B,1,H,W], "label": [B]}); returns this rank's sums.
-    ``keep``: collects the last (augmented) inputs, for :func:`recalibrate_batch_norm`.
+    ``keep``: collects the last (augmented) inputs, for :func:`recalibrate_batch_norm`. ``regression`` (task
+    'inference'): the batches carry standardised targets "target" [B, T] and the loss is the Gaussian
+    negative log-likelihood of the head's outputs (train/gaussian.py); ``correct`` is then 0.
 
     Shared by the Ray Train loop and the bare-PyTorch benchmark loop, so both time the same step.
     Returns {"loss_sum", "correct", "images", "seconds", "data_wait_s", "first_batch_s", "first_step_s"}
@@ -302,6 +305,8 @@ def train_one_epoch(
 
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if regression:
+        from deeplense_ray.train.gaussian import gaussian_nll_loss
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
@@ -317,7 +322,10 @@ def train_one_epoch(
         if batch is None:
             break
         x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True).long()
+        if regression:
+            y = batch["target"].to(device, non_blocking=True)
+        else:
+            y = batch["label"].to(device, non_blocking=True).long()
         if augment is not None:
             x = augment_batch(x, generator, **augment)
         if keep is not None:
@@ -325,7 +333,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp_dtype):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = gaussian_nll_loss(logits, y) if regression else criterion(logits.float(), y)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -339,7 +347,8 @@ def train_one_epoch(
             first_step = time.perf_counter() - t0 - first_batch
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if not regression:
+            correct += (logits.detach().argmax(dim=1) == y).sum()
         images += n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -511,7 +520,9 @@ def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = 
             start_epoch=resumed.start_epoch, compiled=training.compiled, history=history,
         )  # fmt: skip
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        report_epoch(ctx, training, epoch, metrics, history, confusion=val["confusion_matrix"], faults=faults)
+        report_epoch(
+            ctx, training, epoch, metrics, history, confusion=val.get("confusion_matrix"), faults=faults
+        )
     if resumed.start_epoch > ctx.epochs and history:
         # restored after its last epoch was checkpointed but before the run was recorded as finished (a search
         # killed at that moment): report that epoch again, so the run ends with its metrics (a Tune trial
@@ -612,6 +623,7 @@ class WorkerContext:
     simulate: bool  # online simulation: each rank renders its images (no training dataset)
     augment: dict[str, bool] | None
     mlflow: Mapping[str, str] | None  # {"tracking_uri", "run_id"}: rank 0 logs every epoch there
+    inference: bool = False  # task 'inference': batches carry "target", Gaussian loss (train/regression.py)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], session: LoopSession) -> WorkerContext:
@@ -640,6 +652,7 @@ class WorkerContext:
             simulate=config.get("simulate") is not None,
             augment=augment,
             mlflow=config.get("mlflow") or None,
+            inference=config.get("task") == "inference",
         )
 
 
@@ -752,7 +765,7 @@ class TrainBatches:
         self.mode = config["ingest_mode"]  # split | per_rank | memory | simulate (TrainConfig.ingest_mode)
         self.per_rank = self.mode == "per_rank"
         self.shard = ctx.session.dataset_shard("train") if self.mode == "split" else None
-        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # ingest="memory": loaded once
+        self._memory: tuple[torch.Tensor, ...] | None = None  # ingest="memory": loaded once
         self.shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
         rows_per_rank = int(config.get("train_rows", 0)) // ctx.world
         # no 1-row last batch (BatchNorm); less than one batch lost per epoch
@@ -779,6 +792,7 @@ class TrainBatches:
                 device=ctx.device,
                 chunk_batches=int(config["sim_chunk_batches"]),
                 prefetch=bool(config.get("sim_prefetch", True)),
+                targets=config if ctx.inference else None,
             )
 
         if self.mode == "memory":
@@ -822,11 +836,19 @@ class TrainBatches:
         into device memory at its first epoch (train/ingest.py)."""
         ctx = self.ctx
         if self._memory is None:
-            self._memory = load_split(ctx.config["data_dir"], "train", ctx.device)
-        images, labels = self._memory
+            if ctx.inference:  # the task's classes only, with their standardised targets
+                from deeplense_ray.train.regression import load_memory_split
+
+                self._memory = load_memory_split(ctx.config["data_dir"], "train", ctx.device, ctx.config)
+                self.drop_last = len(self._memory[1]) // ctx.world >= ctx.batch_size
+            else:
+                self._memory = load_split(ctx.config["data_dir"], "train", ctx.device)
+        images, labels = self._memory[:2]
         rows = memory_epoch_rows(
             len(labels), ctx.rank, ctx.world, ctx.batch_size, derive_seed(ctx.seed, epoch, 5), self.drop_last
         )
+        if ctx.inference:
+            return memory_batches(images, labels, rows, ctx.batch_size, targets=self._memory[2])
         return memory_batches(images, labels, rows, ctx.batch_size)
 
 
@@ -852,7 +874,7 @@ class Validator:
             self.mine = deal_shards(self.rows, ctx.rank, ctx.world)
             self._cache = eval_batches(
                 config["sim_preset"], "val", seed=ctx.seed, size=int(config["val_size"]), positions=self.mine,
-                device=ctx.device, batch_size=self.batch_size,
+                device=ctx.device, batch_size=self.batch_size, targets=config if ctx.inference else None,
             )  # fmt: skip
         else:
             from deeplense_ray.data.manifest import load_manifest, shard_paths
@@ -869,17 +891,35 @@ class Validator:
         """{shard position: its batches} of this rank's shards (kept in memory if ``keep_in_memory``)."""
         if self._cache is not None:
             return self._cache
-        batches = {i: shard_batches(self.paths[i], self.rows[i], self.batch_size) for i in self.mine}
+        if self.ctx.inference:  # the task's rows, with their targets
+            from deeplense_ray.train.regression import shard_target_batches
+
+            batches = {
+                i: shard_target_batches(self.paths[i], self.rows[i], self.batch_size, self.ctx.config)
+                for i in self.mine
+            }
+        else:
+            batches = {i: shard_batches(self.paths[i], self.rows[i], self.batch_size) for i in self.mine}
         if self.keep_in_memory:
             self._cache = {i: list(b) for i, b in batches.items()}
             return self._cache
         return batches
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """:func:`classification_metrics` of ``model`` (unwrapped) on the whole split (equal on all ranks)."""
+        """:func:`classification_metrics` of ``model`` (unwrapped) on the whole split (equal on all ranks);
+        task 'inference': train/regression.py's metrics (NLL, RMSE, bias, coverage) instead."""
         ctx = self.ctx
         record = ctx.config.get(RECORD_INPUTS_KEY)
         batches = self.batches()
+        if ctx.inference:
+            from deeplense_ray.train.regression import merge_outputs, metrics_of, predict_outputs
+
+            mine = {
+                i: predict_outputs(model, b, device=ctx.device, amp_dtype=ctx.amp_dtype)
+                for i, b in batches.items()
+            }
+            outputs, truth = merge_outputs(_gather(mine, ctx.world), len(self.rows))
+            return metrics_of(outputs, truth, ctx.config)
         if record:  # per shard, one digest per row: what this rank evaluated
             from deeplense_ray.io import atomic_write_json
 
@@ -917,6 +957,7 @@ def train_epoch(ctx: WorkerContext, training: Training, batches: TrainBatches, e
         generator=gen,
         label_smoothing=float(ctx.config.get("label_smoothing", 0.0)),
         keep=training.keep,
+        regression=ctx.inference,
     )
     totals = _all_reduce_sums([sums[k] for k in ("loss_sum", "correct", "images")], ctx.device)
     loss_sum, correct, images = totals
@@ -968,11 +1009,16 @@ def epoch_metrics(
     train_loss = train["loss_sum"] / max(images, 1.0)
     first = epoch == start_epoch  # this attempt's first epoch
     seen_before = history[-1].get("images_seen", 0) if history else 0
+    if ctx.inference:  # Gaussian NLL, RMSE, bias, coverage per target (train/gaussian.py); no accuracy
+        from deeplense_ray.train.gaussian import flatten_regression
+
+        task_metrics = flatten_regression(val, "val")
+    else:
+        task_metrics = {"train_acc": train["correct"] / max(images, 1.0), **flatten_metrics(val, "val")}
     return {
         "epoch": epoch,
         "train_loss": train_loss,
-        "train_acc": train["correct"] / max(images, 1.0),
-        **flatten_metrics(val, "val"),
+        **task_metrics,
         "val_n": val["n"],
         "images_per_s": images / max(seconds, 1e-9),
         "train_images": images,

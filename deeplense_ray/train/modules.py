@@ -43,20 +43,72 @@ class NormalizedClassifier(nn.Module):
         return self.net(normalize_batch(x, self.normalize))
 
 
+class NormalizedRegressor(NormalizedClassifier):
+    """Task 'inference': the same module, whose network has the Gaussian head's ``T + T(T+1)/2`` outputs
+    (train/gaussian.py: mean and precision Cholesky factor, standardised units) instead of class logits; it
+    keeps the targets and their standardisation so that a loaded model de-standardises its predictions."""
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        normalize: str = "none",
+        class_names: tuple[str, ...] = (),
+        targets: tuple[str, ...] = (),
+        target_loc: tuple[float, ...] = (),
+        target_scale: tuple[float, ...] = (),
+        target_prior: tuple[Any, ...] = (),
+    ):
+        super().__init__(net=net, normalize=normalize, class_names=class_names)
+        self.targets = tuple(targets)
+        self.target_loc = tuple(float(v) for v in target_loc)
+        self.target_scale = tuple(float(v) for v in target_scale)
+        self.target_prior = tuple(tuple(p) for p in target_prior)
+
+
+def arch_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture dict of a loop config (:data:`ARCH_KEYS`; task 'inference' adds its targets,
+    standardisation and training prior, train/targets.py)."""
+    from deeplense_ray.train.targets import INFERENCE_ARCH_KEYS
+
+    arch = {k: config.get(k) for k in ARCH_KEYS}
+    if config.get("task") == "inference":
+        arch.update({k: config.get(k) for k in INFERENCE_ARCH_KEYS})
+    return arch
+
+
 def build_classifier(config: Mapping[str, Any]) -> NormalizedClassifier:
-    """Build the module from a loop config / checkpoint meta (keys :data:`ARCH_KEYS`)."""
+    """Build the module from a loop config / checkpoint meta (keys :data:`ARCH_KEYS`); task 'inference':
+    a :class:`NormalizedRegressor` with the Gaussian head's outputs."""
     from deeplense_ray.models import build_model
 
     c, h, _ = (int(v) for v in config["image_shape"])
+    inference = config.get("task") == "inference"
+    if inference:
+        from deeplense_ray.train.gaussian import num_outputs
+
+        outputs = num_outputs(len(config["targets"]))
+    else:
+        outputs = len(config["class_names"])
     net = build_model(
         config["model"],
         h,
         c,
-        len(config["class_names"]),
+        outputs,
         pixel_scale=config.get("pixel_scale"),
         size=config.get("model_size", "default"),
         **dict(config.get("model_overrides") or {}),
     )
+    if inference:
+        return NormalizedRegressor(
+            net=net,
+            normalize=config.get("normalize", "none"),
+            class_names=tuple(config["class_names"]),
+            targets=tuple(config["targets"]),
+            target_loc=tuple(config["target_loc"]),
+            target_scale=tuple(config["target_scale"]),
+            target_prior=tuple(config["target_prior"]),
+        )
     return NormalizedClassifier(
         net=net, normalize=config.get("normalize", "none"), class_names=tuple(config["class_names"])
     )

@@ -109,20 +109,42 @@ def steps_per_epoch(images_per_epoch: int, batch_size: int) -> int:
 
 
 def render(
-    preset: Any, n: int, seed: int, device: torch.device, *, shuffle: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+    preset: Any,
+    n: int,
+    seed: int,
+    device: torch.device,
+    *,
+    shuffle: bool,
+    targets: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """``n`` images [n,1,H,W] float32 and labels [n] int64 of ``preset`` on ``device`` (classes balanced),
     rows permuted by a generator seeded with ``seed`` if ``shuffle``. Plain (not inference) tensors. On CUDA
-    the parameters are drawn on the device too (``draws="device"``: no CPU draw per chunk)."""
+    the parameters are drawn on the device too (``draws="device"``: no CPU draw per chunk).
+
+    ``targets`` (task 'inference': a loop config or checkpoint arch with ``targets``, ``target_loc``,
+    ``target_scale``): the standardised targets [n, T] float32 come third (train/regression.py)."""
     from deeplense_ray.sim import simulate
 
     draws = "device" if torch.device(device).type == "cuda" else "cpu"
     res = simulate(preset, int(n), int(seed), device, device_output=True, draws=draws)
-    images, labels = res.images, res.labels.to(device)
+    out = [res.images, res.labels.to(device)]
+    if targets is not None:
+        from deeplense_ray.train.regression import standardized
+        from deeplense_ray.train.targets import target_values
+
+        out.append(standardized(target_values(res.params, targets["targets"]), targets).to(device))
     if shuffle:
         perm = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed))).to(device)
-        return images[perm], labels[perm]
-    return images.clone(), labels.clone()
+        return tuple(t[perm] for t in out)
+    return tuple(t.clone() for t in out)
+
+
+def _batch(parts: Sequence[torch.Tensor], s: int, e: int) -> dict[str, torch.Tensor]:
+    """Rows [s, e) of rendered (images, labels[, targets]) as a batch dict."""
+    out = {"image": parts[0][s:e], "label": parts[1][s:e]}
+    if len(parts) > 2:
+        out["target"] = parts[2][s:e]
+    return out
 
 
 def online_batches(
@@ -136,23 +158,26 @@ def online_batches(
     device: torch.device,
     chunk_batches: int = CHUNK_BATCHES,
     prefetch: bool = True,
+    targets: Mapping[str, Any] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's ``num_batches`` training batches of ``epoch`` ({"image", "label"} on ``device``),
-    rendered in chunks of ``chunk_batches`` batches (chunk k from :func:`chunk_seed`). With ``prefetch`` the
-    next chunk is rendered on a background thread (on CUDA in a side stream) while this one is consumed; the
-    images are the same bytes either way."""
+    """This rank's ``num_batches`` training batches of ``epoch`` ({"image", "label"} on ``device``; with
+    ``targets`` also "target", see :func:`render`), rendered in chunks of ``chunk_batches`` batches (chunk k
+    from :func:`chunk_seed`). With ``prefetch`` the next chunk is rendered on a background thread (on CUDA in
+    a side stream) while this one is consumed; the images are the same bytes either way."""
     sizes = [min(chunk_batches, num_batches - s) * batch_size for s in range(0, num_batches, chunk_batches)]
 
-    def make(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return render(preset, sizes[k], chunk_seed(seed, epoch, rank, k), device, shuffle=True)
+    def make(k: int) -> tuple[torch.Tensor, ...]:
+        return render(
+            preset, sizes[k], chunk_seed(seed, epoch, rank, k), device, shuffle=True, targets=targets
+        )
 
-    def cut(x: torch.Tensor, y: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-        for s in range(0, int(y.shape[0]), batch_size):
-            yield {"image": x[s : s + batch_size], "label": y[s : s + batch_size]}
+    def cut(parts: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(0, int(parts[1].shape[0]), batch_size):
+            yield _batch(parts, s, s + batch_size)
 
     if not prefetch:
         for k in range(len(sizes)):
-            yield from cut(*make(k))
+            yield from cut(make(k))
         return
 
     from deeplense_ray.sim.simulate import indexed_device
@@ -179,29 +204,31 @@ def online_batches(
                 torch.cuda.set_device(device)
             with torch.cuda.stream(side) if cuda else nullcontext():
                 for k in range(len(sizes)):
-                    x, y = make(k)
+                    parts = make(k)
                     event = None
                     if cuda:
                         event = torch.cuda.Event()
                         event.record(side)
-                    if not put((x, y, event)):
+                    if not put((parts, event)):
                         return
         except BaseException as exc:  # handed to the consumer, which raises it
-            put((exc, None, None))
+            put((exc, None))
 
     thread = threading.Thread(target=produce, name=f"online-sim-r{rank}-e{epoch}", daemon=True)
     thread.start()
     try:
         for _ in range(len(sizes)):
-            x, y, event = q.get()
-            if isinstance(x, BaseException):
-                raise RuntimeError(f"online simulation failed on rank {rank}, epoch {epoch}: {x}") from x
+            parts, event = q.get()
+            if isinstance(parts, BaseException):
+                raise RuntimeError(
+                    f"online simulation failed on rank {rank}, epoch {epoch}: {parts}"
+                ) from parts
             if event is not None:
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)
-                x.record_stream(current)
-                y.record_stream(current)
-            yield from cut(x, y)
+                for t in parts:
+                    t.record_stream(current)
+            yield from cut(parts)
     finally:
         stop.set()
         thread.join()
@@ -216,17 +243,16 @@ def eval_batches(
     positions: Sequence[int],
     device: torch.device,
     batch_size: int,
+    targets: Mapping[str, Any] | None = None,
 ) -> dict[int, list[dict[str, torch.Tensor]]]:
     """The chunks ``positions`` of the fixed ``split`` set of ``size`` images, rendered on ``device`` and cut
-    into batches: {chunk position: [batches]} (kept by the caller for every epoch)."""
+    into batches: {chunk position: [batches]} (kept by the caller for every epoch); with ``targets`` the
+    batches carry "target" (:func:`render`)."""
     sizes = eval_chunks(size)
     out: dict[int, list[dict[str, torch.Tensor]]] = {}
     for i in positions:
-        x, y = render(preset, sizes[i], eval_seed(seed, split, i), device, shuffle=False)
-        out[i] = [
-            {"image": x[s : s + batch_size], "label": y[s : s + batch_size]}
-            for s in range(0, sizes[i], batch_size)
-        ]
+        parts = render(preset, sizes[i], eval_seed(seed, split, i), device, shuffle=False, targets=targets)
+        out[i] = [_batch(parts, s, s + batch_size) for s in range(0, sizes[i], batch_size)]
     return out
 
 
@@ -273,7 +299,13 @@ def evaluate_simulated(
 
 def evaluate_test(checkpoint: Any, cfg: Any, *, device: str | None = None) -> dict[str, Any]:
     """The test metrics (with ``y_true`` and ``probs``) of a checkpoint of a run of ``cfg`` (a TrainConfig):
-    its dataset's test split, or with ``simulate`` and no data_dir the fixed simulated test set."""
+    its dataset's test split, or with ``simulate`` and no data_dir the fixed simulated test set. Task
+    'inference': train/regression.py's :func:`~deeplense_ray.train.regression.evaluate_inference` (metrics
+    with the per-lens posteriors)."""
+    if getattr(cfg, "inference", False):
+        from deeplense_ray.train.regression import evaluate_inference
+
+        return evaluate_inference(checkpoint, cfg, device=device)
     if cfg.simulate is not None and cfg.data_dir is None:
         preset = cfg.simulated_info().sim_preset
         return evaluate_simulated(

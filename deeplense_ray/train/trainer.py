@@ -25,7 +25,7 @@ from typing import Any
 
 from deeplense_ray.config import DatasetInfo, TrainConfig
 from deeplense_ray.io import atomic_write_json
-from deeplense_ray.ranking import checkpoint_key
+from deeplense_ray.ranking import checkpoint_key, task_score
 from deeplense_ray.train.checkpoint import (
     STATE_FILE,
     check_checkpoints,
@@ -91,7 +91,16 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     )
     if info.sim_preset is not None:  # online simulation: the resolved preset travels to the workers
         d["sim_preset"] = dict(info.sim_preset)
+    if cfg.inference:  # targets, the task's classes, standardisation and prior (train/regression.py)
+        from deeplense_ray.train.regression import inference_fields
+
+        d.update(inference_fields(cfg, info))
     return d
+
+
+def run_score(cfg: TrainConfig) -> tuple[str, str]:
+    """(metric, mode) that picks a run's best checkpoint: :func:`deeplense_ray.ranking.task_score`."""
+    return task_score(cfg.task)
 
 
 def find_resumable_run(storage_path: str | os.PathLike[str], model: str, seed: int) -> str:
@@ -125,8 +134,8 @@ def build_trainer(
     run_name: str | None = None,
     extra_loop_config: Mapping[str, Any] | None = None,
     info: DatasetInfo | None = None,
-    score_metric: str = SCORE_ATTRIBUTE,
-    score_mode: str = SCORE_MODE,
+    score_metric: str | None = None,
+    score_mode: str | None = None,
 ):
     """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` on ``cfg``.
 
@@ -148,6 +157,8 @@ def build_trainer(
     cfg = cfg.resolved()
     if info is None:
         info = cfg.validate()
+    if score_metric is None:  # the task's (SCORE_ATTRIBUTE / SCORE_MODE for classification)
+        score_metric, score_mode = run_score(cfg)
     name = run_name or cfg.run_name or default_run_name(cfg)
     resources = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.use_gpu:
@@ -374,6 +385,10 @@ def _write_artifacts(
 ) -> list[Path]:
     from deeplense_ray.tracking import plot_confusion_matrix, plot_curves, plot_roc_curves
 
+    if cfg.inference:
+        return _write_inference_artifacts(
+            out_dir, test=test, best_val=best_val, best_epoch=best_epoch, history=history, cfg=cfg, info=info
+        )
     names = list(info.class_names)
     paths = [
         plot_roc_curves(
@@ -389,6 +404,58 @@ def _write_artifacts(
         "selection": f"max {SCORE_ATTRIBUTE} over epochs (val split only)",
         "best_val": dict(best_val),
         "test": {k: v for k, v in test.items() if k not in ("y_true", "probs")},
+        "history": [dict(h) for h in history],
+        "dataset_manifest_hash": info.manifest_hash,
+    }
+    paths.append(atomic_write_json(out_dir / "metrics.json", summary))
+    paths.append(atomic_write_json(out_dir / "config.json", cfg.to_dict()))
+    return paths
+
+
+#: Per-lens arrays of a test evaluation (not metrics): classification's labels and probabilities, inference's
+#: posteriors in physical units (train/gaussian.py) and lens ids.
+_PREDICTION_KEYS = ("y_true", "probs", "mean", "cov", "truth", "ids")
+
+
+def calibration_tag(test: Mapping[str, Any]) -> str:
+    """The run tag ``calibration``: 'pass' or 'fail', and the observed 68 % / 95 % coverage per target (the
+    check: within +-5 points of nominal, train/gaussian.py :func:`calibration_check`)."""
+    cov = ", ".join(
+        f"{t} {test['coverage_68'][t]:.3f}/{test['coverage_95'][t]:.3f}" for t in test["coverage_68"]
+    )
+    return f"{'pass' if test.get('calibrated') else 'fail'} (68%/95% coverage: {cov})"
+
+
+def _write_inference_artifacts(
+    out_dir: Path,
+    *,
+    test: Mapping[str, Any],
+    best_val: Mapping[str, Any],
+    best_epoch: int,
+    history: Sequence[Mapping[str, float]],
+    cfg: TrainConfig,
+    info: DatasetInfo,
+) -> list[Path]:
+    """Task 'inference': the calibration plot (expected vs observed coverage), predicted vs true per target,
+    the loss / metric curves, metrics.json (with the targets' standardisation) and config.json."""
+    from deeplense_ray.tracking import plot_curves
+    from deeplense_ray.tracking.plots import plot_calibration, plot_predicted_vs_true
+
+    targets = list(cfg.targets)
+    paths = [
+        plot_calibration(test["calibration_curve"], targets, out_dir / "calibration_test.png",
+                         title="calibration, test split"),
+        plot_predicted_vs_true(test["mean"], test["cov"], test["truth"], targets,
+                               out_dir / "pred_vs_true_test.png", title="posterior mean vs truth, test"),
+        plot_curves(history, out_dir / "curves.png", metric_keys=[
+            *(f"val_rmse_over_prior_{t}" for t in targets), *(f"val_coverage68_{t}" for t in targets)]),
+    ]  # fmt: skip
+    metric, mode = run_score(cfg)
+    summary = {
+        "best_epoch": best_epoch,
+        "selection": f"{mode} {metric} over epochs (val split only)",
+        "best_val": dict(best_val),
+        "test": {k: v for k, v in test.items() if k not in _PREDICTION_KEYS},
         "history": [dict(h) for h in history],
         "dataset_manifest_hash": info.manifest_hash,
     }
@@ -491,7 +558,8 @@ def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: M
 
     loop = local_loop_config(cfg, info)
     loop.update(extra)
-    session = LocalRunSession(run_dir, metric=SCORE_ATTRIBUTE, mode=SCORE_MODE, num_to_keep=cfg.num_to_keep)
+    metric, mode = run_score(cfg)
+    session = LocalRunSession(run_dir, metric=metric, mode=mode, num_to_keep=cfg.num_to_keep)
     return fit_here(session, loop)
 
 
@@ -559,7 +627,7 @@ def _fit_and_test_in_task(
     Returns (the fit's result, the test metrics, the Unix time the fit ended, this worker's pid)."""
     result = _fit_in_process(cfg, info, run_dir, extra)
     fit_end = time.time()
-    best, _ = best_checkpoint(result)
+    best, _ = best_checkpoint(result, *run_score(cfg))
     return result, _evaluate_remote(best, cfg), fit_end, os.getpid()
 
 
@@ -690,7 +758,7 @@ def run_training(
             timeline.mark("fit end")
         if result.error is not None:
             raise result.error
-        best, best_metrics = best_checkpoint(result)
+        best, best_metrics = best_checkpoint(result, *run_score(cfg))
         best_epoch = int(best_metrics.get("epoch", read_meta(best)["epoch"]))
         history = _history_from_checkpoint(result.checkpoint)
         timeline.add_epochs(history)
@@ -712,7 +780,13 @@ def run_training(
         client.set_tag(run_id, "runner", runner)
         timeline.mark("test evaluated")
 
-        flat_test = flatten_metrics(test, "test")
+        if cfg.inference:
+            from deeplense_ray.train.gaussian import flatten_regression
+
+            flat_test = flatten_regression(test, "test")
+            client.set_tag(run_id, "calibration", calibration_tag(test))
+        else:
+            flat_test = flatten_metrics(test, "test")
         best_val = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
         from deeplense_ray.tracking import log_metrics
 
@@ -724,7 +798,9 @@ def run_training(
         )
         from deeplense_ray.tracking.console import chance_warning
 
-        warning = chance_warning("test AUC (macro)", test.get("auc_macro"), test.get("auc_macro_ci"))
+        warning = None
+        if not cfg.inference:
+            warning = chance_warning("test AUC (macro)", test.get("auc_macro"), test.get("auc_macro_ci"))
         if warning:  # the interval includes 0.5: say so where the result is read
             client.set_tag(run_id, "warning.chance", warning)
         with tempfile.TemporaryDirectory(prefix="dlr-artifacts-") as tmp:
@@ -764,14 +840,14 @@ def run_training(
         best_checkpoint=str(best.path),
         best_epoch=best_epoch,
         best_val=best_val,
-        test_metrics={k: v for k, v in test.items() if k not in ("y_true", "probs")},
+        test_metrics={k: v for k, v in test.items() if k not in _PREDICTION_KEYS},
         history=history,
         model_uri=model_uri,
         artifacts=artifact_names,
         ray_result=result,
         timeline=timeline.summary(),
         timeline_line=timeline.line(),
-        test_predictions={k: test[k] for k in ("y_true", "probs")},
+        test_predictions={k: test[k] for k in _PREDICTION_KEYS if k in test},
     )
 
 

@@ -69,5 +69,7 @@ def evaluate_best(ckpt: str | None, base_train: Mapping[str, Any]) -> tuple[dict
         from deeplense_ray.train.online import evaluate_test
 
         test_metrics = dict(evaluate_test(ckpt, TrainConfig(**base_train)))
-    predictions = {k: test_metrics.pop(k) for k in ("y_true", "probs") if k in test_metrics}
+    # per-lens arrays (classification: labels and probabilities; task 'inference': posteriors and ids)
+    keys = ("y_true", "probs", "mean", "cov", "truth", "ids")
+    predictions = {k: test_metrics.pop(k) for k in keys if k in test_metrics}
     return test_metrics, predictions

@@ -24,7 +24,10 @@ METRIC_MODES: dict[str, str] = {
     "val_auc_micro": "max",
     "val_acc": "max",
     "val_loss": "min",
+    "val_nll": "min",  # task 'inference' (train_overrides task=inference): the Gaussian NLL per lens
 }
+#: Metrics of the classification task only (an inference run reports no class metrics).
+CLASSIFICATION_METRICS: tuple[str, ...] = ("val_auc_macro", "val_auc_micro", "val_acc")
 SEARCH_ALGORITHMS: tuple[str, ...] = ("optuna", "random")
 SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
 #: CPUs held by each trial's function beyond its training worker's (with a trainer it only builds the
@@ -175,6 +178,23 @@ class TuneSettings:
                 raise ValueError(f"gpus_per_trial={g!r} must be a number >= 0")
             if g > 1 and float(g) != int(g):
                 raise ValueError(f"gpus_per_trial={g!r}: above 1 GPU per worker it must be a whole number")
+        task = (
+            self.train_overrides.get("task", "classification")
+            if isinstance(self.train_overrides, Mapping)
+            else None
+        )
+        if task == "inference" and self.metric == "val_auc_macro":  # the default: the task's own
+            from deeplense_ray.ranking import task_score
+
+            self.metric = task_score(task)[0]
+        if task == "inference" and self.metric in CLASSIFICATION_METRICS:
+            raise ValueError(
+                f"metric {self.metric!r} is a classification metric; task 'inference' reports val_nll"
+            )
+        if task == "classification" and self.metric == "val_nll":
+            raise ValueError(
+                "metric 'val_nll' is reported by task 'inference' (--task inference --targets ...)"
+            )
         if self.metric not in METRIC_MODES:
             raise ValueError(
                 f"unknown metric {self.metric!r}; valid metrics (reported every epoch): "

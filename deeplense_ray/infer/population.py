@@ -1,0 +1,903 @@
+"""Population (hierarchical) inference of one target from per-lens Gaussian posteriors, the training prior
+divided out.
+
+A regression network gives for lens ``i`` a Gaussian posterior ``N(theta; m_i, s_i^2)`` of a target (e.g.
+``sigma_sub``, the subhalo mass function normalisation Sigma_sub in kpc^-2), learnt under the training prior
+``U(a, b)``; the posterior under that prior is the Gaussian truncated to ``[a, b]`` (:mod:`posteriors`).
+Following Wagner-Carena et al. 2022 (arXiv:2203.00690, paltas), the population of the target is
+
+    theta_i ~ p(theta | mu, sigma) = N(theta; mu, sigma^2) 1[a <= theta <= b] / Z(mu, sigma),
+    Z(mu, sigma) = Phi((b - mu) / sigma) - Phi((a - mu) / sigma),
+
+(a normal truncated to the training prior's support; ``sigma = 0`` is a delta at ``mu``: every lens shares
+one value) and each lens contributes the likelihood ratio
+
+    L_i(mu, sigma) = p(d_i | mu, sigma) / p(d_i | training prior)
+                   = int post_i(theta) p(theta | mu, sigma) / prior_train(theta) dtheta,
+
+with ``post_i = N(m_i, s_i^2)`` truncated to ``[a, b]`` (normalised by ``A_i = Phi((b - m_i)/s_i) -
+Phi((a - m_i)/s_i)``) and ``prior_train = 1 / (b - a)``. For these forms the integral is analytic
+(Gaussian product, then the truncation by erf):
+
+    L_i = (b - a) / (A_i Z) * N(m_i; mu, s_i^2 + sigma^2) * [Phi((b - c_i)/tau_i) - Phi((a - c_i)/tau_i)],
+    c_i = (m_i sigma^2 + mu s_i^2) / (s_i^2 + sigma^2),   tau_i^2 = s_i^2 sigma^2 / (s_i^2 + sigma^2),
+
+and ``L_i = (b - a) / A_i * N(mu; m_i, s_i^2)`` at ``sigma = 0``. :func:`log_likelihood_grid` evaluates it on
+a (mu, sigma) grid, vectorised over lenses and grid, in log space (``log_ndtr`` differences, stable far in
+the tails); ``method="importance"`` is paltas' estimator instead: ``K`` samples ``theta_ik`` from each
+lens's (truncated) posterior, ``L_i ~ mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)`` (``sigma > 0``
+only: a delta population has no density at the samples).
+
+Hyperprior: flat in ``mu`` over the training prior's support (or a sub-range) and flat in ``sigma`` over
+``[0, sigma_max]`` (default ``sigma_max = b - a``; beyond it the truncated population is nearly uniform over
+the support and indistinguishable from wider ones). Flat, not log-flat, in ``sigma``: a log-flat prior
+diverges at ``sigma = 0``, which is a physical case here (one universal Sigma_sub), and with a lower cut-off
+its upper limits would depend on that arbitrary cut-off whenever the per-lens widths exceed ``sigma``
+(usual for Sigma_sub: the data then cannot tell ``sigma = 0`` from small ``sigma``).
+
+The posterior of (mu, sigma) is evaluated on a grid over the whole hyperprior range, then on finer grids
+zoomed onto where each marginal exceeds e^-:data:`ZOOM_LOG_DROP` of its peak, until every marginal has
+:data:`RESOLUTION` grid points per standard deviation: enough for 10 or 10^4 lenses alike. Summaries: the mu
+marginal's mean, std, median and equal-tailed 68 % and 95 % intervals (quantiles 0.16/0.84 and 0.025/0.975:
+invariant under reparametrisation and what the calibration checks use); the sigma marginal's median and 95 %
+upper limit (its 0.95 quantile); the population mean ``E[theta]`` (a derived quantity: better identified
+than mu when the population sits near the prior's edge and the per-lens widths exceed sigma; see
+docs/population.md).
+
+Multi-target posteriors are marginalised to the target's 1-D Gaussian (mean, and variance from the
+covariance diagonal: the exact marginal of the network's multivariate Gaussian). This treats the other
+targets' population as their training prior and ignores how their prior truncation would reshape this
+target's marginal when targets correlate.
+
+:func:`coverage_check` is the calibration test of a set of intervals against known truths (used by the tests
+and ``benchmarks/population_calibration.py``). ``jobs/population.py`` is the command line; see
+docs/population.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
+
+from deeplense_ray.infer.posteriors import PosteriorFileError, Posteriors, read_posteriors
+
+#: Grid sizes (mu, sigma) of the first, full-range pass and the least of each zoomed pass (which has
+#: 1.25 x RESOLUTION points per standard deviation of the previous pass's marginals, MAX_POINTS at most).
+COARSE_GRID = (65, 33)
+FINE_GRID = (49, 49)
+MAX_POINTS = 129
+#: A zoomed grid spans where each marginal exceeds e^-16 (~1e-7) of its peak (one point wider).
+ZOOM_LOG_DROP = 16.0
+#: Grid points per posterior standard deviation (of each marginal) below which the grid is zoomed.
+RESOLUTION = 5.0
+#: Zoom passes at most after the full-range one.
+MAX_ZOOMS = 6
+#: Equal-tailed intervals reported for mu.
+LEVELS = (0.68, 0.95)
+#: Lenses per block of the vectorised likelihood (bounds memory at ~ block x grid floats per array).
+LENS_BLOCK = 256
+METHODS = ("analytic", "importance")
+DEFAULT_IS_SAMPLES = 2000
+_LOG_2PI = math.log(2.0 * math.pi)
+#: |x| beyond which Phi(x) is 0 or 1 to within 1e-16 (Phi(-8.3) = 5e-17).
+_UNIT_CUT = 8.3
+#: hi^2 - lo^2 beyond which Phi(-hi) / Phi(-lo) < e^-40 (0 < lo < hi).
+_TAIL_GAP = 80.0
+
+
+class PopulationError(ValueError):
+    """Input that a population inference cannot use (the message names the value)."""
+
+
+# ------------------------------------------------------------------------------------------- the math
+def log_ndtr_diff(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``log(Phi(hi) - Phi(lo))`` for ``lo <= hi`` elementwise, stable in both tails (``-inf`` where equal).
+
+    Where one bound's term is below 1e-16 of the other (``Phi(hi) = 1`` to 5e-17 with ``lo <= 0``, or
+    ``Phi(-hi) / Phi(-lo) <= exp(-(hi^2 - lo^2) / 2) < e^-40`` with ``lo > 0``, the Mills ratio being
+    decreasing; mirrored for the lower tail) the value is one ``log_ndtr`` (the usual case on a population
+    grid); elsewhere the difference is taken on the tail side."""
+    lo, hi = np.broadcast_arrays(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64))
+    upper = hi > _UNIT_CUT  # log Phi(hi) - Phi(lo) = log Phi(-lo) ...
+    check = upper & (lo > 0)  # ... unless Phi(-hi) is not negligible against Phi(-lo)
+    if check.any():
+        a, b = lo[check], hi[check]
+        upper[check] = (b - a) * (b + a) > _TAIL_GAP
+    lower = lo < -_UNIT_CUT  # log Phi(hi) ...
+    check = lower & (hi < 0)  # ... unless Phi(lo) is not negligible against Phi(hi)
+    if check.any():
+        a, b = lo[check], hi[check]
+        lower[check] = (b - a) * -(b + a) > _TAIL_GAP
+    arg = np.where(upper, -lo, hi)
+    out = np.zeros(arg.shape)  # log Phi(arg) > -5e-17 for arg > 8.3: 0 without calling log_ndtr (slow)
+    need = arg < _UNIT_CUT
+    out[need] = log_ndtr(arg[need])
+    both = ~(upper | lower)
+    if both.any():
+        a, b = lo[both], hi[both]
+        flip = a > 0  # upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b), computed where it is not 1 - 1
+        top = log_ndtr(np.where(flip, -a, b))
+        bottom = log_ndtr(np.where(flip, -b, a))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[both] = np.where(b > a, top + np.log1p(-np.exp(bottom - top)), -np.inf)
+    return out
+
+
+def log_trunc_norm_z(mu: np.ndarray, sigma: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``log Z(mu, sigma)``: log of the mass of ``N(mu, sigma^2)`` inside ``[low, high]``; 0 at ``sigma = 0``
+    (a delta inside the support, ``mu`` in ``[low, high]``)."""
+    mu, sigma = np.broadcast_arrays(np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64))
+    pos = sigma > 0
+    safe = np.where(pos, sigma, 1.0)
+    return np.where(pos, log_ndtr_diff((low - mu) / safe, (high - mu) / safe), 0.0)
+
+
+def _log_norm_pdf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return -0.5 * (_LOG_2PI + np.log(var) + (x - mean) ** 2 / var)
+
+
+def log_likelihood_analytic(
+    m: np.ndarray, s: np.ndarray, low: float, high: float, mu: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """Per-lens ``log L_i(mu, sigma)`` (module docstring) for lenses ``m, s`` [n] on the grid ``mu`` [M] x
+    ``sigma`` [S] (``sigma >= 0``), training prior ``U(low, high)``. Returns [n, M, S]."""
+    m = np.asarray(m, dtype=np.float64)[:, None, None]
+    s = np.asarray(s, dtype=np.float64)[:, None, None]
+    mu = np.asarray(mu, dtype=np.float64).ravel()
+    sigma = np.asarray(sigma, dtype=np.float64).ravel()
+    s2 = s * s
+    mu_g = mu[None, :, None]
+    const = math.log(high - low) - log_ndtr_diff((low - m) / s, (high - m) / s)  # [n, 1, 1]: log (b-a)/A_i
+    d2 = (m - mu_g) ** 2  # [n, M, 1]
+    out = np.empty((m.shape[0], mu.size, sigma.size))
+    delta = sigma == 0  # a delta population: L_i = (b - a) / A_i N(mu; m_i, s_i^2)
+    if delta.any():
+        out[:, :, delta] = const - 0.5 * (_LOG_2PI + np.log(s2) + d2 / s2)
+    if not delta.all():
+        pos = ~delta
+        sig = sigma[pos][None, None, :]
+        var = s2 + sig * sig  # [n, 1, S]
+        w = sig * sig / var  # c_i = w m_i + (1 - w) mu
+        inv_tau = 1.0 / (s * np.sqrt(w))  # tau^2 = s^2 w
+        lo = (low - w * m) * inv_tau - ((1.0 - w) * inv_tau) * mu_g  # (low - c_i) / tau_i, [n, M, S]
+        log_in = log_ndtr_diff(lo, lo + (high - low) * inv_tau)
+        log_z = log_trunc_norm_z(mu[:, None], sigma[pos][None, :], low, high)  # [M, S]
+        log_in -= d2 * (0.5 / var)
+        log_in += const - 0.5 * (_LOG_2PI + np.log(var))
+        log_in -= log_z
+        out[:, :, pos] = log_in
+    return out
+
+
+def truncnorm_draw(
+    m: np.ndarray, s: np.ndarray, low: float, high: float, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """Draws of ``N(m, s^2)`` truncated to ``[low, high]`` by inverting the CDF (``m``, ``s`` broadcast to
+    ``shape``); on the tail side where the mean lies above the support's middle, so that no precision is lost
+    to ``1 - Phi``."""
+    m, s = np.broadcast_to(m, shape), np.broadcast_to(s, shape)
+    alpha, beta = (low - m) / s, (high - m) / s
+    upper = alpha > -beta  # most of the mass above: draw -theta, whose bounds are (-beta, -alpha)
+    lo, hi = np.where(upper, -beta, alpha), np.where(upper, -alpha, beta)
+    p_lo, p_hi = ndtr(lo), ndtr(hi)
+    z = ndtri(p_lo + rng.random(shape) * (p_hi - p_lo))
+    z = np.clip(np.where(np.isfinite(z), z, lo), lo, hi)
+    return m + s * np.where(upper, -z, z)
+
+
+def sample_posteriors(
+    m: np.ndarray, s: np.ndarray, low: float, high: float, n_samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n_samples`` draws [n, K] from each lens's posterior ``N(m_i, s_i^2)`` truncated to ``[low, high]``
+    (seeded by ``rng``)."""
+    m = np.asarray(m, dtype=np.float64)[:, None]
+    s = np.asarray(s, dtype=np.float64)[:, None]
+    return truncnorm_draw(m, s, low, high, (m.shape[0], int(n_samples)), rng)
+
+
+def log_likelihood_importance(
+    samples: np.ndarray, low: float, high: float, mu: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """paltas' importance-sampling estimate of per-lens ``log L_i(mu, sigma)`` [n, M, S] from posterior
+    samples [n, K]: ``log mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)``. Needs ``sigma > 0``."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    mu = np.asarray(mu, dtype=np.float64)
+    if (sigma <= 0).any():
+        raise PopulationError(
+            f"importance sampling needs sigma > 0 (a delta population has no density at the samples), got "
+            f"sigma = {float(sigma.min()):g}; use method='analytic' or a sigma range above 0"
+        )
+    x = np.asarray(samples, dtype=np.float64)
+    n, k = x.shape
+    log_z = log_trunc_norm_z(mu[:, None], sigma[None, :], low, high)  # [M, S]
+    out = np.empty((n, mu.size, sigma.size))
+    block = max(1, int(4e6 // max(1, k * mu.size)))
+    for j in range(sigma.size):
+        var = sigma[j] ** 2
+        for i0 in range(0, n, block):
+            xb = x[i0 : i0 + block, None, :]  # [b, 1, K]
+            logp = _log_norm_pdf(xb, mu[None, :, None], var)  # [b, M, K]
+            out[i0 : i0 + block, :, j] = logsumexp(logp, axis=2) - math.log(k)
+        out[:, :, j] += math.log(high - low) - log_z[None, :, j]
+    return out
+
+
+def log_likelihood_grid(
+    m: np.ndarray,
+    s: np.ndarray,
+    low: float,
+    high: float,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    method: str = "analytic",
+    samples: np.ndarray | None = None,
+) -> np.ndarray:
+    """``sum_i log L_i(mu, sigma)`` [M, S] over all lenses (blocks of :data:`LENS_BLOCK` lenses);
+    ``method="importance"`` uses ``samples`` [n, K] (:func:`sample_posteriors`)."""
+    total = np.zeros((np.size(mu), np.size(sigma)))
+    n = np.size(m)
+    for i0 in range(0, n, LENS_BLOCK):
+        sl = slice(i0, i0 + LENS_BLOCK)
+        if method == "analytic":
+            part = log_likelihood_analytic(m[sl], s[sl], low, high, mu, sigma)
+        elif method == "importance":
+            if samples is None:
+                raise PopulationError("method='importance' needs posterior samples")
+            part = log_likelihood_importance(samples[sl], low, high, mu, sigma)
+        else:
+            raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        total += part.sum(axis=0)
+    return total
+
+
+# -------------------------------------------------------------------------------------- grid posterior
+def _trapz(y: np.ndarray, x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.trapezoid(y, x, axis=axis) if x.size > 1 else np.take(y, 0, axis=axis)
+
+
+def _normalise(logp: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Density on the grid from a log posterior (max subtracted), integrating to 1 (trapezoid)."""
+    p = np.exp(logp - logp.max())
+    mass = _trapz(_trapz(p, sigma, axis=1), mu)
+    return p / mass
+
+
+def _quantiles(x: np.ndarray, density: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """Quantiles of a 1-D density tabulated on ``x`` (trapezoid CDF, linear interpolation)."""
+    if x.size == 1:
+        return np.full(len(q), float(x[0]))
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(x))])
+    cdf /= cdf[-1]
+    return np.interp(np.asarray(q, dtype=np.float64), cdf, x)
+
+
+def truncnorm_mean(mu: np.ndarray, sigma: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Mean of ``N(mu, sigma^2)`` truncated to ``[low, high]`` (``mu`` at ``sigma = 0``), elementwise."""
+    mu, sigma = np.broadcast_arrays(np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64))
+    pos = sigma > 0
+    safe = np.where(pos, sigma, 1.0)
+    alpha, beta = (low - mu) / safe, (high - mu) / safe
+    log_z = log_ndtr_diff(alpha, beta)
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift = (np.exp(-0.5 * alpha**2 - log_z) - np.exp(-0.5 * beta**2 - log_z)) / math.sqrt(2 * math.pi)
+    out = np.where(pos, mu + safe * shift, mu)
+    return np.clip(np.where(np.isfinite(out), out, mu), low, high)
+
+
+def _cell_weights(x: np.ndarray) -> np.ndarray:
+    """Trapezoid quadrature weights of the grid ``x``."""
+    if x.size < 2:
+        return np.ones(x.size)
+    dx = np.diff(x)
+    return np.concatenate([[dx[0] / 2], (dx[1:] + dx[:-1]) / 2, [dx[-1] / 2]])
+
+
+def _weighted_summary(values: np.ndarray, weights: np.ndarray, q: Sequence[float]):
+    """(mean, std, quantiles) of a derived quantity given its values and posterior weights on the grid."""
+    w = weights / weights.sum()
+    mean = float(np.sum(w * values))
+    std = math.sqrt(max(float(np.sum(w * (values - mean) ** 2)), 0.0))
+    order = np.argsort(values)
+    cdf = np.cumsum(w[order]) - 0.5 * w[order]
+    return mean, std, np.interp(np.asarray(q, dtype=np.float64), cdf, values[order])
+
+
+def _marginal_range(x: np.ndarray, density: np.ndarray, bounds: tuple[float, float]) -> tuple[float, float]:
+    """The span of ``x`` where the 1-D marginal ``density`` exceeds e^-ZOOM_LOG_DROP of its peak, one grid
+    point wider on each side; where that reaches the grid's edge inside the hyperprior ``bounds`` (the mass
+    may go on beyond it), half the span wider on that side, within ``bounds``."""
+    keep = np.flatnonzero(density >= density.max() * math.exp(-ZOOM_LOG_DROP))
+    i0, i1 = max(keep[0] - 1, 0), min(keep[-1] + 1, x.size - 1)
+    lo, hi = float(x[i0]), float(x[i1])
+    span = max(hi - lo, float(x[-1] - x[0]) / max(x.size - 1, 1))
+    if keep[0] == 0 and x[0] > bounds[0]:
+        lo = max(bounds[0], lo - span / 2)
+    if keep[-1] == x.size - 1 and x[-1] < bounds[1]:
+        hi = min(bounds[1], hi + span / 2)
+    return lo, hi
+
+
+def _std(x: np.ndarray, density: np.ndarray) -> float:
+    if x.size < 2:
+        return 0.0
+    mean = _trapz(x * density, x)
+    return math.sqrt(max(float(_trapz((x - mean) ** 2 * density, x)), 0.0))
+
+
+def _resolved(x: np.ndarray, density: np.ndarray, resolution: float) -> bool:
+    """Whether the grid ``x`` has at least ``resolution`` points per standard deviation of ``density``."""
+    return x.size < 2 or bool((x[1] - x[0]) * resolution <= _std(x, density))
+
+
+def _points(lo: float, hi: float, x: np.ndarray, density: np.ndarray, least: int, resolution: float) -> int:
+    """Grid points over ``[lo, hi]`` for 1.25 x ``resolution`` per standard deviation of ``density`` on
+    ``x`` (at least ``least``, at most :data:`MAX_POINTS`); ``least`` when ``x`` has fewer than two points
+    per standard deviation (the estimate is then unreliable: the next pass, on the narrower box, sizes the
+    grid)."""
+    std = _std(x, density)
+    if x.size < 2 or std < 2 * (x[1] - x[0]):
+        return least
+    return int(min(max(math.ceil(1.25 * resolution * (hi - lo) / std) + 1, least), MAX_POINTS))
+
+
+@dataclass(frozen=True)
+class PopulationResult:
+    """The hyperparameter posterior of one target on a (mu, sigma) grid and its summaries."""
+
+    target: str
+    n: int
+    prior: tuple[float, float]  # training prior U(low, high)
+    mu_range: tuple[float, float]  # hyperprior of mu: flat on it
+    sigma_range: tuple[float, float]  # hyperprior of sigma: flat on it
+    method: str
+    mu: np.ndarray  # [M] grid
+    sigma: np.ndarray  # [S] grid
+    density: np.ndarray  # [M, S] posterior density of (mu, sigma), integrates to 1 over the grid
+    mu_marginal: np.ndarray  # [M]
+    sigma_marginal: np.ndarray  # [S]
+    mu_mean: float
+    mu_std: float
+    mu_median: float
+    mu_intervals: dict[float, tuple[float, float]]  # equal-tailed, per level
+    sigma_median: float
+    sigma_upper95: float
+    sigma_mean: float
+    # the population's mean E[theta] = mu + sigma (phi(alpha) - phi(beta)) / Z (truncated normal), derived
+    pop_mean_mean: float = float("nan")
+    pop_mean_std: float = float("nan")
+    pop_mean_intervals: dict[float, tuple[float, float]] = field(default_factory=dict)
+    truth: dict[str, float] | None = None  # mean / std / n of the lenses' true values, when known
+    data: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (the grid marginals included, not the 2-D grid)."""
+        return {
+            "target": self.target,
+            "n": self.n,
+            "method": self.method,
+            "training_prior": {"kind": "uniform", "low": self.prior[0], "high": self.prior[1]},
+            "hyperprior": {
+                "mu": {"kind": "uniform", "low": self.mu_range[0], "high": self.mu_range[1]},
+                "sigma": {"kind": "uniform", "low": self.sigma_range[0], "high": self.sigma_range[1]},
+                "population": "normal(mu, sigma) truncated to the training prior's support",
+            },
+            "mu": {
+                "mean": self.mu_mean,
+                "std": self.mu_std,
+                "median": self.mu_median,
+                "interval_kind": "equal-tailed",
+                **{f"interval_{round(lv * 100)}": list(self.mu_intervals[lv]) for lv in self.mu_intervals},
+            },
+            "sigma": {"median": self.sigma_median, "upper_95": self.sigma_upper95, "mean": self.sigma_mean},
+            "population_mean": {
+                "mean": self.pop_mean_mean,
+                "std": self.pop_mean_std,
+                "interval_kind": "equal-tailed",
+                **{
+                    f"interval_{round(lv * 100)}": list(self.pop_mean_intervals[lv])
+                    for lv in self.pop_mean_intervals
+                },
+            },
+            "truth": self.truth,
+            "data": self.data,
+            "grid": {
+                "mu": self.mu.tolist(),
+                "sigma": self.sigma.tolist(),
+                "mu_marginal": self.mu_marginal.tolist(),
+                "sigma_marginal": self.sigma_marginal.tolist(),
+            },
+            "seconds": self.seconds,
+        }
+
+
+def _check_range(name: str, rng: Sequence[float], low: float, high: float, what: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(rng[0]), float(rng[1]))
+    except (TypeError, ValueError, IndexError):
+        raise PopulationError(f"{name} must be two numbers (low, high), got {rng!r}") from None
+    if len(rng) != 2 or not (math.isfinite(lo) and math.isfinite(hi)) or not hi > lo:
+        raise PopulationError(f"{name} must be finite with low < high, got {list(rng)}")
+    if lo < low or hi > high:
+        raise PopulationError(f"{name} {[lo, hi]} lies outside {what} [{low:g}, {high:g}]")
+    return lo, hi
+
+
+def infer_population_1d(
+    m: np.ndarray,
+    s: np.ndarray,
+    prior: tuple[float, float],
+    *,
+    target: str = "theta",
+    mu_range: Sequence[float] | None = None,
+    sigma_max: float | None = None,
+    sigma_min: float = 0.0,
+    method: str = "analytic",
+    n_samples: int = DEFAULT_IS_SAMPLES,
+    seed: int = 0,
+    truth: np.ndarray | None = None,
+    coarse_grid: tuple[int, int] = COARSE_GRID,
+    fine_grid: tuple[int, int] = FINE_GRID,
+    resolution: float = RESOLUTION,
+) -> PopulationResult:
+    """Posterior of (mu, sigma) from per-lens Gaussian posteriors ``N(m_i, s_i^2)`` learnt under the training
+    prior ``U(prior)`` (module docstring). ``mu_range`` (default: the prior's support) and ``[sigma_min,
+    sigma_max]`` (default ``[0, high - low]``) are the flat hyperprior's ranges; ``method`` ``analytic`` or
+    ``importance`` (``n_samples`` per lens, seeded; needs ``sigma_min > 0``). ``coarse_grid``, ``fine_grid``
+    and ``resolution`` (points per posterior standard deviation) set the grids (module constants)."""
+    started = time.perf_counter()
+    m = np.asarray(m, dtype=np.float64).ravel()
+    s = np.asarray(s, dtype=np.float64).ravel()
+    low, high = (float(prior[0]), float(prior[1]))
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise PopulationError(f"training prior of {target!r} needs finite low < high, got [{low}, {high}]")
+    if m.size == 0:
+        raise PopulationError(f"no lenses: the posteriors of {target!r} are empty")
+    if m.shape != s.shape:
+        raise PopulationError(f"{m.size} means but {s.size} standard deviations")
+    if not (np.isfinite(m).all() and np.isfinite(s).all()):
+        raise PopulationError(f"posterior means and stds of {target!r} must be finite")
+    if (s <= 0).any():
+        bad = int(np.argmax(s <= 0))
+        raise PopulationError(f"posterior std of lens {bad} is {s[bad]:g}; it must be > 0")
+    if method not in METHODS:
+        raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    mu_lo, mu_hi = _check_range(
+        "mu range", mu_range or (low, high), low, high, "the training prior's support"
+    )
+    sig_hi = float(high - low) if sigma_max is None else float(sigma_max)
+    if not (math.isfinite(sig_hi) and sig_hi > 0):
+        raise PopulationError(f"sigma max must be a finite number > 0, got {sigma_max!r}")
+    if not (math.isfinite(sigma_min) and 0 <= sigma_min < sig_hi):
+        raise PopulationError(
+            f"sigma min must satisfy 0 <= sigma min < sigma max ({sig_hi:g}), got {sigma_min!r}"
+        )
+    if method == "importance" and sigma_min <= 0:
+        raise PopulationError(
+            "importance sampling needs sigma > 0 (a delta population has no density at the samples): give "
+            "a sigma min > 0, or use method='analytic'"
+        )
+    samples = None
+    if method == "importance":
+        samples = sample_posteriors(m, s, low, high, n_samples, np.random.default_rng(seed))
+
+    def evaluate(box: tuple[float, float, float, float], shape: tuple[int, int]):
+        mu = np.linspace(box[0], box[1], shape[0])
+        sigma = np.linspace(box[2], box[3], shape[1])
+        return mu, sigma, log_likelihood_grid(m, s, low, high, mu, sigma, method=method, samples=samples)
+
+    box, shape = (mu_lo, mu_hi, float(sigma_min), sig_hi), coarse_grid
+    for _ in range(1 + MAX_ZOOMS):
+        mu, sigma, logp = evaluate(box, shape)
+        if not np.isfinite(logp).any():
+            raise PopulationError(f"the population likelihood of {target!r} vanishes on the whole grid")
+        density = _normalise(logp, mu, sigma)
+        mu_marg, sig_marg = _trapz(density, sigma, axis=1), _trapz(density, mu, axis=0)
+        if _resolved(mu, mu_marg, resolution) and _resolved(sigma, sig_marg, resolution):
+            break
+        new_box = (
+            *_marginal_range(mu, mu_marg, (mu_lo, mu_hi)),
+            *_marginal_range(sigma, sig_marg, (sigma_min, sig_hi)),
+        )
+        new_shape = (
+            _points(new_box[0], new_box[1], mu, mu_marg, fine_grid[0], resolution),
+            _points(new_box[2], new_box[3], sigma, sig_marg, fine_grid[1], resolution),
+        )
+        if new_shape == shape and np.allclose(new_box, box, rtol=0.05, atol=0.0):
+            break  # no narrower box and no more points: this is the resolution the caps allow
+        box, shape = new_box, new_shape
+    mu_mean = float(_trapz(mu * mu_marg, mu))
+    mu_std = float(math.sqrt(max(float(_trapz((mu - mu_mean) ** 2 * mu_marg, mu)), 0.0)))
+    qs = [0.5] + [q for lv in LEVELS for q in ((1 - lv) / 2, (1 + lv) / 2)]
+    mq = _quantiles(mu, mu_marg, qs)
+    intervals = {lv: (float(mq[1 + 2 * k]), float(mq[2 + 2 * k])) for k, lv in enumerate(LEVELS)}
+    sq = _quantiles(sigma, sig_marg, [0.5, 0.95])
+    pm = truncnorm_mean(mu[:, None], sigma[None, :], low, high)
+    weights = density * _cell_weights(mu)[:, None] * _cell_weights(sigma)[None, :]
+    pm_mean, pm_std, pm_q = _weighted_summary(pm.ravel(), weights.ravel(), qs[1:])
+    truth_summary = None
+    if truth is not None:
+        t = np.asarray(truth, dtype=np.float64).ravel()
+        t = t[np.isfinite(t)]
+        if t.size:
+            truth_summary = {"n": int(t.size), "mean": float(t.mean()), "std": float(t.std())}
+    return PopulationResult(
+        target=target,
+        n=int(m.size),
+        prior=(low, high),
+        mu_range=(mu_lo, mu_hi),
+        sigma_range=(float(sigma_min), sig_hi),
+        method=method,
+        mu=mu,
+        sigma=sigma,
+        density=density,
+        mu_marginal=mu_marg,
+        sigma_marginal=sig_marg,
+        mu_mean=mu_mean,
+        mu_std=mu_std,
+        mu_median=float(mq[0]),
+        mu_intervals=intervals,
+        sigma_median=float(sq[0]),
+        sigma_upper95=float(sq[1]),
+        sigma_mean=float(_trapz(sigma * sig_marg, sigma)),
+        pop_mean_mean=pm_mean,
+        pop_mean_std=pm_std,
+        pop_mean_intervals={lv: (float(pm_q[2 * k]), float(pm_q[2 * k + 1])) for k, lv in enumerate(LEVELS)},
+        truth=truth_summary,
+        data={"mean_of_means": float(m.mean()), "median_std": float(np.median(s))},
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ------------------------------------------------------------------------------------ posterior files
+@dataclass(frozen=True)
+class TargetPosteriors:
+    """One target's 1-D posteriors gathered from one or more files (multi-target ones marginalised)."""
+
+    target: str
+    mean: np.ndarray  # [n]
+    std: np.ndarray  # [n]
+    prior: tuple[float, float]
+    truth: np.ndarray | None  # [n], NaN where unknown
+    ids: tuple[str, ...]
+    sources: tuple[str, ...]
+    model_uris: tuple[str, ...]
+
+
+def target_posteriors(post: Posteriors, target: str, where: str = "posteriors") -> TargetPosteriors:
+    """The 1-D marginal of ``target`` (mean, std from the covariance diagonal) and its training prior."""
+    try:
+        j = post.target(target)
+    except PosteriorFileError as e:
+        raise PopulationError(f"{where}: {e}") from None
+    if post.prior_kind[j] != "uniform":
+        raise PopulationError(
+            f"{where}: prior of {target!r} is {post.prior_kind[j]!r}; only uniform is handled"
+        )
+    truth = None if post.truth is None else np.asarray(post.truth[:, j], dtype=np.float64)
+    ids = post.ids if post.ids is not None else tuple(str(i) for i in range(post.n))
+    return TargetPosteriors(
+        target=target,
+        mean=np.asarray(post.mean[:, j], dtype=np.float64),
+        std=np.asarray(post.std()[:, j], dtype=np.float64),
+        prior=(float(post.prior_low[j]), float(post.prior_high[j])),
+        truth=truth,
+        ids=tuple(ids),
+        sources=(where,) * post.n,
+        model_uris=(post.model_uri,),
+    )
+
+
+def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetPosteriors:
+    """Read posterior files and gather ``target``: every file must name it with the same training prior."""
+    if not paths:
+        raise PopulationError("no posterior files given")
+    parts = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise PopulationError(f"posterior file {str(p)!r} does not exist")
+        parts.append(target_posteriors(read_posteriors(p), target, where=str(p)))
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.allclose(part.prior, first.prior, rtol=1e-12, atol=0.0):
+            raise PopulationError(
+                f"training prior of {target!r} differs between {first.sources[0]} (U{first.prior}) and "
+                f"{part.sources[0]} (U{part.prior}); the prior correction needs one training prior"
+            )
+    if sum(part.mean.size for part in parts) == 0:
+        raise PopulationError(f"no lenses in {', '.join(str(p) for p in paths)}")
+    truths = [part.truth if part.truth is not None else np.full(part.mean.size, np.nan) for part in parts]
+    truth = np.concatenate(truths)
+    return TargetPosteriors(
+        target=target,
+        mean=np.concatenate([part.mean for part in parts]),
+        std=np.concatenate([part.std for part in parts]),
+        prior=first.prior,
+        truth=None if np.isnan(truth).all() else truth,
+        ids=tuple(i for part in parts for i in part.ids),
+        sources=tuple(src for part in parts for src in part.sources if part.mean.size) or first.sources,
+        model_uris=tuple(dict.fromkeys(u for part in parts for u in part.model_uris if u)),
+    )
+
+
+def select_lenses(data: TargetPosteriors, count: int | None, seed: int = 0) -> TargetPosteriors:
+    """``count`` lenses drawn without replacement (seeded, kept in file order); all of them for None."""
+    if count is None:
+        return data
+    n = data.mean.size
+    if count < 1 or count > n:
+        raise PopulationError(f"--select {count}: between 1 and the {n} lenses available")
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+    return TargetPosteriors(
+        target=data.target,
+        mean=data.mean[idx],
+        std=data.std[idx],
+        prior=data.prior,
+        truth=None if data.truth is None else data.truth[idx],
+        ids=tuple(data.ids[i] for i in idx),
+        sources=tuple(data.sources[i] for i in idx),
+        model_uris=data.model_uris,
+    )
+
+
+def infer_population(data: TargetPosteriors, **kwargs) -> PopulationResult:
+    """:func:`infer_population_1d` on gathered posteriors (keyword arguments passed on)."""
+    return infer_population_1d(
+        data.mean, data.std, data.prior, target=data.target, truth=data.truth, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------------ calibration
+@dataclass(frozen=True)
+class CoverageReport:
+    """Observed coverage of intervals per level, and whether each is within ``tolerance`` of nominal."""
+
+    n: int
+    rates: dict[float, float]
+    tolerance: float
+    passed_levels: dict[float, bool]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.passed_levels.values())
+
+
+def coverage_check(
+    truth: np.ndarray | float,
+    intervals: Mapping[float, tuple[np.ndarray, np.ndarray]],
+    tolerance: float = 0.05,
+) -> CoverageReport:
+    """How often ``[lo, hi]`` holds ``truth`` per nominal level (``{0.68: (lo [R], hi [R]), ...}``, one
+    interval per replicate); a level passes when its rate is within ``tolerance`` (0.05 = 5 points) of
+    nominal."""
+    if not intervals:
+        raise ValueError("coverage_check needs intervals of at least one level")
+    rates, ok, n = {}, {}, 0
+    for level, (lo, hi) in intervals.items():
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        t = np.broadcast_to(np.asarray(truth, dtype=np.float64), lo.shape)
+        if lo.size == 0:
+            raise ValueError("coverage_check needs at least one replicate")
+        n = lo.size
+        rate = float(np.mean((lo <= t) & (t <= hi)))
+        rates[float(level)] = rate
+        ok[float(level)] = bool(abs(rate - float(level)) <= tolerance)
+    return CoverageReport(n=n, rates=rates, tolerance=tolerance, passed_levels=ok)
+
+
+def simulate_population_posteriors(
+    n: int,
+    mu: float,
+    sigma: float,
+    prior: tuple[float, float],
+    noise: tuple[float, float],
+    rng: np.random.Generator,
+    overconfidence: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-lens posteriors of a perfectly calibrated estimator: ``theta_i ~ N(mu, sigma^2)`` truncated to the
+    prior, ``s_i ~ U(noise)``, ``d_i = theta_i + s_i eps``; the posterior under the uniform prior is
+    ``N(d_i, s_i^2)`` truncated to it. Returns (means d [n], stds [n] divided by ``overconfidence``,
+    truths theta [n])."""
+    low, high = prior
+    if sigma > 0:
+        theta = truncnorm_draw(float(mu), float(sigma), low, high, (n,), rng)
+    else:
+        theta = np.full(n, float(mu))
+    s = rng.uniform(noise[0], noise[1], size=n)
+    d = theta + s * rng.standard_normal(n)
+    return d, s / overconfidence, theta
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """Replicates of one population (mu*, sigma*) at one N: per-replicate mu summaries and their coverage."""
+
+    n: int
+    mu_true: float
+    sigma_true: float
+    mu_mean: np.ndarray  # [R]
+    mu_std: np.ndarray  # [R]
+    intervals: dict[float, tuple[np.ndarray, np.ndarray]]  # level -> (lo [R], hi [R])
+    sigma_upper95: np.ndarray  # [R]
+    coverage: CoverageReport
+    sigma_coverage95: float  # fraction of replicates with sigma* below the 95 % upper limit
+    pop_mean_true: float  # the population's mean E[theta] (truncated normal)
+    pop_mean_z: np.ndarray  # [R] (posterior mean - true) / posterior std of the population mean
+    pop_mean_coverage: CoverageReport
+    seconds: float
+
+    @property
+    def bias_z(self) -> float:
+        """Mean over replicates of (mu_hat - mu*) / std_hat (0 for an unbiased, calibrated inference)."""
+        return float(np.mean((self.mu_mean - self.mu_true) / self.mu_std))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "mu_true": self.mu_true,
+            "sigma_true": self.sigma_true,
+            "replicates": int(self.mu_mean.size),
+            "coverage": {str(k): v for k, v in self.coverage.rates.items()},
+            "coverage_passed": self.coverage.passed,
+            "bias_z": self.bias_z,
+            "z_std": float(np.std((self.mu_mean - self.mu_true) / self.mu_std)),
+            "bias_rel": float(np.mean(self.mu_mean - self.mu_true) / self.mu_true) if self.mu_true else None,
+            "mu_std_mean": float(np.mean(self.mu_std)),
+            "mu_hat_scatter": float(np.std(self.mu_mean)),
+            "sigma_coverage95": self.sigma_coverage95,
+            "population_mean": {
+                "true": self.pop_mean_true,
+                "coverage": {str(k): v for k, v in self.pop_mean_coverage.rates.items()},
+                "coverage_passed": self.pop_mean_coverage.passed,
+                "bias_z": float(np.mean(self.pop_mean_z)),
+            },
+            "seconds": self.seconds,
+        }
+
+
+def calibration_run(
+    n: int,
+    mu_true: float,
+    sigma_true: float,
+    prior: tuple[float, float],
+    noise: tuple[float, float],
+    replicates: int,
+    *,
+    seed: int = 0,
+    overconfidence: float = 1.0,
+    tolerance: float = 0.05,
+    **kwargs,
+) -> CalibrationRun:
+    """``replicates`` populations of ``n`` lenses (:func:`simulate_population_posteriors`, replicate ``r``
+    seeded by ``(seed, r)``), each inferred (:func:`infer_population_1d`, ``kwargs`` passed on)."""
+    started = time.perf_counter()
+    means, stds, sig95 = np.empty(replicates), np.empty(replicates), np.empty(replicates)
+    bounds = {lv: (np.empty(replicates), np.empty(replicates)) for lv in LEVELS}
+    pm_bounds = {lv: (np.empty(replicates), np.empty(replicates)) for lv in LEVELS}
+    pm_true = float(truncnorm_mean(mu_true, sigma_true, prior[0], prior[1]))
+    pm_z = np.empty(replicates)
+    for r in range(replicates):
+        rng = np.random.default_rng([seed, r])
+        d, s, _ = simulate_population_posteriors(n, mu_true, sigma_true, prior, noise, rng, overconfidence)
+        res = infer_population_1d(d, s, prior, **kwargs)
+        means[r], stds[r], sig95[r] = res.mu_mean, res.mu_std, res.sigma_upper95
+        pm_z[r] = (res.pop_mean_mean - pm_true) / res.pop_mean_std
+        for lv in LEVELS:
+            bounds[lv][0][r], bounds[lv][1][r] = res.mu_intervals[lv]
+            pm_bounds[lv][0][r], pm_bounds[lv][1][r] = res.pop_mean_intervals[lv]
+    return CalibrationRun(
+        n=n,
+        mu_true=float(mu_true),
+        sigma_true=float(sigma_true),
+        mu_mean=means,
+        mu_std=stds,
+        intervals=bounds,
+        sigma_upper95=sig95,
+        coverage=coverage_check(mu_true, bounds, tolerance),
+        sigma_coverage95=float(np.mean(sigma_true <= sig95)),
+        pop_mean_true=pm_true,
+        pop_mean_z=pm_z,
+        pop_mean_coverage=coverage_check(pm_true, pm_bounds, tolerance),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ---------------------------------------------------------------------------------------- plot, MLflow
+def plot_population(result: PopulationResult, path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """PNG: the (mu, sigma) posterior (68 / 95 % highest-density contours), the mu marginal with its
+    equal-tailed intervals (and the mean of the true values when known), the sigma marginal."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from deeplense_ray.io import atomic_path
+
+    fig = Figure(figsize=(13.5, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_joint, ax_mu, ax_sig = fig.subplots(1, 3)
+    mu, sig, dens = result.mu, result.sigma, result.density
+    flat = np.sort(dens.ravel())[::-1]
+    cum = np.cumsum(flat) / flat.sum()
+    levels = sorted({float(flat[min(np.searchsorted(cum, q), flat.size - 1)]) for q in (0.95, 0.68)})
+    ax_joint.contourf(mu, sig, dens.T, levels=20, cmap="Blues")
+    if len(levels) == 2 and levels[0] < levels[1] and sig.size > 1 and mu.size > 1:
+        ax_joint.contour(mu, sig, dens.T, levels=levels, colors=["k", "k"], linestyles=["--", "-"])
+    ax_joint.set_xlabel(f"mu ({result.target})")
+    ax_joint.set_ylabel(f"sigma ({result.target})")
+    ax_joint.set_title("posterior of (mu, sigma): 68 / 95 % HPD")
+    ax_mu.plot(mu, result.mu_marginal, color="C0")
+    for lv, alpha in ((0.95, 0.15), (0.68, 0.3)):
+        lo, hi = result.mu_intervals[lv]
+        inside = (mu >= lo) & (mu <= hi)
+        ax_mu.fill_between(mu[inside], result.mu_marginal[inside], color="C0", alpha=alpha,
+                           label=f"{round(lv * 100)} % equal-tailed")  # fmt: skip
+    if result.truth is not None:
+        ax_mu.axvline(result.truth["mean"], color="C3", label="mean of true values")
+    ax_mu.set_xlabel(f"mu ({result.target})")
+    ax_mu.set_title(f"mu = {result.mu_mean:.3g} +- {result.mu_std:.2g}  (N = {result.n})")
+    ax_mu.legend(fontsize=8)
+    ax_sig.plot(sig, result.sigma_marginal, color="C1")
+    ax_sig.axvline(result.sigma_upper95, color="C1", ls="--", label="95 % upper limit")
+    if result.truth is not None:
+        ax_sig.axvline(result.truth["std"], color="C3", label="std of true values")
+    ax_sig.set_xlabel(f"sigma ({result.target})")
+    ax_sig.set_title(f"sigma: median {result.sigma_median:.2g}, < {result.sigma_upper95:.2g} (95 %)")
+    ax_sig.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, y=1.04)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    return Path(path)
+
+
+def log_population_run(
+    result: PopulationResult,
+    tracking_uri: str,
+    experiment: str,
+    *,
+    params: Mapping[str, Any],
+    artifacts: Sequence[str | os.PathLike[str]],
+) -> str:
+    """One MLflow run: ``params``, the mu / sigma summaries as metrics, ``artifacts`` (JSON, PNG). Run id."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking import get_or_create_experiment, log_metrics, log_params
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp_id = get_or_create_experiment(experiment, tracking_uri)
+    run = client.create_run(
+        exp_id, run_name=f"population-{result.target}-n{result.n}", tags={"deeplense.role": "population"}
+    )
+    run_id = run.info.run_id
+    try:
+        log_params(tracking_uri, run_id, params)
+        metrics = {
+            "n": result.n,
+            "mu_mean": result.mu_mean,
+            "mu_std": result.mu_std,
+            "mu_median": result.mu_median,
+            "sigma_median": result.sigma_median,
+            "sigma_upper95": result.sigma_upper95,
+            "seconds": result.seconds,
+        }
+        for lv, (lo, hi) in result.mu_intervals.items():
+            metrics[f"mu_lo{round(lv * 100)}"], metrics[f"mu_hi{round(lv * 100)}"] = lo, hi
+        if result.truth is not None:
+            metrics["truth_mean"], metrics["truth_std"] = result.truth["mean"], result.truth["std"]
+        log_metrics(tracking_uri, run_id, metrics)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
