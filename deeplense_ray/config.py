@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from deeplense_ray.yamlio import yaml_load
 
 #: The data of a run or search given no dataset: the published DeepLense Model II recipe, the demo's data (one
 #: fixed macro lens, point-mass subhalos, no noise: substructure a classifier can see). The physical presets
@@ -548,22 +549,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(valid)}")
         return cls(**dict(data))
-
-
-def yaml_load(text: str) -> Any:
-    """YAML as PyYAML's safe loader reads it, except that 1e-1 and 3E5 are floats (YAML 1.1, which PyYAML
-    follows, wants a dot, 1.0e-1, and reads 1e-1 as a string). Raises yaml.YAMLError."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
-    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
 
 
 def parse_value(text: str) -> Any:

@@ -174,7 +174,7 @@ def load_preset_yaml(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     """
     import yaml
 
-    from deeplense_ray.config import yaml_load
+    from deeplense_ray.yamlio import yaml_load
 
     p = Path(path)
     if not p.is_file():

@@ -87,7 +87,8 @@ def load_model_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]
     """A tune search's ``best_config.yaml`` -> (model, its TrainConfig fields without the study-owned ones).
 
     Also accepts a plain YAML mapping with ``model`` and TrainConfig fields. ValueError naming the file."""
-    from deeplense_ray.config import TrainConfig, yaml_load
+    from deeplense_ray.config import TrainConfig
+    from deeplense_ray.yamlio import yaml_load
 
     p = Path(path)
     if not p.is_file():
