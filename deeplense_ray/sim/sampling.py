@@ -23,7 +23,7 @@ from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .los import draw_los, los_enabled
 from .presets import Preset
-from .substructure import draw_subhalos
+from .substructure import draw_subhalos, power_law_masses
 
 _F64 = torch.float64
 #: noise modes whose source brightness is a magnitude (converted with the zero point, 1 e-/s)
@@ -34,17 +34,6 @@ def _u(g: torch.Generator, n: int, rng: tuple[float, float], *shape: int) -> Ten
     lo, hi = float(rng[0]), float(rng[1])
     r = torch.rand((n, *shape), generator=g, dtype=_F64, device=g.device)
     return lo + (hi - lo) * r
-
-
-def power_law_masses(u: Tensor, m_min: float, m_max: float, slope: float) -> Tensor:
-    """Inverse CDF of dN/dm ~ m^-slope on [m_min, m_max] applied to uniforms u [Msun]."""
-    if m_min == m_max:
-        return torch.full_like(u, m_min)
-    a = 1.0 - slope
-    if abs(a) < 1e-12:
-        return m_min * (m_max / m_min) ** u
-    lo, hi = m_min**a, m_max**a
-    return (lo + u * (hi - lo)) ** (1.0 / a)
 
 
 def snr_peak_flux(target_snr: Tensor, exposure_time: Tensor, sigma_bkg: float) -> Tensor:

@@ -46,6 +46,17 @@ _LOG10_SIGMA_TABLE = np.array(
 _RT_NORM_KPC, _RT_M_PIVOT, _RT_R_PIVOT_KPC = 1.4, 1e7, 50.0
 
 
+def power_law_masses(u: Tensor, m_min: float, m_max: float, slope: float) -> Tensor:
+    """Inverse CDF of dN/dm ~ m^-slope on [m_min, m_max] applied to uniforms u [Msun]."""
+    if m_min == m_max:
+        return torch.full_like(u, m_min)
+    a = 1.0 - slope
+    if abs(a) < 1e-12:
+        return m_min * (m_max / m_min) ** u
+    lo, hi = m_min**a, m_max**a
+    return (lo + u * (hi - lo)) ** (1.0 / a)
+
+
 @functools.lru_cache(maxsize=64)
 def growth_factor(z: float, *, om0: float) -> float:
     """Linear growth factor D(z) / D(0) of flat LCDM (no radiation):
@@ -284,8 +295,6 @@ def draw_subhalos(
     # per-subhalo draws and arithmetic in float32 (what is stored; twice the CPU speed of float64)
     u = torch.rand((4, total), generator=g, dtype=torch.float32, device=dev)
     z_scatter = torch.randn(total, generator=g, dtype=torch.float32, device=dev)
-    from .sampling import power_law_masses  # the one inverse CDF of dN/dm ~ m^-slope
-
     mass = power_law_masses(u[0], *pre.subhalo_mass, pre.subhalo_mass_slope)
     f32 = torch.float32
     rad = r_max.to(f32)[owner] * torch.sqrt(u[1])
