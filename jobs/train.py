@@ -80,12 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
     )
-    sim.add_argument("--images-per-epoch", type=int, default=None,
-                     help=f"training images rendered per epoch (default {d['images_per_epoch']})")
-    sim.add_argument("--val-size", type=int, default=None,
-                     help=f"simulated val images, without --data (default {d['val_size']})")
-    sim.add_argument("--test-size", type=int, default=None,
-                     help=f"simulated test images (default {d['test_size']})")
+    sim.add_argument(
+        "--images-per-epoch",
+        type=int,
+        default=None,
+        help=f"training images rendered per epoch (default {d['images_per_epoch']})",
+    )
+    sim.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help=f"simulated val images, without --data (default {d['val_size']})",
+    )
+    sim.add_argument(
+        "--test-size", type=int, default=None, help=f"simulated test images (default {d['test_size']})"
+    )
     sim.add_argument(
         "--sim-chunk-batches",
         type=int,
@@ -282,10 +291,29 @@ def apply_default_data(args: argparse.Namespace) -> str | None:
         for name, share in _SPLIT.items():
             if getattr(args, name) is None:
                 setattr(args, name, int(3 * per_class * share))
-        note = (f"train: no --data: rendering {DEFAULT_DATA_PRESET} online, the demo's data (the published "
-                f"DeepLense Model II recipe: substructure visible), {per_class} images per class; "
-                "--simulate model_ii for a physical, realistic preset, --data DIR for a dataset")
+        note = (
+            f"train: no --data: rendering {DEFAULT_DATA_PRESET} online, the demo's data (the published "
+            f"DeepLense Model II recipe: substructure visible), {per_class} images per class; "
+            "--simulate model_ii for a physical, realistic preset, --data DIR for a dataset"
+        )
     return note
+
+
+#: training images per epoch above which online rendering on a CPU gets a note (a physical preset renders a
+#: few images per second per core there, so an epoch of the default size takes the better part of an hour)
+CPU_ONLINE_IMAGES = 2048
+
+
+def cpu_online_note(cfg: TrainConfig) -> str | None:
+    """The line that says an online set is large for a CPU (``--simulate`` with ``--gpus-per-worker 0`` and
+    more than :data:`CPU_ONLINE_IMAGES` training images per epoch), with the flags of a small first run."""
+    if cfg.simulate is None or float(cfg.gpus_per_worker) > 0 or cfg.images_per_epoch <= CPU_ONLINE_IMAGES:
+        return None
+    return (
+        f"train: rendering {cfg.images_per_epoch} {cfg.simulate} images per epoch online on the CPU "
+        "(--gpus-per-worker 0): physical presets take 0.1-0.5 s per image on one core, so an epoch may "
+        "take many minutes; --images-per-epoch 512 --val-size 128 --test-size 128 for a first run"
+    )
 
 
 def sim_overrides_from_args(args: argparse.Namespace) -> dict:
@@ -333,6 +361,9 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args).resolved()
         info = cfg.validate()  # before Ray starts
+        cpu_note = cpu_online_note(cfg)
+        if cpu_note is not None:
+            print(cpu_note, flush=True)
         if cfg.simulate is not None:
             from deeplense_ray.train.online import check_online_memory
 

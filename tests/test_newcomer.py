@@ -93,14 +93,31 @@ def test_demo_says_why_it_gives_ray_more_cpus_than_cores():
 
 #: What the jobs, the demo and the benchmarks write into the checkout with their default paths or the paths
 #: README shows ($PWD/data/...): none of it may be committed or uploaded by `ray job submit --working-dir .`.
-OUTPUTS = ["data/model_ii/train/shard-00000.h5", "data/model_ii/manifest.json", "demo_output/mlflow.db",
-           "mlflow.db", "mlflow.db-journal", "mlartifacts/1/a/model.pt", "mlruns/0/meta.yaml",
-           "ray_results/run/checkpoint.pt", "tune_results/search/best_config.yaml",
-           "study_results/report.json", "runs/17/job_settings.env", "train_scaling.json", "test.csv",
-           "basic_auth.db", "jobs/x.h5"]
+OUTPUTS = [
+    "data/model_ii/train/shard-00000.h5",
+    "data/model_ii/manifest.json",
+    "demo_output/mlflow.db",
+    "mlflow.db",
+    "mlflow.db-journal",
+    "mlartifacts/1/a/model.pt",
+    "mlruns/0/meta.yaml",
+    "ray_results/run/checkpoint.pt",
+    "tune_results/search/best_config.yaml",
+    "study_results/report.json",
+    "runs/17/job_settings.env",
+    "train_scaling.json",
+    "test.csv",
+    "basic_auth.db",
+    "jobs/x.h5",
+]
 #: What a submitted job needs.
-CODE = ["jobs/simulate.py", "deeplense_ray/__init__.py", "deeplense_ray/sim/data/hdf_galaxies.npz",
-        "benchmarks/results/demo_cpu_actor.json", "pyproject.toml"]
+CODE = [
+    "jobs/simulate.py",
+    "deeplense_ray/__init__.py",
+    "deeplense_ray/sim/data/hdf_galaxies.npz",
+    "benchmarks/results/demo_cpu_actor.json",
+    "pyproject.toml",
+]
 
 
 def test_outputs_are_ignored_by_git_and_nothing_tracked_is():
@@ -174,15 +191,39 @@ def test_simulate_prints_no_ray_progress_or_actor_restart_lines(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(RAY_USAGE_STATS_ENABLED="0")
     res = subprocess.run(
-        [sys.executable, "jobs/simulate.py", "--preset", "model_ii", "--preset-override", "num_pix=16",
-         "--num-per-class", "10", "--shard-size", "8", "--out", str(tmp_path / "ds"), "--address", "local",
-         "--no-preview"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "jobs/simulate.py",
+            "--preset",
+            "model_ii",
+            "--preset-override",
+            "num_pix=16",
+            "--num-per-class",
+            "10",
+            "--shard-size",
+            "8",
+            "--out",
+            str(tmp_path / "ds"),
+            "--address",
+            "local",
+            "--no-preview",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    for noise in ("max_restarts", "Running Dataset", "logging_progress", "will hang", "Execution plan",
-                  "ray_remote_args"):
+    for noise in (
+        "max_restarts",
+        "Running Dataset",
+        "logging_progress",
+        "will hang",
+        "Execution plan",
+        "ray_remote_args",
+    ):
         assert noise not in out, out[-3000:]
 
 
@@ -197,8 +238,12 @@ def test_tune_without_data_simulates_the_demo_data_and_says_so():
     assert "deeplense_model_ii" in note and "--preset model_ii" in note and "\n" not in note
     physical = tune.build_parser().parse_args(["--model", "CvT", "--preset", "model_ii"])
     assert tune.settings_from_args(physical).preset == "model_ii"
-    assert tune.data_note(tune.settings_from_args(
-        tune.build_parser().parse_args(["--model", "CvT", "--data", "d"]))) is None
+    assert (
+        tune.data_note(
+            tune.settings_from_args(tune.build_parser().parse_args(["--model", "CvT", "--data", "d"]))
+        )
+        is None
+    )
 
 
 def test_train_without_data_renders_the_demo_data_online_and_says_so():
@@ -220,3 +265,20 @@ def test_train_without_data_renders_the_demo_data_online_and_says_so():
         assert train.apply_default_data(given) is None
         cfg = train.config_from_args(given)
         assert cfg.images_per_epoch == 8192 and cfg.simulate == (None if "--data" in argv else "model_ii")
+
+
+def test_train_says_when_an_online_set_is_large_for_a_cpu():
+    """`--simulate model_ii` on a CPU renders 8192 images an epoch by default: one line says so, with flags
+    of a small first run; small sets, GPU training and stored data get no line."""
+    train = _job("train")
+
+    def note(*argv):
+        return train.cpu_online_note(
+            train.config_from_args(train.build_parser().parse_args(["--model", "ViT", *argv]))
+        )
+
+    text = note("--simulate", "model_ii", "--gpus-per-worker", "0")
+    assert "8192" in text and "--images-per-epoch 512" in text and "\n" not in text
+    assert note("--simulate", "model_ii", "--gpus-per-worker", "0", "--images-per-epoch", "512") is None
+    assert note("--simulate", "model_ii", "--gpus-per-worker", "1") is None
+    assert note("--data", "d", "--gpus-per-worker", "0") is None
