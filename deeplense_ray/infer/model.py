@@ -145,23 +145,12 @@ def class_probabilities(
     The one forward path shared by ``jobs/predict.py`` (in-process and Ray actors) and the MLflow pyfunc, so
     both give the same numbers.
     """
-    import torch
-
     from deeplense_ray.train.loop import probabilities
 
-    x = np.asarray(images, dtype=np.float32)
-    if x.ndim != 4:
-        raise ValueError(f"images must be float32 [N, C, H, W], got shape {list(x.shape)}")
-    dev = torch.device(device or default_device())
-    module = module.to(dev).eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(dev)
-            out.append(module(batch).float().cpu().numpy())
-    if not out:
+    logits = head_outputs(module, images, device=device, batch_size=batch_size)
+    if not len(logits):
         return np.zeros((0, len(getattr(module, "class_names", ()))), np.float64)
-    return probabilities(np.concatenate(out))
+    return probabilities(logits)
 
 
 def is_inference(arch: Mapping[str, Any]) -> bool:

@@ -204,6 +204,21 @@ def _predict_with_ray(
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
+
+def _open_predict_run(tracking_uri: str, experiment: str, out: Path, model: Any) -> tuple[Any, str]:
+    """The MLflow client and a new run (``predict-<out stem>``, tagged with the model URI) of a prediction."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplense_ray.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(
+        get_or_create_experiment(experiment, tracking_uri),
+        run_name=f"predict-{out.stem}",
+        tags={"deeplense.role": "predict", "deeplense.model_uri": model.uri},
+    )
+    return client, run.info.run_id
+
 def log_prediction_run(
     *,
     tracking_uri: str,
@@ -218,12 +233,10 @@ def log_prediction_run(
 ) -> str:
     """One MLflow run: the model and input as params, the metrics, ROC / confusion plots, metrics JSON and
     (when small) the prediction table. Returns the run id."""
-    from mlflow.tracking import MlflowClient
 
     from deeplense_ray.infer.model import arch_params
     from deeplense_ray.io import atomic_write_json
     from deeplense_ray.tracking import (
-        get_or_create_experiment,
         log_metrics,
         log_params,
         plot_confusion_matrix,
@@ -231,14 +244,7 @@ def log_prediction_run(
     )
     from deeplense_ray.train.metrics import flatten_metrics
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = get_or_create_experiment(experiment, tracking_uri)
-    run = client.create_run(
-        exp_id,
-        run_name=f"predict-{out.stem}",
-        tags={"deeplense.role": "predict", "deeplense.model_uri": model.uri},
-    )
-    run_id = run.info.run_id
+    client, run_id = _open_predict_run(tracking_uri, experiment, out, model)
     try:
         log_params(
             tracking_uri,
@@ -492,22 +498,14 @@ def _log_inference_run(
     images_per_s: float,
 ) -> str:
     """One MLflow run of a prediction with known truths: metrics, calibration and predicted-vs-true plots."""
-    from mlflow.tracking import MlflowClient
 
     from deeplense_ray.infer.model import arch_params
     from deeplense_ray.io import atomic_write_json
-    from deeplense_ray.tracking import get_or_create_experiment, log_metrics, log_params
+    from deeplense_ray.tracking import log_metrics, log_params
     from deeplense_ray.tracking.plots import plot_calibration, plot_predicted_vs_true
     from deeplense_ray.train.gaussian import flatten_regression
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = get_or_create_experiment(experiment, tracking_uri)
-    run = client.create_run(
-        exp_id,
-        run_name=f"predict-{out.stem}",
-        tags={"deeplense.role": "predict", "deeplense.model_uri": model.uri},
-    )
-    run_id = run.info.run_id
+    client, run_id = _open_predict_run(tracking_uri, experiment, out, model)
     try:
         log_params(tracking_uri, run_id, {**arch_params(model),
                                           "input": {"source": plan.description, "images": plan.num_images},

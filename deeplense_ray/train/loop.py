@@ -370,20 +370,23 @@ def predict_batches(
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    truth: str = "label",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32 [N, C]) and labels (int64 [N]) of every batch, in order."""
+    """Head outputs (float32 [N, C]) and each batch's ``truth``, in order: ``"label"`` (int64 [N]) or
+    ``"target"`` (the standardised regression targets, float32 [N, T])."""
     model.eval()
+    dtype = np.int64 if truth == "label" else np.float32
     logits_out: list[np.ndarray] = []
-    labels_out: list[np.ndarray] = []
+    truth_out: list[np.ndarray] = []
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(x)
         logits_out.append(logits.float().cpu().numpy())
-        labels_out.append(np.asarray(batch["label"].cpu().numpy(), dtype=np.int64))
+        truth_out.append(np.asarray(batch[truth].cpu().numpy(), dtype=dtype))
     if not logits_out:
-        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(logits_out), np.concatenate(labels_out)
+        return np.zeros((0, 0), np.float32), np.zeros((0,) if truth == "label" else (0, 0), dtype)
+    return np.concatenate(logits_out), np.concatenate(truth_out)
 
 
 def merge_shard_predictions(

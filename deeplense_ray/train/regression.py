@@ -169,7 +169,6 @@ def shard_target_batches(
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def predict_outputs(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -178,18 +177,9 @@ def predict_outputs(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Head outputs (float32 [N, P]) and standardised targets ([N, T]) of every batch, in order."""
-    from deeplense_ray.train.loop import _autocast
+    from deeplense_ray.train.loop import predict_batches
 
-    model.eval()
-    outs, targets = [], []
-    for batch in batches:
-        with _autocast(device, amp_dtype):
-            out = model(batch["image"].to(device, non_blocking=True))
-        outs.append(out.float().cpu().numpy())
-        targets.append(batch["target"].float().cpu().numpy())
-    if not outs:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(outs), np.concatenate(targets)
+    return predict_batches(model, batches, device=device, amp_dtype=amp_dtype, truth="target")
 
 
 def merge_outputs(
