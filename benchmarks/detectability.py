@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeplense_ray.config import parse_overrides  # noqa: E402
 from deeplense_ray.data.augment import normalize_batch  # noqa: E402
 from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
@@ -309,6 +310,7 @@ EXTEND_MUST_MATCH = (
     "supersampling",
     "axion_bins",
     "quick",
+    "delta_los",
 )
 
 
@@ -338,6 +340,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compensation", choices=list(MASS_COMPENSATIONS), default=None,
                     help="mass_compensation of the preset (default: the preset's)")  # fmt: skip
     ap.add_argument("--no-observer", action="store_true", help="skip the ring-size observer")
+    ap.add_argument(
+        "--preset-override", action="append", default=[], metavar="KEY=VALUE",
+        help="preset field, e.g. delta_los=[0,2] (line-of-sight halos on); repeatable",
+    )  # fmt: skip
     ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     ap.add_argument("--models", nargs="+", default=["ResNet18", "ViT"])
@@ -388,7 +394,14 @@ def main(argv=None) -> int:
         over0["class_names"] = args.classes
     if args.compensation:
         over0["mass_compensation"] = args.compensation
-    base = resolve_preset(args.preset, over0)
+    try:
+        over0.update(parse_overrides(args.preset_override, "--preset-override"))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        base = resolve_preset(args.preset, over0)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"error: preset {args.preset!r}: {exc}") from None
     if (
         base.sigma_sub is None
         or "no_sub" not in base.class_names
@@ -415,7 +428,8 @@ def main(argv=None) -> int:
         "fdm_bins": fdm_bins.tolist(), "fdm_bin_centres": (0.5 * (fdm_bins[1:] + fdm_bins[:-1])).tolist(),
         "num_pix": base.num_pix, "supersampling": base.supersampling,
         "class_names": list(base.class_names), "mass_compensation": base.mass_compensation,
-        "observer": not args.no_observer,
+        "observer": not args.no_observer, "preset_override": args.preset_override,
+        "delta_los": list(base.delta_los) if base.delta_los else None,
     }  # fmt: skip
     print(f"device={dev} torch={torch.__version__} config={json.dumps(config)}", flush=True)
     t_start = time.perf_counter()
