@@ -172,6 +172,22 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     data_s: dict[str, float] = {}
+
+    def write() -> None:
+        """The result so far (rewritten after every point, so a run cut short keeps what finished)."""
+        result = {
+            "config": {**{k: v for k, v in vars(args).items()}, "sizes": sizes, "num_pix": num_pix,
+                       "device": str(device), "tasks": TASKS},  # fmt: skip
+            "environment": {
+                "torch": torch.__version__, "python": platform.python_version(),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            },
+            "data_seconds": data_s,
+            "rows": rows,
+            "wall_s": time.time() - t0,
+        }  # fmt: skip
+        atomic_write_text(out, json.dumps(result, indent=2, default=str), fsync=False)
+
     for k, task in enumerate(args.tasks.split(",")):
         preset_name, cls = TASKS[task]
         over: dict[str, Any] = {"class_names": [cls], **(QUICK_PRESET_OVERRIDES if q else {})}
@@ -200,19 +216,9 @@ def main(argv=None) -> int:
                     f"train {row['train_s']:.1f} s",
                     flush=True,
                 )
-    result = {
-        "config": {**{k: v for k, v in vars(args).items()}, "sizes": sizes, "num_pix": num_pix,
-                   "device": str(device), "tasks": TASKS},  # fmt: skip
-        "environment": {
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        },
-        "data_seconds": data_s,
-        "rows": rows,
-        "wall_s": time.time() - t0,
-    }  # fmt: skip
+                write()
     _table(rows)
-    atomic_write_text(out, json.dumps(result, indent=2, default=str), fsync=False)
+    write()
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
     return 0
 
