@@ -5,10 +5,12 @@ Thin CLI over deeplense_ray.study.run_study. Examples:
     python jobs/study.py --models ViT,CvT,Lensiformer,ResNet18 --data data/m2 --seeds 3 --epochs 20
     python jobs/study.py --models ViT,timm:densenet201 --simulate model_ii --num-per-class 2000 --seeds 3
     python jobs/study.py --protocol lensiformer --seeds 3 --epochs 50      # Real-Galaxy-Tiny recipe
+    python jobs/study.py --models ResNet18,ViT --simulate model_ii --task inference --targets theta_E
     python jobs/study.py --resume --name study-20261202-101500             # run only the unfinished pairs
 
-Bad options (unknown model, timm not importable, a missing dataset, a model that cannot take the data, more
-GPUs per run than the cluster has) fail before any training, naming the value, with exit status 2.
+Bad options (unknown model, timm not importable, a missing dataset, a model that cannot take the data,
+--task inference without --targets or with a target the data does not hold, more GPUs per run than the
+cluster has) fail before any training, naming the value, with exit status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from deeplense_ray.config import parse_overrides  # noqa: E402
+from deeplense_ray.config import TASKS, parse_overrides  # noqa: E402
 from deeplense_ray.study.settings import PROTOCOLS, StudySettings, load_model_config  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -50,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seeds", type=int, default=3, help="runs per model, seeds 0..N-1 (default 3)")
     a("--epochs", type=int, default=10, help="epochs of every run (default 10)")
     a("--model-size", default=None, help="default | comparable (~13M parameters, 2 blocks)")
+    a(
+        "--task",
+        choices=TASKS,
+        default="classification",
+        help="classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
+    )
+    a(
+        "--targets",
+        default=None,
+        metavar="T1[,T2...]",
+        help="--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
+    )
     a(
         "--config",
         action="append",
@@ -108,6 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         gpus_per_run=args.gpus_per_run,
         cpus_per_run=args.cpus_per_run,
         max_concurrent=args.max_concurrent,
+        task=args.task,
+        targets=args.targets,
         protocol=args.protocol,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
@@ -150,7 +166,7 @@ def _main(argv: list[str] | None = None) -> int:
     print()
     print(f"study {result.name}: {len(result.runs)} runs ({len(result.ran_now)} now), data {result.data_dir}")
     print(result.markdown)
-    print(f"report: {result.output_dir} (study_table.md, study_table.csv, study_runs.csv, roc_study.png)")
+    print(f"report: {result.output_dir} ({', '.join(Path(a).name for a in result.artifacts)})")
     print(f"MLflow parent run {result.parent_run_id} (experiment {result.experiment_id})")
     return 0
 

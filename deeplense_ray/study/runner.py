@@ -6,15 +6,17 @@ and GPU share (fractional GPUs pack small models on a GPU) and calling the proje
 (train/local.py), with no Ray Train controller or worker processes, and Ray reuses that process for a later
 run (a GPU study of 15 runs started over 100 worker processes the Ray Train way and ran out of time). A
 finished run writes ``runs/<model>-s<seed>.json`` (test metrics, parameter count, images/s) and ``.npz``
-(test labels and probabilities for the ROC curves) atomically: that directory is the study's state. A resumed
-study (``resume=True``) runs only the pairs without a result; a run killed mid-training continues from its
-latest checkpoint (``run_training(resume=True)``), one killed after training is only evaluated.
+(test labels and probabilities for the ROC curves; task 'inference': the per-lens posterior ``mean`` [N, T],
+``cov`` [N, T, T] and ``truth`` [N, T] in physical units for the calibration curves) atomically: that
+directory is the study's state. A resumed study (``resume=True``) runs only the pairs without a result; a run
+killed mid-training continues from its latest checkpoint (``run_training(resume=True)``), one killed after
+training is only evaluated.
 
 On disk (``<storage_path>/<name>/``): ``study_state.json`` (settings, dataset, MLflow ids), ``runs/``,
 ``trainers/`` (each run's directory and checkpoints), ``dataset/`` (with ``simulate``), and the
-report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``,
-``roc_study.png``). MLflow: a parent run per study (tag ``study.role=study``) holding the report, and the
-training runs nested under it (tag ``mlflow.parentRunId``).
+report (``study_table.md``, ``study_table.csv``, ``study_runs.csv``, and ``roc_study.png`` or, task
+'inference', ``calibration_study.png``). MLflow: a parent run per study (tag ``study.role=study``) holding
+the report, and the training runs nested under it (tag ``mlflow.parentRunId``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,26 @@ def _images_per_s(client, run_id: str) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
+def inference_row(test: dict[str, Any]) -> dict[str, float]:
+    """The scalar test metrics of an inference run (``flatten_regression`` without its prefix and the loss,
+    which is the NLL): ``nll``, ``calibrated``, ``diverged`` and per target ``rmse_<t>``, ``bias_<t>``,
+    ``std_<t>``, ``rmse_over_prior_<t>``, ``coverage68_<t>``, ``coverage95_<t>``."""
+    from deeplense_ray.train.gaussian import flatten_regression
+
+    flat = flatten_regression(test, "test")
+    return {k.removeprefix("test_"): v for k, v in flat.items() if k != "test_loss"}
+
+
+def progress_line(key: str, row: dict[str, Any], targets: list[str] | tuple[str, ...] = ()) -> str:
+    """The line ``_run_all`` prints when a run is done: its test metrics."""
+    if not targets:
+        return f"study run {key}: test accuracy {row['accuracy']:.4f}, macro AUC {row['auc_macro']:.4f}"
+    per = ", ".join(
+        f"{t} RMSE {row[f'rmse_{t}']:.4g} ({row[f'rmse_over_prior_{t}']:.3f} x prior std)" for t in targets
+    )
+    return f"study run {key}: test NLL {row['nll']:.4f}, {per}"
+
+
 def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
     """One (model, seed) of the study, trained by ``run_training`` (or continued / only evaluated when an
     earlier attempt got that far), then its result files written; returns its result row."""
@@ -74,9 +96,15 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
                   tracking_uri=fixed["tracking_uri"])  # fmt: skip
     state_file = storage / key / RUN_STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    inference = fields.get("task") == "inference"
     if state is not None and state.get("status") == "finished":  # trained; its result was not written
         run_id, best = state["mlflow_run_id"], state["best_checkpoint"]
-        test = evaluate_checkpoint(best, fixed["data_dir"], "test", return_predictions=True)
+        if inference:
+            from deeplense_ray.train.regression import evaluate_inference
+
+            test = evaluate_inference(best, TrainConfig(**fields))
+        else:
+            test = evaluate_checkpoint(best, fixed["data_dir"], "test", return_predictions=True)
     else:
         if state is None and (storage / key).exists():  # nothing recorded yet: start it over
             shutil.rmtree(storage / key)
@@ -92,7 +120,10 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
     params = count_parameters(load_model_from_checkpoint(best))
     out = Path(fixed["runs_dir"])
     with atomic_path(out / f"{key}.npz") as tmp, open(tmp, "wb") as fh:  # a file: savez adds no suffix
-        np.savez(fh, y_true=np.asarray(test["y_true"]), probs=np.asarray(test["probs"]))
+        if inference:  # per-lens posteriors in physical units
+            np.savez(fh, **{k: np.asarray(test[k], np.float64) for k in ("mean", "cov", "truth")})
+        else:
+            np.savez(fh, y_true=np.asarray(test["y_true"]), probs=np.asarray(test["probs"]))
     row = {
         "model": model,
         "seed": seed,
@@ -101,10 +132,12 @@ def study_run(job: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
         "params": int(params),
         "images_per_s": _images_per_s(client, run_id),
         "epochs": int(fields["epochs"]),
-        "accuracy": float(test["accuracy"]),
-        "auc_macro": float(test["auc_macro"]),
-        **{f"auc_{c}": float(v) for c, v in test["auc"].items()},
     }
+    if inference:
+        row.update(inference_row(test), n_test=int(test["n"]))
+    else:
+        row.update(accuracy=float(test["accuracy"]), auc_macro=float(test["auc_macro"]),
+                   **{f"auc_{c}": float(v) for c, v in test["auc"].items()})  # fmt: skip
     atomic_write_json(out / f"{key}.json", row)  # last: its presence marks the run finished
     return row
 
@@ -206,8 +239,7 @@ def _run_all(
         key = running.pop(ready[0])
         try:
             row = ray.get(ready[0])
-            print(f"study run {key}: test accuracy {row['accuracy']:.4f}, macro AUC {row['auc_macro']:.4f}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(progress_line(key, row, fixed.get("targets", ())), file=sys.stderr, flush=True)
         except Exception as exc:  # one failed run does not stop the others
             failed[key] = f"{type(exc).__name__}: {exc}"
             print(f"study run {key} failed: {failed[key][:2000]}", file=sys.stderr, flush=True)
@@ -252,6 +284,11 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
         parent = client.create_run(exp_id, run_name=s.name, tags={"study.role": "study"}).info.run_id
         settings_doc = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("fail_runs", "resume")}
         settings_doc["models"] = list(s.models)
+        if s.task == "classification":  # the default: a classification study's settings as they always were
+            settings_doc.pop("task")
+            settings_doc.pop("targets")
+        else:
+            settings_doc["targets"] = list(s.targets)
         log_params(uri, parent, {"study": {k: v for k, v in settings_doc.items() if k != "model_configs"},
                                  "dataset": {"data_dir": data_dir}})  # fmt: skip
         state = {"settings": settings_doc, "tracking_uri": uri, "experiment_id": exp_id,
@@ -273,6 +310,8 @@ def run_study(settings: StudySettings, *, address: str | None = None) -> StudyRe
             "data_dir": data_dir, "trainer_storage": str(out / TRAINERS_DIR), "runs_dir": str(out / RUNS_DIR),
             "fail_runs": [list(x) for x in s.fail_runs],
         }  # fmt: skip
+        if s.task == "inference":
+            fixed["targets"] = list(s.targets)
         _run_all(pending, fixed, concurrency, gpus, cpus)
     missing = [run_key(m, seed) for m in s.models for seed in range(s.seeds)
                if not (out / RUNS_DIR / f"{run_key(m, seed)}.json").is_file()]  # fmt: skip

@@ -1,8 +1,9 @@
 """What a study runs: models x seeds on one dataset with one training recipe, and the published protocols.
 
 ``StudySettings.validate()`` checks everything that needs no cluster (model names, timm availability,
-per-model configs, the recipe as a ``TrainConfig``) and names the bad value; ``train_fields()`` gives the
-``TrainConfig`` fields of one (model, seed).
+per-model configs, the recipe as a ``TrainConfig``, the task and its targets: with ``simulate``, a couple of
+CPU-rendered images of the preset show that every target exists) and names the bad value;
+``train_fields()`` gives the ``TrainConfig`` fields of one (model, seed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PROTOCOLS: Mapping[str, Mapping[str, Any]] = {"lensiformer": LENSIFORMER_PROTOCO
 
 #: TrainConfig fields a study sets itself for every run (a per-model --config cannot change them).
 STUDY_OWNED = ("model", "data_dir", "seed", "epochs", "storage_path", "run_name", "resume", "experiment",
-               "tracking_uri", "simulate", "sim_overrides", "images_per_epoch")  # fmt: skip
+               "tracking_uri", "simulate", "sim_overrides", "images_per_epoch",
+               "task", "targets")  # fmt: skip
 
 
 def slug(model: str) -> str:
@@ -83,6 +85,15 @@ def parse_models(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_targets(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``"sigma_sub,theta_E"`` (or a list) -> a tuple of names (checked with the task:
+    ``check_task_options``)."""
+    if text is None:
+        return ()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(str(t).strip() for t in items if str(t).strip())
+
+
 def load_model_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """A tune search's ``best_config.yaml`` -> (model, its TrainConfig fields without the study-owned ones).
 
@@ -126,6 +137,11 @@ class StudySettings:
         gpus_per_run, cpus_per_run: resources of each run's single Ray Train worker (fractional GPUs pack
             runs on a GPU; None: 0.25 GPU when the cluster has GPUs, and CPUs leaving one for the readers).
         max_concurrent: runs at once (None: what the cluster holds).
+        task: 'classification' (the default: accuracy, AUC, ROC curves) or 'inference' (per-lens Gaussian
+            posteriors of ``targets``: RMSE, NLL, coverage, calibration curves; docs/parameter_inference.md).
+        targets: task 'inference': the per-image scalars to infer (``theta_E``, ``sigma_sub``, ...), a comma
+            list or a list; the task's classes default to those every target exists on (a ``train`` field
+            ``classes`` picks others).
         protocol: None or a key of :data:`PROTOCOLS` (sets preset, data size, models, size and optimiser).
         name: study name (a directory under storage_path); resume: continue it without redoing finished runs.
     """
@@ -147,6 +163,8 @@ class StudySettings:
     gpus_per_run: float | None = None
     cpus_per_run: float | None = None
     max_concurrent: int | None = None
+    task: str = "classification"
+    targets: Any = ()
     protocol: str | None = None
     experiment: str = "deeplense-study"
     tracking_uri: str | None = None
@@ -176,8 +194,10 @@ class StudySettings:
     def validate(self) -> StudySettings:
         """Check every option (no cluster work); ValueError naming the value. Returns a normalised copy."""
         from deeplense_ray.config import TrainConfig
+        from deeplense_ray.train.targets import check_task_options
 
-        s = dataclasses.replace(self, models=parse_models(self.models))
+        s = dataclasses.replace(self, models=parse_models(self.models), targets=parse_targets(self.targets))
+        check_task_options(s.task, s.targets, None)
         if (s.data_dir is None) == (s.simulate is None):
             raise ValueError("give exactly one of data_dir (--data) and simulate (--simulate PRESET)")
         if s.online and s.simulate is None:
@@ -213,6 +233,13 @@ class StudySettings:
         # every run's TrainConfig, options only (the data is checked once it exists)
         for model in s.models:
             TrainConfig(**self.train_fields(s, model, seed=0, data_dir=s.data_dir or ".")).validate_options()
+        if s.task == "inference" and s.simulate is not None:
+            # the dataset is built once Ray runs: its preset shows now that the targets exist and every model
+            # takes the images with the posterior head (TrainConfig's online check: a few CPU images)
+            for model in s.models:
+                fields = dict(self.train_fields(s, model, seed=0, data_dir="."), data_dir=None,
+                              simulate=s.simulate, sim_overrides=dict(s.preset_overrides))  # fmt: skip
+                TrainConfig(**fields).validate()
         return s
 
     @staticmethod
@@ -238,6 +265,8 @@ class StudySettings:
         fields.update(s.train)
         fields.update(s.model_configs.get(model, {}))
         fields.update(model=model, data_dir=data_dir, seed=seed, epochs=s.epochs, experiment=s.experiment)
+        if s.task != "classification" or s.targets:
+            fields.update(task=s.task, targets=tuple(s.targets))
         if s.online:
             fields.update(simulate=s.simulate, sim_overrides=dict(s.preset_overrides),
                           images_per_epoch=s.images_per_epoch)  # fmt: skip
