@@ -19,11 +19,8 @@ from deeplense_ray.study import StudySettings, StudySetupError, run_study
 from deeplense_ray.study.report import aggregate_inference, coverage_band, markdown_table_inference
 
 SIM = {"num_pix": 32, "delta_pix": 0.2, "supersampling": 1, "class_names": ["no_sub"]}
-CONFIGS = {
-    "ResNetSimple": {"model_overrides": {"width": 8}},
-    "ViT": {"model_overrides": {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "mlp_dim": 32}},
-}
-TRAIN = {"precision": "fp32", "augment": False, "batch_size": 32, "lr": 3e-3, "bn_recal_images": 64}
+TRAIN = {"precision": "fp32", "augment": False, "batch_size": 32, "lr": 3e-3, "bn_recal_images": 64,
+         "model_overrides": {"width": 8}}  # fmt: skip
 TARGET_COLUMNS = ("rmse", "rmse_over_prior", "bias", "std", "coverage68", "coverage95")
 
 
@@ -61,18 +58,18 @@ def test_table_and_calibration_band_by_hand():
 
 def test_bad_inference_options_exit_2_naming_the_value_before_ray(no_ray, tmp_path, capsys):
     main = _job().main
-    tiny = {"num_pix": 16}
-    base = ["--models", "ResNetSimple", "--simulate", "model_ii", "--preset-override", "num_pix=16",
-            "--storage-path", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m"]  # fmt: skip
+    base = ["--models", "ResNetSimple", "--simulate", "model_ii", "--preset-override", "num_pix=8",
+            "--preset-override", "supersampling=1", "--storage-path", str(tmp_path / "out"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/m"]  # fmt: skip
     assert main([*base, "--task", "inference"]) == 2
     assert "task 'inference' needs targets" in capsys.readouterr().err
     assert main([*base, "--task", "inference", "--targets", "theta_E,nope"]) == 2
     assert "target 'nope' needs the per-image parameter 'nope'" in capsys.readouterr().err
     assert main([*base, "--targets", "theta_E"]) == 2  # targets are options of the inference task
     assert "targets ['theta_E']" in capsys.readouterr().err
-    bad = StudySettings(models="ResNetSimple", simulate="model_ii", preset_overrides=tiny, task="inference",
-                        targets=("theta_E", "nope"), storage_path=str(tmp_path / "out"))  # fmt: skip
-    with pytest.raises(StudySetupError, match="'nope'"):
+    bad = StudySettings(models="ResNetSimple", simulate="model_ii", task="inference", targets=" , ",
+                        storage_path=str(tmp_path / "out"))  # fmt: skip
+    with pytest.raises(StudySetupError, match="task 'inference' needs targets"):
         run_study(bad)
     with pytest.raises(ValueError, match=r"\['targets', 'task'\] are set by the study itself"):
         StudySettings(
@@ -96,34 +93,35 @@ def test_inference_study_table_calibration_figure_mlflow_and_resume(ray_session,
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "studies"
     s = StudySettings(
-        models="ResNetSimple,ViT", simulate="model_ii", preset_overrides=dict(SIM), num_per_class=160,
-        splits={"train": 0.6, "val": 0.2, "test": 0.2}, seeds=2, epochs=2, model_configs=CONFIGS,
+        models="ResNetSimple", simulate="model_ii", preset_overrides=dict(SIM), num_per_class=100,
+        splits={"train": 0.6, "val": 0.2, "test": 0.2}, seeds=2, epochs=2,
         train=dict(TRAIN), cpus_per_run=0.5, tracking_uri=uri, storage_path=str(storage), name="inf",
         task="inference", targets="theta_E",
     )  # fmt: skip
     res = run_study(s)
     out = Path(res.output_dir)
-    assert sorted(res.ran_now) == ["ResNetSimple-s0", "ResNetSimple-s1", "ViT-s0", "ViT-s1"]
+    assert sorted(res.ran_now) == ["ResNetSimple-s0", "ResNetSimple-s1"]
     assert "test NLL" in capsys.readouterr().err  # the progress lines: the task's metrics
 
     # the table: per model mean +- std over seeds of the regression metrics, all finite
-    assert [r["model"] for r in res.table] == ["ResNetSimple", "ViT"]
-    for r in res.table:
-        assert r["n_seeds"] == 2 and r["params"] > 0 and r["images_per_s_mean"] > 0
-        for key in ("nll", *(f"{m}_theta_E" for m in TARGET_COLUMNS)):
-            assert math.isfinite(r[f"{key}_mean"]) and math.isfinite(r[f"{key}_std"]), key
-        assert 0 <= r["coverage68_theta_E_mean"] <= 1 and 0 <= r["calibrated_mean"] <= 1
-        assert "accuracy_mean" not in r
+    (r,) = res.table
+    assert (
+        r["model"] == "ResNetSimple" and r["n_seeds"] == 2 and r["params"] > 0 and r["images_per_s_mean"] > 0
+    )
+    for key in ("nll", *(f"{m}_theta_E" for m in TARGET_COLUMNS)):
+        assert math.isfinite(r[f"{key}_mean"]) and math.isfinite(r[f"{key}_std"]), key
+    assert 0 <= r["coverage68_theta_E_mean"] <= 1 and 0 <= r["calibrated_mean"] <= 1
+    assert "accuracy_mean" not in r
     assert "| ResNetSimple | theta_E |" in res.markdown and "RMSE / prior std" in res.markdown
     header = (out / "study_table.csv").read_text().splitlines()[0].split(",")
     assert {"nll_mean", "rmse_theta_E_mean", "coverage95_theta_E_std", "calibrated_mean"} <= set(header)
-    assert len((out / "study_runs.csv").read_text().splitlines()) == 5
+    assert len((out / "study_runs.csv").read_text().splitlines()) == 3
     assert (out / "calibration_study.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "roc_study.png").exists()
 
     # per run: the row's metrics, and the per-lens posteriors in physical units (arcsec)
-    row = json.loads((out / "runs" / "ViT-s1.json").read_text())
-    with np.load(out / "runs" / "ViT-s1.npz") as z:
+    row = json.loads((out / "runs" / "ResNetSimple-s1.json").read_text())
+    with np.load(out / "runs" / "ResNetSimple-s1.npz") as z:
         mean, cov, truth = z["mean"], z["cov"], z["truth"]
     n = row["n_test"]
     assert n > 0 and mean.shape == truth.shape == (n, 1) and cov.shape == (n, 1, 1)
@@ -138,28 +136,28 @@ def test_inference_study_table_calibration_figure_mlflow_and_resume(ray_session,
         "study_table.md", "study_table.csv", "study_runs.csv", "calibration_study.png"
     }  # fmt: skip
     m = parent.data.metrics
-    assert m["ViT.nll_mean"] == pytest.approx(res.table[1]["nll_mean"])
+    assert m["ResNetSimple.nll_mean"] == pytest.approx(r["nll_mean"])
     assert "ResNetSimple.rmse_over_prior_theta_E_mean" in m and "ResNetSimple.coverage68_theta_E_std" in m
     assert parent.data.params["study.task"] == "inference"
     children = client.search_runs(
         [res.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'"
     )
-    assert len(children) == 4 and all("test_nll" in c.data.metrics for c in children)
-    child = next(c for c in children if c.data.tags["study.run"] == "ViT-s1")
+    assert len(children) == 2 and all("test_nll" in c.data.metrics for c in children)
+    child = next(c for c in children if c.data.tags["study.run"] == "ResNetSimple-s1")
     assert child.data.metrics["test_nll"] == pytest.approx(row["nll"])
 
     # resume of a finished study (jobs/study.py): nothing re-runs, the settings (task, targets) are kept
     done = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert _job().main(["--resume", "--name", "inf", "--storage-path", str(storage)]) == 0
     printed = capsys.readouterr().out
-    assert "4 runs (0 now)" in printed and "calibration_study.png" in printed
-    assert "| ViT | theta_E |" in printed
+    assert "2 runs (0 now)" in printed and "calibration_study.png" in printed
+    assert "| ResNetSimple | theta_E |" in printed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == done
 
     # a run trained but whose result was not written: only evaluated again (evaluate_inference), same numbers
-    (out / "runs" / "ViT-s1.json").unlink()
+    (out / "runs" / "ResNetSimple-s1.json").unlink()
     res2 = run_study(StudySettings(resume=True, name="inf", storage_path=str(storage)))
-    assert res2.ran_now == ["ViT-s1"]
-    again = json.loads((out / "runs" / "ViT-s1.json").read_text())
+    assert res2.ran_now == ["ResNetSimple-s1"]
+    again = json.loads((out / "runs" / "ResNetSimple-s1.json").read_text())
     assert again["run_id"] == row["run_id"] and again["nll"] == pytest.approx(row["nll"], rel=1e-4)
-    assert len(client.search_runs([res.experiment_id])) == 5  # 4 training runs + the parent: none twice
+    assert len(client.search_runs([res.experiment_id])) == 3  # 2 training runs + the parent: none twice
