@@ -1,4 +1,5 @@
-"""Architecture studies: every model x seed trained the same way on the same data, one report.
+"""Architecture studies: every model x seed trained the same way on the same data, one report (classification,
+or task 'inference': per-lens posteriors of named targets).
 
 ``run_study(StudySettings(...)) -> StudyResult``; ``jobs/study.py`` is the command line. See docs/study.md.
 """
