@@ -57,14 +57,9 @@ from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.sim.observers import PAIRS, ring_size_aucs  # noqa: E402
 from deeplense_ray.sim.presets import MASS_COMPENSATIONS  # noqa: E402
-from deeplense_ray.train.loop import (  # noqa: E402
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
-    derive_seed,
-    predict_batches,
-    train_one_epoch,
-)
+from deeplense_ray.train.optim import autocast_dtype, build_optimizer, build_scheduler  # noqa: E402
+from deeplense_ray.train.seeding import derive_seed  # noqa: E402
+from deeplense_ray.train.steps import predict_batches, train_one_epoch  # noqa: E402
 
 PROFILES = ("tnfw", "point_mass")
 POINT_METRICS = ("auc_axion", "accuracy", "mean_subhalo_count_cdm", "mean_fsub_arc_cdm")

@@ -39,20 +39,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeplense_ray.config import parse_overrides  # noqa: E402
 from deeplense_ray.data.augment import normalize_batch  # noqa: E402
 from deeplense_ray.infer.posteriors import gaussian_posteriors, write_posteriors  # noqa: E402
 from deeplense_ray.io import atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.sim import resolve_preset, simulate  # noqa: E402
 from deeplense_ray.train.gaussian import num_outputs, regression_metrics  # noqa: E402
-from deeplense_ray.train.loop import (  # noqa: E402
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
-    derive_seed,
-    train_one_epoch,
-)
+from deeplense_ray.train.optim import autocast_dtype, build_optimizer, build_scheduler  # noqa: E402
 from deeplense_ray.train.regression import predict_outputs  # noqa: E402
+from deeplense_ray.train.seeding import derive_seed  # noqa: E402
+from deeplense_ray.train.steps import train_one_epoch  # noqa: E402
 from deeplense_ray.train.targets import KNOWN_TARGETS, preset_prior, target_spec, target_values  # noqa: E402
 
 #: task -> (preset, the class the target exists on)
@@ -156,7 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--num-pix", type=int, default=None, help="image size (default the preset's; quick 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default cuda if available (quick: cpu)")
+    p.add_argument(
+        "--preset-override", action="append", default=[], metavar="KEY=VALUE",
+        help="preset field of every task, e.g. delta_los=[0,2] (line-of-sight halos on); repeatable",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    try:
+        user_over = parse_overrides(args.preset_override, "--preset-override")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     q = args.quick
     sizes = [int(v) for v in (args.sizes or ("192" if q else "16384,65536")).split(",")]
     args.test_size = args.test_size or (64 if q else 4096)
@@ -190,10 +195,13 @@ def main(argv=None) -> int:
 
     for k, task in enumerate(args.tasks.split(",")):
         preset_name, cls = TASKS[task]
-        over: dict[str, Any] = {"class_names": [cls], **(QUICK_PRESET_OVERRIDES if q else {})}
+        over: dict[str, Any] = {"class_names": [cls], **(QUICK_PRESET_OVERRIDES if q else {}), **user_over}
         if num_pix:
             over["num_pix"] = num_pix
-        pre = resolve_preset(preset_name, over)
+        try:
+            pre = resolve_preset(preset_name, over)
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(f"error: preset {preset_name!r}: {exc}") from None
         preset = pre.to_dict()
         assert preset_prior(task, preset) is not None and KNOWN_TARGETS[task][2] == cls
         spec = target_spec([task], preset, None)

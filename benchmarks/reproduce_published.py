@@ -71,17 +71,12 @@ from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.models._vitlib import import_vit_module  # noqa: E402
 from deeplense_ray.models.attention import IMPLEMENTATIONS, set_attention  # noqa: E402
 from deeplense_ray.sim import simulate  # noqa: E402
-from deeplense_ray.train.loop import (  # noqa: E402
-    autocast_dtype,
-    build_optimizer,
-    predict_batches,
-    probabilities,
-    recalibrate_batch_norm,
-    seed_everything,
-    train_one_epoch,
-)
+from deeplense_ray.train.batchnorm import recalibrate_batch_norm  # noqa: E402
 from deeplense_ray.train.metrics import classification_metrics  # noqa: E402
 from deeplense_ray.train.modules import NormalizedClassifier  # noqa: E402
+from deeplense_ray.train.optim import autocast_dtype, build_optimizer  # noqa: E402
+from deeplense_ray.train.seeding import seed_everything  # noqa: E402
+from deeplense_ray.train.steps import predict_batches, probabilities, train_one_epoch  # noqa: E402
 
 PRESETS = ("deeplense_model_i", "deeplense_model_ii", "deeplense_model_iii")
 MODELS = ("CvT", "ResNet18")

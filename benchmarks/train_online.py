@@ -34,16 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import QUICK_OVERRIDES  # noqa: E402
-from deeplense_ray.train.loop import (  # noqa: E402
-    autocast_dtype,
-    derive_seed,
-    predict_batches,
-    probabilities,
-    train_one_epoch,
-)
 from deeplense_ray.train.metrics import classification_metrics  # noqa: E402
 from deeplense_ray.train.modules import build_classifier  # noqa: E402
 from deeplense_ray.train.online import eval_batches, eval_chunks, online_batches, render, resolve_sim_preset  # noqa: E402
+from deeplense_ray.train.optim import autocast_dtype  # noqa: E402
+from deeplense_ray.train.seeding import derive_seed  # noqa: E402
+from deeplense_ray.train.steps import predict_batches, probabilities, train_one_epoch  # noqa: E402
 
 MODELS = ("ResNet18", "ViT", "CvT", "Lensiformer")
 PRESETS = ("model_ii", "model_i")

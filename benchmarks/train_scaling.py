@@ -158,8 +158,10 @@ def bare_loop(args: argparse.Namespace, cfg, info, world: int = 1) -> dict[str, 
 
 def _bare_worker(rank: int, world: int, args, cfg, info, ddp: tuple[int, str] | None) -> dict[str, Any]:
     from deeplense_ray.train.ingest import memory_epoch_rows
-    from deeplense_ray.train.loop import autocast_dtype, build_optimizer, derive_seed, train_one_epoch
     from deeplense_ray.train.modules import build_classifier
+    from deeplense_ray.train.optim import autocast_dtype, build_optimizer
+    from deeplense_ray.train.seeding import derive_seed
+    from deeplense_ray.train.steps import train_one_epoch
     from deeplense_ray.train.trainer import loop_config
 
     cuda = args.gpus_per_worker > 0 and torch.cuda.is_available()

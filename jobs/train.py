@@ -350,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     from deeplense_ray.tracking.mlflow_utils import check_tracking_reachable
+    from deeplense_ray.train.prepare import check_resume
+    from deeplense_ray.train.runners import check_runner, resolve_runner
     from deeplense_ray.train.timeline import Timeline
-    from deeplense_ray.train.trainer import check_resume, check_runner, resolve_runner
 
     timeline = Timeline()  # the job's phases, printed at the end and logged as timeline.json
     args = build_parser().parse_args(argv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deeplense_ray.train.checkpoint import STATE_FILE, load_training_state, save_checkpoint
-from deeplense_ray.train.loop import build_optimizer, build_scheduler
+from deeplense_ray.train.optim import build_optimizer, build_scheduler
 
 _CONFIG = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "momentum": 0.9, "epochs": 3,
            "warmup_epochs": 1, "scheduler": "cosine", "seed": 7}

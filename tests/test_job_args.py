@@ -146,7 +146,8 @@ def test_runner_auto_picks_task_for_one_worker_and_a_resumed_run_its_own_kind(tm
     import json
 
     from deeplense_ray.config import TrainConfig
-    from deeplense_ray.train.trainer import RUN_STATE_FILE, resolve_runner
+    from deeplense_ray.train.prepare import RUN_STATE_FILE
+    from deeplense_ray.train.runners import resolve_runner
 
     def cfg(**kw):
         return TrainConfig(model="ViT", data_dir="/d", storage_path=str(tmp_path), seed=3, **kw)

@@ -36,19 +36,13 @@ KNOWN_UPWARD = {("tracking.models", "train.checkpoint"), ("tracking.models", "in
 #: import edges inside the one remaining cycle (importer, imported)
 KNOWN_CYCLE_EDGES = {
     ("config", "train.online"), ("config", "train.regression"), ("config", "train.targets"),
-    ("infer.model", "tracking.models"), ("infer.model", "train.checkpoint"), ("infer.model", "train.loop"),
+    ("infer.model", "tracking.models"), ("infer.model", "train.checkpoint"),
     ("tracking.models", "infer.model"), ("tracking.models", "train.checkpoint"),
-    ("train.checkpoint", "train.modules"), ("train.local", "train.loop"), ("train.local", "train.trainer"),
-    ("train.loop", "config"), ("train.loop", "train.checkpoint"), ("train.loop", "train.modules"),
-    ("train.loop", "train.online"), ("train.loop", "train.regression"), ("train.modules", "train.targets"),
+    ("train.checkpoint", "train.modules"), ("train.modules", "train.targets"),
     ("train.online", "tracking.models"), ("train.online", "train.checkpoint"),
-    ("train.online", "train.loop"), ("train.online", "train.regression"), ("train.online", "train.targets"),
-    ("train.online", "train.trainer"), ("train.regression", "config"),
-    ("train.regression", "train.checkpoint"), ("train.regression", "train.loop"),
+    ("train.online", "train.regression"), ("train.online", "train.targets"),
+    ("train.regression", "config"), ("train.regression", "train.checkpoint"),
     ("train.regression", "train.online"), ("train.regression", "train.targets"), ("train.targets", "config"),
-    ("train.trainer", "config"), ("train.trainer", "tracking.models"), ("train.trainer", "train.checkpoint"),
-    ("train.trainer", "train.local"), ("train.trainer", "train.loop"), ("train.trainer", "train.online"),
-    ("train.trainer", "train.regression"),
 }  # fmt: skip
 
 

@@ -14,8 +14,8 @@ import torch
 
 from deeplense_ray.config import TrainConfig
 from deeplense_ray.sim import simulate
-from deeplense_ray.train.loop import RECORD_INPUTS_KEY, derive_seed, input_digest
 from deeplense_ray.train.online import TRAIN_STREAM, online_batches, resolve_sim_preset, steps_per_epoch
+from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, derive_seed, input_digest
 
 CPU = torch.device("cpu")
 

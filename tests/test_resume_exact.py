@@ -15,8 +15,8 @@ import torch
 from deeplense_ray.config import TrainConfig
 from deeplense_ray.train import run_training
 from deeplense_ray.train.checkpoint import load_training_state
-from deeplense_ray.train.loop import RECORD_INPUTS_KEY, input_digest
 from deeplense_ray.train.online import online_batches, resolve_sim_preset, steps_per_epoch
+from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, input_digest
 
 pytestmark = pytest.mark.slow
 

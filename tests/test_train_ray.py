@@ -23,7 +23,7 @@ from deeplense_ray.tracking import use_tracking_uri
 from deeplense_ray.train import REPORT_KEYS, evaluate_checkpoint, run_training
 from deeplense_ray.train.checkpoint import load_training_state
 from deeplense_ray.train.metrics import classification_metrics
-from deeplense_ray.train.trainer import RUN_STATE_FILE
+from deeplense_ray.train.prepare import RUN_STATE_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -225,7 +225,7 @@ def test_ray_data_ingest_modes(ray_session, data_dir, tmp_path, monkeypatch, ing
     in a Ray task here (as on a cluster), with the metrics of a plain evaluation."""
     from mlflow.tracking import MlflowClient
 
-    from deeplense_ray.train.trainer import TEST_EVAL_ENV
+    from deeplense_ray.train.runners import TEST_EVAL_ENV
 
     monkeypatch.setenv(TEST_EVAL_ENV, "task")
     result = run_training(_cfg(tmp_path, data_dir, ingest=ingest, run_name=ingest))
@@ -343,7 +343,7 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     assert all(torch.equal(a[k], b[k]) for k in a), "runner 'task' trained other weights than Ray Train"
 
     # without a failure the task runs in the worker process that imported torch etc. while the driver made
-    # the MLflow run (_warm_task_worker), not in one Ray starts for it
+    # the MLflow run (warm_task_worker), not in one Ray starts for it
     warm = run_training(_cfg(tmp_path, data_dir, run_name="warm", num_workers=1, epochs=1), runner="task")
     tags = MlflowClient(tracking_uri=warm.tracking_uri).get_run(warm.run_id).data.tags
     assert tags["task_worker"] == "warmed"

@@ -10,15 +10,10 @@ import torch
 
 from deeplense_ray.config import TrainConfig, parse_override
 from deeplense_ray.train.checkpoint import load_model_from_checkpoint, load_training_state, save_checkpoint
-from deeplense_ray.train.loop import (
-    build_optimizer,
-    build_scheduler,
-    derive_seed,
-    lr_factor,
-    predict_batches,
-    train_one_epoch,
-)
 from deeplense_ray.train.modules import build_classifier
+from deeplense_ray.train.optim import build_optimizer, build_scheduler, lr_factor
+from deeplense_ray.train.seeding import derive_seed
+from deeplense_ray.train.steps import predict_batches, train_one_epoch
 
 ARCH = {
     "model": "ResNetSimple",
@@ -164,7 +159,7 @@ def test_val_shards_dealt_to_ranks_give_every_row_once_in_shard_order(rows):
     """Any number of ranks: each shard goes to one rank, and the gathered predictions, in whatever rank
     order they arrive, are the single-process predictions of the split in shard order."""
     from deeplense_ray.train.ingest import deal_shards
-    from deeplense_ray.train.loop import merge_shard_predictions
+    from deeplense_ray.train.validation import merge_shard_predictions
 
     rng = np.random.default_rng(0)
     logits = [rng.normal(size=(n, 3)).astype(np.float32) for n in rows]
@@ -189,8 +184,8 @@ def test_val_shards_dealt_to_ranks_give_every_row_once_in_shard_order(rows):
 def test_a_diverging_epoch_gives_flagged_metrics_not_an_error(one_thread):
     """An absurd learning rate blows the real model up: the epoch, the prediction and the metrics of the
     loop's chain still run and say 'diverged' (tune ranks such a trial worst; it must not crash)."""
-    from deeplense_ray.train.loop import probabilities
     from deeplense_ray.train.metrics import classification_metrics, flatten_metrics
+    from deeplense_ray.train.steps import probabilities
 
     torch.manual_seed(0)
     model = build_classifier(ARCH)
@@ -254,7 +249,7 @@ def test_recalibrate_batch_norm_gives_the_plain_average_of_batch_statistics(one_
     """Independent reference: the conv outputs' per-batch channel mean and unbiased variance, averaged over
     the batches. The dropout in front stays off (else the statistics would be of dropped inputs), the
     momentum is restored, and the model is left in eval mode."""
-    from deeplense_ray.train.loop import recalibrate_batch_norm
+    from deeplense_ray.train.batchnorm import recalibrate_batch_norm
 
     model = _conv_bn(dropout=0.5)
     bn = model[2]
@@ -275,7 +270,7 @@ def test_recalibrate_batch_norm_gives_the_plain_average_of_batch_statistics(one_
 def test_recalibration_removes_the_eval_mode_shift_of_stale_statistics(one_thread):
     """With stale running statistics eval-mode outputs differ from what training saw; after recalibration on
     the same inputs, eval mode reproduces the train-mode (batch statistics) outputs."""
-    from deeplense_ray.train.loop import recalibrate_batch_norm
+    from deeplense_ray.train.batchnorm import recalibrate_batch_norm
 
     model = _conv_bn()
     x = 5.0 + 0.01 * torch.randn(256, 1, 12, 12, generator=torch.Generator().manual_seed(2))  # near-identical
@@ -292,7 +287,7 @@ def test_recalibration_removes_the_eval_mode_shift_of_stale_statistics(one_threa
 
 
 def test_recent_batches_keeps_the_last_images():
-    from deeplense_ray.train.loop import RecentBatches
+    from deeplense_ray.train.batchnorm import RecentBatches
 
     keep = RecentBatches(10)
     batches = [torch.full((4, 1, 2, 2), float(i)) for i in range(5)]
@@ -307,7 +302,7 @@ def test_recent_batches_keeps_the_last_images():
 
 
 def test_recalibration_of_a_compiled_model_runs_eagerly_and_matches(one_thread):
-    from deeplense_ray.train.loop import recalibrate_batch_norm
+    from deeplense_ray.train.batchnorm import recalibrate_batch_norm
     from deeplense_ray.train.modules import compile_model
 
     inputs = [torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3)) for _ in range(2)]

@@ -145,7 +145,7 @@ def class_probabilities(
     The one forward path shared by ``jobs/predict.py`` (in-process and Ray actors) and the MLflow pyfunc, so
     both give the same numbers.
     """
-    from deeplense_ray.train.loop import probabilities
+    from deeplense_ray.train.steps import probabilities
 
     logits = head_outputs(module, images, device=device, batch_size=batch_size)
     if not len(logits):

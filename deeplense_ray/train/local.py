@@ -11,7 +11,7 @@ Ray reuses that process for the next trial or run, so torch (and CUDA) are alrea
 assigned to this process, the model unwrapped, the run's latest checkpoint to resume from, and per epoch a
 checkpoint in ``<run_dir>/checkpoint_epoch_NNNNN`` (written under a temporary name, then renamed; the
 ``num_to_keep`` best by the score metric and the latest are kept). :func:`fit_here` runs the loop and returns
-what ``TorchTrainer.fit()`` returns that :func:`~deeplense_ray.train.trainer.run_training` reads (the latest
+what ``TorchTrainer.fit()`` returns that :func:`~deeplense_ray.train.run.run_training` reads (the latest
 checkpoint, the kept ones with their metrics). The ``split`` input (Ray Data's ``streaming_split``, a Train
 feature) becomes ``per_rank``: the run reads the split's shards itself, as its only rank.
 """
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deeplense_ray.ranking import checkpoint_key
-from deeplense_ray.train.loop import LoopSession
+from deeplense_ray.train.session import LoopSession
 
 CHECKPOINT_PREFIX = "checkpoint_"
 

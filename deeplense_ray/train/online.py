@@ -1,6 +1,6 @@
 """Online simulation: each training rank renders fresh images on its device, never the same image twice.
 
-Streams (all seeds from :func:`~deeplense_ray.train.loop.derive_seed`, so a run is a pure function of its
+Streams (all seeds from :func:`~deeplense_ray.train.seeding.derive_seed`, so a run is a pure function of its
 config and seed):
 
 - training: rank ``r`` renders its share of epoch ``e`` in chunks; chunk ``k`` is
@@ -84,14 +84,14 @@ def sim_hash(preset: Mapping[str, Any], **settings: Any) -> str:
 
 def chunk_seed(seed: int, epoch: int, rank: int, chunk: int) -> int:
     """Seed of training chunk ``chunk`` of ``rank`` in ``epoch``."""
-    from deeplense_ray.train.loop import derive_seed
+    from deeplense_ray.train.seeding import derive_seed
 
     return derive_seed(seed, TRAIN_STREAM, epoch, rank, chunk)
 
 
 def eval_seed(seed: int, split: str, chunk: int) -> int:
     """Seed of chunk ``chunk`` of the fixed ``split`` ('val' or 'test') set."""
-    from deeplense_ray.train.loop import derive_seed
+    from deeplense_ray.train.seeding import derive_seed
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -268,13 +268,14 @@ def evaluate_simulated(
     return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint's model on the fixed simulated ``split`` set (fp32; device default cuda if
-    available, else cpu): what :func:`~deeplense_ray.train.trainer.evaluate_checkpoint` is for a dataset."""
+    available, else cpu): what :func:`~deeplense_ray.train.evaluation.evaluate_checkpoint` is for a
+    dataset."""
     import numpy as np
 
     from deeplense_ray.sim import resolve_preset
     from deeplense_ray.train.checkpoint import load_model_from_checkpoint, read_meta
-    from deeplense_ray.train.loop import predict_batches, probabilities
     from deeplense_ray.train.metrics import bootstrap_auc_ci, classification_metrics
+    from deeplense_ray.train.steps import predict_batches, probabilities
 
     pre = resolve_preset(preset)
     arch = read_meta(checkpoint)["arch"]
@@ -295,26 +296,6 @@ def evaluate_simulated(
         out["y_true"] = labels
         out["probs"] = probs
     return out
-
-
-def evaluate_test(checkpoint: Any, cfg: Any, *, device: str | None = None) -> dict[str, Any]:
-    """The test metrics (with ``y_true`` and ``probs``) of a checkpoint of a run of ``cfg`` (a TrainConfig):
-    its dataset's test split, or with ``simulate`` and no data_dir the fixed simulated test set. Task
-    'inference': train/regression.py's :func:`~deeplense_ray.train.regression.evaluate_inference` (metrics
-    with the per-lens posteriors)."""
-    if getattr(cfg, "inference", False):
-        from deeplense_ray.train.regression import evaluate_inference
-
-        return evaluate_inference(checkpoint, cfg, device=device)
-    if cfg.simulate is not None and cfg.data_dir is None:
-        preset = cfg.simulated_info().sim_preset
-        return evaluate_simulated(
-            checkpoint, preset, "test", seed=cfg.seed, size=cfg.test_size, device=device,
-            return_predictions=True,
-        )  # fmt: skip
-    from deeplense_ray.train.trainer import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint, cfg.data_dir, "test", device=device, return_predictions=True)
 
 
 def example_input(cfg: Any):
@@ -361,7 +342,6 @@ __all__ = [
     "eval_chunks",
     "eval_seed",
     "evaluate_simulated",
-    "evaluate_test",
     "example_input",
     "merge_sim_overrides",
     "online_batches",

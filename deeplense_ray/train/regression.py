@@ -177,7 +177,7 @@ def predict_outputs(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Head outputs (float32 [N, P]) and standardised targets ([N, T]) of every batch, in order."""
-    from deeplense_ray.train.loop import predict_batches
+    from deeplense_ray.train.steps import predict_batches
 
     return predict_batches(model, batches, device=device, amp_dtype=amp_dtype, truth="target")
 

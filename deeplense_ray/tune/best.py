@@ -66,7 +66,7 @@ def evaluate_best(ckpt: str | None, base_train: Mapping[str, Any]) -> tuple[dict
     test_metrics: dict[str, Any] = {}
     if ckpt is not None:
         from deeplense_ray.config import TrainConfig
-        from deeplense_ray.train.online import evaluate_test
+        from deeplense_ray.train.evaluation import evaluate_test
 
         test_metrics = dict(evaluate_test(ckpt, TrainConfig(**base_train)))
     # per-lens arrays (classification: labels and probabilities; task 'inference': posteriors and ids)

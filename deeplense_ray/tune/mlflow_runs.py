@@ -265,7 +265,7 @@ class TrialRunsCallback(Callback):
             run_id = run.info.run_id
             if self.train_config is not None:
                 from deeplense_ray.config import TrainConfig
-                from deeplense_ray.train.trainer import log_run_inputs
+                from deeplense_ray.train.prepare import log_run_inputs
 
                 log_run_inputs(self.client, run_id, TrainConfig(**self.train_config))
             for k in self.param_keys:

@@ -38,7 +38,7 @@ def start_parent_run(client, settings: TuneSettings, plan: SearchPlan) -> tuple[
     """Create the experiment (if new) and the search's parent run; returns (experiment id, run id)."""
     from deeplense_ray.config import TrainConfig
     from deeplense_ray.tracking import get_or_create_experiment
-    from deeplense_ray.train.trainer import log_run_inputs
+    from deeplense_ray.train.prepare import log_run_inputs
 
     experiment_id = str(get_or_create_experiment(settings.experiment, plan.tracking_uri))
     parent = client.create_run(
