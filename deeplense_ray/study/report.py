@@ -45,11 +45,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
-def aggregate(
-    rows: Sequence[Mapping[str, Any]], models: Sequence[str], class_names: Sequence[str]
+def aggregate_metrics(
+    rows: Sequence[Mapping[str, Any]], models: Sequence[str], metrics: Sequence[str]
 ) -> list[dict]:
-    """One row per model (in ``models`` order): n_seeds, params, and ``<metric>_mean`` / ``<metric>_std``."""
-    metrics = ["accuracy", "auc_macro", *(f"auc_{c}" for c in class_names), "images_per_s"]
+    """One row per model (in ``models`` order): n_seeds, params, and ``<metric>_mean`` / ``<metric>_std`` over
+    the model's runs of each of ``metrics``."""
     table = []
     for m in models:
         runs = [r for r in rows if r["model"] == m]
@@ -62,27 +62,23 @@ def aggregate(
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r.get(k, math.nan) for r in runs])
         table.append(row)
     return table
+
+
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], models: Sequence[str], class_names: Sequence[str]
+) -> list[dict]:
+    """Classification: :func:`aggregate_metrics` of accuracy, macro AUC, per-class AUC and images/s."""
+    metrics = ["accuracy", "auc_macro", *(f"auc_{c}" for c in class_names), "images_per_s"]
+    return aggregate_metrics(rows, models, metrics)
 
 
 def aggregate_inference(
     rows: Sequence[Mapping[str, Any]], models: Sequence[str], targets: Sequence[str]
 ) -> list[dict]:
-    """Task 'inference': one row per model (in ``models`` order): n_seeds, params, and ``<metric>_mean`` /
-    ``<metric>_std`` of ``nll``, ``calibrated`` (its mean: the fraction of seeds), per target
-    ``<metric>_<target>`` of :data:`TARGET_METRICS`, and ``images_per_s``."""
+    """Task 'inference': :func:`aggregate_metrics` of ``nll``, ``calibrated`` (its mean: the fraction of
+    seeds), per target ``<metric>_<target>`` of :data:`TARGET_METRICS`, and ``images_per_s``."""
     metrics = ["nll", "calibrated", *(f"{m}_{t}" for t in targets for m in TARGET_METRICS), "images_per_s"]
-    table = []
-    for m in models:
-        runs = [r for r in rows if r["model"] == m]
-        row: dict[str, Any] = {
-            "model": m,
-            "n_seeds": len(runs),
-            "params": int(runs[0]["params"]) if runs else 0,
-        }
-        for k in metrics:
-            row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r.get(k, math.nan) for r in runs])
-        table.append(row)
-    return table
+    return aggregate_metrics(rows, models, metrics)
 
 
 def _pm(mean: float, std: float, digits: int = 3) -> str:
