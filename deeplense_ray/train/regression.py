@@ -9,7 +9,8 @@ The loop (train/loop.py) stays the one loop; where the task changes what happens
   ``"label"``: :func:`load_memory_split` (a stored train split in device memory, only the task's classes),
   :func:`shard_target_batches` (a val / test shard), and online rendering (train/online.py,
   ``render(..., targets=...)``);
-* :func:`predict_outputs` / :func:`merge_outputs`: head outputs and truths of a split, in shard order;
+* :func:`predict_outputs`: head outputs and truths of a split (merged in shard order by
+  train/validation.py's ``merge_shard_predictions``);
 * :func:`evaluate_inference`: the test split (stored or simulated) with a checkpoint, metrics and per-lens
   posteriors in physical units (train/gaussian.py).
 """
@@ -182,26 +183,6 @@ def predict_outputs(
     return predict_batches(model, batches, device=device, amp_dtype=amp_dtype, truth="target")
 
 
-def merge_outputs(
-    parts: Iterable[Mapping[int, tuple[np.ndarray, np.ndarray]]], num_shards: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ranks' {shard position: (outputs, targets)} as one split in shard order; RuntimeError when a
-    shard was evaluated by two ranks or by none (rows may be fewer than the shard's: other classes)."""
-    merged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for part in parts:
-        for pos, pred in part.items():
-            if pos in merged:
-                raise RuntimeError(f"val shard {pos} was evaluated by two ranks")
-            merged[pos] = pred
-    missing = [i for i in range(num_shards) if i not in merged]
-    if missing:
-        raise RuntimeError(f"val predictions miss shards {missing}")
-    order = [merged[i] for i in range(num_shards) if len(merged[i][1])]
-    if not order:
-        raise RuntimeError("the val split holds no image of the task's classes")
-    return np.concatenate([p[0] for p in order]), np.concatenate([p[1] for p in order])
-
-
 def metrics_of(outputs: np.ndarray, truth_std: np.ndarray, config: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`~deeplense_ray.train.gaussian.regression_metrics` with a run's targets and standardisation."""
     return regression_metrics(
@@ -285,7 +266,6 @@ __all__ = [
     "evaluate_inference",
     "inference_fields",
     "load_memory_split",
-    "merge_outputs",
     "metrics_of",
     "predict_outputs",
     "shard_target_batches",

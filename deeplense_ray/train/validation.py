@@ -92,13 +92,13 @@ class Validator:
         record = ctx.config.get(RECORD_INPUTS_KEY)
         batches = self.batches()
         if ctx.inference:
-            from deeplense_ray.train.regression import merge_outputs, metrics_of, predict_outputs
+            from deeplense_ray.train.regression import metrics_of, predict_outputs
 
             mine = {
                 i: predict_outputs(model, b, device=ctx.device, amp_dtype=ctx.amp_dtype)
                 for i, b in batches.items()
             }
-            outputs, truth = merge_outputs(gather(mine, ctx.world), len(self.rows))
+            outputs, truth = merge_shard_predictions(gather(mine, ctx.world), self.rows, every_row=False)
             return metrics_of(outputs, truth, ctx.config)
         if record:  # per shard, one digest per row: what this rank evaluated
             from deeplense_ray.io import atomic_write_json
@@ -139,12 +139,16 @@ def validate_epoch(
 
 
 def merge_shard_predictions(
-    parts: Iterable[Mapping[int, tuple[np.ndarray, np.ndarray]]], shard_rows: Sequence[int]
+    parts: Iterable[Mapping[int, tuple[np.ndarray, np.ndarray]]],
+    shard_rows: Sequence[int],
+    *,
+    every_row: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ranks' predictions ({shard position: (logits, labels)} each) as one split in shard order.
+    """The ranks' predictions ({shard position: (outputs, truths)} each) as one split in shard order.
 
-    RuntimeError if a shard was evaluated by two ranks, by none, or not for all of its rows: every row must
-    count exactly once.
+    RuntimeError if a shard was evaluated by two ranks or by none, or (``every_row``) not for all of its
+    rows: every row must count exactly once. Task 'inference' passes ``every_row=False``: a shard then holds
+    only the rows of the task's classes (RuntimeError when no shard holds any).
     """
     merged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for part in parts:
@@ -154,10 +158,12 @@ def merge_shard_predictions(
             merged[pos] = pred
     missing = [i for i in range(len(shard_rows)) if i not in merged]
     short = [i for i, (_, y) in merged.items() if i < len(shard_rows) and len(y) != int(shard_rows[i])]
-    if missing or short or len(merged) != len(shard_rows):
+    if missing or (every_row and short) or len(merged) != len(shard_rows):
         raise RuntimeError(
-            f"val predictions do not cover the split once: shards {missing} missing, shards {short} with "
-            f"fewer or more rows than the manifest's {list(shard_rows)}"
+            f"val predictions do not cover the split once: shards {missing} missing, shards "
+            f"{short if every_row else []} with fewer or more rows than the manifest's {list(shard_rows)}"
         )
     order = [merged[i] for i in range(len(shard_rows)) if len(merged[i][1])]
+    if not order:
+        raise RuntimeError("the val split holds no image" + ("" if every_row else " of the task's classes"))
     return np.concatenate([p[0] for p in order]), np.concatenate([p[1] for p in order])
