@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--simulate", default=None, metavar="PRESET", help="render training images on each rank")
     sim.add_argument("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override")
     sim.add_argument(
+        "--preset-override",
         "--sim-override",
         dest="sim_overrides",
         action="append",
@@ -318,16 +319,16 @@ def cpu_online_note(cfg: TrainConfig) -> str | None:
 
 def sim_overrides_from_args(args: argparse.Namespace) -> dict:
     """--sim-config (a YAML of preset fields; its 'preset: NAME' must agree with --simulate) plus
-    --sim-override; ValueError naming the file or value. Empty without --simulate (an error if given)."""
+    --preset-override; ValueError naming the file or value. Empty without --simulate (an error if given)."""
     if args.simulate is None:
         if args.sim_config or args.sim_overrides:
-            raise ValueError("--sim-config / --sim-override need --simulate PRESET")
+            raise ValueError("--sim-config / --preset-override need --simulate PRESET")
         if args.data_dir is None:
             raise ValueError("give --data DIR (a dataset) or --simulate PRESET (online simulation)")
         return {}
     from deeplense_ray.train.online import merge_sim_overrides
 
-    cli = parse_overrides(args.sim_overrides, "--sim-override")
+    cli = parse_overrides(args.sim_overrides, "--preset-override")
     return merge_sim_overrides(args.simulate, args.sim_config, cli)
 
 

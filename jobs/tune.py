@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="--task inference: classes whose images are used (default: those the targets exist on)",
     )
     a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
-    a("--scheduler", default="asha", help="asha (early stopping) or fifo (every trial runs --max-epochs)")
+    a("--trial-scheduler", dest="scheduler", default="asha",
+      help="asha (early stopping) or fifo (every trial runs --max-epochs); the learning-rate schedule is "
+           "--train-override scheduler=...")  # fmt: skip
     a("--search", default="optuna", help=f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
     a("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
     a("--experiment", default="deeplense-tune", help="MLflow experiment (default deeplense-tune)")

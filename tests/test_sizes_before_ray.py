@@ -99,7 +99,7 @@ def test_simulate_plan_memory_is_checked(tmp_path):
 
 
 def test_train_online_sets_larger_than_memory_exit_2(tmp_path, no_ray, capsys):
-    base = ["--model", "ResNetSimple", "--simulate", "model_ii", "--sim-override", "num_pix=32",
+    base = ["--model", "ResNetSimple", "--simulate", "model_ii", "--preset-override", "num_pix=32",
             "--tracking-uri", str(tmp_path / "mlruns"), "--storage-path", str(tmp_path / "runs")]  # fmt: skip
     _, err = _run("train", [*base, "--val-size", str(10**10)], capsys)
     assert "a rank's share of --val-size 10000000000 (10000000000 images)" in err, err

@@ -204,12 +204,13 @@ def _job(name: str):
 
 
 def test_job_flags_reach_the_config(tmp_path):
-    """--sim-config (YAML) under --sim-override; a YAML naming another preset, or sim flags without
-    --simulate, are errors; jobs/tune.py puts the same preset and sizes into its settings."""
+    """--sim-config (YAML) under --preset-override (alias --sim-override); a YAML naming another preset,
+    or sim flags without --simulate, are errors; jobs/tune.py puts the same preset and sizes into its
+    settings."""
     yml = tmp_path / "sim.yaml"
     yml.write_text(f"preset: {PRESET}\nnum_pix: 24\nsigma_bkg: 1e-2\n")
     train = _job("train")
-    argv = ["--model", "ResNetSimple", "--simulate", PRESET, "--sim-config", str(yml), "--sim-override",
+    argv = ["--model", "ResNetSimple", "--simulate", PRESET, "--sim-config", str(yml), "--preset-override",
             "num_pix=16", "--images-per-epoch", "64", "--val-size", "10", "--test-size", "12"]  # fmt: skip
     cfg = train.config_from_args(train.build_parser().parse_args(argv))
     assert cfg.simulate == PRESET and cfg.data_dir is None

@@ -56,7 +56,8 @@ def run_training(
     (:class:`deeplense_ray.tracking.console.RunWatcher`, reading the epochs rank 0 logs to the MLflow run).
 
     Everything is validated before Ray starts (ValueError / FileNotFoundError naming the value or file).
-    Uses the current Ray runtime if initialised, else ``ray.init()`` (which joins RAY_ADDRESS if set).
+    Uses the current Ray runtime if initialised, else :func:`deeplense_ray.runtime.connect` (the jobs' one
+    way to join $RAY_ADDRESS, the cluster ``ray start`` recorded, or a new local runtime on loopback).
 
     ``timeline``: the job's :class:`~deeplense_ray.train.timeline.Timeline` (jobs/train.py starts it before
     Ray); default one started here. Its phases and this run's epochs are logged as ``timeline.json`` and
@@ -79,7 +80,9 @@ def run_training(
     run_dir = Path(cfg.storage_path) / name
     try:
         if not ray.is_initialized():
-            ray.init()
+            from deeplense_ray.runtime import connect
+
+            connect()
         # 3. launch
         extra = {"mlflow": {"tracking_uri": uri, "run_id": run_id}, **dict(extra_loop_config or {})}
         timeline.mark("fit start")
