@@ -89,10 +89,12 @@ def _fmt(x: float) -> str:
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deeplense_ray.infer.population import (
+        PRIOR_LIKE_RATIO,
         infer_population,
         load_target,
         log_population_run,
         plot_population,
+        prior_width_ratio,
         select_lenses,
     )
     from deeplense_ray.io import atomic_write_text, json_ready
@@ -124,6 +126,8 @@ def _main(argv: list[str] | None = None) -> int:
         n_samples=args.samples,
         seed=args.seed,
     )
+    ratio = prior_width_ratio(data)
+    prior_like = ratio > PRIOR_LIKE_RATIO
     png = out.with_suffix(".png")
     plot_population(result, png, title=f"{args.target}: population of {result.n} lenses")
     doc = {
@@ -133,6 +137,8 @@ def _main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "model_uris": list(data.model_uris),
         "plot": str(png),
+        "posterior_std_over_prior_std": ratio,
+        "prior_like": prior_like,
     }
     atomic_write_text(out, json.dumps(json_ready(doc), indent=1, allow_nan=False) + "\n", fsync=False)
     run_id = None
@@ -148,6 +154,7 @@ def _main(argv: list[str] | None = None) -> int:
             "mu_range": list(result.mu_range),
             "sigma_range": list(result.sigma_range),
             "model_uris": ",".join(data.model_uris),
+            "prior_like": prior_like,
         }
         run_id = log_population_run(
             result, tracking_uri, args.experiment, params=params, artifacts=[out, png]
@@ -164,6 +171,7 @@ def _main(argv: list[str] | None = None) -> int:
         ("sigma median", _fmt(result.sigma_median)),
         ("sigma 95% upper limit", _fmt(result.sigma_upper95)),
         ("population mean", f"{_fmt(result.pop_mean_mean)} +- {_fmt(result.pop_mean_std)}"),
+        ("posterior std / prior std", f"{ratio:.2f} (median over lenses)"),
     ]
     if result.truth is not None:
         rows.append(("true values", f"mean {_fmt(result.truth['mean'])}, std {_fmt(result.truth['std'])}"))
@@ -171,6 +179,14 @@ def _main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if prior_like:
+        print(
+            "warning: the per-lens posteriors are about as wide as the training prior (median std / "
+            f"prior std {ratio:.2f} > {PRIOR_LIKE_RATIO}): they say little about each lens, and a Gaussian "
+            "that mimics the uniform prior reads as a measurement at its mean, so sigma (the scatter) is "
+            "not trustworthy; quote the population mean (docs/population.md)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -276,6 +276,7 @@ def test_job_end_to_end_with_mlflow(tmp_path, capsys):
     lo, hi = doc["mu"]["interval_95"]
     assert 0.0 <= lo < doc["mu"]["mean"] < hi <= 0.02 and doc["sigma"]["upper_95"] > 0
     assert doc["truth"]["n"] == 50 and Path(doc["plot"]).stat().st_size > 10_000
+    assert doc["prior_like"] is False and doc["posterior_std_over_prior_std"] < 0.5
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("population")
     (run,) = client.search_runs([exp.experiment_id])
@@ -286,6 +287,33 @@ def test_job_end_to_end_with_mlflow(tmp_path, capsys):
     assert main([*argv, "--no-mlflow"]) == 2  # exists
     assert "exists" in capsys.readouterr().err
     assert main([*argv, "--no-mlflow", "--overwrite", "--select", "65"]) == 0
+
+
+def test_prior_like_posteriors_are_flagged(tmp_path, capsys):
+    """Posteriors as wide as the uniform training prior (a network at the prior): the job still answers, and
+    says the scatter is not trustworthy (the mean is: every lens at the prior mean gives it)."""
+    from jobs.population import main
+
+    n, (a, b) = 200, PRIOR
+    rng = np.random.default_rng(3)
+    std = (b - a) / np.sqrt(12.0)
+    mean = np.stack([np.full(n, 0.5 * (a + b)) + rng.normal(0.0, 0.02 * std, n), np.zeros(n)], axis=1)
+    cov = np.zeros((n, 2, 2))
+    cov[:, 0, 0], cov[:, 1, 1] = std**2, 0.3**2
+    truth = np.stack([rng.uniform(a, b, n), np.full(n, np.nan)], axis=1)
+    priors = [("uniform", *PRIOR), ("uniform", -1.0, 1.0)]
+    post = gaussian_posteriors(["sigma_sub", "shear"], mean, cov, priors, truth=truth)
+    path = write_posteriors(tmp_path / "p.npz", post)
+    out = tmp_path / "pop.json"
+    argv = ["--posteriors", str(path), "--target", "sigma_sub", "--out", str(out), "--no-mlflow"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert doc["prior_like"] is True and doc["posterior_std_over_prior_std"] == pytest.approx(1.0, rel=1e-6)
+    assert "not trustworthy" in captured.err and "posterior std / prior std" in captured.out
+    # the failure it warns about: the population mean is right, the scatter far too small
+    assert abs(doc["population_mean"]["mean"] - 0.5 * (a + b)) < 3 * doc["population_mean"]["std"] + 1e-4
+    assert doc["sigma"]["upper_95"] < 0.5 * float(np.std(truth[:, 0]))
 
 
 @pytest.mark.parametrize(

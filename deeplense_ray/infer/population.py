@@ -630,6 +630,19 @@ def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetP
     )
 
 
+#: Median per-lens posterior std over the training prior's std above which the posteriors are prior-like.
+PRIOR_LIKE_RATIO = 0.8
+
+
+def prior_width_ratio(data: TargetPosteriors) -> float:
+    """Median over the lenses of the posterior std over the uniform training prior's std ((b - a) / sqrt 12):
+    about one when the network says nothing about a lens. A Gaussian posterior that only mimics the uniform
+    prior, divided by it, reads as a measurement at the prior mean: the mean of the population is still
+    right, its scatter is not (docs/population.md, "Uninformative per-lens posteriors")."""
+    a, b = data.prior
+    return float(np.median(data.std) / ((b - a) / math.sqrt(12.0)))
+
+
 def select_lenses(data: TargetPosteriors, count: int | None, seed: int = 0) -> TargetPosteriors:
     """``count`` lenses drawn without replacement (seeded, kept in file order); all of them for None."""
     if count is None:
