@@ -128,6 +128,8 @@ def _main(argv: list[str] | None = None) -> int:
     )
     ratio = prior_width_ratio(data)
     prior_like = ratio > PRIOR_LIKE_RATIO
+    # under a normal training prior a prior-like lens drops out (its ratio is flat) and sigma stays honest
+    scatter_untrusted = prior_like and data.prior_normal is None
     png = out.with_suffix(".png")
     plot_population(result, png, title=f"{args.target}: population of {result.n} lenses")
     doc = {
@@ -139,6 +141,7 @@ def _main(argv: list[str] | None = None) -> int:
         "plot": str(png),
         "posterior_std_over_prior_std": ratio,
         "prior_like": prior_like,
+        "scatter_trustworthy": not scatter_untrusted,
     }
     atomic_write_text(out, json.dumps(json_ready(doc), indent=1, allow_nan=False) + "\n", fsync=False)
     run_id = None
@@ -150,7 +153,7 @@ def _main(argv: list[str] | None = None) -> int:
             "select": args.select,
             "seed": args.seed,
             "method": result.method,
-            "training_prior": list(result.prior),
+            "training_prior": data.prior_label(),
             "mu_range": list(result.mu_range),
             "sigma_range": list(result.sigma_range),
             "model_uris": ",".join(data.model_uris),
@@ -164,7 +167,8 @@ def _main(argv: list[str] | None = None) -> int:
     rows = [
         ("target", args.target),
         ("lenses", str(result.n)),
-        ("training prior", f"U({_fmt(result.prior[0])}, {_fmt(result.prior[1])})"),
+        ("training prior", data.prior_label()),
+        ("informative lenses", str(result.data["informative_lenses"])),
         ("mu", f"{_fmt(result.mu_mean)} +- {_fmt(result.mu_std)}"),
         ("mu 68% (equal-tailed)", f"[{_fmt(lo68)}, {_fmt(hi68)}]"),
         ("mu 95% (equal-tailed)", f"[{_fmt(lo95)}, {_fmt(hi95)}]"),
@@ -179,12 +183,20 @@ def _main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    if prior_like:
+    if scatter_untrusted:
         print(
             "warning: the per-lens posteriors are about as wide as the training prior (median std / "
             f"prior std {ratio:.2f} > {PRIOR_LIKE_RATIO}): they say little about each lens, and a Gaussian "
             "that mimics the uniform prior reads as a measurement at its mean, so sigma (the scatter) is "
-            "not trustworthy; quote the population mean (docs/population.md)",
+            "not trustworthy; quote the population mean, or train under a normal prior (sigma_sub_normal; "
+            "docs/population.md)",
+            file=sys.stderr,
+        )
+    elif prior_like:
+        print(
+            f"note: the per-lens posteriors are about as wide as the training prior (median std / prior std "
+            f"{ratio:.2f}): {result.n - result.data['informative_lenses']} of {result.n} lenses say almost "
+            "nothing and the population posterior stays near its hyperprior",
             file=sys.stderr,
         )
     return 0

@@ -28,6 +28,16 @@ the tails); ``method="importance"`` is paltas' estimator instead: ``K`` samples 
 lens's (truncated) posterior, ``L_i ~ mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)`` (``sigma > 0``
 only: a delta population has no density at the samples).
 
+With a normal training prior (``N(mu_0, sigma_0^2)`` truncated to ``[a, b]``: ``sigma_sub_normal``,
+``sim/priors.py``, as paltas trains) the ratio ``post_i / prior_train`` is, up to a constant, the Gaussian
+``N(theta; l_i, lambda_i^2)`` on ``[a, b]`` with ``1/lambda_i^2 = 1/s_i^2 - 1/sigma_0^2`` and ``l_i =
+lambda_i^2 (m_i / s_i^2 - mu_0 / sigma_0^2)`` (:func:`implied_likelihood`): the formula above with ``(m_i,
+s_i)`` replaced by ``(l_i, lambda_i)``. A lens whose posterior is no narrower than the prior
+(``s_i >= sigma_0``) says nothing: its ratio is flat (it drops out). Under a uniform prior the same lens
+would read as a measurement at the prior's mean, because a Gaussian head cannot return the uniform prior
+itself; that is why a population needs the normal training prior when per-lens posteriors are broad
+(docs/population.md).
+
 Hyperprior: flat in ``mu`` over the training prior's support (or a sub-range) and flat in ``sigma`` over
 ``[0, sigma_max]`` (default ``sigma_max = b - a``; beyond it the truncated population is nearly uniform over
 the support and indistinguishable from wider ones). Flat, not log-flat, in ``sigma``: a log-flat prior
@@ -204,10 +214,16 @@ def sample_posteriors(
 
 
 def log_likelihood_importance(
-    samples: np.ndarray, low: float, high: float, mu: np.ndarray, sigma: np.ndarray
+    samples: np.ndarray,
+    low: float,
+    high: float,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    prior_normal: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """paltas' importance-sampling estimate of per-lens ``log L_i(mu, sigma)`` [n, M, S] from posterior
-    samples [n, K]: ``log mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)``. Needs ``sigma > 0``."""
+    samples [n, K]: ``log mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)`` (uniform on ``[low,
+    high]``, or ``prior_normal`` truncated to it, up to its normalisation). Needs ``sigma > 0``."""
     sigma = np.asarray(sigma, dtype=np.float64)
     mu = np.asarray(mu, dtype=np.float64)
     if (sigma <= 0).any():
@@ -225,9 +241,40 @@ def log_likelihood_importance(
         for i0 in range(0, n, block):
             xb = x[i0 : i0 + block, None, :]  # [b, 1, K]
             logp = _log_norm_pdf(xb, mu[None, :, None], var)  # [b, M, K]
+            if prior_normal is not None:
+                logp -= _log_norm_pdf(xb, prior_normal[0], prior_normal[1] ** 2)
             out[i0 : i0 + block, :, j] = logsumexp(logp, axis=2) - math.log(k)
         out[:, :, j] += math.log(high - low) - log_z[None, :, j]
     return out
+
+
+def implied_likelihood(
+    m: np.ndarray, s: np.ndarray, prior_normal: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(l, lambda, informative)`` [n]: the Gaussian ``N(theta; l_i, lambda_i^2)`` proportional to the
+    posterior ``N(m_i, s_i^2)`` over the normal training prior ``N(mean, std^2)`` (module docstring);
+    ``informative`` is False (and ``l, lambda`` NaN) where ``s_i >= std``: the ratio is flat there."""
+    mean0, std0 = float(prior_normal[0]), float(prior_normal[1])
+    m = np.asarray(m, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    scaled = (s / std0) ** 2  # the precision difference 1/s^2 - 1/std0^2 = (1 - scaled) / s^2
+    informative = scaled < 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam2 = np.where(informative, s * s / (1.0 - scaled), np.nan)
+        ell = lam2 * (m / (s * s) - mean0 / std0**2)
+    return ell, np.sqrt(lam2), informative
+
+
+def informative_lenses(
+    m: np.ndarray, s: np.ndarray, prior: tuple[float, float], prior_normal: tuple[float, float] | None
+) -> int:
+    """Lenses whose likelihood (posterior over training prior) is narrower than the prior's support: all of
+    them under a uniform prior (its Gaussian posterior always reads as one, see the module docstring), under a
+    normal prior those with ``lambda_i < high - low``."""
+    if prior_normal is None:
+        return int(np.size(m))
+    _, lam, keep = implied_likelihood(m, s, prior_normal)
+    return int((keep & (np.nan_to_num(lam, nan=np.inf) < prior[1] - prior[0])).sum())
 
 
 def log_likelihood_grid(
@@ -240,10 +287,16 @@ def log_likelihood_grid(
     *,
     method: str = "analytic",
     samples: np.ndarray | None = None,
+    prior_normal: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """``sum_i log L_i(mu, sigma)`` [M, S] over all lenses (blocks of :data:`LENS_BLOCK` lenses);
-    ``method="importance"`` uses ``samples`` [n, K] (:func:`sample_posteriors`)."""
+    """``sum_i log L_i(mu, sigma)`` [M, S] over all lenses (blocks of :data:`LENS_BLOCK` lenses), up to a
+    constant; ``method="importance"`` uses ``samples`` [n, K] (:func:`sample_posteriors`). With
+    ``prior_normal`` the training prior is that normal truncated to ``[low, high]`` (uninformative lenses
+    drop out of the analytic sum)."""
     total = np.zeros((np.size(mu), np.size(sigma)))
+    if method == "analytic" and prior_normal is not None:
+        m, s, keep = implied_likelihood(m, s, prior_normal)
+        m, s = m[keep], s[keep]
     n = np.size(m)
     for i0 in range(0, n, LENS_BLOCK):
         sl = slice(i0, i0 + LENS_BLOCK)
@@ -252,7 +305,7 @@ def log_likelihood_grid(
         elif method == "importance":
             if samples is None:
                 raise PopulationError("method='importance' needs posterior samples")
-            part = log_likelihood_importance(samples[sl], low, high, mu, sigma)
+            part = log_likelihood_importance(samples[sl], low, high, mu, sigma, prior_normal=prior_normal)
         else:
             raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         total += part.sum(axis=0)
@@ -355,7 +408,7 @@ class PopulationResult:
 
     target: str
     n: int
-    prior: tuple[float, float]  # training prior U(low, high)
+    prior: tuple[float, float]  # training prior's support [low, high]
     mu_range: tuple[float, float]  # hyperprior of mu: flat on it
     sigma_range: tuple[float, float]  # hyperprior of sigma: flat on it
     method: str
@@ -378,6 +431,7 @@ class PopulationResult:
     truth: dict[str, float] | None = None  # mean / std / n of the lenses' true values, when known
     data: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    prior_normal: tuple[float, float] | None = None  # training prior N(mean, std^2) truncated; None: uniform
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (the grid marginals included, not the 2-D grid)."""
@@ -385,7 +439,7 @@ class PopulationResult:
             "target": self.target,
             "n": self.n,
             "method": self.method,
-            "training_prior": {"kind": "uniform", "low": self.prior[0], "high": self.prior[1]},
+            "training_prior": training_prior_summary(self.prior, self.prior_normal),
             "hyperprior": {
                 "mu": {"kind": "uniform", "low": self.mu_range[0], "high": self.mu_range[1]},
                 "sigma": {"kind": "uniform", "low": self.sigma_range[0], "high": self.sigma_range[1]},
@@ -420,6 +474,18 @@ class PopulationResult:
         }
 
 
+def training_prior_summary(prior: tuple[float, float], normal: tuple[float, float] | None) -> dict[str, Any]:
+    """JSON form of a training prior: its kind, support and (truncnormal) the normal's mean and std."""
+    out: dict[str, Any] = {
+        "kind": "uniform" if normal is None else "truncnormal",
+        "low": prior[0],
+        "high": prior[1],
+    }
+    if normal is not None:
+        out.update(mean=normal[0], std=normal[1])
+    return out
+
+
 def _check_range(name: str, rng: Sequence[float], low: float, high: float, what: str) -> tuple[float, float]:
     try:
         lo, hi = (float(rng[0]), float(rng[1]))
@@ -437,6 +503,7 @@ def infer_population_1d(
     s: np.ndarray,
     prior: tuple[float, float],
     *,
+    prior_normal: tuple[float, float] | None = None,
     target: str = "theta",
     mu_range: Sequence[float] | None = None,
     sigma_max: float | None = None,
@@ -450,7 +517,8 @@ def infer_population_1d(
     resolution: float = RESOLUTION,
 ) -> PopulationResult:
     """Posterior of (mu, sigma) from per-lens Gaussian posteriors ``N(m_i, s_i^2)`` learnt under the training
-    prior ``U(prior)`` (module docstring). ``mu_range`` (default: the prior's support) and ``[sigma_min,
+    prior ``U(prior)``, or with ``prior_normal = (mean, std)`` under that normal truncated to ``prior``
+    (module docstring). ``mu_range`` (default: the prior's support) and ``[sigma_min,
     sigma_max]`` (default ``[0, high - low]``) are the flat hyperprior's ranges; ``method`` ``analytic`` or
     ``importance`` (``n_samples`` per lens, seeded; needs ``sigma_min > 0``). ``coarse_grid``, ``fine_grid``
     and ``resolution`` (points per posterior standard deviation) set the grids (module constants)."""
@@ -471,6 +539,11 @@ def infer_population_1d(
         raise PopulationError(f"posterior std of lens {bad} is {s[bad]:g}; it must be > 0")
     if method not in METHODS:
         raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if prior_normal is not None:
+        prior_normal = (float(prior_normal[0]), float(prior_normal[1]))
+        if not (math.isfinite(prior_normal[0]) and math.isfinite(prior_normal[1]) and prior_normal[1] > 0):
+            raise PopulationError(f"normal training prior of {target!r} needs a finite mean and std > 0, got "
+                                  f"{list(prior_normal)}")  # fmt: skip
     mu_lo, mu_hi = _check_range(
         "mu range", mu_range or (low, high), low, high, "the training prior's support"
     )
@@ -493,7 +566,13 @@ def infer_population_1d(
     def evaluate(box: tuple[float, float, float, float], shape: tuple[int, int]):
         mu = np.linspace(box[0], box[1], shape[0])
         sigma = np.linspace(box[2], box[3], shape[1])
-        return mu, sigma, log_likelihood_grid(m, s, low, high, mu, sigma, method=method, samples=samples)
+        return (
+            mu,
+            sigma,
+            log_likelihood_grid(
+                m, s, low, high, mu, sigma, method=method, samples=samples, prior_normal=prior_normal
+            ),
+        )
 
     box, shape = (mu_lo, mu_hi, float(sigma_min), sig_hi), coarse_grid
     for _ in range(1 + MAX_ZOOMS):
@@ -553,8 +632,13 @@ def infer_population_1d(
         pop_mean_std=pm_std,
         pop_mean_intervals={lv: (float(pm_q[2 * k]), float(pm_q[2 * k + 1])) for k, lv in enumerate(LEVELS)},
         truth=truth_summary,
-        data={"mean_of_means": float(m.mean()), "median_std": float(np.median(s))},
+        data={
+            "mean_of_means": float(m.mean()),
+            "median_std": float(np.median(s)),
+            "informative_lenses": informative_lenses(m, s, (low, high), prior_normal),
+        },
         seconds=time.perf_counter() - started,
+        prior_normal=prior_normal,
     )
 
 
@@ -566,11 +650,18 @@ class TargetPosteriors:
     target: str
     mean: np.ndarray  # [n]
     std: np.ndarray  # [n]
-    prior: tuple[float, float]
+    prior: tuple[float, float]  # the training prior's support
     truth: np.ndarray | None  # [n], NaN where unknown
     ids: tuple[str, ...]
     sources: tuple[str, ...]
     model_uris: tuple[str, ...]
+    prior_normal: tuple[float, float] | None = None  # (mean, std) of a truncnormal training prior
+
+    def prior_label(self) -> str:
+        lo, hi = self.prior
+        if self.prior_normal is None:
+            return f"U({lo:g}, {hi:g})"
+        return f"N({self.prior_normal[0]:g}, {self.prior_normal[1]:g}^2) on [{lo:g}, {hi:g}]"
 
 
 def target_posteriors(post: Posteriors, target: str, where: str = "posteriors") -> TargetPosteriors:
@@ -579,10 +670,13 @@ def target_posteriors(post: Posteriors, target: str, where: str = "posteriors") 
         j = post.target(target)
     except PosteriorFileError as e:
         raise PopulationError(f"{where}: {e}") from None
-    if post.prior_kind[j] != "uniform":
+    if post.prior_kind[j] not in ("uniform", "truncnormal"):
         raise PopulationError(
-            f"{where}: prior of {target!r} is {post.prior_kind[j]!r}; only uniform is handled"
+            f"{where}: prior of {target!r} is {post.prior_kind[j]!r}; handled: uniform, truncnormal"
         )
+    normal = None
+    if post.prior_kind[j] == "truncnormal":
+        normal = (float(post.prior_mean[j]), float(post.prior_std[j]))
     truth = None if post.truth is None else np.asarray(post.truth[:, j], dtype=np.float64)
     ids = post.ids if post.ids is not None else tuple(str(i) for i in range(post.n))
     return TargetPosteriors(
@@ -594,6 +688,7 @@ def target_posteriors(post: Posteriors, target: str, where: str = "posteriors") 
         ids=tuple(ids),
         sources=(where,) * post.n,
         model_uris=(post.model_uri,),
+        prior_normal=normal,
     )
 
 
@@ -609,10 +704,14 @@ def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetP
         parts.append(target_posteriors(read_posteriors(p), target, where=str(p)))
     first = parts[0]
     for part in parts[1:]:
-        if not np.allclose(part.prior, first.prior, rtol=1e-12, atol=0.0):
+        same_normal = (part.prior_normal is None) == (first.prior_normal is None) and (
+            part.prior_normal is None
+            or np.allclose(part.prior_normal, first.prior_normal, rtol=1e-12, atol=0.0)
+        )
+        if not (same_normal and np.allclose(part.prior, first.prior, rtol=1e-12, atol=0.0)):
             raise PopulationError(
-                f"training prior of {target!r} differs between {first.sources[0]} (U{first.prior}) and "
-                f"{part.sources[0]} (U{part.prior}); the prior correction needs one training prior"
+                f"training prior of {target!r} differs between {first.sources[0]} ({first.prior_label()}) "
+                f"and {part.sources[0]} ({part.prior_label()}); the prior correction needs one training prior"
             )
     if sum(part.mean.size for part in parts) == 0:
         raise PopulationError(f"no lenses in {', '.join(str(p) for p in paths)}")
@@ -627,6 +726,7 @@ def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetP
         ids=tuple(i for part in parts for i in part.ids),
         sources=tuple(src for part in parts for src in part.sources if part.mean.size) or first.sources,
         model_uris=tuple(dict.fromkeys(u for part in parts for u in part.model_uris if u)),
+        prior_normal=first.prior_normal,
     )
 
 
@@ -634,13 +734,22 @@ def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetP
 PRIOR_LIKE_RATIO = 0.8
 
 
-def prior_width_ratio(data: TargetPosteriors) -> float:
-    """Median over the lenses of the posterior std over the uniform training prior's std ((b - a) / sqrt 12):
-    about one when the network says nothing about a lens. A Gaussian posterior that only mimics the uniform
-    prior, divided by it, reads as a measurement at the prior mean: the mean of the population is still
-    right, its scatter is not (docs/population.md, "Uninformative per-lens posteriors")."""
+def prior_std(data: TargetPosteriors) -> float:
+    """The std of the training prior: uniform ``(b - a) / sqrt 12``, or the truncated normal's."""
     a, b = data.prior
-    return float(np.median(data.std) / ((b - a) / math.sqrt(12.0)))
+    if data.prior_normal is None:
+        return (b - a) / math.sqrt(12.0)
+    from deeplense_ray.train.gaussian import truncnorm_moments
+
+    return truncnorm_moments(*data.prior_normal, a, b)[1]
+
+
+def prior_width_ratio(data: TargetPosteriors) -> float:
+    """Median over the lenses of the posterior std over the training prior's std: about one when the network
+    says nothing about a lens. Under a uniform prior such a Gaussian posterior, divided by the prior, reads as
+    a measurement at the prior mean: the mean of the population is still right, its scatter is not; under a
+    normal prior it drops out (docs/population.md, "Uninformative per-lens posteriors")."""
+    return float(np.median(data.std) / prior_std(data))
 
 
 def select_lenses(data: TargetPosteriors, count: int | None, seed: int = 0) -> TargetPosteriors:
@@ -660,13 +769,20 @@ def select_lenses(data: TargetPosteriors, count: int | None, seed: int = 0) -> T
         ids=tuple(data.ids[i] for i in idx),
         sources=tuple(data.sources[i] for i in idx),
         model_uris=data.model_uris,
+        prior_normal=data.prior_normal,
     )
 
 
 def infer_population(data: TargetPosteriors, **kwargs) -> PopulationResult:
     """:func:`infer_population_1d` on gathered posteriors (keyword arguments passed on)."""
     return infer_population_1d(
-        data.mean, data.std, data.prior, target=data.target, truth=data.truth, **kwargs
+        data.mean,
+        data.std,
+        data.prior,
+        prior_normal=data.prior_normal,
+        target=data.target,
+        truth=data.truth,
+        **kwargs,
     )
 
 
@@ -716,11 +832,13 @@ def simulate_population_posteriors(
     noise: tuple[float, float],
     rng: np.random.Generator,
     overconfidence: float = 1.0,
+    prior_normal: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-lens posteriors of a perfectly calibrated estimator: ``theta_i ~ N(mu, sigma^2)`` truncated to the
     prior, ``s_i ~ U(noise)``, ``d_i = theta_i + s_i eps``; the posterior under the uniform prior is
-    ``N(d_i, s_i^2)`` truncated to it. Returns (means d [n], stds [n] divided by ``overconfidence``,
-    truths theta [n])."""
+    ``N(d_i, s_i^2)`` truncated to it, under the normal ``prior_normal = (m0, s0)`` the product
+    ``N((d_i/s_i^2 + m0/s0^2) v_i, v_i)``, ``1/v_i = 1/s_i^2 + 1/s0^2``. Returns (means [n], stds [n] divided
+    by ``overconfidence``, truths theta [n])."""
     low, high = prior
     if sigma > 0:
         theta = truncnorm_draw(float(mu), float(sigma), low, high, (n,), rng)
@@ -728,6 +846,10 @@ def simulate_population_posteriors(
         theta = np.full(n, float(mu))
     s = rng.uniform(noise[0], noise[1], size=n)
     d = theta + s * rng.standard_normal(n)
+    if prior_normal is not None:
+        m0, s0 = prior_normal
+        v = 1.0 / (1.0 / s**2 + 1.0 / s0**2)
+        d, s = v * (d / s**2 + m0 / s0**2), np.sqrt(v)
     return d, s / overconfidence, theta
 
 
@@ -792,7 +914,8 @@ def calibration_run(
     **kwargs,
 ) -> CalibrationRun:
     """``replicates`` populations of ``n`` lenses (:func:`simulate_population_posteriors`, replicate ``r``
-    seeded by ``(seed, r)``), each inferred (:func:`infer_population_1d`, ``kwargs`` passed on)."""
+    seeded by ``(seed, r)``), each inferred (:func:`infer_population_1d`, ``kwargs`` passed on; their
+    ``prior_normal`` is also the prior the posteriors are simulated under)."""
     started = time.perf_counter()
     means, stds, sig95 = np.empty(replicates), np.empty(replicates), np.empty(replicates)
     bounds = {lv: (np.empty(replicates), np.empty(replicates)) for lv in LEVELS}
@@ -801,7 +924,9 @@ def calibration_run(
     pm_z = np.empty(replicates)
     for r in range(replicates):
         rng = np.random.default_rng([seed, r])
-        d, s, _ = simulate_population_posteriors(n, mu_true, sigma_true, prior, noise, rng, overconfidence)
+        d, s, _ = simulate_population_posteriors(
+            n, mu_true, sigma_true, prior, noise, rng, overconfidence, kwargs.get("prior_normal")
+        )
         res = infer_population_1d(d, s, prior, **kwargs)
         means[r], stds[r], sig95[r] = res.mu_mean, res.mu_std, res.sigma_upper95
         pm_z[r] = (res.pop_mean_mean - pm_true) / res.pop_mean_std

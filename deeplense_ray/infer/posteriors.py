@@ -15,9 +15,12 @@ key                       shape, dtype          meaning
 ``mean``                  [n, T] float64        posterior means
 ``cov``                   [n, T, T] float64     posterior covariances (symmetric, positive definite)
 ``truth``                 [n, T] float64        true values where known (simulated data), else NaN
-``prior_kind``            [T] str               the training prior's family per target: ``uniform``
-``prior_low``             [T] float64           its lower bound
+``prior_kind``            [T] str               the training prior's family per target: ``uniform`` or
+                                                ``truncnormal`` (a normal truncated to [low, high])
+``prior_low``             [T] float64           its lower bound (the support's)
 ``prior_high``            [T] float64           its upper bound
+``prior_mean``            [T] float64           ``truncnormal``: the normal's mean (NaN for ``uniform``)
+``prior_std``             [T] float64           ``truncnormal``: the normal's std (NaN for ``uniform``)
 ``ids``                   [n] str               an identifier per lens (file and index, or dataset row)
 ``model_uri``             [] str                the model that produced them
 ========================  ====================  ==========================================================
@@ -35,7 +38,7 @@ import numpy as np
 from deeplense_ray.io import atomic_path
 
 #: Training-prior families a posterior file may name.
-PRIOR_KINDS = ("uniform",)
+PRIOR_KINDS = ("uniform", "truncnormal")
 
 
 class PosteriorFileError(ValueError):
@@ -55,9 +58,20 @@ class Posteriors:
     truth: np.ndarray | None = None  # [n, T], NaN where unknown
     ids: tuple[str, ...] | None = None
     model_uri: str = ""
+    prior_mean: np.ndarray | None = None  # [T] truncnormal: the normal's mean, NaN if uniform; None: all NaN
+    prior_std: np.ndarray | None = None  # [T] truncnormal: the normal's std
 
     def __post_init__(self) -> None:
+        t = len(self.targets)
+        for name in ("prior_mean", "prior_std"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, np.full(t, np.nan) if v is None else np.asarray(v, np.float64))
         check_posteriors(self)
+
+    def prior(self, j: int) -> list:
+        """The training prior of target ``j``: ``[kind, low, high]`` or ``[kind, low, high, mean, std]``."""
+        p = [self.prior_kind[j], float(self.prior_low[j]), float(self.prior_high[j])]
+        return p + [float(self.prior_mean[j]), float(self.prior_std[j])] if p[0] == "truncnormal" else p
 
     @property
     def n(self) -> int:
@@ -99,6 +113,13 @@ def check_posteriors(p: Posteriors, where: str = "posteriors") -> None:
             raise PosteriorFileError(f"{where}: prior of {name!r} is {kind!r}; known: {known}")
         if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
             raise PosteriorFileError(f"{where}: prior of {name!r} needs finite low < high, got [{lo}, {hi}]")
+    if p.prior_mean.shape != (t,) or p.prior_std.shape != (t,):
+        raise PosteriorFileError(f"{where}: prior_mean and prior_std need one value per target ({t})")
+    for name, kind, mean, std in zip(p.targets, p.prior_kind, p.prior_mean, p.prior_std):
+        if kind == "truncnormal" and not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+            raise PosteriorFileError(
+                f"{where}: truncnormal prior of {name!r} needs a finite mean and std > 0, got {mean}, {std}"
+            )
     if p.truth is not None and p.truth.shape != (n, t):
         raise PosteriorFileError(f"{where}: truth must be [{n}, {t}], got {list(p.truth.shape)}")
     if p.ids is not None and len(p.ids) != n:
@@ -118,6 +139,8 @@ def write_posteriors(path: str | os.PathLike[str], p: Posteriors) -> Path:
         "prior_kind": np.asarray(p.prior_kind, dtype=str),
         "prior_low": np.asarray(p.prior_low, dtype=np.float64),
         "prior_high": np.asarray(p.prior_high, dtype=np.float64),
+        "prior_mean": np.asarray(p.prior_mean, dtype=np.float64),
+        "prior_std": np.asarray(p.prior_std, dtype=np.float64),
         "ids": np.asarray(p.ids if p.ids is not None else [str(i) for i in range(p.n)], dtype=str),
         "model_uri": np.asarray(p.model_uri, dtype=str),
     }
@@ -150,6 +173,8 @@ def read_posteriors(path: str | os.PathLike[str]) -> Posteriors:
             truth=None if truth is None or np.isnan(truth).all() else np.asarray(truth, dtype=np.float64),
             ids=tuple(str(x) for x in data["ids"]) if "ids" in data else None,
             model_uri=str(data["model_uri"]) if "model_uri" in data else "",
+            prior_mean=data.get("prior_mean"),
+            prior_std=data.get("prior_std"),
         )
     except PosteriorFileError as e:
         raise PosteriorFileError(f"{src}: {e}") from None
@@ -159,16 +184,20 @@ def gaussian_posteriors(
     targets: Sequence[str],
     mean: np.ndarray,
     cov: np.ndarray,
-    prior: Sequence[tuple[str, float, float]],
+    prior: Sequence[Sequence],
     **extra,
 ) -> Posteriors:
-    """Build :class:`Posteriors` from arrays; ``prior`` is one (kind, low, high) per target."""
+    """Build :class:`Posteriors` from arrays; ``prior`` is one ``[kind, low, high]`` (uniform) or ``[kind,
+    low, high, mean, std]`` (truncnormal) per target."""
+    shape = [(float(p[3]), float(p[4])) if len(p) > 3 else (np.nan, np.nan) for p in prior]
     return Posteriors(
         targets=tuple(targets),
         mean=np.asarray(mean, dtype=np.float64),
         cov=np.asarray(cov, dtype=np.float64),
-        prior_kind=tuple(k for k, _, _ in prior),
-        prior_low=np.asarray([lo for _, lo, _ in prior], dtype=np.float64),
-        prior_high=np.asarray([hi for _, _, hi in prior], dtype=np.float64),
+        prior_kind=tuple(str(p[0]) for p in prior),
+        prior_low=np.asarray([p[1] for p in prior], dtype=np.float64),
+        prior_high=np.asarray([p[2] for p in prior], dtype=np.float64),
+        prior_mean=np.asarray([m for m, _ in shape], dtype=np.float64),
+        prior_std=np.asarray([sd for _, sd in shape], dtype=np.float64),
         **extra,
     )

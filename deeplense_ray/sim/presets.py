@@ -8,14 +8,15 @@ distribution; the class only decides the substructure:
 - ``no_sub``: none;
 - ``cdm``: with ``sigma_sub`` set (the physical presets), a normalised population (paltas / DG19, see
   ``sim/substructure.py``): d^2N/(dm dA) = (Sigma_sub / m_pivot)(m / m_pivot)^-subhalo_mass_slope, Sigma_sub
-  uniform in ``sigma_sub`` [kpc^-2] per image, m in ``subhalo_mass``, Poisson counts within
+  uniform in ``sigma_sub`` [kpc^-2] per image (or with ``sigma_sub_normal`` a normal truncated to it,
+  ``sim/priors.py``), m in ``subhalo_mass``, Poisson counts within
   ``subhalo_area_radius`` x theta_E, positions uniform in that disk, tNFW with the DG19 concentration and
   truncation (``subhalo_concentration_model="dg19"``) or point masses; with ``sigma_sub`` null (legacy,
   the published recipe) ``subhalo_count`` subhalos, masses dN/dm ~ m^-subhalo_mass_slope in
   ``subhalo_mass``, radius uniform in ``subhalo_radius`` around the lens centre, angle uniform;
 - ``axion``: a uniform line segment (vortex) through the lens centre at a random angle, total mass
   ``vortex_mass``, half length ``vortex_half_length_ref * (1e-22 eV / m_axion)``,
-  log10 m_axion uniform in ``axion_log10_mass``;
+  log10 m_axion uniform in ``axion_log10_mass`` (or a truncated normal: ``axion_log10_mass_normal``);
 - ``cdm_smooth`` (a control, not in the default class list; with ``sigma_sub`` set): the cdm population
   averaged over angle about the lens centre, no clumps (``sim/compensation.py``);
 - ``fdm`` (wave / fuzzy dark matter, not in the default class list): the host halo's granule convergence
@@ -53,8 +54,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cosmology import DISTANCE_KINDS
+from .priors import MIN_MASS, NORMAL_PRIOR_FIELDS, normal_field, normal_mass
 
 Range = tuple[float, float]
+Normal = tuple[float, float]  # (mean, std)
 
 #: the classes of a preset unless it names others
 DEFAULT_CLASSES = ("no_sub", "axion", "cdm")
@@ -154,6 +157,9 @@ class Preset:
     subhalo_truncation: float = 5.0  # tNFW only: r_trunc = this * Rs
     # normalised population (sigma_sub set; sim/substructure.py): paltas / Wagner-Carena et al. 2022 values
     sigma_sub: Range | None = None  # Sigma_sub [kpc^-2], uniform per image; null: subhalo_count (legacy)
+    # [mean, std]: Sigma_sub ~ N(mean, std^2) truncated to sigma_sub instead (sim/priors.py; paltas:
+    # [2e-3, 1.1e-3]); the training prior an inference run records and a population inference divides out
+    sigma_sub_normal: Normal | None = None
     subhalo_m_pivot: float = 1e10  # Msun
     subhalo_area_radius: float = 3.0  # subhalos within this x theta_E of the lens centre
     subhalo_concentration_model: str = "fixed"  # "fixed": subhalo_concentration/_truncation; "dg19"
@@ -164,6 +170,7 @@ class Preset:
     subhalo_conc_scatter: float = 0.13  # dex
     subhalo_host_m200: float = 1e13  # Msun: host cored NFW (core r200/2, |z| < r200) of the DG19 depths
     axion_log10_mass: Range = (-24.0, -22.0)  # log10 eV
+    axion_log10_mass_normal: Normal | None = None  # [mean, std]: a normal truncated to axion_log10_mass
     vortex_mass: float = 3e10  # Msun
     vortex_half_length_ref: float = 0.03  # arcsec at m_axion = 1e-22 eV
     vortex_profile: str = "segment"  # or "point_chain": vortex_points equal point masses on the segment
@@ -280,8 +287,17 @@ _PUBLISHED = dict(
 )
 
 #: HST WFC3 F160W, Gaussian PSF (lenstronomy's HST GAUSSIAN settings): model_iii and the published Model III.
-_HST_F160W = dict(num_pix=64, delta_pix=0.08, psf_fwhm=0.08, exposure_time_single=5400.0, num_exposures=1,
-                  sky_brightness=22.3, zero_point=25.96, read_noise=4.0, gain=2.5)
+_HST_F160W = dict(
+    num_pix=64,
+    delta_pix=0.08,
+    psf_fwhm=0.08,
+    exposure_time_single=5400.0,
+    num_exposures=1,
+    sky_brightness=22.3,
+    zero_point=25.96,
+    read_noise=4.0,
+    gain=2.5,
+)
 
 #: Euclid VIS as the installed lenstronomy has it now (``SimulationAPI/ObservationConfig/Euclid.py``:
 #: 4 x 566 s, sky 22.3 mag/arcsec^2, zero point 25.72, seeing 0.16", read noise 4.2 e-, gain 3.1,
@@ -415,6 +431,7 @@ def get_preset(name: str) -> Preset:
 # ------------------------------------------------------------------------------------------- validation
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Preset)}
+_NORMAL_FIELDS = tuple(normal_field(f) for f in NORMAL_PRIOR_FIELDS)
 _RANGE_FIELDS = {n for n, f in _FIELDS.items() if f.type in ("Range", "tuple[int, int]", "Range | None")}
 
 
@@ -428,8 +445,14 @@ def _finite(x: Any) -> bool:
 
 def _coerce(name: str, value: Any) -> Any:
     """Lists -> tuples, ints stay ints; type errors name the field."""
-    if name in ("sigma_sub", "delta_los") and value is None:
+    if name in ("sigma_sub", "delta_los", *_NORMAL_FIELDS) and value is None:
         return None
+    if name in _NORMAL_FIELDS:
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_finite(v) for v in value):
+            _fail(name, value, "null or a [mean, std] pair of finite numbers")
+        if not value[1] > 0:
+            _fail(name, value, "a [mean, std] pair with std > 0")
+        return (float(value[0]), float(value[1]))
     if name in _RANGE_FIELDS:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             _fail(name, value, "a [low, high] pair of finite numbers")
@@ -557,6 +580,7 @@ def validate_preset(p: Preset) -> Preset:
 
     validate_los(p, _fail)
     _validate_fdm(p)
+    _validate_normal_priors(p)
     for name in (
         "lens_center",
         "lens_orientation",
@@ -600,6 +624,21 @@ def _validate_macro(p: Preset) -> None:
         _fail("source_mag_count_slope", p.source_mag_count_slope, "a finite number [dex per magnitude]")
     if p.lens_light_subtracted and p.noise not in ("none", "snr", "instrument"):
         _fail("lens_light_subtracted", True, "only with noise 'none', 'snr' or 'instrument'")
+
+
+def _validate_normal_priors(p: Preset) -> None:
+    """A ``<field>_normal`` needs its range set and must put some mass inside it."""
+    for field in NORMAL_PRIOR_FIELDS:
+        normal = getattr(p, normal_field(field))
+        rng = getattr(p, field)
+        if normal is None:
+            continue
+        if rng is None:
+            _fail(normal_field(field), list(normal), f"null unless {field} (its range) is set")
+        if not rng[1] > rng[0]:
+            _fail(normal_field(field), list(normal), f"null when {field} {list(rng)} is a single value")
+        if normal_mass(*normal, *rng) < MIN_MASS:
+            _fail(normal_field(field), list(normal), f"a normal with mass >= {MIN_MASS:g} inside {list(rng)}")
 
 
 def _validate_fdm(p: Preset) -> None:

@@ -23,6 +23,7 @@ from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .los import draw_los, los_enabled
 from .presets import Preset
+from .priors import draw_in_range
 from .substructure import draw_subhalos, power_law_masses
 
 _F64 = torch.float64
@@ -226,7 +227,7 @@ def draw_parameters(
         p["subhalo_mass"] = torch.zeros((n, 0), dtype=_F64, device=dev)
 
     if "axion" in name_of:
-        log_m = _u(g, n, preset.axion_log10_mass)
+        log_m = draw_in_range(_u(g, n, (0.0, 1.0)), preset.axion_log10_mass, preset.axion_log10_mass_normal)
         vang = _u(g, n, (0.0, math.pi))
         m_ax = torch.where(is_axion, 10.0**log_m, torch.zeros_like(log_m))
         p["axion_mass"] = m_ax

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import cosmology
+from .priors import draw_in_range
 
 _F64 = torch.float64
 
@@ -276,8 +277,8 @@ def draw_subhalos(
     idx = torch.nonzero(is_cdm.to(dev)).squeeze(1)
     m = int(idx.numel())
     kpa = kpc_per_arcsec(pre.z_lens, h0=pre.H0, om0=pre.Om0)
-    lo, hi = pre.sigma_sub
-    sig = lo + (hi - lo) * torch.rand(m, generator=g, dtype=_F64, device=dev)
+    u_sig = torch.rand(m, generator=g, dtype=_F64, device=dev)
+    sig = draw_in_range(u_sig, pre.sigma_sub, pre.sigma_sub_normal)  # uniform, or the truncated normal
     r_max = pre.subhalo_area_radius * theta_E[idx]  # arcsec
     mu = expected_count(
         sig, math.pi * (r_max * kpa) ** 2, m_min=pre.subhalo_mass[0], m_max=pre.subhalo_mass[1],

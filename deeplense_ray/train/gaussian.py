@@ -126,6 +126,30 @@ def uniform_moments(low: float, high: float) -> tuple[float, float]:
     return 0.5 * (float(low) + float(high)), (float(high) - float(low)) / math.sqrt(12.0)
 
 
+def truncnorm_moments(mean: float, std: float, low: float, high: float) -> tuple[float, float]:
+    """(mean, std) of ``N(mean, std^2)`` truncated to [low, high] (closed form)."""
+    from scipy.stats import truncnorm
+
+    a, b = (float(low) - float(mean)) / float(std), (float(high) - float(mean)) / float(std)
+    m, v = truncnorm.stats(a, b, loc=float(mean), scale=float(std), moments="mv")
+    return float(m), float(math.sqrt(float(v)))
+
+
+#: Training-prior families of a target: ``[kind, low, high]`` (uniform) or ``[kind, low, high, mean, std]``
+#: (a normal truncated to [low, high]); [low, high] is the support either way.
+PRIOR_KINDS: tuple[str, ...] = ("uniform", "truncnormal")
+
+
+def prior_moments(prior: Sequence[Any]) -> tuple[float, float]:
+    """(mean, std) of a training prior ``[kind, low, high, *shape]`` (:data:`PRIOR_KINDS`)."""
+    kind = str(prior[0])
+    if kind == "uniform":
+        return uniform_moments(prior[1], prior[2])
+    if kind == "truncnormal":
+        return truncnorm_moments(prior[3], prior[4], prior[1], prior[2])
+    raise ValueError(f"unknown training-prior kind {kind!r}; known: {list(PRIOR_KINDS)}")
+
+
 # ---------------------------------------------------------------------------------------------- calibration
 def _z_of_level(level: float) -> float:
     """Half-width in standard deviations of the central interval of probability ``level``."""
@@ -260,4 +284,7 @@ __all__ = [
     "standardize",
     "to_physical",
     "uniform_moments",
+    "truncnorm_moments",
+    "prior_moments",
+    "PRIOR_KINDS",
 ]

@@ -82,7 +82,7 @@ def inference_fields(cfg: Any, info: Any) -> dict[str, Any]:
     """The loop-config entries of an inference run of ``cfg`` (a TrainConfig) on ``info`` (its DatasetInfo):
     ``task``, ``targets``, ``class_names`` (the task's classes: the model's), ``data_class_names`` (the
     classes of the stored splits it reads, whose labels index them), ``keep_labels`` (their ids of the task's
-    classes), ``target_loc``, ``target_scale``, ``target_prior`` ([kind, low, high]) and ``prior_std``.
+    classes), ``target_loc``, ``target_scale``, ``target_prior`` (``targets.preset_prior``) and ``prior_std``.
     ValueError naming a target that is not in the data or cannot be standardised."""
     targets = list(cfg.targets)
     online = info.sim_preset is not None

@@ -6,7 +6,7 @@ A target is any scalar the simulator stores per image (``SimResult.params`` / th
 by its stored name, plus named transforms:
 
 ==================  ============================  ===========  ======================================
-target              value per image               images of    training prior (uniform, from preset)
+target              value per image               images of    training prior (from the preset)
 ==================  ============================  ===========  ======================================
 ``sigma_sub``       ``subhalo_sigma_sub``         ``cdm``      ``preset.sigma_sub`` [kpc^-2]
 ``log10_m_axion``   ``log10(axion_mass)``         ``axion``    ``preset.axion_log10_mass`` [log10 eV]
@@ -18,23 +18,25 @@ A target is only defined on some classes (there is no Sigma_sub on a no-substruc
 classes (:func:`default_classes`) are the classes every target exists on; images of other classes are left
 out of training, validation and test. An online run renders only those classes.
 
-Standardisation: ``z = (x - loc) / scale`` with the prior's mean and std (a uniform prior on [a, b]: (a + b)/2
-and (b - a)/sqrt(12)); for a target without a preset prior the training split's (or, online, a sample's)
-mean and std. The run's loop config, its checkpoints' ``meta.json`` (``arch``) and its logged model carry
-``targets``, ``target_loc``, ``target_scale`` and ``target_prior`` ([kind, low, high] per target), so
-predictions are de-standardised and a population inference can divide the prior out.
+The preset's prior is uniform on its range, or with the range's ``_normal`` companion (``sigma_sub_normal``,
+``axion_log10_mass_normal``) a normal truncated to it. Standardisation: ``z = (x - loc) / scale`` with the
+prior's mean and std (a uniform prior on [a, b]: (a + b)/2 and (b - a)/sqrt(12)); for a target without a
+preset prior the training split's (or, online, a sample's) mean and std. The run's loop config, its
+checkpoints' ``meta.json`` (``arch``) and its logged model carry ``targets``, ``target_loc``,
+``target_scale`` and ``target_prior`` (per target ``[kind, low, high]``, or ``[kind, low, high, mean, std]``
+for a truncated normal), so predictions are de-standardised and a population inference can divide the prior
+out.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from deeplense_ray.config import TASKS
-from deeplense_ray.train.gaussian import uniform_moments
+from deeplense_ray.train.gaussian import prior_moments
 
 #: target name -> (stored parameter, transform, the class it exists on or None (all), preset range field).
 KNOWN_TARGETS: dict[str, tuple[str, str, str | None, str | None]] = {
@@ -117,14 +119,20 @@ def target_values(params: Mapping[str, Any], targets: Sequence[str]):
     return np.stack(cols, axis=1)
 
 
-def preset_prior(target: str, preset: Mapping[str, Any] | None) -> tuple[str, float, float] | None:
-    """The uniform training prior of ``target`` from a resolved preset dict, or None if it has none."""
+def preset_prior(target: str, preset: Mapping[str, Any] | None) -> list[Any] | None:
+    """The training prior of ``target`` from a resolved preset dict: ``["uniform", low, high]`` on the
+    preset's range, or ``["truncnormal", low, high, mean, std]`` with the range's ``_normal`` companion set
+    (``sim/priors.py``); None if the preset has none."""
     if preset is None or target not in KNOWN_TARGETS:
         return None
-    rng = preset.get(KNOWN_TARGETS[target][3])
+    field = KNOWN_TARGETS[target][3]
+    rng = preset.get(field)
     if rng is None or len(rng) != 2 or not float(rng[1]) > float(rng[0]):
         return None
-    return ("uniform", float(rng[0]), float(rng[1]))
+    normal = preset.get(f"{field}_normal")
+    if normal is not None:
+        return ["truncnormal", float(rng[0]), float(rng[1]), float(normal[0]), float(normal[1])]
+    return ["uniform", float(rng[0]), float(rng[1])]
 
 
 def target_spec(
@@ -137,7 +145,7 @@ def target_spec(
     for k, t in enumerate(targets):
         p = preset_prior(t, preset)
         if p is not None:
-            m, s = uniform_moments(p[1], p[2])
+            m, s = prior_moments(p)
         else:
             if sample is None:
                 raise ValueError(f"target {t!r} has no preset prior and no sample to standardise it")
@@ -145,7 +153,7 @@ def target_spec(
             col = col[np.isfinite(col)]
             if len(col) < 2 or not float(col.max()) > float(col.min()):
                 raise ValueError(f"target {t!r} does not vary in the training data: cannot be inferred")
-            p = ("uniform", float(col.min()), float(col.max()))
+            p = ["uniform", float(col.min()), float(col.max())]
             m, s = float(col.mean()), float(col.std())
         loc.append(m)
         scale.append(s)
@@ -155,7 +163,7 @@ def target_spec(
         "target_loc": loc,
         "target_scale": scale,
         "target_prior": prior,
-        "prior_std": [uniform_moments(lo, hi)[1] for _, lo, hi in prior],
+        "prior_std": prior_std_of(prior),
     }
 
 
@@ -169,7 +177,8 @@ def class_label_ids(classes: Sequence[str], data_classes: Sequence[str]) -> list
 
 
 def prior_std_of(prior: Sequence[Sequence[Any]]) -> list[float]:
-    return [uniform_moments(lo, hi)[1] if kind == "uniform" else math.nan for kind, lo, hi in prior]
+    """The std of each target's training prior (:func:`deeplense_ray.train.gaussian.prior_moments`)."""
+    return [prior_moments(p)[1] for p in prior]
 
 
 __all__ = [
