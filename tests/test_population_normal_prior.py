@@ -28,6 +28,7 @@ from deeplense_ray.infer.population import (
     log_likelihood_analytic,
     log_likelihood_grid,
     log_likelihood_importance,
+    prior_gaussian,
     sample_posteriors,
     simulate_population_posteriors,
 )
@@ -161,9 +162,11 @@ def test_normal_prior_divided_out_gives_the_measurement_likelihood():
     rng = np.random.default_rng(3)
     theta, s = rng.uniform(*PRIOR, 50), rng.uniform(*NOISE, 50)
     d = theta + s * rng.standard_normal(50)
-    v = 1.0 / (1.0 / s**2 + 1.0 / NORMAL[1] ** 2)
-    post_mean, post_std = v * (d / s**2 + NORMAL[0] / NORMAL[1] ** 2), np.sqrt(v)
-    ell, lam, keep = implied_likelihood(post_mean, post_std, NORMAL)
+    m0, s0 = prior_gaussian(NORMAL, PRIOR)  # what is divided out: the truncated normal's moments
+    assert s0 == pytest.approx(_truncnorm(*NORMAL, *PRIOR).std()) and s0 < 0.95 * NORMAL[1]
+    v = 1.0 / (1.0 / s**2 + 1.0 / s0**2)
+    post_mean, post_std = v * (d / s**2 + m0 / s0**2), np.sqrt(v)
+    ell, lam, keep = implied_likelihood(post_mean, post_std, (m0, s0))
     np.testing.assert_allclose(ell, d, rtol=0, atol=1e-15)
     np.testing.assert_allclose(lam, s, rtol=1e-12)
     a = infer_population_1d(post_mean, post_std, PRIOR, prior_normal=NORMAL)
@@ -197,7 +200,8 @@ def test_prior_like_lenses_leave_the_scatter_unconstrained():
     d, s, theta = simulate_population_posteriors(
         1000, *NORMAL, PRIOR, (1.0, 1.0), np.random.default_rng(0), prior_normal=NORMAL
     )
-    assert np.allclose(s, NORMAL[1], rtol=1e-6) and np.allclose(d, NORMAL[0], rtol=1e-2)
+    ref = _truncnorm(*NORMAL, *PRIOR)  # a network at the prior returns its mean and std
+    assert np.allclose(s, ref.std(), rtol=1e-6) and np.allclose(d, ref.mean(), rtol=1e-2)
     honest = infer_population_1d(d, s, PRIOR, prior_normal=NORMAL)
     wrong = infer_population_1d(d, s, PRIOR)
     assert honest.data["informative_lenses"] == 0

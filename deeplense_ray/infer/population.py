@@ -28,11 +28,13 @@ the tails); ``method="importance"`` is paltas' estimator instead: ``K`` samples 
 lens's (truncated) posterior, ``L_i ~ mean_k p(theta_ik | mu, sigma) / prior_train(theta_ik)`` (``sigma > 0``
 only: a delta population has no density at the samples).
 
-With a normal training prior (``N(mu_0, sigma_0^2)`` truncated to ``[a, b]``: ``sigma_sub_normal``,
-``sim/priors.py``, as paltas trains) the ratio ``post_i / prior_train`` is, up to a constant, the Gaussian
-``N(theta; l_i, lambda_i^2)`` on ``[a, b]`` with ``1/lambda_i^2 = 1/s_i^2 - 1/sigma_0^2`` and ``l_i =
-lambda_i^2 (m_i / s_i^2 - mu_0 / sigma_0^2)`` (:func:`implied_likelihood`): the formula above with ``(m_i,
-s_i)`` replaced by ``(l_i, lambda_i)``. A lens whose posterior is no narrower than the prior
+With a normal training prior (a normal truncated to ``[a, b]``: ``sigma_sub_normal``, ``sim/priors.py``, as
+paltas trains) the prior divided out is its moment-matched Gaussian ``N(mu_0, sigma_0^2)`` (the truncated
+normal's mean and std: what a Gaussian head trained by likelihood returns for an image that tells nothing;
+the normal itself where the truncation is negligible). The ratio ``post_i / N(mu_0, sigma_0^2)`` is, up to
+a constant, the Gaussian ``N(theta; l_i, lambda_i^2)`` with ``1/lambda_i^2 = 1/s_i^2 - 1/sigma_0^2`` and
+``l_i = lambda_i^2 (m_i / s_i^2 - mu_0 / sigma_0^2)`` (:func:`implied_likelihood`): the formula above with
+``(m_i, s_i)`` replaced by ``(l_i, lambda_i)``. A lens whose posterior is no narrower than the prior
 (``s_i >= sigma_0``) says nothing: its ratio is flat (it drops out). Under a uniform prior the same lens
 would read as a measurement at the prior's mean, because a Gaussian head cannot return the uniform prior
 itself; that is why a population needs the normal training prior when per-lens posteriors are broad
@@ -246,6 +248,13 @@ def log_likelihood_importance(
             out[i0 : i0 + block, :, j] = logsumexp(logp, axis=2) - math.log(k)
         out[:, :, j] += math.log(high - low) - log_z[None, :, j]
     return out
+
+
+def prior_gaussian(prior_normal: tuple[float, float], support: tuple[float, float]) -> tuple[float, float]:
+    """(mean, std) of ``N(prior_normal)`` truncated to ``support``: the Gaussian a population divides out."""
+    from deeplense_ray.train.gaussian import truncnorm_moments
+
+    return truncnorm_moments(prior_normal[0], prior_normal[1], support[0], support[1])
 
 
 def implied_likelihood(
@@ -539,11 +548,13 @@ def infer_population_1d(
         raise PopulationError(f"posterior std of lens {bad} is {s[bad]:g}; it must be > 0")
     if method not in METHODS:
         raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    divide = None  # the Gaussian divided out: the normal training prior's moment-matched one
     if prior_normal is not None:
         prior_normal = (float(prior_normal[0]), float(prior_normal[1]))
         if not (math.isfinite(prior_normal[0]) and math.isfinite(prior_normal[1]) and prior_normal[1] > 0):
             raise PopulationError(f"normal training prior of {target!r} needs a finite mean and std > 0, got "
                                   f"{list(prior_normal)}")  # fmt: skip
+        divide = prior_gaussian(prior_normal, (low, high))
     mu_lo, mu_hi = _check_range(
         "mu range", mu_range or (low, high), low, high, "the training prior's support"
     )
@@ -570,7 +581,7 @@ def infer_population_1d(
             mu,
             sigma,
             log_likelihood_grid(
-                m, s, low, high, mu, sigma, method=method, samples=samples, prior_normal=prior_normal
+                m, s, low, high, mu, sigma, method=method, samples=samples, prior_normal=divide
             ),
         )
 
@@ -635,7 +646,7 @@ def infer_population_1d(
         data={
             "mean_of_means": float(m.mean()),
             "median_std": float(np.median(s)),
-            "informative_lenses": informative_lenses(m, s, (low, high), prior_normal),
+            "informative_lenses": informative_lenses(m, s, (low, high), divide),
         },
         seconds=time.perf_counter() - started,
         prior_normal=prior_normal,
@@ -739,9 +750,7 @@ def prior_std(data: TargetPosteriors) -> float:
     a, b = data.prior
     if data.prior_normal is None:
         return (b - a) / math.sqrt(12.0)
-    from deeplense_ray.train.gaussian import truncnorm_moments
-
-    return truncnorm_moments(*data.prior_normal, a, b)[1]
+    return prior_gaussian(data.prior_normal, data.prior)[1]
 
 
 def prior_width_ratio(data: TargetPosteriors) -> float:
@@ -836,9 +845,10 @@ def simulate_population_posteriors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-lens posteriors of a perfectly calibrated estimator: ``theta_i ~ N(mu, sigma^2)`` truncated to the
     prior, ``s_i ~ U(noise)``, ``d_i = theta_i + s_i eps``; the posterior under the uniform prior is
-    ``N(d_i, s_i^2)`` truncated to it, under the normal ``prior_normal = (m0, s0)`` the product
-    ``N((d_i/s_i^2 + m0/s0^2) v_i, v_i)``, ``1/v_i = 1/s_i^2 + 1/s0^2``. Returns (means [n], stds [n] divided
-    by ``overconfidence``, truths theta [n])."""
+    ``N(d_i, s_i^2)`` truncated to it, under the normal ``prior_normal`` the product with its moment-matched
+    Gaussian ``N(m0, s0^2)`` (:func:`prior_gaussian`), ``N((d_i/s_i^2 + m0/s0^2) v_i, v_i)``, ``1/v_i =
+    1/s_i^2 + 1/s0^2`` (so a lens without information returns ``N(m0, s0^2)``, as a network at the prior
+    does). Returns (means [n], stds [n] divided by ``overconfidence``, truths theta [n])."""
     low, high = prior
     if sigma > 0:
         theta = truncnorm_draw(float(mu), float(sigma), low, high, (n,), rng)
@@ -847,7 +857,7 @@ def simulate_population_posteriors(
     s = rng.uniform(noise[0], noise[1], size=n)
     d = theta + s * rng.standard_normal(n)
     if prior_normal is not None:
-        m0, s0 = prior_normal
+        m0, s0 = prior_gaussian(prior_normal, prior)
         v = 1.0 / (1.0 / s**2 + 1.0 / s0**2)
         d, s = v * (d / s**2 + m0 / s0**2), np.sqrt(v)
     return d, s / overconfidence, theta
