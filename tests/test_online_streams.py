@@ -15,7 +15,7 @@ import torch
 from deeplense_ray.config import TrainConfig
 from deeplense_ray.sim import simulate
 from deeplense_ray.train.online import TRAIN_STREAM, online_batches, resolve_sim_preset, steps_per_epoch
-from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, derive_seed, input_digest
+from deeplense_ray.train.seeding import derive_seed, input_digest
 
 CPU = torch.device("cpu")
 
@@ -64,7 +64,7 @@ def _dataset_rows(data_dir, split: str) -> tuple[list[str], torch.Tensor, torch.
 
 @pytest.mark.slow
 def test_two_ranks_train_on_their_streams_and_evaluate_the_datasets_rows(tiny_dataset, tmp_path):
-    from deeplense_ray.train import load_model_from_checkpoint, run_training
+    from deeplense_ray.train import LoopHooks, load_model_from_checkpoint, run_training
 
     record = tmp_path / "inputs"
     cfg = TrainConfig(
@@ -74,7 +74,7 @@ def test_two_ranks_train_on_their_streams_and_evaluate_the_datasets_rows(tiny_da
         num_workers=2, cpus_per_worker=1, seed=9, storage_path=str(tmp_path / "ray"),
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="online-streams",
     )  # fmt: skip
-    result = run_training(cfg, runner="trainer", extra_loop_config={RECORD_INPUTS_KEY: str(record)})
+    result = run_training(cfg, runner="trainer", hooks=LoopHooks(record_inputs=str(record)))
 
     preset = resolve_sim_preset("model_ii", {"num_pix": 16})
     for epoch in (1, 2):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from deeplense_ray.config import TrainConfig
-from deeplense_ray.train import run_training
+from deeplense_ray.train import LoopHooks, run_training
 from deeplense_ray.train.checkpoint import load_training_state
 from deeplense_ray.train.online import online_batches, resolve_sim_preset, steps_per_epoch
-from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, input_digest
+from deeplense_ray.train.seeding import input_digest
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +71,14 @@ def _assert_same_tensors(a, b, where: str) -> None:
 def test_stopped_and_resumed_run_equals_the_uninterrupted_run(tiny_dataset, tmp_path, runner, online):
     data = None if online else tiny_dataset
     rec_whole, rec_resumed = tmp_path / "inputs-whole", tmp_path / "inputs-resumed"
-    record = {RECORD_INPUTS_KEY: str(rec_whole)}
-    whole = run_training(_cfg(tmp_path, data, run_name="whole"), runner=runner, extra_loop_config=record)
-    stop = {"_fail_at_epoch": 2, "_fail_point": "start", RECORD_INPUTS_KEY: str(rec_resumed)}
+    record = LoopHooks(record_inputs=str(rec_whole))
+    whole = run_training(_cfg(tmp_path, data, run_name="whole"), runner=runner, hooks=record)
+    stop = LoopHooks(fail_at_epoch=2, fail_point="start", record_inputs=str(rec_resumed))
     with pytest.raises(Exception, match="injected failure at epoch 2, start"):
-        run_training(_cfg(tmp_path, data, run_name="stopped"), runner=runner, extra_loop_config=stop)
+        run_training(_cfg(tmp_path, data, run_name="stopped"), runner=runner, hooks=stop)
     resumed = run_training(
         _cfg(tmp_path, data, run_name="stopped", resume=True), runner=runner,
-        extra_loop_config={RECORD_INPUTS_KEY: str(rec_resumed)},
+        hooks=LoopHooks(record_inputs=str(rec_resumed)),
     )  # fmt: skip
     assert [h["resumed_from_epoch"] for h in resumed.history] == [0, 1, 1]  # epoch 1: the stopped run's
     assert _training_numbers(resumed.history) == _training_numbers(whole.history)

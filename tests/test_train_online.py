@@ -101,7 +101,7 @@ def test_two_worker_online_run(ray_session, tmp_path):
     the online stream resumes at epoch 2."""
     from mlflow.tracking import MlflowClient
 
-    from deeplense_ray.train import run_training
+    from deeplense_ray.train import LoopHooks, run_training
 
     cfg = TrainConfig(
         model="ResNetSimple",
@@ -123,7 +123,7 @@ def test_two_worker_online_run(ray_session, tmp_path):
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         experiment="online",
     )
-    result = run_training(cfg, extra_loop_config={"_fail_at_epoch": 2, "_fail_point": "start"})
+    result = run_training(cfg, hooks=LoopHooks(fail_at_epoch=2, fail_point="start"))
     assert [int(h["epoch"]) for h in result.history] == [1, 2]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1]
     assert [h["images_seen"] for h in result.history] == [48, 96]

@@ -20,7 +20,7 @@ import torch
 from deeplense_ray.config import TrainConfig
 from deeplense_ray.data import DatasetConfig, LensShardDataset, build_dataset, manifest_hash
 from deeplense_ray.tracking import use_tracking_uri
-from deeplense_ray.train import REPORT_KEYS, evaluate_checkpoint, run_training
+from deeplense_ray.train import REPORT_KEYS, LoopHooks, evaluate_checkpoint, run_training
 from deeplense_ray.train.checkpoint import load_training_state
 from deeplense_ray.train.metrics import classification_metrics
 from deeplense_ray.train.prepare import RUN_STATE_FILE
@@ -93,7 +93,7 @@ def resumed_run(ray_session, data_dir, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("resumed-run")
     cfg = _cfg(tmp, data_dir, epochs=3, run_name="crashy", max_failures=0)
     with pytest.raises(Exception, match="injected failure at epoch 1, after_report"):
-        run_training(cfg, extra_loop_config={"_fail_at_epoch": 1, "_fail_point": "after_report"})
+        run_training(cfg, hooks=LoopHooks(fail_at_epoch=1, fail_point="after_report"))
     run_dir = tmp / "ray" / "crashy"
     state = json.loads((run_dir / RUN_STATE_FILE).read_text())
     client = MlflowClient(tracking_uri=state["tracking_uri"])
@@ -104,7 +104,7 @@ def resumed_run(ray_session, data_dir, tmp_path_factory) -> SimpleNamespace:
     )
     # --resume: the newest run of this model and seed, continued from its latest (epoch-1) checkpoint
     resumed = _cfg(tmp, data_dir, epochs=3, resume=True, max_failures=1)
-    result = run_training(resumed, extra_loop_config={"_fail_at_epoch": 3, "_fail_point": "before_report"})
+    result = run_training(resumed, hooks=LoopHooks(fail_at_epoch=3, fail_point="before_report"))
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, crash=crash, result=result)
 
 
@@ -321,7 +321,7 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     kw = dict(num_workers=1, epochs=2, max_failures=1)
     task = run_training(
         _cfg(tmp_path, data_dir, run_name="task", **kw), runner="task",
-        extra_loop_config={"_fail_at_epoch": 2, "_fail_point": "before_report"},
+        hooks=LoopHooks(fail_at_epoch=2, fail_point="before_report"),
     )  # fmt: skip
     assert [h["resumed_from_epoch"] for h in task.history] == [0, 1]
     assert sorted(p.name for p in Path(task.run_dir).glob("checkpoint_*")) == [

@@ -40,15 +40,14 @@ class TrainBatches:
     def __init__(self, ctx: WorkerContext) -> None:
         config = ctx.config
         self.ctx = ctx
-        self.mode = config["ingest_mode"]  # split | per_rank | memory | simulate (TrainConfig.ingest_mode)
+        self.mode = config.ingest_mode  # split | per_rank | memory | simulate (TrainConfig.ingest_mode)
         self.per_rank = self.mode == "per_rank"
         self.shard = ctx.session.dataset_shard("train") if self.mode == "split" else None
         self._memory: tuple[torch.Tensor, ...] | None = None  # ingest="memory": loaded once
-        self.shard_rows = [int(r) for r in config.get("train_shard_rows", [])]
-        rows_per_rank = int(config.get("train_rows", 0)) // ctx.world
+        self.shard_rows = list(config.train_shard_rows)
         # no 1-row last batch (BatchNorm); less than one batch lost per epoch
-        self.drop_last = rows_per_rank >= ctx.batch_size
-        self.shuffle = int(config.get("shuffle_buffer", 0))
+        self.drop_last = config.train_rows // ctx.world >= ctx.batch_size
+        self.shuffle = config.train.shuffle_buffer
         self._started: dict[int, Iterator[dict[str, torch.Tensor]]] = {}  # epoch -> its batches, streaming
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -56,21 +55,21 @@ class TrainBatches:
         return self._started.pop(epoch, None) or self._stream(epoch)
 
     def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        ctx, config = self.ctx, self.ctx.config
+        ctx, config, train = self.ctx, self.ctx.config, self.ctx.config.train
         if ctx.simulate:
             from deeplense_ray.train.online import online_batches, steps_per_epoch
 
             return online_batches(
-                config["sim_preset"],
+                config.sim_preset,
                 seed=ctx.seed,
                 epoch=epoch,
                 rank=ctx.rank,
-                num_batches=steps_per_epoch(int(config["images_per_epoch"]), int(config["batch_size"])),
+                num_batches=steps_per_epoch(train.images_per_epoch, train.batch_size),
                 batch_size=ctx.batch_size,
                 device=ctx.device,
-                chunk_batches=int(config["sim_chunk_batches"]),
-                prefetch=bool(config.get("sim_prefetch", True)),
-                targets=config if ctx.inference else None,
+                chunk_batches=train.sim_chunk_batches,
+                prefetch=train.sim_prefetch,
+                targets=config.targets_config if ctx.inference else None,
             )
 
         if self.mode == "memory":
@@ -88,11 +87,7 @@ class TrainBatches:
             mine, max_rows = rank_shards(self.shard_rows, ctx.rank, ctx.world, order_seed)
             drop = max_rows >= ctx.batch_size  # this epoch's rows per rank (equal on every rank)
             stream = read_split(
-                config["data_dir"],
-                "train",
-                image_dtype="stored",
-                block_rows=int(config["train_block_rows"]),
-                shards=mine,
+                train.data_dir, "train", image_dtype="stored", block_rows=config.train_block_rows, shards=mine
             ).iterator()
         shuffle_gen = torch.Generator(device=ctx.device).manual_seed(
             derive_seed(ctx.seed, epoch, ctx.rank, 2)
@@ -112,15 +107,15 @@ class TrainBatches:
     def _memory_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """``ingest="memory"``: this rank's rows of the epoch's global permutation, from the split it read
         into device memory at its first epoch (train/ingest.py)."""
-        ctx = self.ctx
+        ctx, data_dir = self.ctx, self.ctx.config.train.data_dir
         if self._memory is None:
             if ctx.inference:  # the task's classes only, with their standardised targets
                 from deeplense_ray.train.regression import load_memory_split
 
-                self._memory = load_memory_split(ctx.config["data_dir"], "train", ctx.device, ctx.config)
+                self._memory = load_memory_split(data_dir, "train", ctx.device, ctx.config.targets_config)
                 self.drop_last = len(self._memory[1]) // ctx.world >= ctx.batch_size
             else:
-                self._memory = load_split(ctx.config["data_dir"], "train", ctx.device)
+                self._memory = load_split(data_dir, "train", ctx.device)
         images, labels = self._memory[:2]
         rows = memory_epoch_rows(
             len(labels), ctx.rank, ctx.world, ctx.batch_size, derive_seed(ctx.seed, epoch, 5), self.drop_last

@@ -18,10 +18,12 @@ feature) becomes ``per_rank``: the run reads the split's shards itself, as its o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from torch import nn
 
 from deeplense_ray.ranking import checkpoint_key
 from deeplense_ray.train.session import LoopSession
+from deeplense_ray.train.worker_config import LoopConfig, LoopHooks
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -150,27 +153,28 @@ class LocalResult:
     error: BaseException | None = None
 
 
-def local_loop_config(cfg, info) -> dict[str, Any]:
-    """The loop config of a one-worker run in this process (``split`` read as ``per_rank``; a reused process
-    drops torch.compile's caches of its last model, whose recompiles would count against dynamo's limit,
-    past which a model runs eager, silently)."""
+def local_loop_config(cfg, info, extra: Mapping[str, Any] | None = None) -> LoopConfig:
+    """The loop config of a one-worker run in this process (``extra``: LoopConfig fields on top; ``split``
+    read as ``per_rank``; a reused process drops torch.compile's caches of its last model, whose recompiles
+    would count against dynamo's limit, past which a model runs eager, silently)."""
     from deeplense_ray.train.trainer import loop_config
 
-    loop = loop_config(cfg, info)
-    if loop["ingest_mode"] == "split":
-        loop["ingest_mode"] = "per_rank"
-    if loop.get("compile"):
+    loop = LoopConfig.from_dict({**loop_config(cfg, info), **dict(extra or {})})
+    if loop.ingest_mode == "split":
+        loop = dataclasses.replace(loop, ingest_mode="per_rank")
+    if loop.train.compile:
         torch._dynamo.reset()
     return loop
 
 
-def fit_here(session: LocalRunSession, loop: dict[str, Any]) -> LocalResult:
-    """Run the training loop in this process over ``session``; the run's checkpoints as a Result would."""
+def fit_here(session: LocalRunSession, loop: LoopConfig, hooks: LoopHooks | None = None) -> LocalResult:
+    """Run the training loop in this process over ``session`` (``hooks``: the tests'); the run's checkpoints
+    as a Result would."""
     from ray.train import Checkpoint
 
     from deeplense_ray.train.loop import train_loop_per_worker
 
-    train_loop_per_worker(loop, session)
+    train_loop_per_worker(loop.to_dict(), session, hooks)  # the plain dict a Ray Train worker gets
     kept = []
     for p in run_checkpoints(session.run_dir):
         try:

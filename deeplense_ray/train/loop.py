@@ -25,9 +25,9 @@ checkpoints through ``ray.train.report``) or, for a one-worker run, the process 
 resources (``deeplense_ray.train.local.LocalRunSession``: a search trial's reused Tune actor, a study run's
 task), with the same checkpoints and reports.
 
-Layout: :func:`train_loop_per_worker` is the recipe, a few lines over the steps that follow it. A rank is
-set up by train/worker.py (:class:`~deeplense_ray.train.worker.WorkerContext`,
-:func:`~deeplense_ray.train.worker.restore_state`, :class:`~deeplense_ray.train.worker.FaultInjection`,
+Layout: :func:`train_loop_per_worker` is the recipe, a few lines over the steps that follow it. Its config
+and the tests' hooks are typed in train/worker_config.py. A rank is set up by train/worker.py
+(:class:`~deeplense_ray.train.worker.WorkerContext`, :func:`~deeplense_ray.train.worker.restore_state`,
 :func:`~deeplense_ray.train.worker.build_training`), gets its input from train/batches.py and its val share
 from train/validation.py; per epoch this module trains (:func:`train_epoch`, over the step of
 train/steps.py), validates (:func:`~deeplense_ray.train.validation.validate_epoch`), builds the report
@@ -52,17 +52,12 @@ from deeplense_ray.train.checkpoint import save_checkpoint
 from deeplense_ray.train.distributed import all_reduce_max, all_reduce_sums
 from deeplense_ray.train.metrics import flatten_metrics
 from deeplense_ray.train.modules import unwrap
-from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, derive_seed, record_inputs
+from deeplense_ray.train.seeding import derive_seed, record_inputs
 from deeplense_ray.train.session import LoopSession, RayTrainSession
 from deeplense_ray.train.steps import train_one_epoch
 from deeplense_ray.train.validation import Validator, validate_epoch
-from deeplense_ray.train.worker import (
-    FaultInjection,
-    Training,
-    WorkerContext,
-    build_training,
-    restore_state,
-)
+from deeplense_ray.train.worker import Training, WorkerContext, build_training, restore_state
+from deeplense_ray.train.worker_config import LoopConfig, LoopHooks
 
 #: Keys every per-epoch report carries (the tune module and the checkpoint config rely on them).
 REPORT_KEYS: tuple[str, ...] = (
@@ -79,11 +74,12 @@ REPORT_KEYS: tuple[str, ...] = (
 )
 
 
-def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = None) -> None:
-    """Ray Train worker function. ``config``: ``TrainConfig.to_dict()`` plus ``image_shape``, ``class_names``,
-    ``pixel_scale`` (from the dataset manifest; with ``simulate`` from the preset, plus ``sim_preset``, the
-    resolved preset), optional ``mlflow`` = {"tracking_uri", "run_id"} (rank 0 logs per-epoch metrics to that
-    run) and optional ``_fail_at_epoch`` / ``_fail_point`` (tests' fault injection: :class:`FaultInjection`).
+def train_loop_per_worker(
+    config: Mapping[str, Any], session: LoopSession | None = None, hooks: LoopHooks | None = None
+) -> None:
+    """Ray Train worker function. ``config``: ``LoopConfig.to_dict()`` (train/worker_config.py), the plain
+    dict Ray passes, converted here once (an unknown key is a ValueError). ``hooks``: the tests'
+    :class:`~deeplense_ray.train.worker_config.LoopHooks` (a Ray Train run binds them, train/trainer.py).
 
     The recipe: set up (this rank, the checkpoint to resume from, model and optimizer, training input, val
     set); then per epoch train, validate, report (checkpoint, ``ray.train.report``, then MLflow).
@@ -91,15 +87,15 @@ def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = 
     ``session``: where the loop runs (default :class:`RayTrainSession`, a Ray Train worker); a search's trial
     run in its own actor passes ``deeplense_ray.tune.actor_trial.ActorTrialSession``."""
     session = session if session is not None else RayTrainSession()
-    ctx = WorkerContext.from_config(config, session)  # rank, world, device, seed, precision; start time
+    # rank, world, device, seed, precision; start time
+    ctx = WorkerContext.from_config(LoopConfig.from_dict(config), session, hooks or LoopHooks())
     resumed = restore_state(ctx)  # the latest checkpoint, if any (epochs MLflow missed are logged)
-    faults = FaultInjection.from_config(config, resumed.start_epoch)
     training = build_training(ctx, resumed.state)  # model (seeded), compile, DDP, optimizer, schedule
     batches = TrainBatches(ctx)  # this rank's training input of each epoch
     validator = Validator(ctx)  # this rank's share of the val split
     history = resumed.history
     for epoch in range(resumed.start_epoch, ctx.epochs + 1):
-        faults.check("start", epoch)
+        ctx.hooks.check("start", epoch, resumed.start_epoch)
         train = train_epoch(ctx, training, batches, epoch)
         val, val_times = validate_epoch(ctx, training, validator)
         metrics = epoch_metrics(
@@ -108,8 +104,9 @@ def train_loop_per_worker(config: dict[str, Any], session: LoopSession | None = 
         )  # fmt: skip
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         report_epoch(
-            ctx, training, epoch, metrics, history, confusion=val.get("confusion_matrix"), faults=faults
-        )
+            ctx, training, epoch, metrics, history,
+            confusion=val.get("confusion_matrix"), start_epoch=resumed.start_epoch,
+        )  # fmt: skip
     if resumed.start_epoch > ctx.epochs and history:
         # restored after its last epoch was checkpointed but before the run was recorded as finished (a search
         # killed at that moment): report that epoch again, so the run ends with its metrics (a Tune trial
@@ -127,7 +124,7 @@ def train_epoch(ctx: WorkerContext, training: Training, batches: TrainBatches, e
     gen = torch.Generator(device=ctx.device).manual_seed(derive_seed(ctx.seed, epoch, ctx.rank, 1))
     lr = training.optimizer.param_groups[0]["lr"]
     inputs = batches.epoch(epoch)
-    if record := ctx.config.get(RECORD_INPUTS_KEY):
+    if record := ctx.hooks.record_inputs:
         inputs = record_inputs(inputs, Path(record) / f"train_e{epoch}_r{ctx.rank}.json")
     sums = train_one_epoch(
         training.model,
@@ -138,7 +135,7 @@ def train_epoch(ctx: WorkerContext, training: Training, batches: TrainBatches, e
         scaler=training.scaler,
         augment=ctx.augment,
         generator=gen,
-        label_smoothing=float(ctx.config.get("label_smoothing", 0.0)),
+        label_smoothing=ctx.config.train.label_smoothing,
         keep=training.keep,
         regression=ctx.inference,
     )
@@ -208,7 +205,7 @@ def report_epoch(
     history: Sequence[Mapping[str, Any]],
     *,
     confusion: Any,
-    faults: FaultInjection,
+    start_epoch: int,
 ) -> None:
     """Rank 0 writes the epoch's checkpoint; every rank calls ``ray.train.report`` (a barrier; only rank 0
     attaches the checkpoint); then rank 0 logs the epoch to MLflow, so a logged epoch has its checkpoint.
@@ -223,16 +220,16 @@ def report_epoch(
                 scheduler=training.scheduler,
                 scaler=training.scaler,
                 epoch=epoch,
-                config=ctx.config,
+                config=ctx.config.to_dict(),
                 metrics=metrics,
                 history=history,
                 confusion=confusion,
             )
             ckpt = Path(tmp)
-        faults.check("before_report", epoch)
+        ctx.hooks.check("before_report", epoch, start_epoch)
         ctx.session.report(metrics, ckpt)
-    faults.check("after_report", epoch)
+    ctx.hooks.check("after_report", epoch, start_epoch)
     if ctx.rank == 0 and ctx.mlflow:
         from deeplense_ray.tracking import log_metrics
 
-        log_metrics(ctx.mlflow["tracking_uri"], ctx.mlflow["run_id"], metrics, step=epoch)
+        log_metrics(ctx.mlflow.tracking_uri, ctx.mlflow.run_id, metrics, step=epoch)

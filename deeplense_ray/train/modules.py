@@ -78,7 +78,8 @@ def arch_of(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_classifier(config: Mapping[str, Any]) -> NormalizedClassifier:
-    """Build the module from a loop config / checkpoint meta (keys :data:`ARCH_KEYS`); task 'inference':
+    """Build the module from an architecture dict (``LoopConfig.arch``, a checkpoint's meta; keys
+    :data:`ARCH_KEYS`); task 'inference':
     a :class:`NormalizedRegressor` with the Gaussian head's outputs."""
     from deeplense_ray.models import build_model
 

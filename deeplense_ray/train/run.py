@@ -32,6 +32,7 @@ from deeplense_ray.train.results import PREDICTION_KEYS, TrainResult, finish_run
 from deeplense_ray.train.runners import check_runner, evaluate_best_checkpoint, fit, warm_task_worker
 from deeplense_ray.train.timeline import Timeline
 from deeplense_ray.train.trainer import best_checkpoint, run_score
+from deeplense_ray.train.worker_config import LoopHooks
 
 
 def run_training(
@@ -42,6 +43,7 @@ def run_training(
     progress: bool = False,
     timeline: Timeline | None = None,
     runner: str = "trainer",
+    hooks: LoopHooks | None = None,
 ) -> TrainResult:
     """Train ``cfg`` end to end (see the module docstring) and return what it produced.
 
@@ -62,6 +64,9 @@ def run_training(
     ``timeline``: the job's :class:`~deeplense_ray.train.timeline.Timeline` (jobs/train.py starts it before
     Ray); default one started here. Its phases and this run's epochs are logged as ``timeline.json`` and
     returned in ``TrainResult.timeline``.
+
+    ``extra_loop_config``: LoopConfig fields set on top of the run's (train/worker_config.py; an unknown key
+    is a ValueError); ``hooks``: the tests' :class:`LoopHooks`, handed to the loop on every runner.
     """
     import ray
     from mlflow.tracking import MlflowClient
@@ -95,6 +100,7 @@ def run_training(
             result, test = fit(
                 runner, cfg, info, name=name, run_dir=run_dir, extra=extra, warm=warm,
                 run_config_callbacks=run_config_callbacks, timeline=timeline, client=client, run_id=run_id,
+                hooks=hooks,
             )  # fmt: skip
         if runner != "task":
             timeline.mark("fit end")

@@ -22,6 +22,7 @@ from deeplense_ray.config import DatasetInfo, TrainConfig
 from deeplense_ray.train.prepare import RUN_STATE_FILE, find_resumable_run
 from deeplense_ray.train.timeline import Timeline
 from deeplense_ray.train.trainer import best_checkpoint, build_trainer, run_score
+from deeplense_ray.train.worker_config import LoopHooks
 
 #: Where a run's loop runs (``run_training(runner=...)``, jobs/train.py ``--runner``):
 #: "trainer": a Ray Train ``TorchTrainer`` (its controller and worker processes; any number of workers);
@@ -116,24 +117,24 @@ def _wait_quietly(ref: Any) -> Any:
         return None
 
 
-def _fit_in_process(cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]):
+def _fit_in_process(
+    cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any], hooks: LoopHooks | None
+):
     """The run's loop in this process (train/local.py); what ``TorchTrainer.fit()`` would return."""
     from deeplense_ray.train.local import LocalRunSession, fit_here, local_loop_config
 
-    loop = local_loop_config(cfg, info)
-    loop.update(extra)
     metric, mode = run_score(cfg)
     session = LocalRunSession(run_dir, metric=metric, mode=mode, num_to_keep=cfg.num_to_keep)
-    return fit_here(session, loop)
+    return fit_here(session, local_loop_config(cfg, info, extra), hooks)
 
 
 def _fit_and_test_in_task(
-    cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any]
+    cfg: TrainConfig, info: DatasetInfo, run_dir: Path, extra: Mapping[str, Any], hooks: LoopHooks | None
 ) -> tuple[Any, dict[str, Any], float, int]:
     """``runner="task"``: in a Ray task holding one worker's CPUs and GPU share, train (as
     :func:`_fit_in_process`) and evaluate the test split with the best checkpoint on the same device.
     Returns (the fit's result, the test metrics, the Unix time the fit ended, this worker's pid)."""
-    result = _fit_in_process(cfg, info, run_dir, extra)
+    result = _fit_in_process(cfg, info, run_dir, extra, hooks)
     fit_end = time.time()
     best, _ = best_checkpoint(result, *run_score(cfg))
     return result, _evaluate_remote(best, cfg), fit_end, os.getpid()
@@ -152,16 +153,18 @@ def fit(
     timeline: Timeline,
     client: Any,
     run_id: str,
+    hooks: LoopHooks | None = None,
 ) -> tuple[Any, dict[str, Any] | None]:
     """Train the run with ``runner``: (what ``TorchTrainer.fit()`` returns, the test metrics its task
-    evaluated for runner "task", else None). ``extra``: merged into the loop config; ``warm``: the warm-up
+    evaluated for runner "task", else None). ``extra``: LoopConfig fields set on top of the run's (the
+    MLflow run); ``hooks``: the tests' (train/worker_config.py); ``warm``: the warm-up
     task of :func:`warm_task_worker` (runner "task", or None); runner "task" marks "task worker ready" and
     "fit end" on ``timeline`` and tags the MLflow run ``run_id`` with the process its task ran in."""
     import ray
 
     test = None
     if runner == "process":
-        result = _fit_in_process(cfg, info, run_dir, extra)
+        result = _fit_in_process(cfg, info, run_dir, extra, hooks)
     elif runner == "task":
         warm_pid = None
         if warm is not None:
@@ -170,7 +173,7 @@ def fit(
         task = ray.remote(
             **_task_options(cfg), max_retries=cfg.max_failures, retry_exceptions=cfg.max_failures > 0
         )(_fit_and_test_in_task)
-        pending = task.remote(cfg, info, run_dir, extra)
+        pending = task.remote(cfg, info, run_dir, extra, hooks)
         _import_modules(_RESULT_IMPORTS)  # what logging the results needs, while the run trains
         result, test, fit_end, task_pid = ray.get(pending)
         timeline.mark("fit end", at=fit_end)
@@ -180,7 +183,7 @@ def fit(
     else:
         trainer = build_trainer(
             cfg, run_name=name, info=info, run_config_callbacks=list(run_config_callbacks),
-            extra_loop_config=extra,
+            extra_loop_config=extra, hooks=hooks,
         )  # fmt: skip
         result = trainer.fit()
     return result, test

@@ -3,9 +3,9 @@
 :func:`derive_seed` turns integer tuples such as ``(seed, epoch, rank)`` into independent 63-bit seeds (the
 loop re-seeds dropout, augmentation and shuffling from them at every epoch boundary; train/online.py seeds
 its rendering chunks from them); :func:`seed_everything` seeds Python, NumPy and torch for model
-initialisation. With :data:`RECORD_INPUTS_KEY` in the loop config (tests), every rank writes the
-:func:`input_digest` of each batch it trained on (:func:`record_inputs`) and of each val row it evaluated
-(:func:`row_digests`).
+initialisation. With the hooks' ``record_inputs`` directory (tests, train/worker_config.py ``LoopHooks``),
+every rank writes the :func:`input_digest` of each batch it trained on (:func:`record_inputs`) and of each val
+row it evaluated (:func:`row_digests`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-#: Loop config key (tests): a directory where every rank records what it trained and validated on each epoch
-#: (:func:`record_inputs`), so a test can check the inputs against ones it recomputes itself.
-RECORD_INPUTS_KEY = "_record_inputs"
 
 
 def input_digest(images: torch.Tensor, labels: torch.Tensor) -> str:

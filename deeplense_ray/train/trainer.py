@@ -1,6 +1,7 @@
 """Ray Train wiring of a run: the loop config the workers get, the ``TorchTrainer`` and its best checkpoint.
 
-:func:`loop_config` (the config plus what the manifest says, handed to
+:func:`loop_config` (the config plus what the manifest says: the plain dict of a
+:class:`~deeplense_ray.train.worker_config.LoopConfig` handed to
 :func:`~deeplense_ray.train.loop.train_loop_per_worker`; a run in one task or process starts from it too,
 train/local.py), :func:`build_trainer` (a Ray Train V2 ``TorchTrainer``: scaling, datasets, failure
 handling and :func:`checkpoint_config`, which keeps the best checkpoints by the task's score,
@@ -10,6 +11,7 @@ A whole tracked run around it is train/run.py's :func:`~deeplense_ray.train.run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,13 +20,15 @@ from deeplense_ray.ranking import checkpoint_key, task_score
 
 # RUN_STATE_FILE: defined in train/prepare.py; re-exported here for deeplense_ray/study/runner.py's import
 from deeplense_ray.train.prepare import RUN_STATE_FILE, default_run_name
+from deeplense_ray.train.worker_config import LoopConfig, LoopHooks
 
 SCORE_ATTRIBUTE = "val_auc_macro"
 SCORE_MODE = "max"
 
 
 def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    """The dict handed to :func:`train_loop_per_worker`: the config plus what the manifest says."""
+    """The dict handed to :func:`train_loop_per_worker` (``LoopConfig.to_dict()``'s keys): the config plus
+    what the manifest says."""
     from deeplense_ray.train.ingest import read_block_rows
 
     d = cfg.to_dict()
@@ -35,7 +39,6 @@ def loop_config(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
         train_rows=int(info.split_rows["train"]),
         train_shard_rows=list(info.train_shard_rows),
         train_block_rows=read_block_rows(info.image_shape),
-        manifest_hash=info.manifest_hash,
         ingest_mode=cfg.ingest_mode(info),
     )
     if info.sim_preset is not None:  # online simulation: the resolved preset travels to the workers
@@ -61,6 +64,7 @@ def build_trainer(
     info: DatasetInfo | None = None,
     score_metric: str | None = None,
     score_mode: str | None = None,
+    hooks: LoopHooks | None = None,
 ):
     """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` on ``cfg``.
 
@@ -71,7 +75,8 @@ def build_trainer(
     themselves, each shard by one rank (see the loop). Checkpoints: :func:`checkpoint_config`, the
     ``num_to_keep`` best by ``score_metric`` (``score_mode`` 'max' or 'min'; a search passes its own metric)
     plus the latest. ``run_config_callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Tune's
-    ``TuneReportCallback()``); ``extra_loop_config`` is merged into the loop config (e.g. ``mlflow``).
+    ``TuneReportCallback()``); ``extra_loop_config``: :class:`LoopConfig` fields set on top (e.g. ``mlflow``;
+    an unknown key is a ValueError); ``hooks``: the tests' :class:`LoopHooks`, bound to the loop function.
     """
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -88,17 +93,16 @@ def build_trainer(
     resources = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.use_gpu:
         resources["GPU"] = float(cfg.gpus_per_worker)
-    config = loop_config(cfg, info)
-    config.update(dict(extra_loop_config or {}))
+    config = LoopConfig.from_dict({**loop_config(cfg, info), **dict(extra_loop_config or {})})
     datasets = {}
-    if config["ingest_mode"] == "split":  # else every rank reads its own shards or renders
+    if config.ingest_mode == "split":  # else every rank reads its own shards or renders
         # training images travel as stored (float16 stays float16) and become float32 on the device
         datasets["train"] = read_split(
-            info.data_dir, "train", image_dtype="stored", block_rows=config["train_block_rows"]
+            info.data_dir, "train", image_dtype="stored", block_rows=config.train_block_rows
         )
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_per_worker if hooks is None else functools.partial(train_loop_per_worker, hooks=hooks),
+        train_loop_config=config.to_dict(),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),

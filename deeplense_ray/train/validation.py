@@ -23,13 +23,9 @@ from deeplense_ray.train.distributed import average_batch_norm_stats, gather, sy
 from deeplense_ray.train.ingest import deal_shards, shard_batches
 from deeplense_ray.train.metrics import classification_metrics
 from deeplense_ray.train.modules import unwrap
-from deeplense_ray.train.seeding import RECORD_INPUTS_KEY, row_digests
+from deeplense_ray.train.seeding import row_digests
 from deeplense_ray.train.steps import predict_batches, probabilities
 from deeplense_ray.train.worker import Training, WorkerContext
-
-EVAL_BATCH_SIZE = 256
-#: Largest share of the val split [MiB of float32 images] a rank keeps in host memory after the first epoch.
-VAL_CACHE_MB = 512
 
 
 class Validator:
@@ -37,35 +33,37 @@ class Validator:
 
     The val shards are dealt to the ranks (:func:`~deeplense_ray.train.ingest.deal_shards`); a rank reads its
     shards from HDF5 in row order and keeps them in host memory after the first epoch if its share is small
-    (``val_cache_mb``, default :data:`VAL_CACHE_MB`). Online (``simulate``) without a dataset, the fixed val
-    set's chunks are the shards, each rendered once on this rank's device and kept. The predictions are
-    gathered and put back in shard order, so every rank computes the whole-split metrics."""
+    (at most the loop config's ``val_cache_mb`` MiB of float32 images). Online (``simulate``) without a
+    dataset, the fixed val set's chunks are the shards, each rendered once on this rank's device and kept.
+    The predictions are gathered and put back in shard order, so every rank computes the whole-split
+    metrics."""
 
     def __init__(self, ctx: WorkerContext) -> None:
-        config = ctx.config
+        config, train = ctx.config, ctx.config.train
         self.ctx = ctx
-        self.batch_size = int(config.get("eval_batch_size") or EVAL_BATCH_SIZE)
+        self.batch_size = config.eval_batch_size
         self._cache: dict[int, list[dict[str, torch.Tensor]]] | None = None
         self.paths: list[str] = []
-        if ctx.simulate and not config.get("data_dir"):
+        if ctx.simulate and not train.data_dir:
             from deeplense_ray.train.online import eval_batches, eval_chunks
 
-            self.rows = eval_chunks(int(config["val_size"]))
+            self.rows = eval_chunks(train.val_size)
             self.mine = deal_shards(self.rows, ctx.rank, ctx.world)
             self._cache = eval_batches(
-                config["sim_preset"], "val", seed=ctx.seed, size=int(config["val_size"]), positions=self.mine,
-                device=ctx.device, batch_size=self.batch_size, targets=config if ctx.inference else None,
+                config.sim_preset, "val", seed=ctx.seed, size=train.val_size, positions=self.mine,
+                device=ctx.device, batch_size=self.batch_size,
+                targets=config.targets_config if ctx.inference else None,
             )  # fmt: skip
         else:
             from deeplense_ray.data.manifest import load_manifest, shard_paths
 
-            manifest = load_manifest(config["data_dir"])
+            manifest = load_manifest(train.data_dir)
             self.rows = [int(sh["rows"]) for sh in manifest["splits"]["val"]["shards"]]
-            self.paths = [str(p) for p in shard_paths(config["data_dir"], "val", manifest)]
+            self.paths = [str(p) for p in shard_paths(train.data_dir, "val", manifest)]
             self.mine = deal_shards(self.rows, ctx.rank, ctx.world)
-        c, h, w = (int(v) for v in config["image_shape"])
+        c, h, w = config.image_shape
         val_bytes = sum(self.rows[i] for i in self.mine) * 4 * c * h * w
-        self.keep_in_memory = 0 < val_bytes <= float(config.get("val_cache_mb", VAL_CACHE_MB)) * 2**20
+        self.keep_in_memory = 0 < val_bytes <= config.val_cache_mb * 2**20
 
     def batches(self) -> Mapping[int, Iterable[dict[str, torch.Tensor]]]:
         """{shard position: its batches} of this rank's shards (kept in memory if ``keep_in_memory``)."""
@@ -74,8 +72,9 @@ class Validator:
         if self.ctx.inference:  # the task's rows, with their targets
             from deeplense_ray.train.regression import shard_target_batches
 
+            targets = self.ctx.config.targets_config
             batches = {
-                i: shard_target_batches(self.paths[i], self.rows[i], self.batch_size, self.ctx.config)
+                i: shard_target_batches(self.paths[i], self.rows[i], self.batch_size, targets)
                 for i in self.mine
             }
         else:
@@ -89,7 +88,7 @@ class Validator:
         """:func:`classification_metrics` of ``model`` (unwrapped) on the whole split (equal on all ranks);
         task 'inference': train/regression.py's metrics (NLL, RMSE, bias, coverage) instead."""
         ctx = self.ctx
-        record = ctx.config.get(RECORD_INPUTS_KEY)
+        record = ctx.hooks.record_inputs
         batches = self.batches()
         if ctx.inference:
             from deeplense_ray.train.regression import metrics_of, predict_outputs
@@ -99,7 +98,7 @@ class Validator:
                 for i, b in batches.items()
             }
             outputs, truth = merge_shard_predictions(gather(mine, ctx.world), self.rows, every_row=False)
-            return metrics_of(outputs, truth, ctx.config)
+            return metrics_of(outputs, truth, ctx.config.targets_config)
         if record:  # per shard, one digest per row: what this rank evaluated
             from deeplense_ray.io import atomic_write_json
 
@@ -111,7 +110,7 @@ class Validator:
             for i, b in batches.items()
         }
         logits, labels = merge_shard_predictions(gather(mine, ctx.world), self.rows)
-        return classification_metrics(labels, probabilities(logits), list(ctx.config["class_names"]))
+        return classification_metrics(labels, probabilities(logits), list(ctx.config.class_names))
 
 
 def validate_epoch(
