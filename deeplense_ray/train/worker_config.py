@@ -72,7 +72,7 @@ class LoopConfig:
     keep_labels: tuple[int, ...] = ()
     target_loc: tuple[float, ...] = ()
     target_scale: tuple[float, ...] = ()
-    target_prior: tuple[tuple[Any, ...], ...] = ()  # (kind, low, high) per target
+    target_prior: tuple[tuple[Any, ...], ...] = ()  # (kind, low, high[, mean, std]) per target
     prior_std: tuple[float, ...] = ()
     # validation (train/validation.py): batch size, and the largest val share [MiB] a rank keeps in memory
     eval_batch_size: int = 256
