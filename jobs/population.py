@@ -90,6 +90,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deeplense_ray.infer.population import (
         PRIOR_LIKE_RATIO,
+        UNINFORMED_RATIO,
         infer_population,
         load_target,
         log_population_run,
@@ -128,6 +129,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     ratio = prior_width_ratio(data)
     prior_like = ratio > PRIOR_LIKE_RATIO
+    informed = result.hyperprior_ratio() <= UNINFORMED_RATIO
     # under a normal training prior a prior-like lens drops out (its ratio is flat) and sigma stays honest
     scatter_untrusted = prior_like and data.prior_normal is None
     png = out.with_suffix(".png")
@@ -142,6 +144,8 @@ def _main(argv: list[str] | None = None) -> int:
         "posterior_std_over_prior_std": ratio,
         "prior_like": prior_like,
         "scatter_trustworthy": not scatter_untrusted,
+        "mu_std_over_hyperprior_std": result.hyperprior_ratio(),
+        "informed": informed,
     }
     atomic_write_text(out, json.dumps(json_ready(doc), indent=1, allow_nan=False) + "\n", fsync=False)
     run_id = None
@@ -176,6 +180,7 @@ def _main(argv: list[str] | None = None) -> int:
         ("sigma 95% upper limit", _fmt(result.sigma_upper95)),
         ("population mean", f"{_fmt(result.pop_mean_mean)} +- {_fmt(result.pop_mean_std)}"),
         ("posterior std / prior std", f"{ratio:.2f} (median over lenses)"),
+        ("mu std / hyperprior std", f"{result.hyperprior_ratio():.2f}"),
     ]
     if result.truth is not None:
         rows.append(("true values", f"mean {_fmt(result.truth['mean'])}, std {_fmt(result.truth['std'])}"))
@@ -192,11 +197,20 @@ def _main(argv: list[str] | None = None) -> int:
             "docs/population.md)",
             file=sys.stderr,
         )
+    if not informed:
+        print(
+            f"warning: the posterior of mu is about as wide as its hyperprior (std ratio "
+            f"{result.hyperprior_ratio():.2f} > {UNINFORMED_RATIO}): these lenses do not constrain the "
+            "population; its numbers are the hyperprior's, not a measurement",
+            file=sys.stderr,
+        )
     elif prior_like:
         print(
-            f"note: the per-lens posteriors are about as wide as the training prior (median std / prior std "
-            f"{ratio:.2f}): {result.n - result.data['informative_lenses']} of {result.n} lenses say almost "
-            "nothing and the population posterior stays near its hyperprior",
+            "warning: the per-lens posteriors are about as wide as the training prior (median std / prior "
+            f"std {ratio:.2f} > {PRIOR_LIKE_RATIO}): {result.n - result.data['informative_lenses']} of "
+            f"{result.n} lenses say almost nothing, and what the population result rests on is the "
+            "network's residual miscalibration at the prior (its outputs' scatter about it), not the "
+            "lenses: not a measurement (docs/population.md)",
             file=sys.stderr,
         )
     return 0

@@ -28,6 +28,7 @@ from deeplense_ray.infer.population import (
     log_likelihood_analytic,
     log_likelihood_grid,
     log_likelihood_importance,
+    log_likelihood_wide,
     prior_gaussian,
     sample_posteriors,
     simulate_population_posteriors,
@@ -152,6 +153,33 @@ def test_importance_sampling_agrees_with_analytic_under_the_normal_prior():
     assert np.abs(diff[exact > exact.max() - 6.0]).max() < 0.08
     flat = log_likelihood_importance(samples[:1], *PRIOR, mu, sigma)  # the uniform-prior weights differ
     assert np.ptp(flat - log_likelihood_importance(samples[:1], *PRIOR, mu, sigma, prior_normal=NORMAL)) > 0.1
+
+
+@pytest.mark.parametrize("m, s", [(2.1e-3, 1.3e-3), (3e-3, 3e-3), (1e-3, 1.02e-3)])
+def test_wide_lenses_match_quadrature(m, s):
+    """A lens no narrower than the prior: closed form (population narrower than its curvature allows) and
+    Gauss-Legendre (wider), against scipy's quadrature of post / prior x truncated population, up to one
+    constant per lens; sigma = 0 is the ratio at mu."""
+    a, b = 0.0, 8e-3
+    divide = prior_gaussian(NORMAL, (a, b))
+    pts = [(2e-3, 1e-3), (5e-3, 2e-3), (1e-3, 0.0), (7e-3, 3e-4), (3e-3, 5e-3), (4e-3, 8e-3)]
+
+    def ref(mu, sig):
+        def ratio(t):
+            return math.exp(stats.norm.logpdf(t, m, s) - stats.norm.logpdf(t, *divide))
+
+        if sig == 0:
+            return math.log(ratio(mu))
+        pop = _truncnorm(mu, sig, a, b)
+        return math.log(integrate.quad(lambda t: ratio(t) * pop.pdf(t), a, b, points=[mu], limit=400,
+                                       epsabs=0, epsrel=1e-12)[0])  # fmt: skip
+
+    got = [
+        log_likelihood_wide(np.array([m]), np.array([s]), a, b, [mu], [sig], divide)[0, 0, 0]
+        for mu, sig in pts
+    ]
+    want = [ref(mu, sig) for mu, sig in pts]
+    np.testing.assert_allclose(np.array(got) - got[0], np.array(want) - want[0], atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ calibration

@@ -35,10 +35,12 @@ the normal itself where the truncation is negligible). The ratio ``post_i / N(mu
 a constant, the Gaussian ``N(theta; l_i, lambda_i^2)`` with ``1/lambda_i^2 = 1/s_i^2 - 1/sigma_0^2`` and
 ``l_i = lambda_i^2 (m_i / s_i^2 - mu_0 / sigma_0^2)`` (:func:`implied_likelihood`): the formula above with
 ``(m_i, s_i)`` replaced by ``(l_i, lambda_i)``. A lens whose posterior is no narrower than the prior
-(``s_i >= sigma_0``) says nothing: its ratio is flat (it drops out). Under a uniform prior the same lens
-would read as a measurement at the prior's mean, because a Gaussian head cannot return the uniform prior
-itself; that is why a population needs the normal training prior when per-lens posteriors are broad
-(docs/population.md).
+(``s_i >= sigma_0``) has the convex ratio ``exp(a_i theta^2 + b_i theta)``, integrated against the
+population in closed form or by quadrature (:func:`log_likelihood_wide`). It must be kept, not dropped: a
+network at the prior returns stds scattered about ``sigma_0``, and keeping only the narrower ones turns that
+scatter into a false measurement. Under a uniform prior a lens at the prior reads as a measurement at the
+prior's mean, because a Gaussian head cannot return the uniform prior itself; that is why a population needs
+the normal training prior when per-lens posteriors are broad (docs/population.md).
 
 Hyperprior: flat in ``mu`` over the training prior's support (or a sub-range) and flat in ``sigma`` over
 ``[0, sigma_max]`` (default ``sigma_max = b - a``; beyond it the truncated population is nearly uniform over
@@ -286,6 +288,63 @@ def informative_lenses(
     return int((keep & (np.nan_to_num(lam, nan=np.inf) < prior[1] - prior[0])).sum())
 
 
+#: Gauss-Legendre nodes over the support for a population wider than a wide lens's curvature allows in
+#: closed form (the integrand is then the exponential of a convex quadratic: smooth, no endpoint singularity).
+WIDE_LENS_NODES = 64
+
+
+def log_likelihood_wide(
+    m: np.ndarray,
+    s: np.ndarray,
+    low: float,
+    high: float,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    divide: tuple[float, float],
+    nodes: int = WIDE_LENS_NODES,
+) -> np.ndarray:
+    """Per-lens ``log L_i(mu, sigma)`` [n, M, S] (up to a constant per lens) of lenses no narrower than the
+    divided-out Gaussian ``divide = (mu_0, sigma_0)``. In ``t = (theta - mu_0) / sigma_0`` the ratio
+    ``post_i / N(mu_0, sigma_0^2)`` is ``exp(A_i t^2 + B_i t)`` with ``0 <= A_i <= 1/2``; against the
+    truncated population ``N(m_t, s_t^2)`` (standardised) the integrand stays Gaussian while ``D = 1 - 2 A_i
+    s_t^2 > 0``, giving ``(B^2 s_t^2 + 2 B m_t + 2 A m_t^2) / (2 D) - log(D) / 2 + log(Phi(hi) - Phi(lo)) -
+    log Z`` with the bounds of the support about ``c = (B s_t^2 + m_t) / D`` in units of ``s_t / sqrt(D)``;
+    where ``D <= 0`` the integral over the support is by Gauss-Legendre (``nodes``)."""
+    mu0, s0 = float(divide[0]), float(divide[1])
+    m = np.asarray(m, dtype=np.float64)[:, None, None]
+    s = np.asarray(s, dtype=np.float64)[:, None, None]
+    big_a = 0.5 * (1.0 - (s0 / s) ** 2)  # [n, 1, 1], >= 0 for these lenses
+    big_b = (m - mu0) * s0 / s**2  # post / prior in t: exp(A t^2 + B t) up to a constant
+    mt = (np.asarray(mu, dtype=np.float64).ravel() - mu0) / s0
+    st = np.asarray(sigma, dtype=np.float64).ravel() / s0
+    lo_t, hi_t = (low - mu0) / s0, (high - mu0) / s0
+    mt_g, st_g = mt[None, :, None], st[None, None, :]
+    d = 1.0 - 2.0 * big_a * st_g**2  # [n, 1, S]
+    log_z = log_trunc_norm_z(mt[:, None], st[None, :], lo_t, hi_t)[None]  # [1, M, S]
+    out = np.empty((m.shape[0], mt.size, st.size))
+    closed = d > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dd = np.where(closed, d, 1.0)
+        c = (big_b * st_g**2 + mt_g) / dd
+        scale = np.where(st_g > 0, np.sqrt(dd) / np.where(st_g > 0, st_g, 1.0), np.inf)
+        inside = np.where(
+            st_g > 0, log_ndtr_diff((lo_t - c) * scale, (hi_t - c) * scale), 0.0
+        )  # sigma = 0: the delta lies inside the support
+        val = (big_b**2 * st_g**2 + 2.0 * big_b * mt_g + 2.0 * big_a * mt_g**2) / (2.0 * dd)
+        val = val - 0.5 * np.log(dd) + inside - log_z
+    out[...] = np.where(closed, val, 0.0)
+    if not closed.all():
+        x, w = np.polynomial.legendre.leggauss(int(nodes))
+        t = lo_t + 0.5 * (x + 1.0) * (hi_t - lo_t)  # [K]
+        log_w = np.log(0.5 * (hi_t - lo_t) * w)
+        for i, j in zip(*np.nonzero(~closed[:, 0, :])):  # (lens, sigma) pairs; few: sigma >= the prior's
+            sj = st[j]
+            e = big_a[i, 0, 0] * t**2 + big_b[i, 0, 0] * t  # [K]
+            logp = -0.5 * ((t[None, :] - mt[:, None]) / sj) ** 2 - math.log(sj) - 0.5 * _LOG_2PI  # [M, K]
+            out[i, :, j] = logsumexp(e[None, :] + logp + log_w[None, :], axis=1) - log_z[0, :, j]
+    return out
+
+
 def log_likelihood_grid(
     m: np.ndarray,
     s: np.ndarray,
@@ -300,12 +359,14 @@ def log_likelihood_grid(
 ) -> np.ndarray:
     """``sum_i log L_i(mu, sigma)`` [M, S] over all lenses (blocks of :data:`LENS_BLOCK` lenses), up to a
     constant; ``method="importance"`` uses ``samples`` [n, K] (:func:`sample_posteriors`). With
-    ``prior_normal`` the training prior is that normal truncated to ``[low, high]`` (uninformative lenses
-    drop out of the analytic sum)."""
+    ``prior_normal`` (the Gaussian divided out) lenses narrower than it take the analytic form through
+    :func:`implied_likelihood`, the others :func:`log_likelihood_wide`."""
     total = np.zeros((np.size(mu), np.size(sigma)))
+    wide_m = wide_s = np.zeros(0)
     if method == "analytic" and prior_normal is not None:
-        m, s, keep = implied_likelihood(m, s, prior_normal)
-        m, s = m[keep], s[keep]
+        ell, lam, keep = implied_likelihood(m, s, prior_normal)
+        wide_m, wide_s = np.asarray(m, np.float64)[~keep], np.asarray(s, np.float64)[~keep]
+        m, s = ell[keep], lam[keep]
     n = np.size(m)
     for i0 in range(0, n, LENS_BLOCK):
         sl = slice(i0, i0 + LENS_BLOCK)
@@ -318,6 +379,10 @@ def log_likelihood_grid(
         else:
             raise PopulationError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         total += part.sum(axis=0)
+    block = max(1, LENS_BLOCK // 8)
+    for i0 in range(0, wide_m.size, block):
+        sl = slice(i0, i0 + block)
+        total += log_likelihood_wide(wide_m[sl], wide_s[sl], low, high, mu, sigma, prior_normal).sum(axis=0)
     return total
 
 
@@ -441,6 +506,11 @@ class PopulationResult:
     data: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     prior_normal: tuple[float, float] | None = None  # training prior N(mean, std^2) truncated; None: uniform
+
+    def hyperprior_ratio(self) -> float:
+        """The posterior std of mu over its flat hyperprior's std: about one when the lenses say nothing about
+        the population (its numbers are then the hyperprior's)."""
+        return self.mu_std / ((self.mu_range[1] - self.mu_range[0]) / math.sqrt(12.0))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (the grid marginals included, not the 2-D grid)."""
@@ -741,6 +811,8 @@ def load_target(paths: Sequence[str | os.PathLike[str]], target: str) -> TargetP
     )
 
 
+#: Posterior std of mu over its hyperprior's std above which the lenses do not constrain the population.
+UNINFORMED_RATIO = 0.8
 #: Median per-lens posterior std over the training prior's std above which the posteriors are prior-like.
 PRIOR_LIKE_RATIO = 0.8
 
@@ -757,7 +829,7 @@ def prior_width_ratio(data: TargetPosteriors) -> float:
     """Median over the lenses of the posterior std over the training prior's std: about one when the network
     says nothing about a lens. Under a uniform prior such a Gaussian posterior, divided by the prior, reads as
     a measurement at the prior mean: the mean of the population is still right, its scatter is not; under a
-    normal prior it drops out (docs/population.md, "Uninformative per-lens posteriors")."""
+    normal prior its ratio is flat (docs/population.md, "Uninformative per-lens posteriors")."""
     return float(np.median(data.std) / prior_std(data))
 
 
