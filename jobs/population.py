@@ -130,7 +130,7 @@ def _main(argv: list[str] | None = None) -> int:
     ratio = prior_width_ratio(data)
     prior_like = ratio > PRIOR_LIKE_RATIO
     informed = result.hyperprior_ratio() <= UNINFORMED_RATIO
-    # under a normal training prior a prior-like lens drops out (its ratio is flat) and sigma stays honest
+    # under a normal training prior a lens exactly at the prior has a flat ratio: sigma is not forced small
     scatter_untrusted = prior_like and data.prior_normal is None
     png = out.with_suffix(".png")
     plot_population(result, png, title=f"{args.target}: population of {result.n} lenses")
