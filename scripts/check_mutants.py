@@ -86,8 +86,9 @@ def mutant_env(mutant: dict, clone: Path) -> dict[str, str]:
 
 def run_tests(mutant: dict, clone: Path, python: str, timeout: float) -> tuple[int | None, str, float]:
     """(exit status or None on a time-out, output tail, seconds) of the mutant's tests in ``clone``."""
+    # --show-capture=no: captured logs (MLflow, Ray) would crowd the traceback out of the kept tail
     cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", "--tb=short",
-           *mutant["tests"]]  # fmt: skip
+           "--show-capture=no", *mutant["tests"]]  # fmt: skip
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=clone, env=mutant_env(mutant, clone), capture_output=True, text=True,
@@ -116,7 +117,7 @@ def classify(mutant: dict, rc: int | None, output: str) -> str:
 def reason(output: str) -> str:
     """The first error line of a pytest output (``E   ...``, else ``ERROR: ...``), for the record."""
     for line in output.splitlines():
-        if line.startswith("E ") or line.startswith("ERROR:"):
+        if (line.startswith("E ") and line[2:].strip()) or line.startswith("ERROR:"):
             return line[:300].strip()
     return ""
 
