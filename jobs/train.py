@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", choices=PRECISIONS, default=d["precision"], help="autocast on GPU; CPU is fp32"
     )
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument(
+        "--seed", type=int, default=d["seed"], help="seeds model init, data order, augmentation and dropout"
+    )
     p.add_argument("--experiment", default=d["experiment"], help="MLflow experiment name")
     p.add_argument(
         "--tracking-uri",
