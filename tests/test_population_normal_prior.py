@@ -281,3 +281,18 @@ def test_file_round_trip_and_job(tmp_path, capsys):
     assert doc["scatter_trustworthy"] is True and "informative lenses" in captured.out
     lo, hi = doc["population_mean"]["interval_95"]
     assert lo < 2e-3 < hi
+    assert doc["informed"] is True and doc["mu_std_over_hyperprior_std"] < 0.8
+
+    # lenses at the prior: the job says the numbers are the hyperprior's, not a measurement
+    d, sd, theta = simulate_population_posteriors(
+        50, *NORMAL, PRIOR, (1.0, 1.0), np.random.default_rng(2), prior_normal=NORMAL
+    )
+    flat = gaussian_posteriors(
+        ["sigma_sub"], d[:, None], (sd**2)[:, None, None], [("truncnormal", *PRIOR, *NORMAL)]
+    )
+    c = write_posteriors(tmp_path / "c.npz", flat)
+    argv = ["--posteriors", str(c), "--target", "sigma_sub", "--out", str(out), "--no-mlflow", "--overwrite"]
+    assert main(argv) == 0
+    doc, err = json.loads(out.read_text()), capsys.readouterr().err
+    assert doc["informed"] is False and doc["prior_like"] is True and doc["scatter_trustworthy"] is True
+    assert "not a measurement" in err and "not trustworthy" not in err
