@@ -97,7 +97,9 @@ def drop_unreadable_state(output_dir: str) -> list[str]:
         except Exception as exc:  # truncated or corrupt: EOFError, UnpicklingError, ...
             logging.getLogger(__name__).warning(
                 "dropping the unreadable Tune state %s (%s: the driver was probably killed while it was "
-                "being written); the search resumes without it", path, type(exc).__name__
+                "being written); the search resumes without it",
+                path,
+                type(exc).__name__,
             )
             os.remove(path)
             dropped.append(path)
@@ -129,9 +131,9 @@ def build_tuner(
 
     searched = any(isinstance(v, Domain) for k, v in space.items() if k != "_search")
     if settings.search == "optuna" and searched:  # Optuna refuses a space without a single domain
-        from ray.tune.search.optuna import OptunaSearch
+        from deeplense_ray.tune.optuna_search import ResumableOptunaSearch
 
-        search_alg = OptunaSearch(seed=settings.seed, points_to_evaluate=points)
+        search_alg = ResumableOptunaSearch(seed=settings.seed, points_to_evaluate=points)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
