@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deeplense_ray.infer.population import calibration_run  # noqa: E402
+from deeplense_ray.infer.population_calibration import calibration_run  # noqa: E402
 from deeplense_ray.io import atomic_write_text, json_ready  # noqa: E402
 
 PRIOR = (0.0, 0.02)

@@ -93,11 +93,10 @@ def _main(argv: list[str] | None = None) -> int:
         UNINFORMED_RATIO,
         infer_population,
         load_target,
-        log_population_run,
-        plot_population,
         prior_width_ratio,
         select_lenses,
     )
+    from deeplense_ray.infer.population_report import log_population_run, plot_population
     from deeplense_ray.io import atomic_write_text, json_ready
 
     out = Path(args.out) if args.out else Path(f"population_{args.target}.json")

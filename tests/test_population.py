@@ -19,16 +19,18 @@ from scipy import integrate, stats
 
 from deeplense_ray.infer.population import (
     PopulationError,
-    calibration_run,
-    coverage_check,
     infer_population_1d,
     log_likelihood_analytic,
     log_likelihood_grid,
     log_likelihood_importance,
     log_ndtr_diff,
     sample_posteriors,
-    simulate_population_posteriors,
     truncnorm_mean,
+)
+from deeplense_ray.infer.population_calibration import (
+    calibration_run,
+    coverage_check,
+    simulate_population_posteriors,
 )
 from deeplense_ray.infer.posteriors import gaussian_posteriors, read_posteriors, write_posteriors
 

@@ -20,8 +20,6 @@ import torch
 from scipy import integrate, stats
 
 from deeplense_ray.infer.population import (
-    calibration_run,
-    coverage_check,
     implied_likelihood,
     infer_population_1d,
     load_target,
@@ -31,6 +29,10 @@ from deeplense_ray.infer.population import (
     log_likelihood_wide,
     prior_gaussian,
     sample_posteriors,
+)
+from deeplense_ray.infer.population_calibration import (
+    calibration_run,
+    coverage_check,
     simulate_population_posteriors,
 )
 from deeplense_ray.infer.posteriors import gaussian_posteriors, read_posteriors, write_posteriors
