@@ -32,6 +32,13 @@ def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
+def truncated_normal(u: Tensor, mean: float, sd: float, lo: float, hi: float) -> Tensor:
+    """Inverse CDF of N(mean, sd) truncated to [lo, hi], applied to uniforms u (one uniform per value)."""
+    a = torch.special.ndtr(torch.tensor((lo - mean) / sd, dtype=torch.float64, device=u.device))
+    b = torch.special.ndtr(torch.tensor((hi - mean) / sd, dtype=torch.float64, device=u.device))
+    return (mean + sd * torch.special.ndtri(a + u.to(torch.float64) * (b - a))).clamp(lo, hi)
+
+
 def normal_mass(mean: float, std: float, low: float, high: float) -> float:
     """Probability mass of ``N(mean, std^2)`` inside ``[low, high]``."""
     a, b = (low - mean) / std, (high - mean) / std
@@ -40,18 +47,18 @@ def normal_mass(mean: float, std: float, low: float, high: float) -> float:
 
 def draw_in_range(u: Tensor, rng: tuple[float, float], normal: tuple[float, float] | None) -> Tensor:
     """Map uniform draws ``u`` in [0, 1) (float64) onto ``rng``: uniformly, or with ``normal = (mean, std)``
-    by the inverse CDF of the normal truncated to ``rng`` (computed on the side of the mean's tail, so no
-    precision is lost to ``1 - Phi`` when the range lies above the mean)."""
+    by the inverse CDF of the normal truncated to ``rng`` (:func:`truncated_normal`)."""
     lo, hi = float(rng[0]), float(rng[1])
     if normal is None:
         return lo + (hi - lo) * u
-    mean, std = float(normal[0]), float(normal[1])
-    a, b = (lo - mean) / std, (hi - mean) / std
-    flip = a > -b  # most of the mass above the mean: draw the mirror image, whose bounds are (-b, -a)
-    a, b = (-b, -a) if flip else (a, b)
-    p_lo, p_hi = _phi(a), _phi(b)
-    z = torch.special.ndtri(p_lo + (p_hi - p_lo) * u).clamp(a, b)
-    return mean + std * (-z if flip else z)
+    return truncated_normal(u, float(normal[0]), float(normal[1]), lo, hi)
 
 
-__all__ = ["MIN_MASS", "NORMAL_PRIOR_FIELDS", "draw_in_range", "normal_field", "normal_mass"]
+__all__ = [
+    "MIN_MASS",
+    "NORMAL_PRIOR_FIELDS",
+    "draw_in_range",
+    "normal_field",
+    "normal_mass",
+    "truncated_normal",
+]

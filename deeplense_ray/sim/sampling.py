@@ -23,7 +23,7 @@ from .lens import phi_q_to_ellipticity
 from .light import sersic_amp_from_flux, sersic_b_n
 from .los import draw_los, los_enabled
 from .presets import Preset
-from .priors import draw_in_range
+from .priors import draw_in_range, truncated_normal
 from .substructure import draw_subhalos, power_law_masses
 
 _F64 = torch.float64
@@ -293,13 +293,6 @@ MULTIPOLE_FIELDS = ((1, "lens_multipole_a1"), (3, "lens_multipole_a3"), (4, "len
 def has_multipoles(preset: Preset) -> bool:
     """Whether the preset draws main-deflector multipoles (any a_m range above zero)."""
     return any(getattr(preset, f)[1] > 0 for _, f in MULTIPOLE_FIELDS)
-
-
-def truncated_normal(u: Tensor, mean: float, sd: float, lo: float, hi: float) -> Tensor:
-    """Inverse CDF of N(mean, sd) truncated to [lo, hi], applied to uniforms u (one uniform per value)."""
-    a = torch.special.ndtr(torch.tensor((lo - mean) / sd, dtype=_F64, device=u.device))
-    b = torch.special.ndtr(torch.tensor((hi - mean) / sd, dtype=_F64, device=u.device))
-    return (mean + sd * torch.special.ndtri(a + u.to(_F64) * (b - a))).clamp(lo, hi)
 
 
 def source_magnitudes(u: Tensor, preset: Preset) -> Tensor:
