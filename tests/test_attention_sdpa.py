@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_models import SMALL
+from torch.nn.attention import SDPBackend
 
 import deeplense_ray.models.attention as attention_module
 from deeplense_ray.models import build_model, list_models
@@ -134,6 +135,41 @@ def test_sdpa_bias_and_mask_under_bf16_autocast(name: str) -> None:
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
 
 
+# LeViT's values are wider than its keys: CPU's fused kernel does not take that (CUDA's memory-efficient does)
+CPU_MATH_ONLY = {"LeViT"}
+
+
+@pytest.fixture
+def sdpa_choices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The kernel torch dispatches each SDPA call of the model zoo to (``SDPBackend`` values; the real
+    function still runs)."""
+    real = F.scaled_dot_product_attention
+    choices: list[int] = []
+
+    def recording(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, **kwargs):
+        choices.append(torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False, scale=scale))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording)
+    return choices
+
+
+def _assert_fused(name: str, choices: list[int]) -> None:
+    math = SDPBackend.MATH.value
+    assert choices and math not in choices, f"{name}: {choices.count(math)} of {len(choices)} calls unfused"
+
+
+@pytest.mark.parametrize("name", sorted(FUSED - CPU_MATH_ONLY))
+def test_fused_kernel_is_taken(name: str, sdpa_choices: list[int]) -> None:
+    """Every SDPA call of the model is one that torch dispatches to a fused kernel, not to its unfused math
+    fallback: SDPA takes that fallback silently for inputs such as a non-unit stride along the head
+    dimension (CvT's and Twins-SVT's layout) or a 3-D mask against 4-D queries (Swin)."""
+    model = build_model(name, 64, 1, 3, **SIZES[name]).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 1, 64, 64))
+    _assert_fused(name, sdpa_choices)
+
+
 def test_state_dicts_unchanged_and_loadable() -> None:
     for name in list_models():
         for image_size in (64, 150):
@@ -162,9 +198,9 @@ def test_attention_switch() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(FUSED))
-def test_sdpa_matches_einsum_cuda(name: str) -> None:
-    """On CUDA the fused kernels run (memory-efficient in fp32; flash under bf16 autocast): fp32 outputs
-    agree with einsum (TF32 off), bf16 outputs within bf16 rounding."""
+def test_sdpa_matches_einsum_cuda(name: str, sdpa_choices: list[int]) -> None:
+    """On CUDA the fused kernels run (memory-efficient in fp32; flash under bf16 autocast), LeViT's included:
+    fp32 outputs agree with einsum (TF32 off), bf16 outputs within bf16 rounding."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -177,3 +213,4 @@ def test_sdpa_matches_einsum_cuda(name: str) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    _assert_fused(name, sdpa_choices)

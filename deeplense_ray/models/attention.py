@@ -74,6 +74,15 @@ def sdpa(
     """
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
+    # the fused kernels need unit stride along the head dimension; a layout such as CvT's
+    # 'b (h d) x y -> (b h) (x y) d' has stride x*y there and would silently take the unfused math path
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if attn_mask is not None:
+        # the fused kernels take a 2-D or a full-rank mask with unit stride along the keys
+        if 2 < attn_mask.ndim < q.ndim:
+            attn_mask = attn_mask.reshape((1,) * (q.ndim - attn_mask.ndim) + attn_mask.shape)
+        if attn_mask.stride(-1) != 1:
+            attn_mask = attn_mask.contiguous()
     if q.ndim == 3:
         if attn_mask is not None and attn_mask.ndim == 3:
             attn_mask = attn_mask[:, None]
