@@ -7,10 +7,11 @@ classes (it builds the model and runs one forward pass on a zero batch). It runs
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,105 @@ REQUIRED_SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Training tasks: class probabilities, or per-lens Gaussian posteriors of named targets (train/targets.py).
 TASKS: tuple[str, ...] = ("classification", "inference")
 _MAX_SEED = 2**63 - 1
+
+# ---------------------------------------------------------------------- command-line flags of the fields
+#: Field metadata key holding a field's flag spec (:func:`_flag`); :func:`add_field_flags` reads it.
+FLAG = "flag"
+
+
+def _flag(help: str, **spec: Any) -> dict[str, Any]:
+    """A field's metadata: its flag's help text and, where not derived from the field, its spec.
+
+    Keys of ``spec``: ``flag`` (the option string, default ``--<name with dashes>``), ``aliases`` (more
+    option strings), ``choices``, ``metavar``, ``type`` (an argparse type), ``action`` (``"append"``: a
+    repeatable KEY=VALUE list, default []; ``"store_true"``), ``unset`` (True: the flag's default is None,
+    meaning "not given", and the job applies the field's default, which the help shows)."""
+    return {FLAG: {"help": help, **spec}}
+
+
+def _opt(default: Any, help: str, **spec: Any) -> Any:
+    """A dataclass field with ``default`` (a type such as ``dict``: a fresh one per instance) and the
+    metadata of its flag (:func:`_flag`)."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=_flag(help, **spec))
+    return field(default=default, metadata=_flag(help, **spec))
+
+
+def names_arg(text: str) -> tuple[str, ...]:
+    """A comma list of names (``--targets sigma_sub,log10_m_axion``) as a tuple."""
+    return tuple(x.strip() for x in str(text).split(",") if x.strip())
+
+
+#: Field type (as written in the dataclass) -> argparse type; ``X | None`` is typed as X.
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "str": str, "tuple[str, ...]": names_arg,
+}  # fmt: skip
+
+
+def field_flag(cls: type, name: str) -> tuple[list[str], dict[str, Any]]:
+    """The option strings and ``add_argument`` keywords of field ``name`` of dataclass ``cls``: type from
+    the field's type, default from the field, help / choices / flag name from its metadata (:func:`_flag`).
+    A bool is a ``--x / --no-x`` flag (BooleanOptionalAction). KeyError naming a field without a flag."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    spec = dict(f.metadata.get(FLAG) or {})
+    if not spec:
+        raise KeyError(f"{cls.__name__}.{name} has no flag metadata")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = str(f.type).removesuffix(" | None")
+    help_ = spec.pop("help")
+    opts = [spec.pop("flag", "--" + name.replace("_", "-")), *spec.pop("aliases", ())]
+    kw: dict[str, Any] = {"dest": name, "help": help_}
+    action = spec.pop("action", None)
+    shown = default
+    if spec.pop("unset", False):
+        default = None
+    if action == "append":
+        kw.update(action="append", default=[])
+    elif action == "store_true":
+        kw.update(action="store_true", default=bool(default))
+    elif kind == "bool":
+        kw.update(action=argparse.BooleanOptionalAction, default=default)
+    else:
+        kw.update(type=spec.pop("type", None) or _FLAG_TYPES[kind], default=default)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kw["required"] = True
+        elif shown is not None and shown != ():
+            shown = repr(shown) if isinstance(shown, str) else f"{shown:g}"
+            kw["help"] = f"{help_} (default {shown})"
+    kw.update(spec)  # choices, metavar
+    kw["help"] = kw["help"].replace("%", "%%")
+    return opts, kw
+
+
+def add_field_flags(parser: Any, cls: type, names: Iterable[str], **overrides: Any) -> None:
+    """Add the flags of fields ``names`` of dataclass ``cls`` (:func:`field_flag`) to ``parser`` (an
+    ArgumentParser or argument group); ``overrides``: ``add_argument`` keywords for every one of them."""
+    for name in names:
+        opts, kw = field_flag(cls, name)
+        parser.add_argument(*opts, **{**kw, **overrides})
+
+
+def unset_flag_fields(cls: type) -> frozenset[str]:
+    """Fields of ``cls`` whose flag defaults to None, "not given" (``unset`` in :func:`_flag`): a job leaves
+    such a field out of the dataclass it builds when the flag is None, so the field's default applies."""
+    return frozenset(
+        f.name for f in dataclasses.fields(cls) if (f.metadata.get(FLAG) or {}).get("unset", False)
+    )
+
+
+#: TrainConfig fields whose flags jobs/train.py, jobs/tune.py and jobs/study.py share (one name, default and
+#: help text each): the ones each of these jobs has (tests/test_job_flags.py).
+SHARED_FLAGS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "model", "data_dir", "epochs", "model_size", "tracking_uri", "simulate", "images_per_epoch",
+        "val_size", "test_size", "compile", "task", "targets", "classes",
+    ),
+    "tune": (
+        "model", "data_dir", "model_size", "tracking_uri", "simulate", "images_per_epoch", "val_size",
+        "test_size", "compile", "task", "targets", "classes",
+    ),
+    "study": ("data_dir", "epochs", "model_size", "tracking_uri", "images_per_epoch", "task", "targets"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -225,50 +325,125 @@ class TrainConfig:
             e.g. cdm for ``sigma_sub``, else all); online runs render only these.
     """
 
-    model: str
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    scheduler: str = "cosine"
-    warmup_epochs: int = 0
-    num_workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    precision: str = "bf16"
-    seed: int = 0
-    experiment: str = "deeplense"
-    tracking_uri: str | None = None
-    storage_path: str | None = None
-    resume: bool = False
-    run_name: str | None = None
-    model_size: str = "default"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    augment: bool = True
-    augment_free_rotation: bool = False
-    normalize: str = "per_image_standard"
-    momentum: float = 0.9
-    step_size: int | None = None
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    max_failures: int = 0
-    num_to_keep: int = 2
-    shuffle_buffer: int = 2048
-    ingest: str = "auto"
-    simulate: str | None = None
-    sim_overrides: dict[str, Any] = field(default_factory=dict)
-    images_per_epoch: int = 8192
-    val_size: int = 1024
-    test_size: int = 1024
-    sim_chunk_batches: int = 16
-    sim_prefetch: bool = True
-    compile: bool = False
-    bn_recal_images: int = 4096
-    task: str = "classification"
-    targets: tuple[str, ...] = ()
-    classes: tuple[str, ...] | None = None
+    model: str = field(metadata=_flag("model name (deeplense_ray.models.list_models(), case-insensitive)"))
+    data_dir: str | None = _opt(
+        None,
+        "dataset directory (manifest.json inside; jobs/simulate.py); with --simulate: its val/test "
+        "splits evaluate the run",
+        flag="--data",
+        metavar="DIR",
+    )
+    epochs: int = _opt(10, "training epochs (a resumed run continues up to this)")
+    batch_size: int = _opt(64, "GLOBAL batch, split over the workers")
+    lr: float = _opt(3e-4, "peak learning rate")
+    weight_decay: float = _opt(0.05, "decoupled (adamw) or L2 (adam, sgd) weight decay")
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    scheduler: str = _opt(
+        "cosine",
+        "learning-rate schedule, stepped per epoch after the warm-up: cosine to 0, step (x --step-gamma "
+        "every --step-size epochs) or none",
+        choices=SCHEDULERS,
+    )
+    warmup_epochs: int = _opt(0, "epochs of linear learning-rate warm-up")
+    num_workers: int = _opt(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: float = _opt(0.0, "GPUs per training worker (0 = train on CPU; fractions share a GPU)")
+    cpus_per_worker: float = _opt(1.0, "CPUs per training worker")
+    precision: str = _opt("bf16", "autocast on GPU; CPU is fp32", choices=PRECISIONS)
+    seed: int = _opt(0, "seeds model init, data order, augmentation and dropout")
+    experiment: str = _opt("deeplense", "MLflow experiment name")
+    tracking_uri: str | None = _opt(
+        None,
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow.db)",
+    )
+    storage_path: str | None = _opt(None, "Ray Train storage root (default: ./ray_results)")
+    resume: bool = _opt(
+        False,
+        "continue --run-name (default: the newest run of this model and seed) from its latest checkpoint",
+        action="store_true",
+    )
+    run_name: str | None = _opt(None, "Ray Train run name (default: <model>-s<seed>-<time>)")
+    model_size: str = _opt(
+        "default",
+        "model size: 'default' or 'comparable' (~13M parameters, 2 blocks)",
+        unset=True,
+    )
+    model_overrides: dict[str, Any] = _opt(
+        dict,
+        "model hyperparameter (repeatable), e.g. --model-override depth=2 --model-override dim=64",
+        flag="--model-override",
+        action="append",
+        metavar="KEY=VALUE",
+    )
+    augment: bool = _opt(True, "random 90-degree rotations and flips of training images")
+    augment_free_rotation: bool = _opt(
+        False,
+        "with --augment: also rotate by a random angle (not only multiples of 90 degrees)",
+    )
+    normalize: str = _opt(
+        "per_image_standard",
+        "per-image normalisation inside the model",
+        choices=NORMALIZE_MODES,
+    )
+    momentum: float = _opt(0.9, "sgd momentum (Nesterov)")
+    step_size: int | None = _opt(None, "'step' scheduler period in epochs (default epochs // 3)")
+    step_gamma: float = _opt(0.1, "'step' scheduler factor")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
+    max_failures: int = _opt(0, "worker-group restarts after a worker failure (Ray FailureConfig)")
+    num_to_keep: int = _opt(
+        2,
+        "checkpoints kept by val_auc_macro (the latest is always kept too, for resume)",
+    )
+    shuffle_buffer: int = _opt(2048, "rows of each worker's on-device shuffle buffer (0 = off)")
+    ingest: str = _opt(
+        "auto",
+        "'split': one Ray Data stream split across ranks; 'per_rank': each rank streams its own shards; "
+        "'memory': each rank reads the train split into device memory; 'auto': memory for a small "
+        "split, else split",
+        choices=INGEST_MODES,
+    )
+    simulate: str | None = _opt(
+        None,
+        "online simulation: render fresh training images from this preset on every worker (no dataset)",
+        metavar="PRESET",
+    )
+    sim_overrides: dict[str, Any] = _opt(
+        dict,
+        "preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
+        flag="--preset-override",
+        aliases=("--sim-override",),
+        action="append",
+        metavar="KEY=VALUE",
+    )
+    images_per_epoch: int = _opt(8192, "online simulation: training images rendered per epoch", unset=True)
+    val_size: int = _opt(1024, "online simulation without --data: simulated val images", unset=True)
+    test_size: int = _opt(1024, "online simulation without --data: simulated test images", unset=True)
+    sim_chunk_batches: int = _opt(16, "online simulation: per-worker batches rendered per simulate() call")
+    sim_prefetch: bool = _opt(
+        True,
+        "online simulation: render the next chunk on a background thread while the current one trains",
+    )
+    compile: bool = _opt(False, "torch.compile the model on every worker (compile seconds: metric compile_s)")
+    bn_recal_images: int = _opt(
+        4096,
+        "before each validation, recompute BatchNorm statistics over each rank's last N training inputs "
+        "with the final weights (0 = off)",
+    )
+    task: str = _opt(
+        "classification",
+        "classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
+        choices=TASKS,
+    )
+    targets: tuple[str, ...] = _opt(
+        (),
+        "--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
+        metavar="T1[,T2...]",
+    )
+    classes: tuple[str, ...] | None = _opt(
+        None,
+        "--task inference: the classes whose images are used (default: those every target exists on, "
+        "e.g. cdm for sigma_sub, axion for log10_m_axion)",
+        metavar="C1[,C2...]",
+    )
 
     def __post_init__(self) -> None:
         # a comma list or a list (JSON, YAML) -> a tuple, so configs compare and hash alike

@@ -29,202 +29,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deeplense_ray.config import (  # noqa: E402
     DEFAULT_DATA_PER_CLASS,
     DEFAULT_DATA_PRESET,
-    INGEST_MODES,
-    NORMALIZE_MODES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULERS,
-    TASKS,
     TrainConfig,
+    add_field_flags,
     parse_overrides,
+    unset_flag_fields,
 )
 
-_DEFAULTS = {
-    f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
-}
 #: Flags of this job that are not TrainConfig fields (every other flag's dest is the field it sets).
 JOB_ONLY = ("sim_config", "address", "register", "verbose", "runner")
 RUNNER_WHAT = {
     "task": "one worker trained and tested in one Ray task; --runner trainer for a Ray Train run",
     "trainer": "a Ray Train TorchTrainer: a Train controller and a worker group",
 }
-#: Flags whose KEY=VALUE lists become the mapping field of the same name (parsed, see config_from_args).
-KEY_VALUE_FIELDS = ("model_overrides", "sim_overrides")
-
-
-def _names(text: str) -> tuple[str, ...]:
-    """A comma list of names (``--targets sigma_sub,log10_m_axion``) as a tuple."""
-    return tuple(x.strip() for x in str(text).split(",") if x.strip())
+#: The TrainConfig fields of each help section (the rest: the main options); every field is a flag whose
+#: name, type, default and help come from the field (deeplense_ray.config.add_field_flags).
+SIM_FIELDS = ("simulate", "sim_overrides", "images_per_epoch", "val_size", "test_size", "sim_chunk_batches",
+              "sim_prefetch")  # fmt: skip
+TASK_FIELDS = ("task", "targets", "classes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = _DEFAULTS
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--model", required=True, help="model name (deeplense_ray.models.list_models())")
-    p.add_argument(
-        "--data",
-        dest="data_dir",
-        default=None,
-        help="dataset directory (manifest.json inside; jobs/simulate.py); with --simulate: val/test from it",
-    )
+    sections = SIM_FIELDS + TASK_FIELDS
+    main_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in sections]
+    add_field_flags(p, TrainConfig, main_fields[:2])  # --model, --data first
     sim = p.add_argument_group("online simulation (train on fresh images every step)")
-    sim.add_argument("--simulate", default=None, metavar="PRESET", help="render training images on each rank")
+    add_field_flags(sim, TrainConfig, SIM_FIELDS[:1])
     sim.add_argument("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override")
-    sim.add_argument(
-        "--preset-override",
-        "--sim-override",
-        dest="sim_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
-    )
-    sim.add_argument(
-        "--images-per-epoch",
-        type=int,
-        default=None,
-        help=f"training images rendered per epoch (default {d['images_per_epoch']})",
-    )
-    sim.add_argument(
-        "--val-size",
-        type=int,
-        default=None,
-        help=f"simulated val images, without --data (default {d['val_size']})",
-    )
-    sim.add_argument(
-        "--test-size", type=int, default=None, help=f"simulated test images (default {d['test_size']})"
-    )
-    sim.add_argument(
-        "--sim-chunk-batches",
-        type=int,
-        default=d["sim_chunk_batches"],
-        help="per-worker batches rendered per simulate() call",
-    )
-    sim.add_argument(
-        "--sim-prefetch",
-        action=argparse.BooleanOptionalAction,
-        default=d["sim_prefetch"],
-        help="render the next chunk on a background thread while the current one trains",
-    )
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="GLOBAL batch, split over workers")
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"])
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
-    p.add_argument("--momentum", type=float, default=d["momentum"], help="sgd momentum (Nesterov)")
-    p.add_argument(
-        "--step-size", type=int, default=d["step_size"], help="'step' scheduler period (default epochs // 3)"
-    )
-    p.add_argument("--step-gamma", type=float, default=d["step_gamma"], help="'step' scheduler factor")
-    p.add_argument("--num-workers", type=int, default=d["num_workers"], help="Ray Train workers (DDP ranks)")
-    p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"], help="0 = train on CPU")
-    p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"])
-    p.add_argument(
-        "--precision", choices=PRECISIONS, default=d["precision"], help="autocast on GPU; CPU is fp32"
-    )
-    p.add_argument(
-        "--seed", type=int, default=d["seed"], help="seeds model init, data order, augmentation and dropout"
-    )
-    p.add_argument("--experiment", default=d["experiment"], help="MLflow experiment name")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow.db)",
-    )
-    p.add_argument("--storage-path", default=None, help="Ray Train storage root (default: ./ray_results)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue --run-name (default: the newest run of "
-        "this model and seed) from its latest checkpoint",
-    )
-    p.add_argument("--run-name", default=None, help="Ray Train run name (default: <model>-s<seed>-<time>)")
-    p.add_argument("--model-size", default=d["model_size"], help="'default' or 'comparable'")
-    p.add_argument(
-        "--model-override",
-        dest="model_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model hyperparameter (repeatable), e.g. --model-override depth=2 --model-override dim=64",
-    )
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=d["augment"],
-        help="random 90-degree rotations and flips of training images",
-    )
-    p.add_argument(
-        "--augment-free-rotation",
-        action=argparse.BooleanOptionalAction,
-        default=d["augment_free_rotation"],
-        help="with --augment: also rotate by a random angle (not only multiples of 90 degrees)",
-    )
-    p.add_argument("--normalize", choices=NORMALIZE_MODES, default=d["normalize"])
-    p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    add_field_flags(sim, TrainConfig, SIM_FIELDS[1:])
+    add_field_flags(p, TrainConfig, main_fields[2:])
     task = p.add_argument_group("task (docs/parameter_inference.md)")
-    task.add_argument(
-        "--task",
-        choices=TASKS,
-        default=d["task"],
-        help="classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
-    )
-    task.add_argument(
-        "--targets",
-        type=_names,
-        default=d["targets"],
-        metavar="T1[,T2...]",
-        help="--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
-    )
-    task.add_argument(
-        "--classes",
-        type=_names,
-        default=d["classes"],
-        metavar="C1[,C2...]",
-        help="--task inference: the classes whose images are used (default: those every target exists on, "
-        "e.g. cdm for sigma_sub, axion for log10_m_axion)",
-    )
-    p.add_argument(
-        "--bn-recal-images",
-        type=int,
-        default=d["bn_recal_images"],
-        help="before each validation, recompute BatchNorm statistics over each rank's last N training "
-        "inputs with the final weights (0 = off)",
-    )
-    p.add_argument(
-        "--shuffle-buffer",
-        type=int,
-        default=d["shuffle_buffer"],
-        help="rows of each worker's on-device shuffle buffer (0 = off)",
-    )
-    p.add_argument(
-        "--ingest",
-        choices=INGEST_MODES,
-        default=d["ingest"],
-        help="'split': one Ray Data stream split across ranks; 'per_rank': each rank streams its own shards",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=d["compile"],
-        help="torch.compile the model on every worker (compile seconds: metric compile_s)",
-    )
-    p.add_argument(
-        "--max-failures",
-        type=int,
-        default=d["max_failures"],
-        help="worker-group restarts after a worker failure (Ray FailureConfig)",
-    )
-    p.add_argument(
-        "--num-to-keep",
-        type=int,
-        default=d["num_to_keep"],
-        help="checkpoints kept by val_auc_macro (the latest is always kept too, for resume)",
-    )
+    add_field_flags(task, TrainConfig, TASK_FIELDS)
     p.add_argument(
         "--runner",
         choices=("auto", "trainer", "task"),
@@ -338,7 +175,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of the parsed flags: every flag's dest is the field it sets (except :data:`JOB_ONLY`),
     so no field list is copied here; the KEY=VALUE lists are parsed into their mappings."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and not (k in _SPLIT and v is None)}
+    unset = unset_flag_fields(TrainConfig)  # None: not given, the field's default applies
+    values = {k: v for k, v in vars(args).items() if k in fields and not (k in unset and v is None)}
     values["model_overrides"] = parse_overrides(args.model_overrides, "--model-override")
     values["sim_overrides"] = sim_overrides_from_args(args)
     return TrainConfig(**values)
