@@ -40,11 +40,11 @@ TASKS: tuple[str, ...] = ("classification", "inference")
 _MAX_SEED = 2**63 - 1
 
 # ---------------------------------------------------------------------- command-line flags of the fields
-#: Field metadata key holding a field's flag spec (:func:`_flag`); :func:`add_field_flags` reads it.
+#: Field metadata key holding a field's flag spec (:func:`flag_meta`); :func:`add_field_flags` reads it.
 FLAG = "flag"
 
 
-def _flag(help: str, **spec: Any) -> dict[str, Any]:
+def flag_meta(help: str, **spec: Any) -> dict[str, Any]:
     """A field's metadata: its flag's help text and, where not derived from the field, its spec.
 
     Keys of ``spec``: ``flag`` (the option string, default ``--<name with dashes>``), ``aliases`` (more
@@ -54,12 +54,12 @@ def _flag(help: str, **spec: Any) -> dict[str, Any]:
     return {FLAG: {"help": help, **spec}}
 
 
-def _opt(default: Any, help: str, **spec: Any) -> Any:
+def flag_field(default: Any, help: str, **spec: Any) -> Any:
     """A dataclass field with ``default`` (a type such as ``dict``: a fresh one per instance) and the
-    metadata of its flag (:func:`_flag`)."""
+    metadata of its flag (:func:`flag_meta`)."""
     if isinstance(default, type):
-        return field(default_factory=default, metadata=_flag(help, **spec))
-    return field(default=default, metadata=_flag(help, **spec))
+        return field(default_factory=default, metadata=flag_meta(help, **spec))
+    return field(default=default, metadata=flag_meta(help, **spec))
 
 
 def names_arg(text: str) -> tuple[str, ...]:
@@ -73,10 +73,11 @@ _FLAG_TYPES: dict[str, Callable[[str], Any]] = {
 }  # fmt: skip
 
 
-def field_flag(cls: type, name: str) -> tuple[list[str], dict[str, Any]]:
+def flag_args(cls: type, name: str) -> tuple[list[str], dict[str, Any]]:
     """The option strings and ``add_argument`` keywords of field ``name`` of dataclass ``cls``: type from
-    the field's type, default from the field, help / choices / flag name from its metadata (:func:`_flag`).
-    A bool is a ``--x / --no-x`` flag (BooleanOptionalAction). KeyError naming a field without a flag."""
+    the field's type, default from the field, help / choices / flag name from its metadata
+    (:func:`flag_meta`). A bool is a ``--x / --no-x`` flag (BooleanOptionalAction). KeyError naming a
+    field without a flag."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     spec = dict(f.metadata.get(FLAG) or {})
     if not spec:
@@ -109,16 +110,17 @@ def field_flag(cls: type, name: str) -> tuple[list[str], dict[str, Any]]:
 
 
 def add_field_flags(parser: Any, cls: type, names: Iterable[str], **overrides: Any) -> None:
-    """Add the flags of fields ``names`` of dataclass ``cls`` (:func:`field_flag`) to ``parser`` (an
+    """Add the flags of fields ``names`` of dataclass ``cls`` (:func:`flag_args`) to ``parser`` (an
     ArgumentParser or argument group); ``overrides``: ``add_argument`` keywords for every one of them."""
     for name in names:
-        opts, kw = field_flag(cls, name)
+        opts, kw = flag_args(cls, name)
         parser.add_argument(*opts, **{**kw, **overrides})
 
 
 def unset_flag_fields(cls: type) -> frozenset[str]:
-    """Fields of ``cls`` whose flag defaults to None, "not given" (``unset`` in :func:`_flag`): a job leaves
-    such a field out of the dataclass it builds when the flag is None, so the field's default applies."""
+    """Fields of ``cls`` whose flag defaults to None, "not given" (``unset`` in :func:`flag_meta`): a job
+    leaves such a field out of the dataclass it builds when the flag is None, so the field's default
+    applies."""
     return frozenset(
         f.name for f in dataclasses.fields(cls) if (f.metadata.get(FLAG) or {}).get("unset", False)
     )
@@ -325,88 +327,90 @@ class TrainConfig:
             e.g. cdm for ``sigma_sub``, else all); online runs render only these.
     """
 
-    model: str = field(metadata=_flag("model name (deeplense_ray.models.list_models(), case-insensitive)"))
-    data_dir: str | None = _opt(
+    model: str = field(metadata=flag_meta("model name (deeplense_ray.models.list_models(); any case)"))
+    data_dir: str | None = flag_field(
         None,
-        "dataset directory (manifest.json inside; jobs/simulate.py); with --simulate: its val/test "
-        "splits evaluate the run",
+        "dataset directory (manifest.json inside; built by jobs/simulate.py)",
         flag="--data",
         metavar="DIR",
     )
-    epochs: int = _opt(10, "training epochs (a resumed run continues up to this)")
-    batch_size: int = _opt(64, "GLOBAL batch, split over the workers")
-    lr: float = _opt(3e-4, "peak learning rate")
-    weight_decay: float = _opt(0.05, "decoupled (adamw) or L2 (adam, sgd) weight decay")
-    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
-    scheduler: str = _opt(
+    epochs: int = flag_field(10, "training epochs (a resumed run continues up to this)")
+    batch_size: int = flag_field(64, "GLOBAL batch, split over the workers")
+    lr: float = flag_field(3e-4, "peak learning rate")
+    weight_decay: float = flag_field(0.05, "decoupled (adamw) or L2 (adam, sgd) weight decay")
+    optimizer: str = flag_field("adamw", "optimizer", choices=OPTIMIZERS)
+    scheduler: str = flag_field(
         "cosine",
         "learning-rate schedule, stepped per epoch after the warm-up: cosine to 0, step (x --step-gamma "
         "every --step-size epochs) or none",
         choices=SCHEDULERS,
     )
-    warmup_epochs: int = _opt(0, "epochs of linear learning-rate warm-up")
-    num_workers: int = _opt(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: float = _opt(0.0, "GPUs per training worker (0 = train on CPU; fractions share a GPU)")
-    cpus_per_worker: float = _opt(1.0, "CPUs per training worker")
-    precision: str = _opt("bf16", "autocast on GPU; CPU is fp32", choices=PRECISIONS)
-    seed: int = _opt(0, "seeds model init, data order, augmentation and dropout")
-    experiment: str = _opt("deeplense", "MLflow experiment name")
-    tracking_uri: str | None = _opt(
+    warmup_epochs: int = flag_field(0, "epochs of linear learning-rate warm-up")
+    num_workers: int = flag_field(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: float = flag_field(
+        0.0, "GPUs per training worker (0 = train on CPU; fractions share a GPU)"
+    )
+    cpus_per_worker: float = flag_field(1.0, "CPUs per training worker")
+    precision: str = flag_field("bf16", "autocast on GPU; CPU is fp32", choices=PRECISIONS)
+    seed: int = flag_field(0, "seeds model init, data order, augmentation and dropout")
+    experiment: str = flag_field("deeplense", "MLflow experiment name")
+    tracking_uri: str | None = flag_field(
         None,
         "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow.db)",
     )
-    storage_path: str | None = _opt(None, "Ray Train storage root (default: ./ray_results)")
-    resume: bool = _opt(
+    storage_path: str | None = flag_field(None, "Ray Train storage root (default: ./ray_results)")
+    resume: bool = flag_field(
         False,
         "continue --run-name (default: the newest run of this model and seed) from its latest checkpoint",
         action="store_true",
     )
-    run_name: str | None = _opt(None, "Ray Train run name (default: <model>-s<seed>-<time>)")
-    model_size: str = _opt(
+    run_name: str | None = flag_field(None, "Ray Train run name (default: <model>-s<seed>-<time>)")
+    model_size: str = flag_field(
         "default",
         "model size: 'default' or 'comparable' (~13M parameters, 2 blocks)",
         unset=True,
     )
-    model_overrides: dict[str, Any] = _opt(
+    model_overrides: dict[str, Any] = flag_field(
         dict,
         "model hyperparameter (repeatable), e.g. --model-override depth=2 --model-override dim=64",
         flag="--model-override",
         action="append",
         metavar="KEY=VALUE",
     )
-    augment: bool = _opt(True, "random 90-degree rotations and flips of training images")
-    augment_free_rotation: bool = _opt(
+    augment: bool = flag_field(True, "random 90-degree rotations and flips of training images")
+    augment_free_rotation: bool = flag_field(
         False,
         "with --augment: also rotate by a random angle (not only multiples of 90 degrees)",
     )
-    normalize: str = _opt(
+    normalize: str = flag_field(
         "per_image_standard",
         "per-image normalisation inside the model",
         choices=NORMALIZE_MODES,
     )
-    momentum: float = _opt(0.9, "sgd momentum (Nesterov)")
-    step_size: int | None = _opt(None, "'step' scheduler period in epochs (default epochs // 3)")
-    step_gamma: float = _opt(0.1, "'step' scheduler factor")
-    label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
-    max_failures: int = _opt(0, "worker-group restarts after a worker failure (Ray FailureConfig)")
-    num_to_keep: int = _opt(
+    momentum: float = flag_field(0.9, "sgd momentum (Nesterov)")
+    step_size: int | None = flag_field(None, "'step' scheduler period in epochs (default epochs // 3)")
+    step_gamma: float = flag_field(0.1, "'step' scheduler factor")
+    label_smoothing: float = flag_field(0.0, "label smoothing of the training loss")
+    max_failures: int = flag_field(0, "worker-group restarts after a worker failure (Ray FailureConfig)")
+    num_to_keep: int = flag_field(
         2,
         "checkpoints kept by val_auc_macro (the latest is always kept too, for resume)",
     )
-    shuffle_buffer: int = _opt(2048, "rows of each worker's on-device shuffle buffer (0 = off)")
-    ingest: str = _opt(
+    shuffle_buffer: int = flag_field(2048, "rows of each worker's on-device shuffle buffer (0 = off)")
+    ingest: str = flag_field(
         "auto",
         "'split': one Ray Data stream split across ranks; 'per_rank': each rank streams its own shards; "
         "'memory': each rank reads the train split into device memory; 'auto': memory for a small "
         "split, else split",
         choices=INGEST_MODES,
     )
-    simulate: str | None = _opt(
+    simulate: str | None = flag_field(
         None,
-        "online simulation: render fresh training images from this preset on every worker (no dataset)",
+        "online simulation: render fresh training images from this preset on every worker, no dataset "
+        "(val/test: the splits of --data if given, else simulated sets)",
         metavar="PRESET",
     )
-    sim_overrides: dict[str, Any] = _opt(
+    sim_overrides: dict[str, Any] = flag_field(
         dict,
         "preset field, e.g. num_pix=32 (repeatable; wins over --sim-config)",
         flag="--preset-override",
@@ -414,31 +418,37 @@ class TrainConfig:
         action="append",
         metavar="KEY=VALUE",
     )
-    images_per_epoch: int = _opt(8192, "online simulation: training images rendered per epoch", unset=True)
-    val_size: int = _opt(1024, "online simulation without --data: simulated val images", unset=True)
-    test_size: int = _opt(1024, "online simulation without --data: simulated test images", unset=True)
-    sim_chunk_batches: int = _opt(16, "online simulation: per-worker batches rendered per simulate() call")
-    sim_prefetch: bool = _opt(
+    images_per_epoch: int = flag_field(
+        8192, "online simulation: training images rendered per epoch", unset=True
+    )
+    val_size: int = flag_field(1024, "online simulation without --data: simulated val images", unset=True)
+    test_size: int = flag_field(1024, "online simulation without --data: simulated test images", unset=True)
+    sim_chunk_batches: int = flag_field(
+        16, "online simulation: per-worker batches rendered per simulate() call"
+    )
+    sim_prefetch: bool = flag_field(
         True,
         "online simulation: render the next chunk on a background thread while the current one trains",
     )
-    compile: bool = _opt(False, "torch.compile the model on every worker (compile seconds: metric compile_s)")
-    bn_recal_images: int = _opt(
+    compile: bool = flag_field(
+        False, "torch.compile the model on every worker (compile seconds: metric compile_s)"
+    )
+    bn_recal_images: int = flag_field(
         4096,
         "before each validation, recompute BatchNorm statistics over each rank's last N training inputs "
         "with the final weights (0 = off)",
     )
-    task: str = _opt(
+    task: str = flag_field(
         "classification",
         "classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
         choices=TASKS,
     )
-    targets: tuple[str, ...] = _opt(
+    targets: tuple[str, ...] = flag_field(
         (),
         "--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
         metavar="T1[,T2...]",
     )
-    classes: tuple[str, ...] | None = _opt(
+    classes: tuple[str, ...] | None = flag_field(
         None,
         "--task inference: the classes whose images are used (default: those every target exists on, "
         "e.g. cdm for sigma_sub, axion for log10_m_axion)",

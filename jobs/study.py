@@ -27,7 +27,7 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from deeplense_ray.config import TASKS, parse_overrides  # noqa: E402
+from deeplense_ray.config import TrainConfig, add_field_flags, parse_overrides  # noqa: E402
 from deeplense_ray.study.settings import PROTOCOLS, StudySettings, load_model_config  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--models", "--model", dest="models", default=None,
       help="comma-separated model names (list_models(), or timm:<arch> where timm is importable); "
            "default ViT,CvT,Lensiformer,ResNet18 (or the protocol's)")  # fmt: skip
-    a("--data", default=None, help="dataset directory (manifest.json inside; jobs/simulate.py)")
+    add_field_flags(ap, TrainConfig, ("data_dir",))
     a("--simulate", default=None, metavar="PRESET", help="build a PRESET dataset first (instead of --data)")
     a("--num-per-class", type=int, default=None, help="images per class of the --simulate dataset (1000)")
     a("--preset-override", action="append", default=[], metavar="KEY=VALUE",
@@ -48,22 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--online", action="store_true",
       help="with --simulate: every run renders fresh training images on its device (as jobs/train.py "
            "--simulate); the built dataset holds only the fixed val/test splits")  # fmt: skip
-    a("--images-per-epoch", type=int, default=8192, help="training images per epoch with --online (8192)")
+    add_field_flags(ap, TrainConfig, ("images_per_epoch",))
     a("--seeds", type=int, default=3, help="runs per model, seeds 0..N-1 (default 3)")
-    a("--epochs", type=int, default=10, help="epochs of every run (default 10)")
-    a("--model-size", default=None, help="default | comparable (~13M parameters, 2 blocks)")
-    a(
-        "--task",
-        choices=TASKS,
-        default="classification",
-        help="classification (class probabilities) or inference (per-lens Gaussian posteriors of --targets)",
-    )
-    a(
-        "--targets",
-        default=None,
-        metavar="T1[,T2...]",
-        help="--task inference: sigma_sub, log10_m_axion, theta_E or any stored per-image parameter",
-    )
+    add_field_flags(ap, TrainConfig, ("epochs", "model_size", "task", "targets"))
     a(
         "--config",
         action="append",
@@ -83,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster holds)")
     a("--protocol", default=None, choices=sorted(PROTOCOLS), help="a published recipe (docs/study.md)")
     a("--experiment", default="deeplense-study", help="MLflow experiment (default deeplense-study)")
-    a("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    add_field_flags(ap, TrainConfig, ("tracking_uri",))
     a("--storage-path", default="study_results", help="root of all outputs (default ./study_results)")
     a("--name", default=None, help="study name (default study-<time>; with --resume the newest)")
     a("--resume", action="store_true", help="continue a study: only the model x seed runs without a result")
@@ -94,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
     """StudySettings from the parsed flags (no Ray). ValueError naming the bad value."""
     explicit = {k for k in ("models", "num_per_class", "model_size") if getattr(args, k) is not None}
-    explicit |= {"data_dir"} if args.data else set()
+    explicit |= {"data_dir"} if args.data_dir else set()
     explicit |= {"simulate"} if args.simulate else set()
     configs = {}
     for path in args.config:
@@ -106,15 +93,15 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         "models": args.models,
         "num_per_class": args.num_per_class,
         "model_size": args.model_size,
+        "images_per_epoch": args.images_per_epoch,
     }
     s = StudySettings(
         **{k: v for k, v in kw.items() if v is not None},
-        data_dir=args.data,
+        data_dir=args.data_dir,
         simulate=args.simulate,
         preset_overrides=parse_overrides(args.preset_override, "--preset-override"),
         data_seed=args.data_seed,
         online=args.online,
-        images_per_epoch=args.images_per_epoch,
         seeds=args.seeds,
         epochs=args.epochs,
         model_configs=configs,

@@ -31,28 +31,26 @@ except ImportError:
     sys.path.insert(0, _ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from deeplense_ray.cli import count_arg  # noqa: E402
-from deeplense_ray.config import parse_overrides, parse_value  # noqa: E402
-from deeplense_ray.tune.settings import (  # noqa: E402
-    DEFAULT_PRESET,
-    METRIC_MODES,
-    SEARCH_ALGORITHMS,
-    TuneSettings,
-)
+from deeplense_ray.config import TrainConfig, add_field_flags, parse_overrides, parse_value  # noqa: E402
+from deeplense_ray.tune.settings import DEFAULT_PRESET, TuneSettings  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+#: Online-simulation sizes of every trial (TrainConfig fields; their flags are jobs/train.py's).
+ONLINE_FIELDS = ("images_per_epoch", "val_size", "test_size")
+#: TuneSettings fields of the trials' schedule and resources, in the order --help lists them.
+SEARCH_FIELDS = ("max_epochs", "grace_period", "reduction_factor", "gpus_per_trial", "cpus_per_trial",
+                 "workers_per_trial", "trial_runner", "max_concurrent", "metric")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The search's flags: TuneSettings fields, and the training settings it shares with jobs/train.py and
+    jobs/study.py as TrainConfig's flags (name, default and help from the field: config.add_field_flags)."""
     ap = argparse.ArgumentParser(prog="tune.py", description=__doc__.split("\n")[0])
     a = ap.add_argument
-    a("--model", required=True, help="model name (see deeplense_ray.models.list_models())")
-    a("--num-samples", "--num_samples", dest="num_samples", type=int, default=10, help="trials (default 10)")
-    a("--data", default=None, help="dataset directory (default: simulate a small --preset dataset first)")
-    a("--preset", default=DEFAULT_PRESET,
-      help=f"preset of the simulated dataset when --data is not given (default {DEFAULT_PRESET}, the demo's "
-           "data; model_ii and the other physical presets are realistic)")  # fmt: skip
-    a("--num-per-class", type=count_arg, default=300, help="images per class of the simulated dataset")
+    add_field_flags(ap, TrainConfig, ("model",))
+    add_field_flags(ap, TuneSettings, ("num_samples",))
+    add_field_flags(ap, TrainConfig, ("data_dir",))
+    add_field_flags(ap, TuneSettings, ("preset", "num_per_class"))
     a(
         "--preset-override",
         action="append",
@@ -60,63 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="preset field of the simulated dataset, e.g. num_pix=32 (repeatable)",
     )
-    a("--simulate", default=None, metavar="PRESET", help="online simulation in every trial (no dataset)")
+    add_field_flags(ap, TrainConfig, ("simulate",))
     a("--sim-config", default=None, metavar="FILE.yaml", help="preset fields to override (with --simulate)")
-    for flag in ("--images-per-epoch", "--val-size", "--test-size"):
-        a(flag, type=int, default=None, help="online simulation (default: jobs/train.py's)")
-    a("--max-epochs", type=int, default=10, help="epochs of a trial ASHA does not stop (default 10)")
-    a("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default 1)")
-    a("--reduction-factor", type=float, default=2, help="ASHA reduction factor (default 2)")
-    a(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help="GPUs per training worker, fractions pack trials on a GPU (default 0.25 with GPUs, else 0)",
-    )
-    a(
-        "--cpus-per-trial",
-        type=float,
-        default=None,
-        help="CPUs per training worker (default 1, less on a small cluster: one CPU stays free for data)",
-    )
-    a("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
-    a(
-        "--trial-runner",
-        default="auto",
-        help="actor: a trial trains in its own Tune actor, reused by the next trial (no new processes); "
-        "trainer: a Ray Train TorchTrainer per trial; auto (default): actor with one worker per trial",
-    )
-    a("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
-    a(
-        "--metric",
-        default="val_auc_macro",
-        help=f"metric to optimise: {', '.join(METRIC_MODES)} (--task inference: default val_nll)",
-    )
-    a(
-        "--task",
-        default="classification",
-        choices=("classification", "inference"),
-        help="training task of every trial: classification, or inference (per-lens posteriors of --targets)",
-    )
-    a("--targets", default=None, metavar="T1[,T2...]", help="--task inference: targets (e.g. sigma_sub)")
-    a(
-        "--classes",
-        default=None,
-        metavar="C1[,C2...]",
-        help="--task inference: classes whose images are used (default: those the targets exist on)",
-    )
-    a("--mode", default=None, choices=("max", "min"), help="default: the metric's natural mode")
-    a("--trial-scheduler", dest="scheduler", default="asha",
-      help="asha (early stopping) or fifo (every trial runs --max-epochs); the learning-rate schedule is "
-           "--train-override scheduler=...")  # fmt: skip
-    a("--search", default="optuna", help=f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
-    a("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
-    a("--experiment", default="deeplense-tune", help="MLflow experiment (default deeplense-tune)")
-    a("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    a("--storage-path", default="tune_results", help="root of all outputs (default ./tune_results)")
-    a("--name", default=None, help="search name (default tune-<model>-<time>; with --resume the newest)")
-    a("--resume", action="store_true", help="continue an interrupted search without redoing finished trials")
-    a("--model-size", default="default", help="build_model size for every trial: default | comparable")
+    add_field_flags(ap, TrainConfig, ONLINE_FIELDS)
+    add_field_flags(ap, TuneSettings, SEARCH_FIELDS)
+    add_field_flags(ap, TrainConfig, ("task", "targets", "classes"))
+    add_field_flags(ap, TuneSettings, ("mode", "scheduler", "search", "seed", "experiment"))
+    add_field_flags(ap, TrainConfig, ("tracking_uri",))
+    add_field_flags(ap, TuneSettings, ("storage_path", "name", "resume"))
+    add_field_flags(ap, TrainConfig, ("model_size",))
     a(
         "--fix",
         action="append",
@@ -138,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="TrainConfig field for every trial, e.g. optimizer=sgd, precision=fp32 (repeatable)",
     )
-    a(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model in every trial (TrainConfig.compile; its seconds: metric compile_s)",
-    )
+    add_field_flags(ap, TrainConfig, ("compile",))
     a("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a new local runtime)")
     a(
         "--register",
@@ -150,13 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="register the best trial's model (logged to the search run) as NAME, alias 'champion'",
     )
-    a("--verbose", action="store_true", help="Ray's own output too (Tune tables, worker logs, progress bars)")
-    a(
-        "--keep-checkpoints",
-        default="best",
-        choices=("best", "trials"),
-        help="after the search keep the best trial's best checkpoint (best, default) or each trial's best",
-    )
+    add_field_flags(ap, TuneSettings, ("verbose", "keep_checkpoints"))
     return ap
 
 
@@ -180,7 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
     rf = args.reduction_factor
     preset_overrides = parse_overrides(args.preset_override, "--preset-override")
     train_overrides = parse_overrides(args.train_override, "--train-override")
-    online = {k: getattr(args, k) for k in ("images_per_epoch", "val_size", "test_size")}
+    online = {k: getattr(args, k) for k in ONLINE_FIELDS}
     if args.simulate is None and (args.sim_config or any(v is not None for v in online.values())):
         raise ValueError("--sim-config, --images-per-epoch, --val-size, --test-size need --simulate PRESET")
     if args.simulate is not None:
@@ -194,11 +134,11 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         train_overrides["task"] = args.task
         for key in ("targets", "classes"):
             if getattr(args, key):
-                train_overrides[key] = [x.strip() for x in getattr(args, key).split(",") if x.strip()]
+                train_overrides[key] = list(getattr(args, key))
     return TuneSettings(
         model=args.model,
         num_samples=args.num_samples,
-        data_dir=args.data,
+        data_dir=args.data_dir,
         preset=args.simulate or args.preset,
         simulate=args.simulate is not None,
         num_per_class=args.num_per_class,
@@ -223,7 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         resume=args.resume,
         train_overrides=train_overrides,
         space=space,
-        model_size=args.model_size,
+        **({"model_size": args.model_size} if args.model_size is not None else {}),
         verbose=args.verbose,
         keep_checkpoints=args.keep_checkpoints,
     )

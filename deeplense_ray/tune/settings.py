@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deeplense_ray.config import DEFAULT_DATA_PRESET
+from deeplense_ray.cli import count_arg
+from deeplense_ray.config import DEFAULT_DATA_PRESET, flag_field
 from deeplense_ray.runtime import DATA_RESERVE_CPUS, check_cpu_room
 
 #: Metrics the training loop reports every epoch that a search may optimise, with their natural mode.
@@ -89,37 +90,64 @@ class TuneSettings:
     """
 
     model: str
-    num_samples: int = 10
+    num_samples: int = flag_field(10, "trials", aliases=("--num_samples",))
     data_dir: str | None = None
-    preset: str = DEFAULT_PRESET
-    num_per_class: int = 300
+    preset: str = flag_field(
+        DEFAULT_PRESET,
+        "preset of the simulated dataset when --data is not given (the default: the demo's data; "
+        "model_ii and the other physical presets are realistic)",
+    )
+    num_per_class: int = flag_field(300, "images per class of the simulated dataset", type=count_arg)
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     data_seed: int = 0
-    max_epochs: int = 10
-    grace_period: int = 1
-    reduction_factor: int = 2
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float | None = None
-    workers_per_trial: int = 1
-    max_concurrent: int | None = None
-    metric: str = "val_auc_macro"
-    mode: str | None = None
-    search: str = "optuna"
-    seed: int = 0
-    experiment: str = "deeplense-tune"
+    max_epochs: int = flag_field(10, "epochs of a trial ASHA does not stop")
+    grace_period: int = flag_field(1, "epochs before ASHA may stop a trial")
+    reduction_factor: int = flag_field(2, "ASHA reduction factor", type=float)
+    gpus_per_trial: float | None = flag_field(
+        None, "GPUs per training worker, fractions pack trials on a GPU (default 0.25 with GPUs, else 0)"
+    )
+    cpus_per_trial: float | None = flag_field(
+        None, "CPUs per training worker (default 1, less on a small cluster: one CPU stays free for data)"
+    )
+    workers_per_trial: int = flag_field(1, "Ray Train workers (DDP ranks) per trial")
+    max_concurrent: int | None = flag_field(None, "trials at once (default: what the cluster holds)")
+    metric: str = flag_field(
+        "val_auc_macro", f"metric to optimise: {', '.join(METRIC_MODES)} (--task inference: val_nll)"
+    )
+    mode: str | None = flag_field(None, "default: the metric's natural mode", choices=("max", "min"))
+    search: str = flag_field("optuna", f"search algorithm: {', '.join(SEARCH_ALGORITHMS)}")
+    seed: int = flag_field(0, "seeds the searcher and every trial")
+    experiment: str = flag_field("deeplense-tune", "MLflow experiment")
     tracking_uri: str | None = None
-    storage_path: str = "tune_results"
-    name: str | None = None
-    resume: bool = False
+    storage_path: str = flag_field("tune_results", "root of all outputs")
+    name: str | None = flag_field(None, "search name (default tune-<model>-<time>; with --resume the newest)")
+    resume: bool = flag_field(
+        False, "continue an interrupted search without redoing finished trials", action="store_true"
+    )
     train_overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
     model_size: str = "default"
-    scheduler: str = "asha"
+    scheduler: str = flag_field(
+        "asha",
+        "asha (early stopping) or fifo (every trial runs --max-epochs); the learning-rate schedule is "
+        "--train-override scheduler=...",
+        flag="--trial-scheduler",
+    )
     points_to_evaluate: list[dict[str, Any]] | None = None
-    verbose: bool = False
-    keep_checkpoints: str = "best"
+    verbose: bool = flag_field(
+        False, "Ray's own output too (Tune tables, worker logs, progress bars)", action="store_true"
+    )
+    keep_checkpoints: str = flag_field(
+        "best",
+        "after the search keep the best trial's best checkpoint (best) or each trial's best",
+        choices=("best", "trials"),
+    )
     simulate: bool = False
-    trial_runner: str = "auto"
+    trial_runner: str = flag_field(
+        "auto",
+        "actor: a trial trains in its own Tune actor, reused by the next trial (no new processes); "
+        "trainer: a Ray Train TorchTrainer per trial; auto: actor with one worker per trial",
+    )
 
     @property
     def resolved_mode(self) -> str:
