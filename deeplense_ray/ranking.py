@@ -10,7 +10,7 @@ The tie-breaks, compared in this order:
 
 * checkpoints of one run (:func:`checkpoint_key`; Ray Train's kept checkpoints in
   :func:`deeplense_ray.train.trainer.best_checkpoint`, a run trained in this process in
-  :func:`deeplense_ray.train.local.ranked_checkpoints`, a trial's checkpoint in
+  :func:`deeplense_ray.train.checkpoint.ranked_checkpoints`, a trial's checkpoint in
   :func:`deeplense_ray.tune.best.best_checkpoint_of`): the metric, then the lower ``val_loss`` (missing or
   NaN-like: worst), then the earlier epoch;
 * trials of one search (:func:`trial_key`; summary table, parent run, live console): the trial's best-epoch

@@ -21,7 +21,7 @@ from deeplense_ray.config import TrainConfig
 from deeplense_ray.data import DatasetConfig, LensShardDataset, build_dataset, manifest_hash
 from deeplense_ray.tracking import use_tracking_uri
 from deeplense_ray.train import REPORT_KEYS, LoopHooks, evaluate_checkpoint, run_training
-from deeplense_ray.train.checkpoint import load_training_state
+from deeplense_ray.train.checkpoint import latest_checkpoint, load_training_state
 from deeplense_ray.train.metrics import classification_metrics
 from deeplense_ray.train.prepare import RUN_STATE_FILE
 
@@ -314,8 +314,8 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     Train processes. A failure injected in epoch 2 (after its checkpoint is written, before it is reported)
     with max_failures=1: Ray retries the task, which resumes from the epoch-1 checkpoint. The weights equal a
     one-worker Ray Train run's of the same config and seed (same data order, same steps), byte for byte; a
-    run without a failure trains in the warm-up's worker; a run resumes only with a runner of its checkpoint
-    layout, and runner 'task' refuses two workers."""
+    run without a failure trains in the warm-up's worker; a run continues with the other runner from its
+    checkpoints to the same weights, and runner 'task' refuses two workers."""
     from mlflow.tracking import MlflowClient
 
     kw = dict(num_workers=1, epochs=2, max_failures=1)
@@ -350,7 +350,18 @@ def test_task_runner_retries_from_its_checkpoint_and_matches_ray_train(ray_sessi
     phases = [p["phase"] for p in warm.timeline["phases"]]
     assert phases.index("run prepared") < phases.index("task worker ready") < phases.index("workers_up")
 
-    with pytest.raises(ValueError, match="laid out for runner task"):
-        run_training(_cfg(tmp_path, data_dir, run_name="task", resume=True, **kw))
+    # one checkpoint layout: the task run continues under Ray Train and the Ray Train run in a task, each from
+    # its epoch-2 checkpoint, and both reach the same weights; the best is chosen over both segments
+    more = dict(kw, epochs=3)
+    continued = {
+        name: run_training(_cfg(tmp_path, data_dir, run_name=name, resume=True, **more), runner=other)
+        for name, other in (("task", "trainer"), ("trainer", "task"))
+    }
+    for r in continued.values():
+        assert [h["epoch"] for h in r.history] == [1, 2, 3]
+        assert [h["resumed_from_epoch"] for h in r.history][-1] == 2
+        assert r.best_epoch == max(r.history, key=lambda h: (h["val_auc_macro"], -h["val_loss"]))["epoch"]
+    a, b = (load_training_state(latest_checkpoint(r.run_dir))["model"] for r in continued.values())
+    assert all(torch.equal(a[k], b[k]) for k in a), "a run continued with the other runner diverged"
     with pytest.raises(ValueError, match="runner 'task' trains one worker, got num_workers=2"):
         run_training(_cfg(tmp_path, data_dir, run_name="two"), runner="task")

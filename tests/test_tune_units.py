@@ -239,7 +239,8 @@ def test_a_local_run_keeps_the_best_and_the_latest_checkpoint_and_resumes_from_t
     replaces its checkpoint; no temporary name remains."""
     import json
 
-    from deeplense_ray.train.local import LocalRunSession, checkpoint_name
+    from deeplense_ray.train.checkpoint import checkpoint_name
+    from deeplense_ray.train.local import LocalRunSession
 
     run = tmp_path / "trainers" / "abc123"
     session = LocalRunSession(run, metric="val_loss", mode="min", num_to_keep=1)

@@ -1,8 +1,13 @@
-"""Checkpoint layout (one directory, written by rank 0 and persisted by Ray Train).
+"""Checkpoint layout: one directory per epoch, written by rank 0, the same files whichever runner trains.
 
 ``model.pt``: state_dict of the :class:`NormalizedClassifier`; ``train_state.pt``: epoch, optimizer,
 scheduler, grad-scaler state and the per-epoch history; ``meta.json``: the architecture (so the model can be
 rebuilt without the run's config), the epoch and its reported metrics.
+
+A run's checkpoints live in its run directory (``<storage_path>/<run name>``) as ``checkpoint_*``: Ray Train
+persists its own there (``checkpoint_<time>``, listed in its checkpoint-manager snapshot) and a run trained
+in one process writes ``checkpoint_epoch_NNNNN`` (train/local.py). A run resumes from the checkpoint of the
+highest epoch, whichever runner wrote it (:func:`latest_checkpoint`), so it can continue with either.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ import torch
 from torch import nn
 
 from deeplense_ray.io import atomic_path, atomic_write_text
+from deeplense_ray.ranking import checkpoint_key
 from deeplense_ray.train.modules import NormalizedClassifier, arch_of, build_classifier
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
+#: every checkpoint directory of a run starts with this; a run trained in one process names its own
+#: ``checkpoint_epoch_NNNNN`` (LOCAL_CHECKPOINT_PREFIX)
+CHECKPOINT_PREFIX = "checkpoint_"
+LOCAL_CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 class CheckpointError(ValueError):
@@ -184,6 +194,47 @@ def load_model_from_checkpoint(checkpoint_dir: Any) -> NormalizedClassifier:
     with _as_dir(checkpoint_dir) as d:
         meta = json.loads((Path(d) / META_FILE).read_text())
         return load_weights(meta["arch"], Path(d) / MODEL_FILE)
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The directory name of a run's epoch-``epoch`` checkpoint written in one process."""
+    return f"{LOCAL_CHECKPOINT_PREFIX}{int(epoch):05d}"
+
+
+def metrics_of(checkpoint_dir: Path) -> dict[str, Any]:
+    """The epoch's metrics recorded in a checkpoint's meta.json, with its ``epoch`` ({} if unreadable)."""
+    try:
+        meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    metrics = meta.get("metrics") if isinstance(meta, dict) else None
+    out = dict(metrics) if isinstance(metrics, dict) else {}
+    try:
+        out["epoch"] = int(meta.get("epoch", 0))
+    except (TypeError, ValueError):
+        out["epoch"] = 0
+    return out
+
+
+def run_checkpoints(run_dir: str | os.PathLike[str], prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
+    """A run's checkpoint directories (``prefix``: every runner's, or :data:`LOCAL_CHECKPOINT_PREFIX`)."""
+    d = Path(run_dir)
+    return sorted(p for p in d.glob(f"{prefix}*") if p.is_dir()) if d.is_dir() else []
+
+
+def ranked_checkpoints(
+    run_dir: str | os.PathLike[str], metric: str, mode: str, prefix: str = CHECKPOINT_PREFIX
+) -> list[Path]:
+    """A run's checkpoints, best first by :func:`deeplense_ray.ranking.checkpoint_key` (``metric`` under
+    ``mode`` 'max' or 'min', NaN last; ties: lower val_loss, then the earlier epoch), as
+    :func:`deeplense_ray.train.trainer.best_checkpoint` ranks a Ray Train run's."""
+    return sorted(run_checkpoints(run_dir, prefix), key=lambda p: checkpoint_key(metrics_of(p), metric, mode))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], prefix: str = CHECKPOINT_PREFIX) -> Path | None:
+    """The run's checkpoint of the highest epoch (the one a resumed run continues from), or None."""
+    found = [(int(metrics_of(p).get("epoch", 0)), p.name, p) for p in run_checkpoints(run_dir, prefix)]
+    return max(found)[2] if found else None
 
 
 def check_checkpoints(run_dir: str | os.PathLike[str]) -> int:

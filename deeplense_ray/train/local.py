@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -32,52 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from deeplense_ray.ranking import checkpoint_key
+from deeplense_ray.train.checkpoint import (
+    LOCAL_CHECKPOINT_PREFIX,
+    checkpoint_name,
+    latest_checkpoint,
+    ranked_checkpoints,
+    run_checkpoints,
+)
 from deeplense_ray.train.session import LoopSession
 from deeplense_ray.train.worker_config import LoopConfig, LoopHooks
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"{CHECKPOINT_PREFIX}epoch_{int(epoch):05d}"
-
-
-def metrics_of(checkpoint_dir: Path) -> dict[str, Any]:
-    """The epoch's metrics recorded in a checkpoint's meta.json, with its ``epoch`` ({} if unreadable)."""
-    try:
-        meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    metrics = meta.get("metrics") if isinstance(meta, dict) else None
-    out = dict(metrics) if isinstance(metrics, dict) else {}
-    try:
-        out["epoch"] = int(meta.get("epoch", 0))
-    except (TypeError, ValueError):
-        out["epoch"] = 0
-    return out
-
-
-def metric_of(checkpoint_dir: Path, metric: str) -> tuple[float, int]:
-    """(metric, epoch) recorded in a checkpoint's meta.json ((nan, 0) if unreadable)."""
-    metrics = metrics_of(checkpoint_dir)
-    try:
-        v = float(metrics.get(metric))
-    except (TypeError, ValueError):
-        v = math.nan
-    return v, int(metrics.get("epoch", 0))
-
-
-def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    d = Path(run_dir)
-    return sorted(p for p in d.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()) if d.is_dir() else []
-
-
-def ranked_checkpoints(run_dir: str | os.PathLike[str], metric: str, mode: str) -> list[Path]:
-    """A run's checkpoints, best first by :func:`deeplense_ray.ranking.checkpoint_key` (``metric`` under
-    ``mode`` 'max' or 'min', NaN last; ties: lower val_loss, then the earlier epoch), as
-    :func:`deeplense_ray.train.trainer.best_checkpoint` ranks a Ray Train run's."""
-    return sorted(run_checkpoints(run_dir), key=lambda p: checkpoint_key(metrics_of(p), metric, mode))
 
 
 class LocalRunSession(LoopSession):
@@ -103,9 +65,9 @@ class LocalRunSession(LoopSession):
         return nullcontext(latest)
 
     def latest(self) -> Path | None:
-        """The run's checkpoint of the highest epoch (a restored run resumes from it), or None."""
-        found = [(metric_of(p, self.metric)[1], p) for p in run_checkpoints(self.run_dir)]
-        return max(found)[1] if found else None
+        """The run's checkpoint of the highest epoch, whichever runner wrote it (a restored run resumes from
+        it), or None."""
+        return latest_checkpoint(self.run_dir)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -135,7 +97,8 @@ class LocalRunSession(LoopSession):
         return final
 
     def prune(self, *, latest: Path) -> list[Path]:
-        ranked = ranked_checkpoints(self.run_dir, self.metric, self.mode)
+        # its own only: Ray Train's checkpoints of the run stay as its checkpoint-manager snapshot lists them
+        ranked = ranked_checkpoints(self.run_dir, self.metric, self.mode, LOCAL_CHECKPOINT_PREFIX)
         keep = set(ranked[: self.num_to_keep]) | {latest}
         gone = [p for p in ranked if p not in keep]
         for p in gone:

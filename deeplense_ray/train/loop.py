@@ -86,9 +86,10 @@ def train_loop_per_worker(
 
     ``session``: where the loop runs (default :class:`RayTrainSession`, a Ray Train worker); a search's trial
     run in its own actor passes ``deeplense_ray.tune.actor_trial.ActorTrialSession``."""
-    session = session if session is not None else RayTrainSession()
+    loop = LoopConfig.from_dict(config)
+    session = session if session is not None else RayTrainSession(loop.run_dir)
     # rank, world, device, seed, precision; start time
-    ctx = WorkerContext.from_config(LoopConfig.from_dict(config), session, hooks or LoopHooks())
+    ctx = WorkerContext.from_config(loop, session, hooks or LoopHooks())
     resumed = restore_state(ctx)  # the latest checkpoint, if any (epochs MLflow missed are logged)
     training = build_training(ctx, resumed.state)  # model (seeded), compile, DDP, optimizer, schedule
     batches = TrainBatches(ctx)  # this rank's training input of each epoch

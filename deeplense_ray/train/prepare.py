@@ -2,10 +2,10 @@
 
 A run lives in ``<storage_path>/<run_name>/`` (Ray Train's run directory, or train/local.py's checkpoints)
 with :data:`RUN_STATE_FILE` beside the checkpoints: the MLflow run id, the experiment, the tracking URI, the
-dataset hash, the config and the checkpoint layout. :func:`prepare_run` creates it with a new MLflow run
-(its params, :func:`log_run_inputs`) or, with ``resume``, reopens the newest matching run
-(:func:`find_resumable_run`) after checking that it can be resumed (its checkpoint layout and dataset hash;
-changed params become ``resume.*`` tags). :func:`check_resume` checks the checkpoints of a run to resume
+dataset hash, the config and the runner of its latest segment. :func:`prepare_run` creates it with a new
+MLflow run (its params, :func:`log_run_inputs`) or, with ``resume``, reopens the newest matching run
+(:func:`find_resumable_run`) after checking that it can be resumed (its dataset hash; changed params become
+``resume.*`` tags; any runner may continue it, train/checkpoint.py). :func:`check_resume` checks the checkpoints of a run to resume
 before Ray starts.
 """
 
@@ -64,15 +64,10 @@ def check_resume(cfg: TrainConfig) -> None:
         check_checkpoints(Path(cfg.storage_path) / name)
 
 
-def checkpoint_layout(runner: str) -> str:
-    """How a runner lays out a run's checkpoints: "ray_train" (Ray Train's run directory) or "local"
-    (train/local.py's ``checkpoint_epoch_NNNNN``); a run resumes only with a runner of its layout."""
-    return "ray_train" if runner == "trainer" else "local"
-
-
 def prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str, dict[str, Any]]:
-    """Run name and state (MLflow run id, experiment id, tracking URI, checkpoint layout); creates the MLflow
-    run if new."""
+    """Run name and state (MLflow run id, experiment id, tracking URI, the runner of its latest segment);
+    creates the MLflow run if new. A run resumes with any runner: every runner's checkpoints are laid out
+    alike in the run directory (train/checkpoint.py)."""
     from mlflow.tracking import MlflowClient
 
     from deeplense_ray.tracking import get_or_create_experiment, log_params, run_params
@@ -84,13 +79,6 @@ def prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str, 
         if not state_file.is_file():
             raise ValueError(f"nothing to resume: {state_file} does not exist")
         state = json.loads(state_file.read_text())
-        layout = state.get("checkpoint_layout")
-        if layout is not None and layout != checkpoint_layout(runner):
-            raise ValueError(
-                f"cannot resume run {name!r} with runner {runner!r}: its checkpoints are laid out for "
-                f"{'runner trainer' if layout == 'ray_train' else 'runner task'} ({state_file}); resume "
-                "with that runner"
-            )
         if state.get("manifest_hash") != info.manifest_hash:
             raise ValueError(
                 f"cannot resume run {name!r} on dataset {info.data_dir}: its manifest hash "
@@ -106,6 +94,7 @@ def prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str, 
             client.set_tag(state["mlflow_run_id"], f"resume.{key}", value)
         client.set_tag(state["mlflow_run_id"], "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         state["resumes"] = int(state.get("resumes", 0)) + 1
+        state["runner"] = runner  # the runner of the latest segment (checkpoints: one layout for all)
     else:
         name = cfg.run_name or default_run_name(cfg)
         run_dir = storage / name
@@ -125,7 +114,7 @@ def prepare_run(cfg: TrainConfig, info: DatasetInfo, runner: str) -> tuple[str, 
             "tracking_uri": cfg.tracking_uri,
             "manifest_hash": info.manifest_hash,
             "config": cfg.to_dict(),
-            "checkpoint_layout": checkpoint_layout(runner),
+            "runner": runner,
             "status": "running",
         }
     atomic_write_json(storage / name / RUN_STATE_FILE, state)

@@ -52,7 +52,8 @@ def run_training(
     holding one worker's CPUs and GPU share, with no Train controller or worker group to start (one worker;
     Ray retries the task up to ``max_failures`` times, resuming from the run's latest checkpoint); "process"
     runs them in this process, for a caller that already holds the run's resources in a Ray task or actor (a
-    study run). A run is resumed with the runner it started with (its checkpoints are laid out by it).
+    study run). A run resumes with either runner: every runner lays out its checkpoints alike in the run
+    directory, and the run continues from the one of the highest epoch.
 
     ``progress``: print one line per epoch (loss, validation metrics, images/s, elapsed, ETA) while it trains
     (:class:`deeplense_ray.tracking.console.RunWatcher`, reading the epochs rank 0 logs to the MLflow run).
@@ -106,7 +107,7 @@ def run_training(
             timeline.mark("fit end")
         if result.error is not None:
             raise result.error
-        best, best_metrics = best_checkpoint(result, *run_score(cfg))
+        best, best_metrics = best_checkpoint(result, *run_score(cfg), run_dir=run_dir)
         best_epoch = int(best_metrics.get("epoch", read_meta(best)["epoch"]))
         history = history_from_checkpoint(result.checkpoint)
         timeline.add_epochs(history)

@@ -32,19 +32,22 @@ RUNNERS = ("trainer", "task", "process")
 
 
 def resolve_runner(runner: str, cfg: TrainConfig) -> str:
-    """``runner`` itself, or for "auto" (jobs/train.py's default): a resumed run's own kind (by its checkpoint
-    layout; a run without one was a Ray Train run), else "task" for one worker that reads its own input (not
-    ingest 'split'), else "trainer". ``cfg`` resolved (its storage path absolute)."""
+    """``runner`` itself, or for "auto" (jobs/train.py's default): for a resumed run the kind of runner its
+    latest segment ran with (a run that does not record one was a Ray Train run), else "task" for one worker
+    that reads its own input (not ingest 'split'), else "trainer". A resumed run may also name either runner:
+    its checkpoints are laid out alike (train/checkpoint.py). ``cfg`` resolved (its storage path absolute)."""
     if runner != "auto":
         return runner
-    if cfg.resume:
+    single = cfg.num_workers == 1 and cfg.ingest != "split"
+    if cfg.resume and single:
         try:
             name = cfg.run_name or find_resumable_run(cfg.storage_path, cfg.model, cfg.seed)
             state = json.loads((Path(cfg.storage_path) / name / RUN_STATE_FILE).read_text())
         except (OSError, ValueError):
             return "trainer"  # nothing to resume: run_training says so, naming the directory
-        return "task" if state.get("checkpoint_layout") == "local" else "trainer"
-    return "task" if cfg.num_workers == 1 and cfg.ingest != "split" else "trainer"
+        kind = state.get("runner") or ("task" if state.get("checkpoint_layout") == "local" else "trainer")
+        return "trainer" if kind == "trainer" else "task"
+    return "task" if single else "trainer"
 
 
 def check_runner(runner: str, cfg: TrainConfig) -> None:

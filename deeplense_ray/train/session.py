@@ -1,7 +1,8 @@
 """Where the training loop runs: a :class:`LoopSession` gives it its rank, device, checkpoint and reports.
 
 :class:`RayTrainSession` (the default) is a Ray Train V2 worker: Ray Train places it, restores its run's
-latest checkpoint, wraps the model in DDP, splits the ``train`` dataset and persists the reported
+latest checkpoint (or the run directory's newer one written in one process: one checkpoint layout, so a run
+resumes with either runner), wraps the model in DDP, splits the ``train`` dataset and persists the reported
 checkpoints. A one-worker run in a process that already holds the run's resources uses
 ``deeplense_ray.train.local.LocalRunSession`` instead, with the same checkpoints and reports.
 """
@@ -43,7 +44,13 @@ class LoopSession:
 
 class RayTrainSession(LoopSession):
     """A Ray Train (V2) worker: Ray Train places it, restores its run's latest checkpoint, wraps the model
-    (DDP over the workers), splits the ``train`` dataset and persists the reported checkpoints."""
+    (DDP over the workers), splits the ``train`` dataset and persists the reported checkpoints.
+
+    ``run_dir``: the run's directory; a checkpoint there written by a one-process segment of the run
+    (``checkpoint_epoch_NNNNN``) of a higher epoch than Ray Train's latest is the one resumed from."""
+
+    def __init__(self, run_dir: str | None = None) -> None:
+        self.run_dir = run_dir
 
     def placement(self) -> tuple[int, int, torch.device]:
         import ray.train
@@ -55,7 +62,16 @@ class RayTrainSession(LoopSession):
     def checkpoint_dir(self):
         import ray.train
 
+        from deeplense_ray.train.checkpoint import LOCAL_CHECKPOINT_PREFIX, latest_checkpoint, metrics_of
+
         checkpoint = ray.train.get_checkpoint()
+        local = latest_checkpoint(self.run_dir, LOCAL_CHECKPOINT_PREFIX) if self.run_dir else None
+        if local is not None:
+            # Ray's checkpoint path is a local directory for a local or shared-filesystem storage path; on
+            # other storage it reads as epoch 0 here, and the run directory (then absent) has no local one
+            ray_epoch = int(metrics_of(Path(checkpoint.path)).get("epoch", 0)) if checkpoint else -1
+            if int(metrics_of(local).get("epoch", 0)) > ray_epoch:
+                return nullcontext(local)
         if checkpoint is None:
             return nullcontext(None)
         return _as_path(checkpoint.as_directory())

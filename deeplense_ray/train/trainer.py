@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from deeplense_ray.config import DatasetInfo, TrainConfig
@@ -93,7 +94,10 @@ def build_trainer(
     resources = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.use_gpu:
         resources["GPU"] = float(cfg.gpus_per_worker)
-    config = LoopConfig.from_dict({**loop_config(cfg, info), **dict(extra_loop_config or {})})
+    run_dir = str(Path(cfg.storage_path) / name)  # a resume reads a one-process segment's checkpoints there
+    config = LoopConfig.from_dict(
+        {**loop_config(cfg, info), "run_dir": run_dir, **dict(extra_loop_config or {})}
+    )
     datasets = {}
     if config.ingest_mode == "split":  # else every rank reads its own shards or renders
         # training images travel as stored (float16 stays float16) and become float32 on the device
@@ -131,11 +135,24 @@ def checkpoint_config(num_to_keep: int, metric: str = SCORE_ATTRIBUTE, mode: str
 
 
 def best_checkpoint(
-    result: Any, metric: str = SCORE_ATTRIBUTE, mode: str = SCORE_MODE
+    result: Any, metric: str = SCORE_ATTRIBUTE, mode: str = SCORE_MODE, run_dir: str | Path | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """(Checkpoint, metrics) with the best ``metric`` (``mode`` 'max' or 'min') among the kept checkpoints,
-    by :func:`deeplense_ray.ranking.checkpoint_key` (ties: lower val_loss, then the earlier epoch)."""
+    by :func:`deeplense_ray.ranking.checkpoint_key` (ties: lower val_loss, then the earlier epoch).
+    ``run_dir``: the run's directory, whose checkpoints written in one process (an earlier segment of a
+    resumed run) are candidates too."""
     candidates = list(result.best_checkpoints or [])
+    if run_dir is not None:
+        from ray.train import Checkpoint
+
+        from deeplense_ray.train.checkpoint import LOCAL_CHECKPOINT_PREFIX, metrics_of, run_checkpoints
+
+        seen = {Path(c.path).resolve() for c, _ in candidates if c is not None}
+        candidates += [
+            (Checkpoint.from_directory(str(p)), metrics_of(p))
+            for p in run_checkpoints(run_dir, LOCAL_CHECKPOINT_PREFIX)
+            if p.resolve() not in seen
+        ]
     if not candidates:
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")

@@ -66,6 +66,7 @@ class LoopConfig:
     train_shard_rows: tuple[int, ...] = ()  # rows of each train shard, in manifest order
     sim_preset: dict[str, Any] | None = None  # online simulation: the resolved preset
     mlflow: MlflowTarget | None = None
+    run_dir: str | None = None  # the run's directory (its checkpoints; train/checkpoint.py)
     # task 'inference' (train/regression.py inference_fields): the classes of the stored splits, the label ids
     # of the task's classes, and per target its standardisation (loc, scale), training prior and prior std
     data_class_names: tuple[str, ...] = ()

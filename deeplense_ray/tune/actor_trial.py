@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deeplense_ray.train.local import LocalRunSession, checkpoint_name, fit_here, local_loop_config
+from deeplense_ray.train.checkpoint import checkpoint_name
+from deeplense_ray.train.local import LocalRunSession, fit_here, local_loop_config
 from deeplense_ray.tune.best import CHECKPOINT_PATH_KEY
 from deeplense_ray.tune.diverged import sanitize_result
 

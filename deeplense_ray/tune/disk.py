@@ -16,7 +16,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 # the same checkpoint layout for runs of Ray Train and runs in a trial's actor (train/local.py)
-from deeplense_ray.train.local import ranked_checkpoints, run_checkpoints
+from deeplense_ray.train.checkpoint import ranked_checkpoints, run_checkpoints
 
 KEEP_CHOICES: tuple[str, ...] = ("best", "trials")
 
