@@ -42,6 +42,14 @@ SEARCH_FIELDS = ("max_epochs", "grace_period", "reduction_factor", "gpus_per_tri
                  "workers_per_trial", "trial_runner", "max_concurrent", "metric")  # fmt: skip
 
 
+class _Refused(argparse.Action):
+    """A flag this job does not take because it means something else in another job: its ``const`` is the
+    usage error that says which flag to use."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.const)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The search's flags: TuneSettings fields, and the training settings it shares with jobs/train.py and
     jobs/study.py as TrainConfig's flags (name, default and help from the field: config.add_field_flags)."""
@@ -64,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_field_flags(ap, TuneSettings, SEARCH_FIELDS)
     add_field_flags(ap, TrainConfig, ("task", "targets", "classes"))
     add_field_flags(ap, TuneSettings, ("mode", "scheduler", "search", "seed", "experiment"))
+    a("--scheduler", dest="lr_scheduler", nargs="?", action=_Refused, default=argparse.SUPPRESS,
+      help=argparse.SUPPRESS,
+      const="--scheduler is the learning-rate schedule of jobs/train.py; a search's early stopping is "
+            "--trial-scheduler asha|fifo, its trials' learning-rate schedule "
+            "--train-override scheduler=...")  # fmt: skip
     add_field_flags(ap, TrainConfig, ("tracking_uri",))
     add_field_flags(ap, TuneSettings, ("storage_path", "name", "resume"))
     add_field_flags(ap, TrainConfig, ("model_size",))

@@ -82,9 +82,18 @@ def test_a_flag_name_means_one_setting_in_every_job(parsers):
                 }:
                     assert action.dest == train_flags[opt], (job, opt, action.dest)
     tune_flags = {o: a for a in parsers["tune"]._actions for o in a.option_strings}
-    assert "--scheduler" not in tune_flags and tune_flags["--trial-scheduler"].dest == "scheduler"
-    with pytest.raises(SystemExit):
-        parsers["tune"].parse_args(["--model", "ViT", "--scheduler", "fifo"])
+    assert tune_flags["--trial-scheduler"].dest == "scheduler"
+    assert tune_flags["--scheduler"].dest != "scheduler"  # refused, naming the flags it may mean (below)
+    assert not re.search(r"(?<![-\w])--scheduler\b", parsers["tune"].format_help())
+
+
+@pytest.mark.parametrize("argv", [["--scheduler", "fifo"], ["--scheduler"], ["--scheduler=cosine"]])
+def test_tune_refuses_scheduler_naming_the_two_flags_it_may_mean(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _job("tune").build_parser().parse_args(["--model", "ViT", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "--trial-scheduler asha|fifo" in err and "--train-override scheduler" in err
 
 
 def test_every_flag_field_round_trips_into_its_dataclass():
