@@ -1,6 +1,6 @@
 """The Ray runtime of a job: join a live cluster, or start a private local one (loopback, explicit auth).
 
-Every job (simulate, train, tune, demo) connects through :func:`connect`:
+Every job (simulate, train, tune, study, demo) connects through :func:`connect` (no job has its own helper):
 
 - ``address="local"`` starts a fresh local runtime; ``address=<host:port>`` (or ``auto``, or $RAY_ADDRESS)
   joins that cluster and fails within seconds, naming the address, when nothing answers there;
@@ -251,6 +251,7 @@ def connect(
     join_running: bool = True,
     num_cpus: int | None = None,
     preload_modules: Sequence[str] = (),
+    dashboard: bool = False,
     **init_kwargs: Any,
 ) -> str:
     """Join or start Ray per ``address`` (see the module docstring); return a one-line description.
@@ -261,7 +262,10 @@ def connect(
             this machine if it answers (False: always start a local runtime).
         num_cpus: logical CPUs of a local runtime (None: Ray's default, the machine's cores).
         preload_modules: see :func:`start_local_ray`.
-        init_kwargs: more ``ray.init`` arguments (e.g. ``log_to_driver=False``).
+        dashboard: start the Ray dashboard, listening on 127.0.0.1 only (``include_dashboard``,
+            ``dashboard_host``; a search's progress page).
+        init_kwargs: more ``ray.init`` arguments (e.g. ``log_to_driver=False``; a job's
+            ``tracking.console.quiet_ray(verbose)``).
 
     Raises:
         RayConnectError: an address given by --address or $RAY_ADDRESS does not answer.
@@ -270,6 +274,8 @@ def connect(
 
     if ray.is_initialized():
         return _with_orphans_removed("using the Ray runtime already initialised in this process")
+    if dashboard:
+        init_kwargs = {"include_dashboard": True, "dashboard_host": LOOPBACK, **init_kwargs}
     local_kwargs = dict(init_kwargs, preload_modules=preload_modules)
     if num_cpus is not None:
         local_kwargs["num_cpus"] = num_cpus

@@ -163,14 +163,6 @@ def check_resume_dir(out: Path) -> None:
     )
 
 
-def connect_ray(address: str | None, **init_kwargs) -> str:
-    """Join/start Ray per --address (deeplense_ray.runtime.connect); returns what happened."""
-    from deeplense_ray.data.pipeline import WORKER_PRELOAD_MODULES
-    from deeplense_ray.runtime import connect
-
-    return connect(address, preload_modules=WORKER_PRELOAD_MODULES, **init_kwargs)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The job; a failure the user causes (a bad file, an MLflow store that refuses) exits 2 with one line."""
     from deeplense_ray.cli import run_main
@@ -231,13 +223,14 @@ def _simulate(args: argparse.Namespace, cfg: DatasetConfig) -> int:
     import ray
 
     from deeplense_ray.data import build_dataset, manifest_hash
-    from deeplense_ray.runtime import RayConnectError
+    from deeplense_ray.data.pipeline import WORKER_PRELOAD_MODULES
+    from deeplense_ray.runtime import RayConnectError, connect
     from deeplense_ray.tracking.console import quiet_ray
 
     try:
         # Ray's own output (Ray Data's progress and logs, the workers' output) only with --verbose; set in
         # this process, the driver, before the dataset runs: it holds under `ray job submit` too
-        how = connect_ray(args.address, **quiet_ray(args.verbose))
+        how = connect(args.address, preload_modules=WORKER_PRELOAD_MODULES, **quiet_ray(args.verbose))
     except RayConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -51,25 +51,19 @@ from deeplense_ray.tune.tuner import make_tuner, trial_name
 __all__ = ["DivergedStopper", "connect_ray", "run_search", "trial_name"]
 
 
-def connect_ray(address: str | None = None, *, verbose: bool = False) -> None:
-    """Join ``address`` / $RAY_ADDRESS, else start a local runtime with the dashboard (see RAY_NOTES).
+#: How a search joins or starts Ray (:func:`deeplense_ray.runtime.connect`): a given address or $RAY_ADDRESS,
+#: else a fresh local runtime (never the cluster recorded by `ray start`), with the dashboard on 127.0.0.1
+#: and Ray's logging left as the job set it.
+SEARCH_RAY: dict = {"join_running": False, "dashboard": True, "configure_logging": False}
 
-    Through :func:`deeplense_ray.runtime.connect`: a dead address fails within seconds (RayConnectError), a
-    local runtime listens on 127.0.0.1 with explicit auth. Not ``verbose``: the workers' output (Ray Data
-    progress bars, Train's start-up messages) stays in their log files (:func:`~deeplense_ray.tracking.
-    console.quiet_ray`).
-    """
+
+def connect_ray(address: str | None = None, *, verbose: bool = False) -> str:
+    """Kept for deeplense_ray.study.runner and benchmarks/tune_efficiency.py, which call it: the search's
+    :func:`deeplense_ray.runtime.connect` (:data:`SEARCH_RAY`), quiet unless ``verbose``."""
     from deeplense_ray.runtime import connect
     from deeplense_ray.tracking.console import quiet_ray
 
-    connect(
-        address,
-        join_running=False,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        configure_logging=False,
-        **quiet_ray(verbose),
-    )
+    return connect(address, **SEARCH_RAY, **quiet_ray(verbose))
 
 
 def run_search(
@@ -92,11 +86,15 @@ def run_search(
     import ray
     from mlflow.tracking import MlflowClient
 
+    from deeplense_ray.runtime import connect
+    from deeplense_ray.tracking.console import quiet_ray
     from deeplense_ray.tune.mlflow_runs import TrialRunsCallback
 
     with setup_errors():
         plan = plan_search(settings)
-    connect_ray(address, verbose=settings.verbose)
+    # a dead address fails within seconds (RayConnectError); a local runtime listens on 127.0.0.1 with auth;
+    # not verbose: the workers' output stays in their log files
+    connect(address, **SEARCH_RAY, **quiet_ray(settings.verbose))
     with setup_errors():
         plan = prepare_cluster_work(settings, plan, ray.cluster_resources())
 
