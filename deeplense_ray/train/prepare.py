@@ -5,8 +5,8 @@ with :data:`RUN_STATE_FILE` beside the checkpoints: the MLflow run id, the exper
 dataset hash, the config and the runner of its latest segment. :func:`prepare_run` creates it with a new
 MLflow run (its params, :func:`log_run_inputs`) or, with ``resume``, reopens the newest matching run
 (:func:`find_resumable_run`) after checking that it can be resumed (its dataset hash; changed params become
-``resume.*`` tags; any runner may continue it, train/checkpoint.py). :func:`check_resume` checks the checkpoints of a run to resume
-before Ray starts.
+``resume.*`` tags; any runner may continue it, train/checkpoint.py). :func:`check_resume` checks the
+checkpoints of a run to resume before Ray starts.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ SEARCH_RAY: dict = {"join_running": False, "dashboard": True, "configure_logging
 
 
 def connect_ray(address: str | None = None, *, verbose: bool = False) -> str:
-    """Kept for deeplense_ray.study.runner and benchmarks/tune_efficiency.py, which call it: the search's
-    :func:`deeplense_ray.runtime.connect` (:data:`SEARCH_RAY`), quiet unless ``verbose``."""
+    """Connect to (or start) Ray for a search or a study: :func:`deeplense_ray.runtime.connect` with the
+    search's settings (:data:`SEARCH_RAY`), quiet unless ``verbose``."""
     from deeplense_ray.runtime import connect
     from deeplense_ray.tracking.console import quiet_ray
 
