@@ -1,5 +1,7 @@
 """The MLflow UI: `mlflow server` on 127.0.0.1 over a store that the real demo job (simulate + tune + test
-evaluation, `jobs/demo.py --quick`) wrote, read through its REST API, plus a headless Chromium screenshot."""
+evaluation, `jobs/demo.py --quick`) wrote, read through its REST API, plus a headless Chromium screenshot; and
+over a tiny search store logged through MLflow's client, the screenshot of scripts/screenshot_mlflow.py taken
+through the Chrome DevTools Protocol (assistant panel closed, child runs expanded)."""
 
 from __future__ import annotations
 
@@ -192,3 +194,78 @@ def test_ui_shows_training_view_datasets_and_logged_model(demo_store, server):
     run_url = f"{server}/#/experiments/{exp_id}/runs/{parent['info']['run_id']}"
     run_page = _visible_text(shot.rendered_dom(run_url))
     assert "Logged models (1)" in run_page, run_page[:2000]
+
+
+@pytest.fixture(scope="module")
+def tiny_search_store(tmp_path_factory):
+    """A store as a search leaves it, logged through MLflow's client: a parent run with two child runs
+    (metrics per epoch, a param each) and the parent's summary metric."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("tiny-search")
+    p = {"db": root / "mlflow.db", "artifacts": root / "mlartifacts"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{p['db']}")
+    exp = client.create_experiment("ui-cdp", artifact_location=p["artifacts"].as_uri())
+    parent = client.create_run(exp, run_name="search-parent-run")
+    children = []
+    for i in range(2):
+        child = client.create_run(exp, run_name=f"trial-child-{i}",
+                                  tags={"mlflow.parentRunId": parent.info.run_id})
+        client.log_param(child.info.run_id, "lr", f"{1e-3 * (i + 1):g}")
+        for step in (1, 2, 3):
+            client.log_metric(child.info.run_id, "val_auc_macro", 0.55 + 0.1 * step + 0.01 * i, step=step)
+        client.set_terminated(child.info.run_id)
+        children.append(child.info.run_id)
+    client.log_metric(parent.info.run_id, "best_val_auc_macro", 0.86)
+    client.set_terminated(parent.info.run_id)
+    return {"paths": p, "experiment": "ui-cdp", "parent": parent.info.run_id, "children": children}
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_search_store, tmp_path_factory):
+    proc, base = _start_server(tiny_search_store["paths"], tmp_path_factory.mktemp("mlflow-tiny-server"))
+    yield base
+    shot.stop_server(proc)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(shot.chromium_binary() is None, reason="Chromium not installed (Debian: apt-get install "
+                    "chromium; .ci/run does)")
+def test_cdp_screenshot_closes_assistant_and_expands_child_runs(tiny_search_store, tiny_server, tmp_path):
+    """Chromium driven through the DevTools protocol: at capture time the runs table shows the parent's child
+    runs and the requested metric column, MLflow's assistant side panel is not in the page, and the PNG has
+    the requested size."""
+    s = tiny_search_store
+    exp_id = shot.experiment_id(tiny_server, s["experiment"])
+    with shot.Browser(width=1600, height=900, timeout=60) as browser:
+        shown = shot.show_runs_page(browser, tiny_server, exp_id, columns=["metrics.`val_auc_macro`"],
+                                    timeout=240)
+        assert set(shown["rows"]) == {s["parent"], *s["children"]}, shown
+        assert browser.cdp.evaluate(shot.ASSISTANT_PRESENT_JS) is False
+        text = browser.cdp.evaluate("document.body.innerText")
+        for name in ("search-parent-run", "trial-child-0", "trial-child-1", "val_auc_macro"):
+            assert name in text, text[-2000:]
+        assert browser.cdp.evaluate("[innerWidth, innerHeight]") == [1600, 900]
+        out = browser.capture_png(tmp_path / "runs.png")
+    assert _png_size(out) == (1600, 900)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary PNG left behind"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)[..., :3]
+    # not blank: text, icons and table lines on the page's background (three rows: a sparse page)
+    assert img.std() > 0.02
+    assert 0.005 < (img.min(axis=-1) < 0.85).mean() < 0.9
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(shot.chromium_binary() is None, reason="Chromium not installed (Debian: apt-get install "
+                    "chromium; .ci/run does)")
+def test_screenshot_script_end_to_end(tiny_search_store, tmp_path):
+    """The script as the docs run it: its own server over the store, the PNG at the requested size."""
+    p = tiny_search_store["paths"]
+    out = tmp_path / "docs" / "ui.png"
+    rc = shot.main(["--backend-store-uri", f"sqlite:///{p['db']}", "--artifacts-destination",
+                    str(p["artifacts"]), "--experiment", tiny_search_store["experiment"], "--out", str(out),
+                    "--width", "1280", "--height", "800", "--timeout", "240"])
+    assert rc == 0
+    assert _png_size(out) == (1280, 800)
