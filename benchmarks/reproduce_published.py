@@ -37,7 +37,12 @@ Time: one seed trains epochs x 3 x train-per-class images: 630k (Model I) or 900
 published size. That is 360 / 515 s at the 1.75k img/s the einsum CvT reached on an H200, and 120 / 171 s
 at 3x that. ``--time-budget`` (seconds per preset, simulation included) starts a further seed only when
 the previous seed's measured time says it will finish within the budget. A skipped seed is recorded as
-such; epochs are never cut.
+such; epochs are never cut. A run longer than one call may take (a machine's time limit) is trained in
+several calls: ``--state-dir DIR --stop-after SECONDS`` keeps each run's full training state (weights,
+optimizer, schedule, random streams, history) in DIR after every epoch and pauses the run after the epoch
+past which the next would end later than SECONDS of training; the same command run again continues it, to
+the same weights as one uninterrupted call (tests/test_reproduce_published.py). A paused run refuses other
+settings; continued on another kind of GPU, its data are re-simulated there (a note says so).
 
 Prints a table (test accuracy per seed, mean over seeds, per-class one-vs-rest AUC, next to the published
 numbers) and writes JSON (rewritten after every run, so a run cut short keeps what finished). Examples:
@@ -45,6 +50,7 @@ numbers) and writes JSON (rewritten after every run, so a run cut short keeps wh
     python benchmarks/reproduce_published.py --quick --out /tmp/rp.json        # CPU smoke test (~1 min)
     python benchmarks/reproduce_published.py --presets deeplense_model_ii --seeds 0,1,2 --time-budget 560 \
         --out benchmarks/results/reproduce_published_full_model_ii_h200.json
+    python benchmarks/reproduce_published.py --presets deeplense_model_ii --state-dir state --stop-after 480
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deeplense_ray.io import atomic_write_text  # noqa: E402
+from deeplense_ray.io import atomic_path, atomic_write_text  # noqa: E402
 from deeplense_ray.models import build_model, count_parameters  # noqa: E402
 from deeplense_ray.models._vitlib import import_vit_module  # noqa: E402
 from deeplense_ray.models.attention import IMPLEMENTATIONS, set_attention  # noqa: E402
@@ -212,6 +218,60 @@ def simulate_split(preset: str, per_class: int, seed: int, device: torch.device,
     return res.images, res.labels.to(device), res.class_names, time.perf_counter() - t0
 
 
+def run_state_file(args: argparse.Namespace, model_name: str, preset: str, seed: int) -> Path | None:
+    """Where ``--state-dir`` keeps a run's training state between calls (None without it)."""
+    if not args.state_dir:
+        return None
+    return Path(args.state_dir) / f"{model_name}_{preset}_s{seed}.pt"
+
+
+def _run_settings(args: argparse.Namespace, epochs: int) -> dict[str, Any]:
+    """What a paused run must be continued with: the same data and training settings."""
+    keys = ("train_per_class", "test_per_class", "image_size", "data_seed", "precision", "augment", "compile")
+    return {**{k: getattr(args, k) for k in keys}, "epochs": epochs}
+
+
+def save_run_state(state_file, model, optimizer, scheduler, gen, device, history, t_train, settings) -> None:
+    """The run after an epoch: weights, optimizer, schedule, every random stream it draws from, history
+    (written under a temporary name, then renamed)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "gen": gen.get_state(),
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+        "history": json.dumps(history),
+        "train_seconds": float(t_train),
+        "settings": json.dumps(settings),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    with atomic_path(state_file) as tmp:
+        torch.save(state, tmp)
+
+
+def check_run_state(saved: dict, state_file: Path, args: argparse.Namespace, epochs: int, device) -> None:
+    """A paused run continues only with the settings it started with (SystemExit naming the file and the
+    differing settings); on another kind of device the data are re-simulated there, which a note says."""
+    settings, now = json.loads(saved["settings"]), _run_settings(args, epochs)
+    differ = {k: (settings.get(k), v) for k, v in now.items() if settings.get(k) != v}
+    if differ:
+        raise SystemExit(
+            f"{state_file}: a paused run of other settings {differ} (saved, now); continue it with its own "
+            "settings or remove the file to start over"
+        )
+    here = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if saved.get("device") != here:
+        print(f"  note: {state_file} was written on {saved.get('device')}, continued on {here}", flush=True)
+
+
+def restore_rng(saved: dict, gen: torch.Generator, device) -> None:
+    gen.set_state(saved["gen"])
+    torch.set_rng_state(saved["cpu_rng"])
+    if device.type == "cuda" and saved["cuda_rng"].numel():
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
 def run_one(
     model_name: str,
     preset: str,
@@ -239,8 +299,20 @@ def run_one(
     step_model = torch.compile(model) if args.compile else model
     amp = autocast_dtype(args.precision, device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    history, t_train = [], 0.0
-    for epoch in range(epochs):
+    history, t_train, start = [], 0.0, 0
+    state_file = run_state_file(args, model_name, preset, seed)
+    if state_file is not None and state_file.is_file():
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        check_run_state(saved, state_file, args, epochs, device)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(saved, gen, device)
+        history = list(json.loads(saved["history"]))
+        t_train, start = float(saved["train_seconds"]), len(history)
+        print(f"  {model_name} {preset} seed {seed}: continues after epoch {start}: {state_file}", flush=True)
+    t_call = time.perf_counter()
+    for epoch in range(start, epochs):
         train = batches(
             data["train_x"],
             data["train_y"],
@@ -270,6 +342,21 @@ def run_one(
             f"train acc {history[-1]['acc']:.4f} {history[-1]['images_per_s']:.0f} img/s",
             flush=True,
         )
+        if state_file is not None and epoch + 1 < epochs:
+            settings = _run_settings(args, epochs)
+            save_run_state(state_file, model, optimizer, scheduler, gen, device, history, t_train, settings)
+            spent = time.perf_counter() - t_call
+            if args.stop_after and spent + spent / (epoch + 1 - start) > args.stop_after:
+                print(
+                    f"  {model_name} {preset} seed {seed}: paused after epoch {epoch + 1}/{epochs} "
+                    f"({spent:.0f} s this call); run the same command again to continue",
+                    flush=True,
+                )
+                return {"model": model_name, "preset": preset, "seed": seed, "epochs": epochs,
+                        "status": f"paused after epoch {epoch + 1}", "history": history,
+                        "published": PUBLISHED.get((model_name, preset))}  # fmt: skip
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)  # trained to the end: a rerun starts afresh
     t0 = time.perf_counter()
 
     def test():
@@ -414,8 +501,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick", action="store_true", help="tiny CPU smoke test: 24/12 per class, 2 epochs, 48 px"
     )
+    ap.add_argument(
+        "--state-dir",
+        default=None,
+        help="keep each run's training state here after every epoch; the same command run again continues "
+        "a run from it (a run longer than one session's time limit, in several calls)",
+    )
+    ap.add_argument(
+        "--stop-after",
+        type=float,
+        default=0.0,
+        help="with --state-dir: pause a run after the epoch past which the next would end later than this "
+        "many seconds of training in this call (0: no pause)",
+    )
     ap.add_argument("--out", default="benchmarks/results/reproduce_published.json")
     args = ap.parse_args(argv)
+    if args.stop_after and not args.state_dir:
+        ap.error("--stop-after needs --state-dir (where the paused run's state is kept)")
+    if args.stop_after < 0:
+        ap.error(f"--stop-after must be >= 0, got {args.stop_after}")
     quick = {"train_per_class": 24, "test_per_class": 12, "epochs": 2, "image_size": 48}
     full = {"train_per_class": 30000, "test_per_class": 5000, "image_size": 224}
     for k, v in (quick if args.quick else full).items():
@@ -470,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     t_all = time.perf_counter()
+    paused = False  # a run paused (--stop-after): this call starts no further run
     for preset in args.presets:
         t_preset = time.perf_counter()
         epochs = args.epochs or PUBLISHED_EPOCHS[preset]
@@ -500,7 +605,11 @@ def main(argv: list[str] | None = None) -> int:
             last = 0.0  # seconds the previous seed of this model took (train + evaluation)
             for seed in args.seeds:
                 used = time.perf_counter() - t_preset
-                if args.time_budget and last and used + last > args.time_budget:
+                if paused:
+                    run = {"model": model_name, "preset": preset, "seed": seed, "epochs": epochs}
+                    run["status"] = "not started: an earlier run of this call paused"
+                    run["published"] = PUBLISHED.get((model_name, preset))
+                elif args.time_budget and last and used + last > args.time_budget:
                     run = {"model": model_name, "preset": preset, "seed": seed, "epochs": epochs}
                     run["status"] = f"skipped (time budget: {used:.0f} s used + {last:.0f} s per seed)"
                     run["published"] = PUBLISHED.get((model_name, preset))
@@ -509,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                     t_run = time.perf_counter()
                     run = run_one(model_name, preset, data, args, device, seed=seed, epochs=epochs)
                     last = time.perf_counter() - t_run
-                    run["status"] = "ok"
+                    run.setdefault("status", "ok")
+                    paused = run["status"] != "ok"
                 out["runs"].append(run)
                 out["summary"] = summary(out["runs"])
                 out["wall_seconds"] = time.perf_counter() - t_all
