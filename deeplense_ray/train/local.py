@@ -8,9 +8,10 @@ and this package before the first batch: on the 2-core CPU 13-17 s of a search t
 Ray reuses that process for the next trial or run, so torch (and CUDA) are already up.
 
 :class:`LocalRunSession` gives the loop what a one-worker Ray Train run would: rank 0 of 1, the device Ray
-assigned to this process, the model unwrapped, the run's latest checkpoint to resume from, and per epoch a
-checkpoint in ``<run_dir>/checkpoint_epoch_NNNNN`` (written under a temporary name, then renamed; the
-``num_to_keep`` best by the score metric and the latest are kept). :func:`fit_here` runs the loop and returns
+assigned to this process, the model unwrapped, the run's latest checkpoint to resume from (whichever runner
+wrote it: train/checkpoint.py), and per epoch a checkpoint in ``<run_dir>/checkpoint_epoch_NNNNN`` (written
+under a temporary name, then renamed; of its own, the ``num_to_keep`` best by the score metric and the
+latest are kept). :func:`fit_here` runs the loop and returns
 what ``TorchTrainer.fit()`` returns that :func:`~deeplense_ray.train.run.run_training` reads (the latest
 checkpoint, the kept ones with their metrics). The ``split`` input (Ray Data's ``streaming_split``, a Train
 feature) becomes ``per_rank``: the run reads the split's shards itself, as its only rank.
