@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from deeplense_ray.infer.population import PopulationResult
+from deeplense_ray.tracking.plots import save_png
 
 
 def plot_population(result: PopulationResult, path: str | os.PathLike[str], title: str | None = None) -> Path:
@@ -18,7 +19,6 @@ def plot_population(result: PopulationResult, path: str | os.PathLike[str], titl
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from deeplense_ray.io import atomic_path
 
     fig = Figure(figsize=(13.5, 4.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -53,9 +53,7 @@ def plot_population(result: PopulationResult, path: str | os.PathLike[str], titl
     ax_sig.legend(fontsize=8)
     if title:
         fig.suptitle(title, y=1.04)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return Path(path)
+    return save_png(fig, path)
 
 
 def log_population_run(

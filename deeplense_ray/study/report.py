@@ -184,7 +184,7 @@ def plot_roc_study(preds: Mapping[str, list[tuple[np.ndarray, np.ndarray]]], cla
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from deeplense_ray.tracking.plots import _save_atomic
+    from deeplense_ray.tracking.plots import save_png
 
     fig = Figure(figsize=(4.2 * len(class_names), 4.2))
     FigureCanvasAgg(fig)
@@ -200,7 +200,7 @@ def plot_roc_study(preds: Mapping[str, list[tuple[np.ndarray, np.ndarray]]], cla
                ylim=(0, 1.01))  # fmt: skip
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def coverage_band(posteriors: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +229,7 @@ def plot_calibration_study(posteriors: Mapping[str, list[Mapping[str, np.ndarray
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from deeplense_ray.tracking.plots import _save_atomic
+    from deeplense_ray.tracking.plots import save_png
     from deeplense_ray.train.gaussian import CURVE_LEVELS
 
     levels = np.asarray(CURVE_LEVELS, np.float64)
@@ -248,7 +248,7 @@ def plot_calibration_study(posteriors: Mapping[str, list[Mapping[str, np.ndarray
                xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def write_report(s, out: Path, *, client, state: Mapping[str, Any]):

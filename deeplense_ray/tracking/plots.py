@@ -22,7 +22,8 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_atomic(fig, path: str | os.PathLike[str]) -> Path:
+def save_png(fig, path: str | os.PathLike[str]) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (temporary name, then renamed)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     return Path(path)
@@ -62,7 +63,7 @@ def plot_roc_curves(
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right")
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confusion_matrix(
@@ -96,7 +97,7 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_curves(
@@ -122,7 +123,7 @@ def plot_curves(
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_calibration(
@@ -152,7 +153,7 @@ def plot_calibration(
     ax.set_ylabel("observed coverage")
     ax.set_title(title)
     ax.legend(loc="upper left")
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_predicted_vs_true(
@@ -183,4 +184,4 @@ def plot_predicted_vs_true(
         ax.set_ylabel(f"predicted {name}")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
